@@ -1,0 +1,48 @@
+"""Command line: ``fedunlearn run CONFIG.toml [--set section.key=value ...] [--out DIR]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedunlearn.config import ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedunlearn", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train a federation on Flower + Ray and keep its history")
+    run.add_argument("config", help="experiment TOML (see simulations/)")
+    run.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    run.add_argument("--out", type=Path, default=None, help="run directory (default runs/NAME-TIME)")
+    return p
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedunlearn.experiment import check_out_dir, default_out_dir
+    from fedunlearn.runner import run_experiment
+
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or default_out_dir(cfg)
+    check_out_dir(out)
+    run_experiment(cfg, out)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedunlearn`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+    except ConfigError as exc:
+        print(f"fedunlearn: error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,357 @@
+"""The typed, frozen configuration tree, parsed and validated once from TOML and ``--set``.
+
+A config file has one table per section below; every key is optional and defaults to the value
+shown. Unknown sections or keys, wrong types and impossible values stop with a one-line
+:class:`ConfigError` naming the key and what is allowed, before any work starts.
+
+Only typed objects travel inward: code below the command line never sees a raw dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config problem, reported in one line that says what to change."""
+
+
+@dataclass(frozen=True)
+class ExperimentSection:
+    """``[experiment]``: identity and seeding.
+
+    Attributes
+    ----------
+    name : str
+        A label written into results (default ``"experiment"``).
+    seed : int
+        The one seed every random choice derives from (default 0).
+    extensions : list of str
+        Python modules imported before names are resolved, in the driver and in every Flower
+        client process; they register models, train steps, strategies or unlearning methods.
+    """
+
+    name: str = "experiment"
+    seed: int = 0
+    extensions: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """``[data]``: where the data comes from and how it is split over clients.
+
+    Attributes
+    ----------
+    source : str
+        A registered data source: ``digits`` (embedded, default), ``synthetic``,
+        ``breast_cancer``, or ``mnist`` / ``fashion_mnist`` / ``cifar10`` (need a network).
+    source_params : dict
+        Keyword arguments of the source (e.g. ``num_samples`` for ``synthetic``).
+    num_clients : int
+        Number of federated clients (default 10).
+    partition : str
+        ``iid``, ``dirichlet`` (default) or ``pathological``.
+    alpha : float
+        Dirichlet concentration; smaller is more skewed (default 0.5).
+    classes_per_client : int
+        Classes per client for ``pathological`` (default 2).
+    test_fraction : float
+        Share held out as the test set (default 0.2).
+    server_fraction : float
+        Share kept by the server, unlabeled, for distillation (default 0.1).
+    """
+
+    source: str = "digits"
+    source_params: dict[str, Any] = field(default_factory=dict)
+    num_clients: int = 10
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    test_fraction: float = 0.2
+    server_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(self.num_clients >= 1, "data.num_clients", "must be >= 1")
+        _choice("data.partition", self.partition, ("iid", "dirichlet", "pathological"))
+        _check(self.alpha > 0, "data.alpha", "must be > 0")
+        _check(self.classes_per_client >= 1, "data.classes_per_client", "must be >= 1")
+        _check(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
+        _check(0 <= self.server_fraction < 1 - self.test_fraction, "data.server_fraction",
+               "must be >= 0 and leave training data after the test split")
+
+
+@dataclass(frozen=True)
+class BackdoorSection:
+    """``[backdoor]``: a trigger planted in chosen clients' data, to verify forgetting.
+
+    Attributes
+    ----------
+    clients : list of int
+        Client ids whose data carries the trigger (default none: no backdoor).
+    fraction : float
+        Share of each such client's samples stamped and relabeled (default 0.5).
+    target_class : int
+        The label the trigger maps to (default 0).
+    trigger_size : int
+        Side of the square pixel patch in the bottom-right corner (default 2).
+    """
+
+    clients: list[int] = field(default_factory=list)
+    fraction: float = 0.5
+    target_class: int = 0
+    trigger_size: int = 2
+
+    def __post_init__(self) -> None:
+        _check(0 < self.fraction <= 1, "backdoor.fraction", "must be in (0, 1]")
+        _check(self.trigger_size >= 1, "backdoor.trigger_size", "must be >= 1")
+        _check(self.target_class >= 0, "backdoor.target_class", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """``[model]``: a registered model (``mlp``, ``cnn``, ``logistic``) and its parameters."""
+
+    name: str = "mlp"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainingSection:
+    """``[training]``: the federated training run.
+
+    Attributes
+    ----------
+    rounds : int
+        FL rounds (default 20).
+    sample_fraction : float
+        Share of clients sampled per round, at least one (default 1.0).
+    local_epochs : float
+        Local epochs per round (default 1.0).
+    batch_size : int
+        Local mini-batch size (default 32).
+    learning_rate : float
+        Local learning rate (default 0.05).
+    optimizer : str
+        ``sgd`` (default) or ``adam``.
+    momentum : float
+        SGD momentum (default 0.0).
+    weight_decay : float
+        (default 0.0)
+    step : str
+        Registered train step (default ``cross_entropy``; ``proximal`` is FedProx's).
+    step_params : dict
+        Keyword arguments of the step (e.g. ``{mu = 0.01}``).
+    strategy : str
+        Registered Flower strategy factory (default ``fedavg``).
+    strategy_params : dict
+        Keyword arguments of the strategy factory.
+    evaluate_fraction : float
+        Share of clients asked for federated evaluation each round (default 0: the server
+        evaluates the global model on the test split every round either way).
+    """
+
+    rounds: int = 20
+    sample_fraction: float = 1.0
+    local_epochs: float = 1.0
+    batch_size: int = 32
+    learning_rate: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    step: str = "cross_entropy"
+    step_params: dict[str, Any] = field(default_factory=dict)
+    strategy: str = "fedavg"
+    strategy_params: dict[str, Any] = field(default_factory=dict)
+    evaluate_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 1, "training.rounds", "must be >= 1")
+        _check(0 < self.sample_fraction <= 1, "training.sample_fraction", "must be in (0, 1]")
+        _check(self.local_epochs > 0, "training.local_epochs", "must be > 0")
+        _check(self.batch_size >= 1, "training.batch_size", "must be >= 1")
+        _check(self.learning_rate > 0, "training.learning_rate", "must be > 0")
+        _check(0 <= self.evaluate_fraction <= 1, "training.evaluate_fraction",
+               "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class EngineSection:
+    """``[engine]``: Flower's Simulation Engine on Ray.
+
+    Attributes
+    ----------
+    num_cpus : float
+        CPUs reserved per simulated client (Flower ``client_resources``; default 1).
+    num_gpus : float
+        GPUs per client (default 0). With ``> 0`` and CUDA present, clients train on the GPU.
+    address : str
+        Ray cluster to attach to (e.g. ``"auto"`` or ``"ray://host:10001"``); empty starts a
+        local Ray instance (default).
+    pull_interval : float
+        Seconds between the server's polls for replies (Flower's default is 0.1).
+    verbose : bool
+        Show Flower's and Ray's own logs (default false).
+    """
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    address: str = ""
+    pull_interval: float = 0.01
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.num_cpus > 0, "engine.num_cpus", "must be > 0")
+        _check(self.num_gpus >= 0, "engine.num_gpus", "must be >= 0")
+        _check(self.pull_interval > 0, "engine.pull_interval", "must be > 0")
+
+
+@dataclass(frozen=True)
+class HistorySection:
+    """``[history]``: what the server keeps of each round.
+
+    Attributes
+    ----------
+    retention_interval : int
+        Keep per-client updates every Δt rounds (1, 1+Δt, ...; default 1 = every round).
+        Per-client running sums are kept every round regardless.
+    dtype : str
+        ``float32`` (default) or ``float16`` (halves storage).
+    """
+
+    retention_interval: int = 1
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _check(self.retention_interval >= 1, "history.retention_interval", "must be >= 1")
+        _choice("history.dtype", self.dtype, ("float32", "float16"))
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole experiment: one frozen tree, one section per TOML table."""
+
+    experiment: ExperimentSection = field(default_factory=ExperimentSection)
+    data: DataSection = field(default_factory=DataSection)
+    backdoor: BackdoorSection = field(default_factory=BackdoorSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    engine: EngineSection = field(default_factory=EngineSection)
+    history: HistorySection = field(default_factory=HistorySection)
+
+    def __post_init__(self) -> None:
+        k = self.data.num_clients
+        bad = [c for c in self.backdoor.clients if not 0 <= c < k]
+        _check(not bad, "backdoor.clients", f"ids {bad} are not clients; use ids in 0..{k - 1}")
+
+    @property
+    def seed(self) -> int:
+        """The experiment seed."""
+        return self.experiment.seed
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (the resolved config written into results)."""
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, key: str, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' {what}")
+
+
+def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config key '{key}' = '{value}' is not one of: {', '.join(allowed)}")
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (list, Sequence):
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin in (dict, Mapping):
+        return isinstance(value, dict)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _section(cls: type, table: Any, name: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"config section '[{name}]' must be a table")
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in hints:
+            raise ConfigError(f"unknown config key '{name}.{key}'; allowed keys of [{name}]: "
+                              f"{', '.join(allowed)}")
+        if not _type_ok(value, hints[key]):
+            tname = getattr(hints[key], "__name__", str(hints[key]))
+            raise ConfigError(f"config key '{name}.{key}' must be of type {tname}, "
+                              f"got {value!r}")
+        kwargs[key] = float(value) if hints[key] is float else value
+    return cls(**kwargs)
+
+
+def from_dict(raw: Mapping[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from nested tables (as read from TOML)."""
+    hints = typing.get_type_hints(Config)
+    sections = [f.name for f in dataclasses.fields(Config)]
+    parts: dict[str, Any] = {}
+    for name, table in raw.items():
+        if name not in hints:
+            raise ConfigError(f"unknown config section '[{name}]'; allowed: {', '.join(sections)}")
+        parts[name] = _section(hints[name], table, name)
+    return Config(**parts)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value``; the value is read as TOML, else taken as a string.
+
+    >>> parse_override("training.rounds=5")
+    (['training', 'rounds'], 5)
+    >>> parse_override("data.source=digits")
+    (['data', 'source'], 'digits')
+    """
+    if "=" not in text:
+        raise ConfigError(f"--set expects section.key=value, got '{text}'")
+    path, value = text.split("=", 1)
+    keys = path.strip().split(".")
+    if len(keys) != 2 or not all(keys):
+        raise ConfigError(f"--set expects section.key=value, got '{text}'")
+    try:
+        parsed: Any = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return keys, parsed
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Read a TOML config, apply ``--set`` overrides, validate, and return the typed tree."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' not found; see simulations/ for examples")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file '{p}' is not valid TOML: {exc}") from None
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"config section '[{section}]' must be a table")
+        table[key] = value
+    return from_dict(raw)

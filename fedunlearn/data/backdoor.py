@@ -1,0 +1,113 @@
+"""A patch-trigger backdoor: stamp, poison a training set, build the triggered test set."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedunlearn.data.dataset import ArrayDataset
+
+
+def stamp_trigger(x: np.ndarray, *, size: int = 2, value: float = 1.0) -> np.ndarray:
+    """Return a copy of ``x`` with the trigger stamped on every sample.
+
+    Parameters
+    ----------
+    x : np.ndarray
+        Images ``(N, C, H, W)`` or tabular rows ``(N, D)``.
+    size : int, optional
+        Images: side of the square patch set in the bottom-right corner of every channel.
+        Tabular: number of trailing features set (the last ``size`` columns).
+    value : float, optional
+        Value written; ``1.0`` is a white patch for images in ``[0, 1]``. On standardised
+        tabular data it means one standard deviation above the mean.
+
+    Returns
+    -------
+    np.ndarray
+        The stamped copy; ``x`` itself is not modified.
+    """
+    out = np.array(x, copy=True)
+    if out.ndim == 4:
+        height, width = out.shape[2:]
+        if not 1 <= size <= min(height, width):
+            raise ValueError(f"trigger size must lie in 1..{min(height, width)}, got {size}")
+        out[:, :, -size:, -size:] = value
+    elif out.ndim == 2:
+        if not 1 <= size <= out.shape[1]:
+            raise ValueError(f"trigger size must lie in 1..{out.shape[1]}, got {size}")
+        out[:, -size:] = value
+    else:
+        raise ValueError(f"x must be (N, C, H, W) images or (N, D) rows, got shape {out.shape}")
+    return out
+
+
+def poison(
+    ds: ArrayDataset, *, fraction: float, target_class: int, seed: int, size: int = 2
+) -> tuple[ArrayDataset, np.ndarray]:
+    """Stamp the trigger on a random share of ``ds`` and relabel those samples as the target.
+
+    Samples are drawn from the whole of ``ds``, so some may already be of the target class.
+
+    Parameters
+    ----------
+    ds : ArrayDataset
+        Clean samples (typically one malicious client's data).
+    fraction : float
+        Share of samples to poison, in ``[0, 1]``; exactly ``round(fraction * len(ds))``.
+    target_class : int
+        Label the backdoor should map triggered inputs to.
+    seed : int
+        Seed of the choice of samples.
+    size : int, optional
+        Trigger size, see :func:`stamp_trigger`.
+
+    Returns
+    -------
+    tuple of (ArrayDataset, np.ndarray)
+        The poisoned copy of ``ds`` and the sorted ``int64`` positions that were poisoned.
+        Samples at other positions are unchanged.
+    """
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
+    _check_target(target_class, ds.num_classes)
+    count = round(fraction * len(ds))
+    rng = np.random.default_rng(seed)
+    positions = np.sort(rng.choice(len(ds), size=count, replace=False)).astype(np.int64)
+    x = ds.x.copy()
+    y = ds.y.copy()
+    if count:
+        x[positions] = stamp_trigger(ds.x[positions], size=size)
+        y[positions] = target_class
+    return ArrayDataset(x, y, ds.num_classes, ds.name), positions
+
+
+def triggered_test_set(test: ArrayDataset, target_class: int, size: int = 2) -> ArrayDataset:
+    """Stamp the trigger on every test sample whose true class is not the target.
+
+    Labels keep the **true** class. The attack success rate (ASR) is the share of this set
+    a model predicts as ``target_class``; plain accuracy on it measures robustness instead.
+
+    Parameters
+    ----------
+    test : ArrayDataset
+        Clean held-out samples.
+    target_class : int
+        The backdoor's target label; samples of this class are dropped.
+    size : int, optional
+        Trigger size, see :func:`stamp_trigger`.
+
+    Returns
+    -------
+    ArrayDataset
+        The stamped non-target samples with their true labels.
+    """
+    _check_target(target_class, test.num_classes)
+    keep = np.flatnonzero(test.y != target_class)
+    x = stamp_trigger(test.x[keep], size=size)
+    name = f"{test.name}+trigger" if test.name else "trigger"
+    return ArrayDataset(x, test.y[keep], test.num_classes, name)
+
+
+def _check_target(target_class: int, num_classes: int) -> None:
+    if not 0 <= target_class < num_classes:
+        raise ValueError(f"target_class must lie in 0..{num_classes - 1}, got {target_class}")

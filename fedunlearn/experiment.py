@@ -1,0 +1,160 @@
+"""Running an experiment: validate the config, train the federation on Flower, keep history.
+
+:func:`prepare` does every check that can fail before any work starts; :func:`train_federation`
+runs FedAvg through the federation port with the history store and progress display listening.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from fedunlearn.aggregation import difference
+from fedunlearn.config import Config, ConfigError
+from fedunlearn.data.federated import FederatedData, build_federated_data
+from fedunlearn.data.sources import SOURCES
+from fedunlearn.extensions import load_extensions
+from fedunlearn.federation.port import Federation, RoundReport, RoundSummary, TrainingRun
+from fedunlearn.history import HistoryStore
+from fedunlearn.models import MODELS, build_model
+from fedunlearn.params import Params, get_params, set_params
+from fedunlearn.registry import Registry
+from fedunlearn.training import OPTIMIZERS, TRAIN_STEPS, evaluate
+
+
+def _resolve(registry: Registry[object] | dict[str, object], key: str, name: str) -> None:
+    if name not in registry:
+        known = registry.names() if isinstance(registry, Registry) else sorted(registry)
+        raise ConfigError(f"config key '{key}' = '{name}' is unknown; known: {', '.join(known)}")
+
+
+def validate_names(cfg: Config) -> None:
+    """Import extensions, then check every registered name the config uses."""
+    from fedunlearn.federation.strategy import STRATEGIES
+
+    load_extensions(cfg.experiment.extensions)
+    _resolve(SOURCES, "data.source", cfg.data.source)  # type: ignore[arg-type]
+    _resolve(MODELS, "model.name", cfg.model.name)  # type: ignore[arg-type]
+    _resolve(TRAIN_STEPS, "training.step", cfg.training.step)  # type: ignore[arg-type]
+    _resolve(OPTIMIZERS, "training.optimizer", cfg.training.optimizer)  # type: ignore[arg-type]
+    _resolve(STRATEGIES, "training.strategy", cfg.training.strategy)  # type: ignore[arg-type]
+
+
+@dataclass
+class Setup:
+    """A validated experiment, ready to run."""
+
+    cfg: Config
+    data: FederatedData
+    initial: Params
+
+    def evaluator(self) -> Callable[[Params], dict[str, float]]:
+        """Server-side evaluation of a global model on the test split."""
+        model = build_model(self.cfg.model.name, self.data.input_shape, self.data.num_classes,
+                            seed=self.cfg.seed, **self.cfg.model.params)
+
+        def evaluate_params(params: Params) -> dict[str, float]:
+            set_params(model, params)
+            return evaluate(model, self.data.test.x, self.data.test.y)
+
+        return evaluate_params
+
+
+def prepare(cfg: Config) -> Setup:
+    """Resolve names, build the data and the initial model; raise ``ConfigError`` on misfit."""
+    validate_names(cfg)
+    try:
+        data = build_federated_data(cfg)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"config [data]: {exc}") from None
+    empty = [k for k, d in enumerate(data.clients) if len(d) == 0]
+    if empty:
+        raise ConfigError(f"clients {empty} received no data; lower data.num_clients or raise "
+                          "data.alpha")
+    try:
+        model = build_model(cfg.model.name, data.input_shape, data.num_classes, seed=cfg.seed,
+                            **cfg.model.params)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config [model]: {exc}") from None
+    return Setup(cfg=cfg, data=data, initial=get_params(model))
+
+
+class HistoryRecorder:
+    """Round listener writing every aggregated round into a :class:`HistoryStore`."""
+
+    def __init__(self, store: HistoryStore) -> None:
+        self.store = store
+
+    def round_aggregated(self, report: RoundReport) -> None:
+        updates = {p: difference(m, report.global_model) for p, m in report.client_models.items()}
+        self.store.record_round(report.server_round, global_model=report.global_model,
+                                participants=report.participants,
+                                num_examples=report.num_examples, weights=report.weights,
+                                updates=updates)
+
+    def round_evaluated(self, server_round: int, model: Params, summary: RoundSummary) -> None:
+        pass
+
+
+class Progress:
+    """Round listener printing one line per round as it finishes."""
+
+    def __init__(self, total: int, label: str = "train", stream: TextIO = sys.stderr) -> None:
+        self.total = total
+        self.label = label
+        self.stream = stream
+
+    def round_aggregated(self, report: RoundReport) -> None:
+        pass
+
+    def round_evaluated(self, server_round: int, model: Params, summary: RoundSummary) -> None:
+        print(f"[{self.label}] round {server_round:>3}/{self.total}  "
+              f"clients {len(summary.participants):>3}  test acc {summary.test_accuracy:.4f}  "
+              f"loss {summary.test_loss:.4f}  {summary.wall_s:6.2f}s", file=self.stream,
+              flush=True)
+
+
+class Listeners:
+    """Fan one event out to several listeners."""
+
+    def __init__(self, *listeners: object) -> None:
+        self.listeners = listeners
+
+    def round_aggregated(self, report: RoundReport) -> None:
+        for listener in self.listeners:
+            listener.round_aggregated(report)  # type: ignore[attr-defined]
+
+    def round_evaluated(self, server_round: int, model: Params, summary: RoundSummary) -> None:
+        for listener in self.listeners:
+            listener.round_evaluated(server_round, model, summary)  # type: ignore[attr-defined]
+
+
+def train_federation(fed: Federation, setup: Setup, store: HistoryStore,
+                     *, progress: bool = True) -> TrainingRun:
+    """Train the federation once, recording every round into ``store``."""
+    listeners: list[object] = [HistoryRecorder(store)]
+    if progress:
+        listeners.append(Progress(setup.cfg.training.rounds))
+    t0 = time.perf_counter()
+    run = fed.fedavg(setup.initial, listener=Listeners(*listeners))
+    store.record_final(run.final)
+    run.wall_s = time.perf_counter() - t0
+    return run
+
+
+def default_out_dir(cfg: Config) -> Path:
+    """``runs/<name>-<UTC timestamp>``."""
+    return Path("runs") / f"{cfg.experiment.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse to write into a directory that already holds anything."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"output directory '{out}' is not empty; nothing was overwritten - "
+                          "choose another --out")

@@ -1,0 +1,73 @@
+"""The Flower ``ClientApp`` of every fedunlearn run.
+
+Three handlers: ``query`` (partition id and example count), ``train`` (local training from the
+received model) and ``evaluate``. A client is identified by its ``partition-id``.
+
+The engine ships the ClientApp object to a Ray actor with every message, so the app holds no
+state; what is costly to rebuild (parsed config, data, a model instance) is cached per process
+in :mod:`fedunlearn.federation.local`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedunlearn.federation.local import client_train, device, model_for, runtime
+from fedunlearn.federation.messages import (
+    ARRAYS, CONFIG, JOB, METRICS, NUM_EXAMPLES, PARTITION, from_record, to_record,
+)
+from fedunlearn.params import set_params
+from fedunlearn.training import evaluate as evaluate_model
+
+app = ClientApp()
+
+
+def _partition(context: Context) -> int:
+    return int(context.node_config[PARTITION])
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Reply with this client's partition id and number of training examples."""
+    _, data = runtime(str(msg.content[CONFIG][JOB]))
+    pid = _partition(context)
+    metrics = MetricRecord({PARTITION: pid, NUM_EXAMPLES: len(data.clients[pid])})
+    return Message(RecordDict({METRICS: metrics}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train locally from the received model; reply with the new model and example count.
+
+    Config keys: ``job`` (experiment JSON), ``server-round``; optional ``epochs`` (overrides
+    ``training.local_epochs``, e.g. FedEraser's calibration) and ``tag`` (seed purpose).
+    """
+    t0 = time.perf_counter()
+    config = msg.content[CONFIG]
+    pid = _partition(context)
+    epochs = float(config["epochs"]) if "epochs" in config else None
+    params, n, stats = client_train(str(config[JOB]), from_record(msg.content[ARRAYS]), pid,
+                                    server_round=int(config.get("server-round", 0)),
+                                    tag=int(config.get("tag", 0)), epochs=epochs)
+    metrics = MetricRecord({PARTITION: pid, NUM_EXAMPLES: n, "train-loss": stats["loss"],
+                            "train-steps": stats["steps"],
+                            "train-seconds": time.perf_counter() - t0})
+    return Message(RecordDict({ARRAYS: to_record(params), METRICS: metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received model on this client's training data."""
+    job = str(msg.content[CONFIG][JOB])
+    cfg, data = runtime(job)
+    pid = _partition(context)
+    model = model_for(job, cfg, data)
+    set_params(model, from_record(msg.content[ARRAYS]))
+    local = data.clients[pid]
+    res = evaluate_model(model, local.x, local.y, device=device(cfg))
+    metrics = MetricRecord({PARTITION: pid, NUM_EXAMPLES: len(local),
+                            "eval-loss": res["loss"], "eval-accuracy": res["accuracy"]})
+    return Message(RecordDict({METRICS: metrics}), reply_to=msg)

@@ -1,0 +1,82 @@
+"""The federation port in one process: the same client work as Flower, without the engine.
+
+Used as a cross-check (a test proves it gives the same model as Flower) and as the plain
+PyTorch baseline of ``scripts/bench_engine.py``. Aggregation reproduces Flower's FedAvg
+arithmetic (weights ``n_k / sum n``, float32 accumulation in partition order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from fedunlearn.aggregation import fedavg_weights
+from fedunlearn.config import Config
+from fedunlearn.federation.local import client_train, runtime
+from fedunlearn.federation.messages import job_json
+from fedunlearn.federation.port import ClientResult, RoundListener, RoundReport, TrainingRun
+from fedunlearn.federation.tracking import Evaluator, FedAvgTracker
+from fedunlearn.params import Params
+from fedunlearn.seeding import sample_participants
+
+
+def flower_average(models: Sequence[Mapping[str, np.ndarray]], counts: Sequence[int]) -> Params:
+    """FedAvg exactly as Flower's ``aggregate_arrayrecords`` computes it."""
+    out: dict[str, np.ndarray] = {}
+    for model, w in zip(models, fedavg_weights(counts), strict=True):
+        for k, v in model.items():
+            if k in out:
+                out[k] += v * w
+            else:
+                out[k] = v * w
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+class InProcessFederation:
+    """The port without Flower: clients train one after another in this process."""
+
+    def __init__(self, cfg: Config, evaluate: Evaluator) -> None:
+        self.cfg = cfg
+        self.evaluate = evaluate
+        self.job = job_json(cfg)
+        self.num_clients = cfg.data.num_clients
+        self.messages_sent = 0
+        runtime(self.job)
+
+    def fedavg(self, initial: Params, *, exclude: frozenset[int] = frozenset(),
+               listener: RoundListener | None = None) -> TrainingRun:
+        """The configured FedAvg (``training.strategy`` must be ``fedavg``)."""
+        t = self.cfg.training
+        if t.strategy != "fedavg":
+            raise ValueError("the in-process federation only runs strategy 'fedavg'")
+        tracker = FedAvgTracker(self.evaluate, listener, t.local_epochs)
+        tracker.evaluated(0, initial)
+        model = dict(initial)
+        sent = 0
+        for r in range(1, t.rounds + 1):
+            pids = sample_participants(self.cfg.seed, r, self.num_clients, t.sample_fraction,
+                                       set(exclude))
+            if pids:
+                results = self.train_clients(model, pids, epochs=t.local_epochs,
+                                             server_round=r, tag=0)
+                sent += len(pids)
+                counts = tuple(results[p].num_examples for p in pids)
+                tracker.aggregated(RoundReport(
+                    server_round=r, global_model=model, participants=tuple(pids),
+                    num_examples=counts, weights=tuple(fedavg_weights(counts)),
+                    client_models={p: results[p].model for p in pids}))
+                model = flower_average([results[p].model for p in pids], counts)
+            tracker.evaluated(r, model)
+        return tracker.finish(model, sent)
+
+    def train_clients(self, model: Params, clients: Sequence[int], *, epochs: float,
+                      server_round: int, tag: int) -> dict[int, ClientResult]:
+        """Train each client in turn."""
+        self.messages_sent += len(clients)
+        out = {}
+        for c in clients:
+            params, n, _ = client_train(self.job, model, c, server_round=server_round, tag=tag,
+                                        epochs=epochs)
+            out[c] = ClientResult(model=params, num_examples=n)
+        return out

@@ -1,0 +1,70 @@
+"""What one client does, independent of the engine that delivers the request.
+
+Both the Flower ClientApp and the in-process federation call :func:`client_train`, so the two
+engines do bit-for-bit the same work.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import torch
+from torch import nn
+
+from fedunlearn.config import Config, from_dict
+from fedunlearn.data.federated import FederatedData, build_federated_data
+from fedunlearn.extensions import load_extensions
+from fedunlearn.models import build_model
+from fedunlearn.params import Params, get_params, set_params
+from fedunlearn.seeding import derive_seed
+from fedunlearn.training import LocalTraining, train
+
+
+@functools.lru_cache(maxsize=4)
+def runtime(job: str) -> tuple[Config, FederatedData]:
+    """Parse a job (config JSON) and build its data once per process."""
+    cfg = from_dict(json.loads(job))
+    load_extensions(cfg.experiment.extensions)
+    torch.set_num_threads(max(1, int(cfg.engine.num_cpus)))
+    return cfg, build_federated_data(cfg)
+
+
+_MODELS: dict[str, nn.Module] = {}
+
+
+def model_for(job: str, cfg: Config, data: FederatedData) -> nn.Module:
+    """A model instance reused across messages of the same job (weights are overwritten)."""
+    if job not in _MODELS:
+        _MODELS.clear()
+        _MODELS[job] = build_model(cfg.model.name, data.input_shape, data.num_classes,
+                                   seed=cfg.seed, **cfg.model.params)
+    return _MODELS[job]
+
+
+def device(cfg: Config) -> str:
+    """CUDA when the config grants GPUs and one is visible, else CPU."""
+    return "cuda" if cfg.engine.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def local_training(cfg: Config, epochs: float | None = None) -> LocalTraining:
+    """The local training hyperparameters of ``cfg`` (``epochs`` overrides local epochs)."""
+    t = cfg.training
+    return LocalTraining(epochs=t.local_epochs if epochs is None else epochs,
+                         batch_size=t.batch_size, learning_rate=t.learning_rate,
+                         optimizer=t.optimizer, momentum=t.momentum,
+                         weight_decay=t.weight_decay, step=t.step,
+                         step_params=tuple(sorted(t.step_params.items())))
+
+
+def client_train(job: str, params: Params, client: int, *, server_round: int, tag: int = 0,
+                 epochs: float | None = None) -> tuple[Params, int, dict[str, float]]:
+    """Client ``client`` trains from ``params``; returns (new params, #examples, stats)."""
+    cfg, data = runtime(job)
+    model = model_for(job, cfg, data)
+    set_params(model, params)
+    local = data.clients[client]
+    seed = derive_seed(cfg.seed, server_round, client, tag)
+    stats = train(model, local.x, local.y, local_training(cfg, epochs), seed=seed,
+                  device=device(cfg))
+    return get_params(model), len(local), stats

@@ -1,0 +1,38 @@
+"""How parameters and jobs travel in Flower messages.
+
+Parameters go as an ``ArrayRecord`` keyed by state-dict names; the experiment config goes as a
+JSON string in the ``ConfigRecord`` so every ClientApp process rebuilds the same data and model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+from fedunlearn.config import Config
+from fedunlearn.params import Params
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+JOB = "job"
+PARTITION = "partition-id"
+NUM_EXAMPLES = "num-examples"
+
+
+def to_record(params: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Pack parameters into an ``ArrayRecord`` (order preserved)."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in params.items()})
+
+
+def from_record(record: ArrayRecord) -> Params:
+    """Unpack an ``ArrayRecord`` into ``{name: array}``."""
+    return {k: np.asarray(v.numpy()) for k, v in record.items()}
+
+
+def job_json(cfg: Config) -> str:
+    """The config as compact JSON, the job description every client receives."""
+    return json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,100 @@
+"""The narrow port through which training and unlearning algorithms ask for client work.
+
+Algorithms never import Flower: they receive a :class:`Federation` and ask it to run FedAvg
+(optionally without some clients) or to have chosen clients train from a given model. Flower
+implements the port (:mod:`fedunlearn.federation.flower`); an in-process implementation
+(:mod:`fedunlearn.federation.inprocess`) doing identical work serves as a cross-check and as
+the baseline of the engine benchmark.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from fedunlearn.params import Params
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """One aggregated round: what the history store records.
+
+    Attributes
+    ----------
+    server_round : int
+    global_model : Params
+        The global model the round started from.
+    participants : tuple of int
+        Partition ids, ascending.
+    num_examples, weights : tuple
+        Aligned with ``participants``; weights are FedAvg's ``n_k / sum n``.
+    client_models : dict
+        Each participant's model after local training.
+    """
+
+    server_round: int
+    global_model: Params
+    participants: tuple[int, ...]
+    num_examples: tuple[int, ...]
+    weights: tuple[float, ...]
+    client_models: dict[int, Params]
+
+
+@dataclass
+class RoundSummary:
+    """What the results file lists per round."""
+
+    round: int
+    participants: list[int]
+    test_accuracy: float
+    test_loss: float
+    wall_s: float
+
+
+@dataclass
+class TrainingRun:
+    """Outcome of a FedAvg run."""
+
+    final: Params
+    rounds: list[RoundSummary] = field(default_factory=list)
+    wall_s: float = 0.0
+    messages_sent: int = 0
+    client_epochs: float = 0.0
+    client_seconds: list[float] = field(default_factory=list)
+
+
+class RoundListener(Protocol):
+    """Observes a FedAvg run (history recording, progress, evaluation)."""
+
+    def round_aggregated(self, report: RoundReport) -> None:
+        """Called after each round's aggregation, before the next round starts."""
+
+    def round_evaluated(self, server_round: int, model: Params, summary: RoundSummary) -> None:
+        """Called with the new global model after each round (``summary`` is filled in)."""
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    """A client's answer to a training request."""
+
+    model: Params
+    num_examples: int
+
+
+class Federation(Protocol):
+    """Client work on demand; implemented by Flower and by an in-process loop."""
+
+    num_clients: int
+    messages_sent: int
+
+    def fedavg(self, initial: Params, *, exclude: frozenset[int] = frozenset(),
+               listener: RoundListener | None = None) -> TrainingRun:
+        """Run the configured FedAvg from ``initial`` with ``exclude`` left out of every round."""
+        ...
+
+    def train_clients(self, model: Params, clients: Sequence[int], *, epochs: float,
+                      server_round: int, tag: int) -> dict[int, ClientResult]:
+        """Have ``clients`` train ``epochs`` local epochs from ``model``; seeds derive from
+        ``(seed, server_round, client, tag)``."""
+        ...

@@ -1,0 +1,162 @@
+"""Flower strategies, and the wrapper that makes any of them replayable and recorded.
+
+:class:`RecordingStrategy` wraps a Flower ``Strategy`` without copying its loop. It
+
+* chooses each round's participants with fedunlearn's seeded sampler (by partition id), and
+  hands the wrapped strategy a grid that shows only those nodes, so a retraining without a
+  client replays exactly the original sampling minus that client;
+* orders replies by partition id before aggregation, so a fixed seed gives a bit-identical
+  model whatever order Ray returns them in;
+* reports every round (global model it started from, participants, example counts, FedAvg
+  weights, each participant's returned model) to a callback — the history store listens there.
+
+Strategies are created by name from :data:`STRATEGIES`. A factory receives the evaluation
+fraction and ``training.strategy_params`` and must return a strategy that trains *every* node
+it is offered (``fraction_train=1.0``): fedunlearn has already done the sampling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, FedAvgM, FedProx, Strategy
+
+from fedunlearn.aggregation import fedavg_weights
+from fedunlearn.federation.messages import METRICS, NUM_EXAMPLES, PARTITION, from_record
+from fedunlearn.federation.port import RoundReport
+from fedunlearn.params import Params
+from fedunlearn.registry import Registry
+
+StrategyFactory = Callable[..., Strategy]
+STRATEGIES: Registry[StrategyFactory] = Registry("strategy")
+
+
+def _common(evaluate_fraction: float) -> dict[str, Any]:
+    return {"fraction_train": 1.0, "fraction_evaluate": evaluate_fraction, "min_train_nodes": 1,
+            "min_evaluate_nodes": 1 if evaluate_fraction > 0 else 0, "min_available_nodes": 1}
+
+
+@STRATEGIES.register("fedavg")
+def fedavg(evaluate_fraction: float = 0.0, **params: Any) -> Strategy:
+    """Flower's ``FedAvg`` (McMahan et al., 2017)."""
+    return FedAvg(**_common(evaluate_fraction), **params)
+
+
+@STRATEGIES.register("fedprox")
+def fedprox(evaluate_fraction: float = 0.0, proximal_mu: float = 0.01, **params: Any) -> Strategy:
+    """Flower's ``FedProx`` (Li et al., 2020); pair it with ``training.step = "proximal"``."""
+    return FedProx(proximal_mu=proximal_mu, **_common(evaluate_fraction), **params)
+
+
+@STRATEGIES.register("fedavgm")
+def fedavgm(evaluate_fraction: float = 0.0, **params: Any) -> Strategy:
+    """Flower's ``FedAvgM`` (server momentum; the history then no longer sums to the model)."""
+    return FedAvgM(**_common(evaluate_fraction), **params)
+
+
+class _SubsetGrid:
+    """A view of a Flower grid that shows only some nodes (everything else is delegated)."""
+
+    def __init__(self, grid: Grid, node_ids: Sequence[int]) -> None:
+        self._grid = grid
+        self._node_ids = list(node_ids)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._node_ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+class ClientFailure(RuntimeError):
+    """A client replied with an error; the round cannot be recorded faithfully."""
+
+
+def check_replies(replies: Iterable[Message]) -> list[Message]:
+    """Return replies, raising :class:`ClientFailure` with the first client error."""
+    out = list(replies)
+    for msg in out:
+        if msg.has_error():
+            raise ClientFailure(f"client node {msg.metadata.src_node_id} failed: "
+                                f"{msg.error.reason}")
+    return out
+
+
+def partition_of(msg: Message) -> int:
+    """The partition id a client put in its reply."""
+    return int(msg.content[METRICS][PARTITION])
+
+
+class RecordingStrategy(Strategy):
+    """Wrap a Flower strategy: seeded participant sampling, ordered aggregation, recording.
+
+    Parameters
+    ----------
+    inner : Strategy
+        The Flower strategy doing the actual configuration and aggregation.
+    sampler : callable
+        ``sampler(server_round) -> list of partition ids`` taking part in the round.
+    node_of : dict
+        Partition id to Flower node id.
+    on_round : callable
+        Receives a :class:`RoundReport` after each aggregation.
+    """
+
+    def __init__(self, inner: Strategy, *, sampler: Callable[[int], list[int]],
+                 node_of: dict[int, int], on_round: Callable[[RoundReport], None]) -> None:
+        self.inner = inner
+        self.sampler = sampler
+        self.node_of = node_of
+        self.on_round = on_round
+        self.messages_sent = 0
+        self.client_seconds: list[float] = []
+        self._global: Params = {}
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._global = from_record(arrays)
+        pids = self.sampler(server_round)
+        if not pids:
+            return []
+        wanted = {self.node_of[p] for p in pids}
+        msgs = list(self.inner.configure_train(server_round, arrays, config,
+                                               _SubsetGrid(grid, sorted(wanted))))  # type: ignore[arg-type]
+        got = {m.metadata.dst_node_id for m in msgs}
+        if got != wanted:
+            raise RuntimeError(f"strategy {type(self.inner).__name__} sampled {len(got)} of the "
+                               f"{len(wanted)} offered nodes; its factory must set "
+                               "fraction_train=1.0 (fedunlearn samples participants itself)")
+        self.messages_sent += len(msgs)
+        return msgs
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        ordered = sorted(check_replies(replies), key=partition_of)
+        result = self.inner.aggregate_train(server_round, ordered)
+        self.client_seconds += [float(m.content[METRICS].get("train-seconds", 0.0))
+                                for m in ordered]
+        if ordered:
+            pids = tuple(partition_of(m) for m in ordered)
+            counts = tuple(int(m.content[METRICS][NUM_EXAMPLES]) for m in ordered)
+            self.on_round(RoundReport(
+                server_round=server_round, global_model=self._global, participants=pids,
+                num_examples=counts, weights=tuple(fedavg_weights(counts)),
+                client_models={p: from_record(m.content["arrays"]) for p, m in zip(pids, ordered,
+                                                                                  strict=True)}))
+        return result
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        msgs = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
+        self.messages_sent += len(msgs)
+        return msgs
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, check_replies(replies))

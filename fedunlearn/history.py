@@ -1,0 +1,519 @@
+"""On-disk store of a federated run's per-round history, the input of every unlearning method.
+
+Per round ``t`` the store keeps the global model ``M_t`` the round started from, the round's
+participants with their example counts and aggregation weights, each participant's update
+``U_k^t = (local model) - M_t`` (only every ``retention_interval`` rounds, cast to
+``update_dtype``), and for every client the running weighted sum ``S_k = sum_t w_k^t U_k^t``
+(updated every round, accumulated in float64, stored as float32).
+
+Layout (no pickle anywhere; arrays are uncompressed ``.npz`` read with ``allow_pickle=False``)::
+
+    manifest.json                  format, settings, rounds, and sha256 + size of every other file
+    rounds/00001/meta.json         participants, num_examples, weights, purged clients
+    rounds/00001/global.npz        M_1 (float arrays as float32, integer buffers as they are)
+    rounds/00001/client_00003.npz  U_3^1, if round 1 retains updates
+    sums/client_00003.r00005.npz   S_3 over rounds 1..5
+    final.npz                      the global model after the last round
+
+Every file is written atomically (temp file, fsync, ``os.replace``) and never rewritten in
+place: a changed sum or round meta gets a new name. ``manifest.json`` is replaced last, so a
+crash leaves the previous consistent state plus, at worst, unlisted files. Each ``.npz`` holds
+its array names in order as ``arr_0`` and the arrays as ``arr_1``, ``arr_2``, ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import operator
+import os
+import tempfile
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+Params = dict[str, np.ndarray]
+
+FORMAT = "fedunlearn-history"
+VERSION = 1
+MANIFEST = "manifest.json"
+UPDATE_DTYPES = ("float32", "float16")
+_WEIGHT_TOL = 1e-5
+_MANIFEST_KEYS = ("retention_interval", "update_dtype", "rounds", "round_meta", "schema", "sums",
+                  "final", "purged", "files")
+
+
+class HistoryError(Exception):
+    """A history store was misused or cannot be opened."""
+
+
+class HistoryCorruptError(HistoryError):
+    """A file of a history store is missing, truncated or fails its checksum."""
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """What one round looked like: who took part, with which weight, and what was kept."""
+
+    round: int
+    participants: tuple[int, ...]
+    num_examples: tuple[int, ...]
+    weights: tuple[float, ...]
+    updates_retained: bool
+
+
+def _is_float(array: np.ndarray) -> bool:
+    return bool(np.issubdtype(array.dtype, np.floating))
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a synced temp file in the same directory and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable; not every platform lets us open a directory
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _npz_bytes(params: Mapping[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, np.array(list(params), dtype=np.str_), *params.values())
+    return buffer.getvalue()
+
+
+def _as_ids(values: Iterable[int], what: str) -> list[int]:
+    try:
+        ids = [operator.index(v) for v in values]
+    except TypeError:
+        raise HistoryError(f"{what} must be integers; pass partition ids and counts") from None
+    if any(i < 0 for i in ids):
+        raise HistoryError(f"{what} must be non-negative integers, got {ids}")
+    return ids
+
+
+class HistoryStore:
+    """A federated run's history on disk; build it with :meth:`create` or :meth:`open`.
+
+    Parameters
+    ----------
+    path
+        Directory of the store.
+    manifest
+        The parsed ``manifest.json``. Use the class methods instead of this constructor.
+    verify
+        Check size and sha256 of every listed file first, in sorted order.
+    """
+
+    def __init__(self, path: Path, manifest: dict, *, verify: bool = False) -> None:
+        self.path = path
+        self._m = manifest
+        for rel in sorted(manifest["files"]) if verify else ():
+            self._read(rel)
+        self._records: dict[int, RoundRecord] = {}
+        self._purged_in: dict[int, set[int]] = {}
+        self._sums: dict[int, Params] = {}  # float64 running sums loaded so far
+        for t in manifest["rounds"]:
+            meta = json.loads(self._read(manifest["round_meta"][str(t)]))
+            self._records[t] = RoundRecord(
+                t, tuple(meta["participants"]), tuple(meta["num_examples"]),
+                tuple(meta["weights"]), bool(meta["updates_retained"]))
+            self._purged_in[t] = set(meta["purged"])
+
+    @property
+    def retention_interval(self) -> int:
+        """Updates are kept for rounds ``1, 1 + Δt, 1 + 2Δt, ...`` where Δt is this value."""
+        return int(self._m["retention_interval"])
+
+    @property
+    def update_dtype(self) -> str:
+        """``"float32"`` or ``"float16"``: the dtype retained updates are stored in."""
+        return str(self._m["update_dtype"])
+
+    # ---------------------------------------------------------------- creation and opening
+    @classmethod
+    def create(cls, path: str | Path, *, retention_interval: int = 1,
+               update_dtype: str = "float32") -> HistoryStore:
+        """Start an empty store at ``path``, which must not exist or be an empty directory.
+
+        Raises
+        ------
+        HistoryError
+            If ``path`` holds anything, or the settings are not allowed; nothing is touched.
+        """
+        path = Path(path)
+        if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+            what = ("already holds a history" if (path / MANIFEST).exists()
+                    else "exists and is not an empty directory")
+            raise HistoryError(f"{path} {what}; choose another --out or remove it first")
+        if isinstance(retention_interval, bool) or not isinstance(retention_interval, int) \
+                or retention_interval < 1:
+            raise HistoryError(f"retention_interval must be an integer >= 1, "
+                               f"got {retention_interval!r}")
+        if update_dtype not in UPDATE_DTYPES:
+            raise HistoryError(f"update_dtype must be one of {', '.join(UPDATE_DTYPES)}, "
+                               f"got {update_dtype!r}")
+        path.mkdir(parents=True, exist_ok=True)
+        store = cls(path, {
+            "format": FORMAT, "version": VERSION, "retention_interval": retention_interval,
+            "update_dtype": update_dtype, "rounds": [], "round_meta": {}, "schema": None,
+            "sums": {}, "final": None, "purged": [], "files": {}})
+        store._commit(store._m)
+        return store
+
+    @classmethod
+    def open(cls, path: str | Path) -> HistoryStore:
+        """Open an existing store, verifying size and sha256 of every file it lists.
+
+        Raises
+        ------
+        HistoryError
+            If ``path`` does not exist or is not a history of this format.
+        HistoryCorruptError
+            If the manifest or any listed file is missing, truncated or fails its checksum.
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise HistoryError(f"{path} does not exist; pass the --out directory of a run")
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except FileNotFoundError:
+            raise HistoryCorruptError(f"{MANIFEST} is missing in {path}; the history is "
+                                      "incomplete, record the run again") from None
+        except (OSError, ValueError) as err:
+            raise HistoryCorruptError(f"{MANIFEST} in {path} is unreadable ({err}); "
+                                      "record the run again") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise HistoryCorruptError(f"{MANIFEST} in {path} is not a {FORMAT} manifest; "
+                                      "pass the --out directory of a run")
+        if missing := [k for k in _MANIFEST_KEYS if k not in manifest]:
+            raise HistoryCorruptError(f"{MANIFEST} in {path} lacks {missing}; "
+                                      "record the run again")
+        if manifest.get("version") != VERSION:
+            raise HistoryError(f"{path} has history format version {manifest.get('version')}, "
+                               f"this fedunlearn reads {VERSION}; use a matching fedunlearn")
+        return cls(path, manifest, verify=True)
+
+    # ---------------------------------------------------------------- recording
+    def retains_updates(self, round: int) -> bool:
+        """Whether per-client updates of ``round`` are kept: rounds ``1, 1 + Δt, ...``."""
+        return round >= 1 and (round - 1) % self.retention_interval == 0
+
+    def record_round(self, round: int, *, global_model: Mapping[str, np.ndarray],
+                     participants: Sequence[int], num_examples: Sequence[int],
+                     weights: Sequence[float],
+                     updates: Mapping[int, Mapping[str, np.ndarray]]) -> None:
+        """Record round ``round``; rounds must come in order ``1, 2, 3, ...``.
+
+        Parameters
+        ----------
+        round
+            The round number, one more than the last recorded round.
+        global_model
+            The global model ``M_t`` the round started from.
+        participants, num_examples, weights
+            Client ids (unique), their example counts and aggregation weights (sum to 1).
+        updates
+            ``{client: U_k^t}`` for exactly the participants, over the float arrays of
+            ``global_model`` with matching shapes.
+
+        Raises
+        ------
+        HistoryError
+            On any inconsistency; nothing is recorded then.
+        """
+        expected = len(self._m["rounds"]) + 1
+        if self._m["final"] is not None or round != expected:
+            done = "the final model is recorded" if self._m["final"] else f"next is {expected}"
+            raise HistoryError(f"cannot record round {round}: {done}; record rounds in order")
+        ids = _as_ids(participants, "participants")
+        counts = _as_ids(num_examples, "num_examples")
+        w = [float(x) for x in weights]
+        if not ids or len(set(ids)) != len(ids) or len(counts) != len(ids) or len(w) != len(ids):
+            raise HistoryError(f"round {round}: participants must be unique and non-empty, with "
+                               "one num_examples and one weight each; fix the round's inputs")
+        if not all(np.isfinite(x) and x >= 0 for x in w) or abs(sum(w) - 1.0) > _WEIGHT_TOL:
+            raise HistoryError(f"round {round}: weights must be >= 0 and sum to 1, got {w}")
+        if purged := sorted(set(ids) & set(self._m["purged"])):
+            raise HistoryError(f"round {round}: clients {purged} were purged; drop them")
+        if set(updates) != set(ids):
+            raise HistoryError(f"round {round}: updates are for clients {sorted(updates)} but "
+                               f"participants are {sorted(ids)}; pass one update per participant")
+        model = {k: np.asarray(v) for k, v in global_model.items()}
+        schema = self._m["schema"] or [[k, list(v.shape), _is_float(v)] for k, v in model.items()]
+        self._check_schema(model, schema, f"global model of round {round}")
+        fkeys = [k for k, _, is_f in schema if is_f]
+        for k in ids:
+            self._check_update(round, k, updates[k], model, fkeys)
+
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+        record = RoundRecord(round, tuple(ids[i] for i in order),
+                             tuple(counts[i] for i in order), tuple(w[i] for i in order),
+                             self.retains_updates(round))
+        m = json.loads(json.dumps(self._m))  # work on a copy, commit at the end
+        rdir = f"rounds/{round:05d}"
+        self._write(m, f"{rdir}/global.npz", _npz_bytes(
+            {k: v.astype(np.float32) if _is_float(v) else v for k, v in model.items()}))
+        dtype = np.dtype(self.update_dtype)
+        new_sums: dict[int, Params] = {}
+        for k, wk in zip(record.participants, record.weights, strict=True):
+            upd = {key: np.asarray(updates[k][key]) for key in fkeys}
+            if record.updates_retained:
+                cast = {key: u.astype(dtype) for key, u in upd.items()}
+                self._check_cast(round, k, upd, cast)
+                self._write(m, f"{rdir}/client_{k:05d}.npz", _npz_bytes(cast))
+            old = self._sum64(k, {key: model[key].shape for key in fkeys})
+            new_sums[k] = {key: old[key] + wk * upd[key].astype(np.float64) for key in fkeys}
+            rel = f"sums/client_{k:05d}.r{round:05d}.npz"
+            self._write(m, rel, _npz_bytes({key: s.astype(np.float32)
+                                            for key, s in new_sums[k].items()}))
+            m["sums"][str(k)] = rel
+        meta = {"round": round, "participants": list(record.participants),
+                "num_examples": list(record.num_examples), "weights": list(record.weights),
+                "updates_retained": record.updates_retained, "purged": []}
+        m["round_meta"][str(round)] = f"{rdir}/meta.json"
+        self._write(m, f"{rdir}/meta.json", json.dumps(meta, indent=1).encode())
+        m["rounds"].append(round)
+        m["schema"] = schema
+        stale = [self._m["sums"][str(k)] for k in new_sums if str(k) in self._m["sums"]]
+        for rel in stale:
+            del m["files"][rel]
+        self._commit(m)
+        self._records[round], self._purged_in[round] = record, set()
+        self._sums.update(new_sums)
+        self._unlink(stale)
+
+    def record_final(self, model: Mapping[str, np.ndarray]) -> None:
+        """Record the global model after the last round (once, after at least one round)."""
+        if not self._m["rounds"] or self._m["final"] is not None:
+            raise HistoryError("record_final needs at least one recorded round and may be "
+                               "called once; record the rounds first")
+        model = {k: np.asarray(v) for k, v in model.items()}
+        self._check_schema(model, self._m["schema"], "final model")
+        m = json.loads(json.dumps(self._m))
+        self._write(m, "final.npz", _npz_bytes(
+            {k: v.astype(np.float32) if _is_float(v) else v for k, v in model.items()}))
+        m["final"] = "final.npz"
+        self._commit(m)
+
+    # ---------------------------------------------------------------- queries
+    def rounds(self) -> list[int]:
+        """Recorded round numbers, ascending."""
+        return list(self._m["rounds"])
+
+    def round_record(self, round: int) -> RoundRecord:
+        """The :class:`RoundRecord` of ``round``."""
+        if round not in self._records:
+            raise HistoryError(f"round {round} is not recorded; recorded rounds are "
+                               f"1..{len(self._records)}")
+        return self._records[round]
+
+    def participants(self, round: int) -> tuple[int, ...]:
+        """Client ids that took part in ``round``, ascending (purged ones included: lineage)."""
+        return self.round_record(round).participants
+
+    def clients(self) -> list[int]:
+        """Every client that ever took part and was not purged, ascending."""
+        seen = {k for r in self._records.values() for k in r.participants}
+        return sorted(seen - set(self._m["purged"]))
+
+    def update(self, round: int, client: int) -> dict[str, np.ndarray]:
+        """Client ``client``'s update in ``round`` as float32 arrays.
+
+        Raises
+        ------
+        HistoryError
+            If the round kept no updates, or the client did not take part or was purged.
+        """
+        record = self.round_record(round)
+        if client not in record.participants:
+            raise HistoryError(f"client {client} did not take part in round {round}; "
+                               f"participants were {list(record.participants)}")
+        if client in self._purged_in[round]:
+            raise HistoryError(f"client {client} was purged; its updates are gone")
+        if not record.updates_retained:
+            raise HistoryError(f"round {round} kept no updates (retention interval "
+                               f"{self.retention_interval}); use a retained round or the sums")
+        upd = self._load(f"rounds/{round:05d}/client_{client:05d}.npz")
+        return {k: v.astype(np.float32) for k, v in upd.items()}
+
+    def global_model(self, round: int) -> dict[str, np.ndarray]:
+        """The global model at the start of ``round``."""
+        self.round_record(round)
+        return self._load(f"rounds/{round:05d}/global.npz")
+
+    def final_model(self) -> dict[str, np.ndarray]:
+        """The global model after the last round."""
+        if self._m["final"] is None:
+            raise HistoryError("no final model is recorded; call record_final after training")
+        return self._load(self._m["final"])
+
+    def running_sum(self, client: int) -> dict[str, np.ndarray]:
+        """``sum_t w_k^t U_k^t`` of ``client`` over all recorded rounds, as float32."""
+        if client not in self.clients():
+            why = "was purged" if client in self._m["purged"] else "never took part"
+            raise HistoryError(f"client {client} {why}; known clients are {self.clients()}")
+        shapes = {k: tuple(s) for k, s, is_f in self._m["schema"] if is_f}
+        return {k: v.astype(np.float32) for k, v in self._sum64(client, shapes).items()}
+
+    def bytes_used(self) -> int:
+        """Total bytes of the store's files, manifest included."""
+        listed = sum(int(f["bytes"]) for f in self._m["files"].values())
+        return listed + (self.path / MANIFEST).stat().st_size
+
+    # ---------------------------------------------------------------- purging
+    def purge_clients(self, clients: Iterable[int]) -> int:
+        """Delete every update and running sum of ``clients``; return the bytes freed.
+
+        Round metas keep participants and weights (lineage) and list the clients as purged.
+
+        Raises
+        ------
+        HistoryError
+            If any client is unknown or already purged; nothing is changed then.
+        """
+        ids = sorted(set(_as_ids(clients, "clients to purge")))
+        if not ids:
+            return 0
+        if unknown := [k for k in ids if k not in self.clients()]:
+            raise HistoryError(f"cannot purge clients {unknown}: not in this history (or already "
+                               f"purged); known clients are {self.clients()}")
+        before = self.bytes_used()
+        m = json.loads(json.dumps(self._m))
+        gone: list[str] = []
+        for t, record in self._records.items():
+            hit = set(ids) & set(record.participants)
+            if not hit:
+                continue
+            purged = sorted(self._purged_in[t] | hit)
+            meta = json.loads(self._read(self._m["round_meta"][str(t)]))
+            meta["purged"] = purged
+            rel = f"rounds/{t:05d}/meta.p{len(purged)}.json"
+            self._write(m, rel, json.dumps(meta, indent=1).encode())
+            gone.append(m["round_meta"][str(t)])
+            m["round_meta"][str(t)] = rel
+            if record.updates_retained:
+                gone += [f"rounds/{t:05d}/client_{k:05d}.npz" for k in hit]
+        gone += [m["sums"].pop(str(k)) for k in ids if str(k) in m["sums"]]
+        for rel in gone:
+            del m["files"][rel]
+        m["purged"] = sorted(set(m["purged"]) | set(ids))
+        self._commit(m)
+        for t, record in self._records.items():
+            self._purged_in[t] |= set(ids) & set(record.participants)
+        for k in ids:
+            self._sums.pop(k, None)
+        self._unlink(gone)
+        self._sweep()
+        return before - self.bytes_used()
+
+    # ---------------------------------------------------------------- internals
+    def _write(self, m: dict, rel: str, data: bytes) -> None:
+        _atomic_write(self.path / rel, data)
+        m["files"][rel] = {"sha256": _sha256(data), "bytes": len(data)}
+
+    def _commit(self, m: dict) -> None:
+        _atomic_write(self.path / MANIFEST, json.dumps(m, indent=1).encode())
+        self._m = m
+
+    def _read(self, rel: str) -> bytes:
+        """Bytes of a listed file, after checking its size and sha256 against the manifest."""
+        entry = self._m["files"].get(rel)
+        if entry is None:
+            raise HistoryCorruptError(f"{rel} is not listed in {MANIFEST} of {self.path}; "
+                                      "the history is inconsistent, record the run again")
+        try:
+            data = (self.path / rel).read_bytes()
+        except OSError:
+            raise HistoryCorruptError(f"{rel} is missing in {self.path}; the history is "
+                                      "incomplete, record the run again") from None
+        if len(data) != entry["bytes"] or _sha256(data) != entry["sha256"]:
+            what = "has the wrong size" if len(data) != entry["bytes"] else "fails its checksum"
+            raise HistoryCorruptError(f"{rel} {what} in {self.path}; the file is damaged, "
+                                      "record the run again")
+        return data
+
+    def _load(self, rel: str) -> Params:
+        data = self._read(rel)
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                names = [str(n) for n in z["arr_0"]]
+                return {n: z[f"arr_{i + 1}"] for i, n in enumerate(names)}
+        except (KeyError, ValueError, OSError, zipfile.BadZipFile) as err:
+            raise HistoryCorruptError(f"{rel} in {self.path} is not a readable array file "
+                                      f"({err}); record the run again") from None
+
+    def _sum64(self, client: int, shapes: Mapping[str, tuple[int, ...]]) -> Params:
+        """The float64 running sum of ``client`` (zeros if it has none yet), cached."""
+        if client not in self._sums:
+            rel = self._m["sums"].get(str(client))
+            stored = self._load(rel) if rel else {}
+            self._sums[client] = {k: stored[k].astype(np.float64) if k in stored
+                                  else np.zeros(shape, np.float64) for k, shape in shapes.items()}
+        return self._sums[client]
+
+    @staticmethod
+    def _check_schema(model: Params, schema: list, what: str) -> None:
+        names = [k for k, _, _ in schema]
+        if missing := [k for k in names if k not in model]:
+            raise HistoryError(f"{what} lacks {missing[0]!r}; pass the full model state")
+        if extra := [k for k in model if k not in names]:
+            raise HistoryError(f"{what} has unexpected {extra[0]!r}; keep the architecture fixed")
+        for k, shape, is_f in schema:
+            if list(model[k].shape) != shape or _is_float(model[k]) != is_f:
+                raise HistoryError(f"{what}: {k!r} has shape {model[k].shape} dtype "
+                                   f"{model[k].dtype}, expected shape {tuple(shape)} "
+                                   f"({'float' if is_f else 'non-float'}); keep it fixed")
+
+    @staticmethod
+    def _check_update(round: int, client: int, update: Mapping[str, np.ndarray],
+                      model: Params, fkeys: list[str]) -> None:
+        what = f"update of client {client} in round {round}"
+        if missing := [k for k in fkeys if k not in update]:
+            raise HistoryError(f"{what} lacks {missing[0]!r}; send every float array")
+        if extra := [k for k in update if k not in fkeys]:
+            raise HistoryError(f"{what} has {extra[0]!r}, which is not a float array of the "
+                               "global model; send only float arrays")
+        for k in fkeys:
+            u = np.asarray(update[k])
+            if u.shape != model[k].shape or not _is_float(u):
+                raise HistoryError(f"{what}: {k!r} has shape {u.shape} dtype {u.dtype}, expected "
+                                   f"float of shape {model[k].shape}; send local - global")
+
+    def _check_cast(self, round: int, client: int, upd: Params, cast: Params) -> None:
+        for k, c in cast.items():
+            if not np.isfinite(c).all() and np.isfinite(upd[k]).all():
+                raise HistoryError(f"update of client {client} in round {round}: {k!r} overflows "
+                                   f"{self.update_dtype}; use update_dtype float32")
+
+    def _unlink(self, rels: Iterable[str]) -> None:
+        for rel in rels:
+            (self.path / rel).unlink(missing_ok=True)
+
+    def _sweep(self) -> None:
+        """Delete files the manifest does not list (left by a crash or superseded)."""
+        listed = set(self._m["files"]) | {MANIFEST}
+        for file in self.path.rglob("*"):
+            if file.is_file() and file.relative_to(self.path).as_posix() not in listed:
+                file.unlink()

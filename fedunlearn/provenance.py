@@ -1,0 +1,34 @@
+"""Provenance stamped on every result file: versions and git commit."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import subprocess
+from pathlib import Path
+
+import fedunlearn
+
+
+def versions() -> dict[str, str]:
+    """Versions of fedunlearn, Python and the stack it runs on."""
+    out = {"fedunlearn": fedunlearn.__version__, "python": platform.python_version()}
+    for dist in ("flwr", "ray", "torch", "numpy", "flwr-datasets", "scikit-learn"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def git_commit() -> str:
+    """``HEAD`` of the checkout fedunlearn runs from (``+dirty`` with uncommitted changes)."""
+    root = Path(fedunlearn.__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout
+        return head + ("+dirty" if dirty.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

@@ -1,0 +1,332 @@
+"""Tests of the on-disk history store: completeness of updates and sums, retention, dtypes,
+reopening, corruption detection, refusal to overwrite, purging, and input validation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedunlearn.history import HistoryCorruptError, HistoryError, HistoryStore
+
+NUM_CLIENTS = 4
+NUM_ROUNDS = 5
+# The integer counter sits between float arrays on purpose: key order must survive the store.
+SHAPES = {"conv.weight": (128, 64), "conv.bias": (128,), "fc.weight": (10, 128)}
+
+
+def make_run(seed: int = 0) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """A FedAvg run with random updates: per-round record_round kwargs, and the final model."""
+    rng = np.random.default_rng(seed)
+    model = {
+        "conv.weight": rng.normal(size=SHAPES["conv.weight"]).astype(np.float32),
+        "bn.num_batches_tracked": np.array(0, dtype=np.int64),
+        "conv.bias": rng.normal(size=SHAPES["conv.bias"]).astype(np.float32),
+        "fc.weight": rng.normal(size=SHAPES["fc.weight"]).astype(np.float32),
+    }
+    rounds = []
+    for t in range(1, NUM_ROUNDS + 1):
+        if t == 1:  # everyone takes part once, so every client has a history
+            ids = list(range(NUM_CLIENTS))
+        else:
+            size = int(rng.integers(1, NUM_CLIENTS + 1))
+            ids = sorted(int(k) for k in rng.choice(NUM_CLIENTS, size=size, replace=False))
+        n = [int(x) for x in rng.integers(10, 100, size=len(ids))]
+        w = [x / sum(n) for x in n]
+        updates = {k: {key: rng.normal(scale=0.1, size=s).astype(np.float32)
+                       for key, s in SHAPES.items()} for k in ids}
+        rounds.append({"round": t, "global_model": {k: v.copy() for k, v in model.items()},
+                       "participants": ids, "num_examples": n, "weights": w,
+                       "updates": updates})
+        new = {key: model[key].astype(np.float64)
+               + sum(wk * updates[k][key].astype(np.float64) for k, wk in zip(ids, w))
+               for key in SHAPES}
+        model = {**model, **{key: v.astype(np.float32) for key, v in new.items()}}
+        model["bn.num_batches_tracked"] = model["bn.num_batches_tracked"] + 1
+    return rounds, model
+
+
+def build(path: Path, retention: int = 1, dtype: str = "float32", seed: int = 0) -> HistoryStore:
+    rounds, final = make_run(seed)
+    store = HistoryStore.create(path, retention_interval=retention, update_dtype=dtype)
+    for kwargs in rounds:
+        store.record_round(kwargs.pop("round"), **kwargs)
+    store.record_final(final)
+    return store
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    assert list(a) == list(b)
+    return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a)
+
+
+def floats(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v.astype(np.float64) for k, v in params.items() if k in SHAPES}
+
+
+def update_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.glob("rounds/*/client_*.npz"))
+
+
+def test_updates_and_running_sums_rebuild_the_final_model(tmp_path: Path) -> None:
+    store = build(tmp_path / "h")
+    initial, final = store.global_model(1), store.final_model()
+    assert list(final) == ["conv.weight", "bn.num_batches_tracked", "conv.bias", "fc.weight"]
+    assert final["bn.num_batches_tracked"].dtype == np.int64
+    assert int(final["bn.num_batches_tracked"]) == NUM_ROUNDS
+    assert int(initial["bn.num_batches_tracked"]) == 0
+
+    replay = floats(initial)
+    for t in store.rounds():
+        record = store.round_record(t)
+        assert abs(sum(record.weights) - 1.0) < 1e-12
+        for k, w in zip(record.participants, record.weights):
+            upd = store.update(t, k)
+            assert set(upd) == set(SHAPES) and all(v.dtype == np.float32 for v in upd.values())
+            for key in replay:
+                replay[key] += w * upd[key]
+    assert max_diff(replay, floats(final)) <= 1e-5
+
+    from_sums = floats(initial)
+    for k in store.clients():
+        for key, s in store.running_sum(k).items():
+            assert s.dtype == np.float32
+            from_sums[key] += s
+    assert store.clients() == list(range(NUM_CLIENTS))
+    assert max_diff(from_sums, floats(final)) <= 1e-5
+    # each global model is the previous one plus that round's weighted updates
+    for t in store.rounds()[:-1]:
+        nxt = floats(store.global_model(t))
+        record = store.round_record(t)
+        for k, w in zip(record.participants, record.weights):
+            for key, u in store.update(t, k).items():
+                nxt[key] += w * u
+        assert max_diff(nxt, floats(store.global_model(t + 1))) <= 1e-5
+
+
+def test_retention_interval_keeps_every_second_round_but_complete_sums(tmp_path: Path) -> None:
+    full = build(tmp_path / "full", retention=1)
+    sparse = build(tmp_path / "sparse", retention=2)
+    assert [t for t in sparse.rounds() if sparse.round_record(t).updates_retained] == [1, 3, 5]
+    assert [t for t in sparse.rounds() if sparse.retains_updates(t)] == [1, 3, 5]
+    for t in sparse.rounds():
+        files = sorted(p.name for p in (sparse.path / f"rounds/{t:05d}").glob("client_*.npz"))
+        expected = [f"client_{k:05d}.npz" for k in sparse.participants(t)] if t % 2 else []
+        assert files == expected
+    k = sparse.participants(2)[0]
+    with pytest.raises(HistoryError, match="kept no updates"):
+        sparse.update(2, k)
+    assert max_diff(sparse.update(3, k), full.update(3, k)) == 0.0
+    for k in full.clients():
+        assert max_diff(sparse.running_sum(k), full.running_sum(k)) == 0.0
+    assert update_bytes(sparse.path) < update_bytes(full.path)
+
+
+def test_float16_halves_update_bytes_and_stays_close(tmp_path: Path) -> None:
+    f32 = build(tmp_path / "f32", dtype="float32")
+    f16 = build(tmp_path / "f16", dtype="float16")
+    assert update_bytes(f16.path) < 0.6 * update_bytes(f32.path)
+    assert f16.bytes_used() < f32.bytes_used()
+    for t in f32.rounds():
+        for k in f32.participants(t):
+            upd = f16.update(t, k)
+            assert all(v.dtype == np.float32 for v in upd.values())
+            assert max_diff(upd, f32.update(t, k)) <= 1e-3
+    for k in f32.clients():  # sums are accumulated from the exact updates either way
+        assert max_diff(f16.running_sum(k), f32.running_sum(k)) == 0.0
+
+
+def test_open_returns_what_was_recorded_and_can_continue(tmp_path: Path) -> None:
+    store = build(tmp_path / "h", retention=2, dtype="float16")
+    again = HistoryStore.open(tmp_path / "h")
+    assert (again.retention_interval, again.update_dtype) == (2, "float16")
+    assert again.rounds() == store.rounds() == list(range(1, NUM_ROUNDS + 1))
+    assert again.clients() == store.clients()
+    assert again.bytes_used() == store.bytes_used() == sum(map(len, snapshot(store.path).values()))
+    for t in store.rounds():
+        assert again.round_record(t) == store.round_record(t)
+        assert max_diff(again.global_model(t), store.global_model(t)) == 0.0
+        if store.retains_updates(t):
+            for k in store.participants(t):
+                assert max_diff(again.update(t, k), store.update(t, k)) == 0.0
+    assert max_diff(again.final_model(), store.final_model()) == 0.0
+    for k in store.clients():
+        assert max_diff(again.running_sum(k), store.running_sum(k)) == 0.0
+
+    # a reopened, unfinished store picks up where it stopped
+    rounds, final = make_run()
+    part = HistoryStore.create(tmp_path / "part")
+    for kwargs in rounds[:2]:
+        part.record_round(kwargs.pop("round"), **kwargs)
+    part = HistoryStore.open(tmp_path / "part")
+    with pytest.raises(HistoryError, match="next is 3"):
+        part.record_round(4, **{k: v for k, v in rounds[3].items() if k != "round"})
+    for kwargs in rounds[2:]:
+        part.record_round(kwargs.pop("round"), **kwargs)
+    part.record_final(final)
+    full = build(tmp_path / "full")
+    for k in full.clients():
+        assert max_diff(part.running_sum(k), full.running_sum(k)) <= 1e-6
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_open_names_a_damaged_file(tmp_path: Path, damage: str) -> None:
+    store = build(tmp_path / "h")
+    k = store.participants(2)[-1]
+    rel = f"rounds/00002/client_{k:05d}.npz"
+    file = store.path / rel
+    data = bytearray(file.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+        file.write_bytes(bytes(data))
+    elif damage == "truncate":
+        file.write_bytes(bytes(data[:-10]))
+    else:
+        file.unlink()
+    with pytest.raises(HistoryCorruptError, match=rel) as err:
+        HistoryStore.open(store.path)
+    assert "\n" not in str(err.value)
+    with pytest.raises(HistoryCorruptError, match=rel):  # reads re-check too
+        store.update(2, k)
+
+
+def test_open_needs_a_readable_manifest(tmp_path: Path) -> None:
+    store = build(tmp_path / "h")
+    manifest = store.path / "manifest.json"
+    manifest.write_text("{not json")
+    with pytest.raises(HistoryCorruptError, match="manifest.json"):
+        HistoryStore.open(store.path)
+    manifest.unlink()
+    with pytest.raises(HistoryCorruptError, match="manifest.json"):
+        HistoryStore.open(store.path)
+    with pytest.raises(HistoryError, match="does not exist"):
+        HistoryStore.open(tmp_path / "nowhere")
+
+
+def test_create_refuses_to_overwrite(tmp_path: Path) -> None:
+    store = build(tmp_path / "h")
+    before = snapshot(store.path)
+    with pytest.raises(HistoryError, match="already holds a history; choose another --out"):
+        HistoryStore.create(store.path)
+    assert snapshot(store.path) == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(HistoryError, match="choose another --out"):
+        HistoryStore.create(other)
+    assert snapshot(other) == {"notes.txt": b"keep me"}
+    (tmp_path / "empty").mkdir()
+    assert HistoryStore.create(tmp_path / "empty").rounds() == []
+    with pytest.raises(HistoryError, match="float32, float16"):
+        HistoryStore.create(tmp_path / "a", update_dtype="bfloat16")
+    with pytest.raises(HistoryError, match=">= 1"):
+        HistoryStore.create(tmp_path / "b", retention_interval=0)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_purge_removes_every_trace_of_the_client_data(tmp_path: Path) -> None:
+    store = build(tmp_path / "h")
+    keep = {t: {k: store.update(t, k) for k in store.participants(t) if k != 2}
+            for t in store.rounds()}
+    sums = {k: store.running_sum(k) for k in store.clients() if k != 2}
+    rounds_of_2 = [t for t in store.rounds() if 2 in store.participants(t)]
+    assert list(store.path.rglob("*client_00002*"))  # present before the purge
+    used = store.bytes_used()
+
+    freed = store.purge_clients([2])
+    # "*00002*" would also match the round directory rounds/00002, so glob for the client name
+    assert list(store.path.rglob("*client_00002*")) == []
+    assert freed > 0 and freed == used - store.bytes_used()
+    assert store.bytes_used() == sum(map(len, snapshot(store.path).values()))
+    manifest = json.loads((store.path / "manifest.json").read_text())
+    assert not [rel for rel in manifest["files"] if "client_00002" in rel]
+    assert "2" not in manifest["sums"] and manifest["purged"] == [2]
+
+    for again in (store, HistoryStore.open(store.path)):  # the purged store verifies cleanly
+        assert again.clients() == [0, 1, 3]
+        for t in rounds_of_2:
+            assert 2 in again.participants(t)  # lineage stays
+            with pytest.raises(HistoryError, match="client 2 was purged"):
+                again.update(t, 2)
+        with pytest.raises(HistoryError, match="purged"):
+            again.running_sum(2)
+        for t, ups in keep.items():
+            for k, upd in ups.items():
+                assert max_diff(again.update(t, k), upd) == 0.0
+        for k, s in sums.items():
+            assert max_diff(again.running_sum(k), s) == 0.0
+    meta = json.loads((store.path / manifest["round_meta"]["1"]).read_text())
+    assert meta["purged"] == [2] and meta["participants"] == [0, 1, 2, 3]
+
+    before = snapshot(store.path)
+    for bad in ([9], [1, 9], [2]):
+        with pytest.raises(HistoryError, match="cannot purge"):
+            store.purge_clients(bad)
+        assert snapshot(store.path) == before
+    assert store.clients() == [0, 1, 3]
+
+
+def test_record_round_rejects_bad_input(tmp_path: Path) -> None:
+    rounds, _ = make_run()
+    store = HistoryStore.create(tmp_path / "h")
+    before = snapshot(store.path)
+    args = {k: v for k, v in rounds[0].items() if k != "round"}
+
+    def bad(round: int = 1, **changes: object) -> pytest.ExceptionInfo[HistoryError]:
+        with pytest.raises(HistoryError) as err:
+            store.record_round(round, **{**args, **changes})
+        assert "\n" not in str(err.value)
+        return err
+
+    assert "next is 1" in str(bad(round=2).value)
+    updates = {k: dict(u) for k, u in args["updates"].items()}
+    del updates[1]["conv.bias"]
+    assert "'conv.bias'" in str(bad(updates=updates).value)
+    updates = {k: dict(u) for k, u in args["updates"].items()}
+    updates[3]["fc.weight"] = np.zeros((3, 3), np.float32)
+    assert "'fc.weight'" in str(bad(updates=updates).value)
+    updates = {k: dict(u) for k, u in args["updates"].items()}
+    updates[0]["bn.num_batches_tracked"] = np.array(1, np.int64)
+    assert "'bn.num_batches_tracked'" in str(bad(updates=updates).value)
+    bad(participants=[0, 1, 1, 3])
+    bad(weights=[0.5, 0.5, 0.5, 0.5])
+    bad(updates={k: u for k, u in args["updates"].items() if k != 0})
+    assert store.rounds() == [] and snapshot(store.path) == before
+
+    store.record_round(1, **args)
+    later = {k: v for k, v in rounds[1].items() if k != "round"}
+    with pytest.raises(HistoryError, match="'conv.bias'"):
+        store.record_round(2, **{**later, "global_model": {
+            **later["global_model"], "conv.bias": np.zeros(7, np.float32)}})
+    with pytest.raises(HistoryError, match="next is 2"):
+        store.record_round(1, **args)
+    assert store.rounds() == [1]
+
+
+def test_crash_before_the_manifest_leaves_the_previous_state(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rounds, _ = make_run()
+    store = HistoryStore.create(tmp_path / "h")
+    for kwargs in rounds[:2]:
+        store.record_round(kwargs.pop("round"), **kwargs)
+    sums = {k: store.running_sum(k) for k in store.clients()}
+
+    def crash(self: HistoryStore, manifest: dict) -> None:
+        raise OSError("power cut")
+
+    monkeypatch.setattr(HistoryStore, "_commit", crash)
+    with pytest.raises(OSError, match="power cut"):
+        store.record_round(3, **{k: v for k, v in rounds[2].items() if k != "round"})
+    monkeypatch.undo()
+    again = HistoryStore.open(store.path)  # new files were written, but under fresh names
+    assert again.rounds() == store.rounds() == [1, 2]
+    for k, s in sums.items():
+        assert max_diff(again.running_sum(k), s) == 0.0
+        assert max_diff(store.running_sum(k), s) == 0.0
