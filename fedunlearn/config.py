@@ -196,6 +196,9 @@ class EngineSection:
         local Ray instance (default).
     pull_interval : float
         Seconds between the server's polls for replies (Flower's default is 0.1).
+    dispatch_interval : float
+        Seconds between the engine's sweeps for new messages to hand to Ray actors
+        (Flower's built-in value is 0.1; see ``federation/dispatch.py``).
     verbose : bool
         Show Flower's and Ray's own logs (default false).
     """
@@ -204,12 +207,14 @@ class EngineSection:
     num_gpus: float = 0.0
     address: str = ""
     pull_interval: float = 0.01
+    dispatch_interval: float = 0.02
     verbose: bool = False
 
     def __post_init__(self) -> None:
         _check(self.num_cpus > 0, "engine.num_cpus", "must be > 0")
         _check(self.num_gpus >= 0, "engine.num_gpus", "must be >= 0")
         _check(self.pull_interval > 0, "engine.pull_interval", "must be > 0")
+        _check(self.dispatch_interval > 0, "engine.dispatch_interval", "must be > 0")
 
 
 @dataclass(frozen=True)

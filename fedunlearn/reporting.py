@@ -56,8 +56,8 @@ def training_summary(results: dict[str, Any], out: Path) -> str:
     rounds = tr["rounds"]
     lines = [
         f"experiment     {results['config']['experiment']['name']} (seed {results['seed']})",
-        f"engine         {tr['engine']}  ({len(rounds)} rounds, {tr['messages_sent']} messages, "
-        f"{tr['wall_s']:.1f}s)",
+        (f"engine         {tr['engine']}  ({len(rounds)} rounds, {tr['messages_sent']} "
+         f"messages, {tr['wall_s']:.1f}s)"),
         f"test accuracy  {tr['final_test_accuracy']:.4f}",
         f"history        {tr['history_bytes'] / 1e6:.2f} MB in {out / 'history'}",
         f"results        {out / 'results.json'}",

@@ -35,7 +35,7 @@ def sample_participants(seed: int, server_round: int, num_clients: int, fraction
     >>> sample_participants(0, 1, 4, 1.0, exclude={2})
     [0, 1, 3]
     """
-    m = max(1, int(round(fraction * num_clients)))
+    m = max(1, round(fraction * num_clients))
     rng = np.random.default_rng(derive_seed(seed, server_round, 0x5A3D))
     chosen = sorted(int(c) for c in rng.choice(num_clients, size=m, replace=False))
     return [c for c in chosen if c not in exclude]

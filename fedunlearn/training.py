@@ -121,7 +121,7 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: LocalTraining, *
     gen = torch.Generator().manual_seed(seed)
     ctx = StepContext(global_params=[p.detach().clone() for p in model.parameters()])
     batches_per_epoch = max(1, -(-n // spec.batch_size))
-    total_batches = int(round(spec.epochs * batches_per_epoch))
+    total_batches = round(spec.epochs * batches_per_epoch)
     losses: list[float] = []
     done = 0
     epoch = 0

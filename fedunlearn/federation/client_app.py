@@ -17,7 +17,14 @@ from flwr.clientapp import ClientApp
 
 from fedunlearn.federation.local import client_train, device, model_for, runtime
 from fedunlearn.federation.messages import (
-    ARRAYS, CONFIG, JOB, METRICS, NUM_EXAMPLES, PARTITION, from_record, to_record,
+    ARRAYS,
+    CONFIG,
+    JOB,
+    METRICS,
+    NUM_EXAMPLES,
+    PARTITION,
+    from_record,
+    to_record,
 )
 from fedunlearn.params import set_params
 from fedunlearn.training import evaluate as evaluate_model

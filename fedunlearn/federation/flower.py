@@ -18,13 +18,24 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedunlearn.config import Config
+from fedunlearn.federation import dispatch
 from fedunlearn.federation.client_app import app as client_app
 from fedunlearn.federation.messages import (
-    ARRAYS, CONFIG, JOB, METRICS, NUM_EXAMPLES, from_record, job_json, to_record,
+    ARRAYS,
+    CONFIG,
+    JOB,
+    METRICS,
+    NUM_EXAMPLES,
+    from_record,
+    job_json,
+    to_record,
 )
 from fedunlearn.federation.port import ClientResult, RoundListener, TrainingRun
 from fedunlearn.federation.strategy import (
-    STRATEGIES, RecordingStrategy, check_replies, partition_of,
+    STRATEGIES,
+    RecordingStrategy,
+    check_replies,
+    partition_of,
 )
 from fedunlearn.federation.tracking import Evaluator, FedAvgTracker
 from fedunlearn.params import Params
@@ -152,6 +163,7 @@ def run_on_flower(cfg: Config, job: Callable[[FlowerFederation], T], evaluate: E
         holder["result"] = job(FlowerFederation(grid, cfg, evaluate))
 
     _quiet(cfg.engine.verbose)
+    dispatch.install(cfg.engine.dispatch_interval)
     t0 = time.perf_counter()
     run_simulation(server_app=server_app, client_app=client_app,
                    num_supernodes=cfg.data.num_clients, backend_config=backend_config(cfg),

@@ -27,7 +27,19 @@ def runtime(job: str) -> tuple[Config, FederatedData]:
     cfg = from_dict(json.loads(job))
     load_extensions(cfg.experiment.extensions)
     torch.set_num_threads(max(1, int(cfg.engine.num_cpus)))
-    return cfg, build_federated_data(cfg)
+    data = build_federated_data(cfg)
+    _warm_up(cfg, data)
+    return cfg, data
+
+
+def _warm_up(cfg: Config, data: FederatedData) -> None:
+    """One throw-away training step, so torch's one-off start-up cost (autograd engine, kernels,
+    thread pools; about a second) is paid when the process starts, not in the first round."""
+    model = build_model(cfg.model.name, data.input_shape, data.num_classes, seed=0,
+                        **cfg.model.params)
+    local = next(d for d in data.clients if len(d))
+    n = min(len(local), cfg.training.batch_size)
+    train(model, local.x[:n], local.y[:n], local_training(cfg, 1.0), seed=0, device=device(cfg))
 
 
 _MODELS: dict[str, nn.Module] = {}

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Create .venv (if absent) and install fedunlearn with its test tools. Safe to rerun.
+#
+# torch: when none is installed, a GPU machine (nvidia-smi lists a GPU) gets pip's default
+# (CUDA) build; any other machine gets the CPU build torch==2.13.0 (set FEDUNLEARN_TORCH_INDEX,
+# e.g. to PyTorch's CPU wheel index, where PyPI's wheel is a CUDA build). A torch you installed
+# yourself into .venv is kept: the project only asks for torch>=2.2.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $($PYTHON --version 2>&1)"
+  "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "[setup] GPU found: installing pip's default torch build"
+    "${PIP[@]}" install "torch>=2.2"
+  else
+    echo "[setup] no GPU: installing the CPU build torch==2.13.0"
+    "${PIP[@]}" install "torch==2.13.0" ${FEDUNLEARN_TORCH_INDEX:+--index-url "$FEDUNLEARN_TORCH_INDEX" --extra-index-url https://pypi.org/simple}
+  fi
+fi
+
+stamp=.venv/.fedunlearn-setup
+want="$(cat pyproject.toml | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "[setup] installing fedunlearn and its dependencies (first time: about 1-2 minutes)"
+  "${PIP[@]}" install -e ".[dev]"
+  echo "$want" > "$stamp"
+fi
