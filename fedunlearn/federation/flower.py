@@ -116,7 +116,8 @@ class FlowerFederation:
 
         result = strategy.start(grid=self.grid, initial_arrays=to_record(initial),
                                 num_rounds=t.rounds, timeout=TIMEOUT_S,
-                                train_config=self._config(), evaluate_fn=evaluate_fn)
+                                train_config=self._config(), evaluate_config=self._config(),
+                                evaluate_fn=evaluate_fn)
         self.messages_sent += strategy.messages_sent
         final = from_record(result.arrays) if len(result.arrays) else dict(initial)
         run = tracker.finish(final, strategy.messages_sent)

@@ -80,8 +80,9 @@ def check_replies(replies: Iterable[Message]) -> list[Message]:
     out = list(replies)
     for msg in out:
         if msg.has_error():
-            raise ClientFailure(f"client node {msg.metadata.src_node_id} failed: "
-                                f"{msg.error.reason}")
+            lines = [ln.strip() for ln in msg.error.reason.splitlines() if ln.strip()]
+            raise ClientFailure(f"a client failed ({lines[-1] if lines else 'no reason'}); "
+                                "rerun with --set engine.verbose=true for its traceback")
     return out
 
 
