@@ -1,4 +1,10 @@
-"""Command line: ``fedunlearn run CONFIG.toml [--set section.key=value ...] [--out DIR]``."""
+"""Command line.
+
+``fedunlearn run CONFIG.toml [--set section.key=value ...] [--out DIR]``
+    train on Flower + Ray, keep the history, serve the configured removal requests;
+``fedunlearn lineage RUN_DIR --client K``
+    which models were trained with client K's data, and when it was removed.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedunlearn.config import ConfigError, load_config
+from fedunlearn.history import HistoryError
+from fedunlearn.unlearning.service import RequestError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -18,7 +26,25 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     run.add_argument("--out", type=Path, default=None, help="run directory (default runs/NAME-TIME)")
+    lin = sub.add_parser("lineage", help="which models saw a client's data; when was it removed")
+    lin.add_argument("run_dir", type=Path)
+    lin.add_argument("--client", type=int, required=True)
+    lin.add_argument("--json", action="store_true", help="print the answer as JSON")
     return p
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    import json
+
+    from fedunlearn.lineage import LineageLog, client_lineage, format_client_lineage
+
+    log = LineageLog(args.run_dir)
+    if not log.path.exists():
+        raise ConfigError(f"no lineage log at '{log.path}'; pass a run directory written by "
+                          "`fedunlearn run`")
+    info = client_lineage(log.read(), args.client)
+    print(json.dumps(info, indent=2) if args.json else format_client_lineage(info))
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -38,7 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
-    except ConfigError as exc:
+        if args.command == "lineage":
+            return cmd_lineage(args)
+    except (ConfigError, HistoryError, RequestError) as exc:
         print(f"fedunlearn: error: {exc}", file=sys.stderr)
         return 2
     return 1

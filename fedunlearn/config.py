@@ -239,6 +239,47 @@ class HistorySection:
 
 
 @dataclass(frozen=True)
+class UnlearningSection:
+    """``[unlearning]``: removal requests and the methods that serve them.
+
+    Attributes
+    ----------
+    requests : list of list of int
+        Removal requests served in order; each lists the client ids to forget together
+        (default none: training only). Each request starts from the model the previous one
+        left, per method.
+    methods : list of str
+        Registered methods to compare (default ``["retrain", "federaser", "fedaccum",
+        "distillation"]``). ``retrain`` is always run first: it is the reference.
+    purge : bool
+        After a request, delete the targets' stored updates and running sums (default true).
+    params : dict
+        Hyperparameters per method, e.g. ``[unlearning.params.federaser] r = 0.5``.
+    """
+
+    requests: list[list[int]] = field(default_factory=list)
+    methods: list[str] = field(default_factory=lambda: ["retrain", "federaser", "fedaccum",
+                                                        "distillation"])
+    purge: bool = True
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        seen: set[int] = set()
+        for i, request in enumerate(self.requests):
+            _check(bool(request), "unlearning.requests", f"entry {i} is empty")
+            again = sorted(seen & set(request))
+            _check(not again, "unlearning.requests",
+                   f"entry {i} asks again for clients {again}, already removed by an earlier "
+                   "request")
+            seen |= set(request)
+        _check(len(set(self.methods)) == len(self.methods), "unlearning.methods",
+               "lists a method twice")
+        stray = sorted(set(self.params) - set(self.methods))
+        _check(not stray, "unlearning.params", f"has parameters for methods {stray} that are "
+               "not in unlearning.methods")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole experiment: one frozen tree, one section per TOML table."""
 
@@ -249,11 +290,18 @@ class Config:
     training: TrainingSection = field(default_factory=TrainingSection)
     engine: EngineSection = field(default_factory=EngineSection)
     history: HistorySection = field(default_factory=HistorySection)
+    unlearning: UnlearningSection = field(default_factory=UnlearningSection)
 
     def __post_init__(self) -> None:
         k = self.data.num_clients
         bad = [c for c in self.backdoor.clients if not 0 <= c < k]
         _check(not bad, "backdoor.clients", f"ids {bad} are not clients; use ids in 0..{k - 1}")
+        asked = sorted({c for r in self.unlearning.requests for c in r})
+        bad = [c for c in asked if not 0 <= c < k]
+        _check(not bad, "unlearning.requests", f"ids {bad} are not clients; use ids in "
+               f"0..{k - 1}")
+        _check(len(asked) < k, "unlearning.requests", "would remove every client; keep at "
+               "least one")
 
     @property
     def seed(self) -> int:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from fedunlearn.aggregation import difference
 from fedunlearn.config import Config, ConfigError
@@ -20,10 +20,12 @@ from fedunlearn.data.sources import SOURCES
 from fedunlearn.extensions import load_extensions
 from fedunlearn.federation.port import Federation, RoundReport, RoundSummary, TrainingRun
 from fedunlearn.history import HistoryStore
+from fedunlearn.lineage import LineageLog, params_hash
 from fedunlearn.models import MODELS, build_model
 from fedunlearn.params import Params, get_params, set_params
 from fedunlearn.registry import Registry
-from fedunlearn.training import OPTIMIZERS, TRAIN_STEPS, evaluate
+from fedunlearn.seeding import sample_participants
+from fedunlearn.training import OPTIMIZERS, TRAIN_STEPS, evaluate, predict_proba
 
 
 def _resolve(registry: Registry[object] | dict[str, object], key: str, name: str) -> None:
@@ -42,6 +44,10 @@ def validate_names(cfg: Config) -> None:
     _resolve(TRAIN_STEPS, "training.step", cfg.training.step)  # type: ignore[arg-type]
     _resolve(OPTIMIZERS, "training.optimizer", cfg.training.optimizer)  # type: ignore[arg-type]
     _resolve(STRATEGIES, "training.strategy", cfg.training.strategy)  # type: ignore[arg-type]
+    if cfg.unlearning.requests:
+        from fedunlearn.unlearning.service import build_methods
+
+        build_methods(cfg)
 
 
 @dataclass
@@ -51,6 +57,23 @@ class Setup:
     cfg: Config
     data: FederatedData
     initial: Params
+
+    def build_model(self) -> Any:
+        """A fresh model of the experiment's architecture (initial weights)."""
+        return build_model(self.cfg.model.name, self.data.input_shape, self.data.num_classes,
+                           seed=self.cfg.seed, **self.cfg.model.params)
+
+    def predictor(self) -> Callable[[Params], Callable[[Any], Any]]:
+        """``predictor(params)(x)`` gives class probabilities of a model with ``params``."""
+        model = self.build_model()
+
+        def bind(params: Params) -> Callable[[Any], Any]:
+            def predict(x: Any) -> Any:
+                set_params(model, params)
+                return predict_proba(model, x)
+            return predict
+
+        return bind
 
     def evaluator(self) -> Callable[[Params], dict[str, float]]:
         """Server-side evaluation of a global model on the test split."""
@@ -82,7 +105,24 @@ def prepare(cfg: Config) -> Setup:
                             **cfg.model.params)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"config [model]: {exc}") from None
+    _check_requests_against_sampling(cfg)
     return Setup(cfg=cfg, data=data, initial=get_params(model))
+
+
+def _check_requests_against_sampling(cfg: Config) -> None:
+    """Participation is decided by the seeded sampler, so a request for a client that will
+    never take part is refused before training starts."""
+    t = cfg.training
+    asked = {c for r in cfg.unlearning.requests for c in r}
+    if not asked:
+        return
+    sampled = {c for r in range(1, t.rounds + 1)
+               for c in sample_participants(cfg.seed, r, cfg.data.num_clients, t.sample_fraction)}
+    never = sorted(asked - sampled)
+    if never:
+        raise ConfigError(f"config key 'unlearning.requests' names clients {never}, which are "
+                          "never sampled for training with this seed and sample_fraction; "
+                          "remove them from the requests")
 
 
 class HistoryRecorder:
@@ -100,6 +140,24 @@ class HistoryRecorder:
 
     def round_evaluated(self, server_round: int, model: Params, summary: RoundSummary) -> None:
         pass
+
+
+class LineageRecorder:
+    """Round listener appending each round's participants, update hashes and model hash."""
+
+    def __init__(self, log: LineageLog) -> None:
+        self.log = log
+        self._pending: dict[str, Any] = {}
+
+    def round_aggregated(self, report: RoundReport) -> None:
+        self._pending = {"participants": list(report.participants),
+                         "update_hashes": {str(p): params_hash(difference(m, report.global_model))
+                                           for p, m in report.client_models.items()}}
+
+    def round_evaluated(self, server_round: int, model: Params, summary: RoundSummary) -> None:
+        pending = self._pending or {"participants": [], "update_hashes": {}}
+        self.log.append("round", round=server_round, model_hash=params_hash(model), **pending)
+        self._pending = {}
 
 
 class Progress:
@@ -136,15 +194,21 @@ class Listeners:
 
 
 def train_federation(fed: Federation, setup: Setup, store: HistoryStore,
-                     *, progress: bool = True) -> TrainingRun:
-    """Train the federation once, recording every round into ``store``."""
+                     *, progress: bool = True, lineage: LineageLog | None = None) -> TrainingRun:
+    """Train the federation once, recording every round into ``store`` (and ``lineage``)."""
     listeners: list[object] = [HistoryRecorder(store)]
+    if lineage is not None:
+        listeners.append(LineageRecorder(lineage))
     if progress:
         listeners.append(Progress(setup.cfg.training.rounds))
     t0 = time.perf_counter()
     run = fed.fedavg(setup.initial, listener=Listeners(*listeners))
     store.record_final(run.final)
     run.wall_s = time.perf_counter() - t0
+    if lineage is not None:
+        lineage.append("model", kind="trained", method="fedavg", model_hash=params_hash(run.final),
+                       trained_with=sorted({p for r in run.rounds for p in r.participants}),
+                       exact=True)
     return run
 
 

@@ -63,3 +63,21 @@ def training_summary(results: dict[str, Any], out: Path) -> str:
         f"results        {out / 'results.json'}",
     ]
     return "\n".join(lines)
+
+
+def comparison_table(rows: list[dict[str, Any]]) -> str:
+    """The removal comparison as a fixed-width text table, one row per request and method."""
+    metric_names = [m for m in ("test_accuracy", "retain_accuracy", "forget_accuracy",
+                                "backdoor_asr") if any(m in r["metrics"] for r in rows)]
+    short = {"test_accuracy": "test", "retain_accuracy": "retain", "forget_accuracy": "forget",
+             "backdoor_asr": "ASR"}
+    head = (f"{'request':<10}{'method':<14}" + "".join(f"{short[m]:>8}" for m in metric_names)
+            + f"{'wall s':>9}{'speedup':>9}{'cl.epochs':>10}{'rounds':>7}{'msgs':>6}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        speed = f"{r['speedup_vs_retrain']:.1f}x" if r["speedup_vs_retrain"] else "-"
+        lines.append(f"{r['request']!s:<10}{r['method']:<14}"
+                     + "".join(f"{r['metrics'].get(m, float('nan')):>8.3f}" for m in metric_names)
+                     + f"{r['wall_s']:>9.2f}{speed:>9}{r['client_epochs']:>10.1f}"
+                     f"{r['rounds']:>7}{r['messages_sent']:>6}")
+    return "\n".join(lines)

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
 from fedunlearn.config import Config
 from fedunlearn.experiment import prepare, train_federation
 from fedunlearn.federation.flower import FlowerFederation, run_on_flower
+from fedunlearn.federation.local import warm_up
 from fedunlearn.history import HistoryStore
-from fedunlearn.reporting import stamp, training_block, training_summary, write_json
+from fedunlearn.lineage import LineageLog
+from fedunlearn.reporting import (
+    comparison_table,
+    stamp,
+    training_block,
+    training_summary,
+    write_json,
+)
 from fedunlearn.seeding import seed_everything
+from fedunlearn.unlearning.service import serve_requests
 
 ENGINE = "flower-ray"
 
@@ -19,16 +30,32 @@ def run_experiment(cfg: Config, out: Path, *, quiet: bool = False) -> dict[str, 
     """Train ``cfg`` through Flower + Ray into ``out``; return the results dict."""
     seed_everything(cfg.seed)
     setup = prepare(cfg)
+    warm_up(cfg, setup.data)  # torch's one-off start-up, paid here as in every client process
     store = HistoryStore.create(out / "history", retention_interval=cfg.history.retention_interval,
                                 update_dtype=cfg.history.dtype)
 
+    lineage = LineageLog(out)
+
     def job(fed: FlowerFederation) -> dict[str, Any]:
-        run = train_federation(fed, setup, store, progress=not quiet)
-        return {"training": training_block(run, engine=ENGINE, history_bytes=store.bytes_used())}
+        run = train_federation(fed, setup, store, progress=not quiet, lineage=lineage)
+        body: dict[str, Any] = {
+            "training": training_block(run, engine=ENGINE, history_bytes=store.bytes_used())}
+        if cfg.unlearning.requests:
+            served = serve_requests(cfg, data=setup.data, trained=run.final,
+                                    initial=setup.initial, store=store, federation=fed,
+                                    lineage=lineage, build_model=setup.build_model,
+                                    predictor=setup.predictor(),
+                                    stream=None if quiet else sys.stderr)
+            body["unlearning"] = [dataclasses.asdict(r) for r in served.rows]
+            body["purges"] = served.purges
+            body["history_bytes_after_purge"] = store.bytes_used()
+        return body
 
     body = run_on_flower(cfg, job, setup.evaluator())
     results = {**stamp(cfg), **body}
     write_json(out / "results.json", results)
     if not quiet:
         print(training_summary(results, out))
+        if "unlearning" in results:
+            print(comparison_table(results["unlearning"]))
     return results

@@ -12,8 +12,8 @@ import textwrap
 
 import numpy as np
 import pytest
-
 from conftest import max_abs_diff, small_config
+
 from fedunlearn.aggregation import apply_update
 from fedunlearn.experiment import prepare, train_federation
 from fedunlearn.federation.inprocess import InProcessFederation
@@ -46,7 +46,7 @@ def flower_runs(tmp_path_factory):
 
 @pytest.mark.flower
 def test_flower_run_writes_results_and_history(flower_runs):
-    cfg, outs, _ = flower_runs
+    _, outs, _ = flower_runs
     results = json.loads((outs[0] / "results.json").read_text())
     tr = results["training"]
     assert tr["engine"] == "flower-ray"

@@ -28,11 +28,11 @@ def runtime(job: str) -> tuple[Config, FederatedData]:
     load_extensions(cfg.experiment.extensions)
     torch.set_num_threads(max(1, int(cfg.engine.num_cpus)))
     data = build_federated_data(cfg)
-    _warm_up(cfg, data)
+    warm_up(cfg, data)
     return cfg, data
 
 
-def _warm_up(cfg: Config, data: FederatedData) -> None:
+def warm_up(cfg: Config, data: FederatedData) -> None:
     """One throw-away training step, so torch's one-off start-up cost (autograd engine, kernels,
     thread pools; about a second) is paid when the process starts, not in the first round."""
     model = build_model(cfg.model.name, data.input_shape, data.num_classes, seed=0,

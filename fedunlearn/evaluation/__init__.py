@@ -1,0 +1,1 @@
+"""Verification metrics: did the model forget, and at what cost."""

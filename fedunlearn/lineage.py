@@ -1,0 +1,103 @@
+"""The lineage log: an append-only record of which data shaped which model, and its removal.
+
+``RUN_DIR/lineage.jsonl`` gets one JSON object per line, never rewritten:
+
+* ``round``: a training round's participants, the hash of each participant's update and of the
+  global model the round produced;
+* ``model``: a model that was produced (the trained model, each unlearned model) with the
+  clients whose data it was trained with (directly or through stored updates) and the method;
+* ``request``: who asked to be removed; ``purge``: what was deleted from the history store.
+
+:func:`client_lineage` answers "which models were ever trained with client k's data, and when
+was it removed?" (also ``fedunlearn lineage RUN_DIR --client k``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FILENAME = "lineage.jsonl"
+
+
+def params_hash(params: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of the arrays, in order."""
+    h = hashlib.sha256()
+    for name, array in params.items():
+        a = np.ascontiguousarray(array)
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+class LineageLog:
+    """Append-only JSON-lines log in a run directory."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / FILENAME
+
+    def append(self, event: str, **fields: Any) -> None:
+        """Append one event (flushed and fsynced)."""
+        record = {"event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  **fields}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read(self) -> list[dict[str, Any]]:
+        """All events in order (empty if the log does not exist)."""
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+
+def client_lineage(events: list[dict[str, Any]], client: int) -> dict[str, Any]:
+    """What the log says about ``client``: rounds it shaped, models trained with its data,
+    and its removal request and purge."""
+    rounds = [e["round"] for e in events if e["event"] == "round"
+              and client in e["participants"]]
+    keys = ("model_hash", "kind", "method", "request", "round", "time", "exact")
+    # every global model from the client's first round on carries its data
+    models = [{**{k: e[k] for k in keys if k in e}, "kind": "global"} for e in events
+              if e["event"] == "round" and rounds and e["round"] >= rounds[0]]
+    models += [{k: e[k] for k in keys if k in e}
+               for e in events if e["event"] == "model" and client in e["trained_with"]]
+    free = [{k: e[k] for k in keys if k in e} for e in events if e["event"] == "model" and client in e.get("forgot", [])]
+    requests = [e for e in events if e["event"] == "request" and client in e["clients"]]
+    purges = [e for e in events if e["event"] == "purge" and client in e["clients"]]
+    return {"client": client, "rounds": rounds, "models_trained_with_data": models,
+            "removal_request": requests[0] if requests else None,
+            "models_after_removal": free, "purge": purges[0] if purges else None}
+
+
+def format_client_lineage(info: dict[str, Any]) -> str:
+    """Human-readable answer for the command line."""
+    c = info["client"]
+    lines = [f"client {c} took part in rounds: {info['rounds'] or 'none'}"]
+    lines.append(f"models trained with client {c}'s data ({len(info['models_trained_with_data'])}):")
+    lines += [f"  {m['model_hash'][:12]}  {m['kind']:<7} "
+              f"{'round ' + str(m['round']) if 'round' in m else m.get('method', '')}  {m['time']}"
+              for m in info["models_trained_with_data"]]
+    req = info["removal_request"]
+    if req is None:
+        lines.append(f"client {c} has not asked to be removed")
+    else:
+        lines.append(f"removal requested: request {req['request']} at {req['time']} "
+                     f"(clients {req['clients']})")
+        lines += [f"  served by {m.get('method')}: model {m['model_hash'][:12]} at {m['time']}"
+                  f" ({'exact' if m.get('exact') else 'approximate'} removal)"
+                  for m in info["models_after_removal"]]
+    purge = info["purge"]
+    if purge is not None:
+        lines.append(f"stored updates purged at {purge['time']}: {purge['files_removed']} files, "
+                     f"{purge['bytes_freed']} bytes freed")
+    return "\n".join(lines)

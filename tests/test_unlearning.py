@@ -1,0 +1,197 @@
+"""Removal requests: the protocol every method implements, retraining as the reference, purge,
+lineage, and the whole pipeline through Flower."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+from conftest import max_abs_diff, small_config
+
+from fedunlearn.config import ConfigError
+from fedunlearn.experiment import prepare, train_federation
+from fedunlearn.federation.inprocess import InProcessFederation, flower_average
+from fedunlearn.federation.local import client_train
+from fedunlearn.federation.messages import job_json
+from fedunlearn.history import HistoryStore
+from fedunlearn.lineage import LineageLog, client_lineage, params_hash
+from fedunlearn.runner import run_experiment
+from fedunlearn.seeding import sample_participants
+from fedunlearn.unlearning import UNLEARNERS, UnlearningContext, UnlearningResult
+from fedunlearn.unlearning.service import RequestError, build_methods, serve_requests
+
+UNLEARN_CFG = ["data.num_clients=5", "training.rounds=4", "training.local_epochs=3",
+               "training.learning_rate=0.2", "training.momentum=0.5",
+               "history.retention_interval=2", "data.server_fraction=0.1"]
+
+
+class Spy:
+    """A federation that records who was asked to do what, and delegates."""
+
+    def __init__(self, inner: InProcessFederation) -> None:
+        self.inner = inner
+        self.num_clients = inner.num_clients
+        self.trained: list[int] = []
+        self.excluded: list[frozenset[int]] = []
+
+    @property
+    def messages_sent(self) -> int:
+        return self.inner.messages_sent
+
+    def fedavg(self, initial, *, exclude=frozenset(), listener=None):
+        self.excluded.append(frozenset(exclude))
+        for r in range(1, self.inner.cfg.training.rounds + 1):
+            self.trained += sample_participants(self.inner.cfg.seed, r, self.num_clients,
+                                                self.inner.cfg.training.sample_fraction,
+                                                set(exclude))
+        return self.inner.fedavg(initial, exclude=exclude, listener=listener)
+
+    def train_clients(self, model, clients: Sequence[int], **kw):
+        self.trained += list(clients)
+        return self.inner.train_clients(model, clients, **kw)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    cfg = small_config(*UNLEARN_CFG)
+    setup = prepare(cfg)
+    fed = InProcessFederation(cfg, setup.evaluator())
+    store = HistoryStore.create(tmp_path_factory.mktemp("u") / "history", retention_interval=2)
+    run = train_federation(fed, setup, store, progress=False)
+    return cfg, setup, fed, store, run
+
+
+def context(trained, targets=(1,), federation=None) -> UnlearningContext:
+    cfg, setup, fed, store, run = trained
+    return UnlearningContext(cfg=cfg, targets=targets, removed=frozenset(targets),
+                             model=run.final, initial=setup.initial, history=store,
+                             federation=federation or fed, data=setup.data,
+                             build_model=setup.build_model, seed=7)
+
+
+FEDERATED = [n for n in UNLEARNERS.names() if UNLEARNERS.get(n).setting == "federated"]
+
+
+def test_every_built_in_federated_method_is_registered():
+    assert {"retrain", "federaser", "fedaccum", "distillation"} <= set(FEDERATED)
+
+
+@pytest.mark.parametrize("name", FEDERATED)
+def test_protocol_conformance(name, trained):
+    _, setup, fed, store, run = trained
+    before = {k: v.copy() for k, v in run.final.items()}
+    files_before = sorted((p.name, p.stat().st_size) for p in store.path.rglob("*"))
+    spy = Spy(fed)
+    ctx = context(trained, targets=(1,), federation=spy)
+    result = UNLEARNERS.get(name)().unlearn(ctx)
+    assert isinstance(result, UnlearningResult)
+    assert result.model is not None
+    assert list(result.model) == list(run.final)
+    for k, v in result.model.items():
+        assert v.shape == run.final[k].shape and v.dtype == run.final[k].dtype
+        assert np.all(np.isfinite(v))
+    c = result.cost
+    assert c.client_epochs >= 0 and c.rounds >= 0 and c.messages_sent >= 0
+    # the trained run is untouched: model, stored files, and the store still verifies
+    assert max_abs_diff(run.final, before) == 0.0
+    assert sorted((p.name, p.stat().st_size) for p in store.path.rglob("*")) == files_before
+    HistoryStore.open(store.path)
+    # the target is never asked to do anything
+    assert 1 not in spy.trained
+    assert all(1 in ex for ex in spy.excluded)
+    assert setup.evaluator()(result.model)["accuracy"] > 0.5
+
+
+def test_retrain_through_the_port_equals_fedavg_without_the_target(trained):
+    cfg, setup, _, _, run = trained
+    result = UNLEARNERS.get("retrain")().unlearn(context(trained, targets=(1,)))
+    # an independent FedAvg loop over the original sampling minus client 1
+    job, model = job_json(cfg), dict(setup.initial)
+    for r in range(1, cfg.training.rounds + 1):
+        pids = sample_participants(cfg.seed, r, 5, cfg.training.sample_fraction, {1})
+        outs = [client_train(job, model, p, server_round=r) for p in pids]
+        model = flower_average([o[0] for o in outs], [o[1] for o in outs])
+    assert max_abs_diff(result.model, model) == 0.0
+    assert max_abs_diff(result.model, run.final) > 1e-3  # and it is a different model
+
+
+def test_requests_and_purge(trained, tmp_path):
+    _, setup, fed, _, _ = trained
+    cfg = small_config(*UNLEARN_CFG, "unlearning.requests=[[2], [3]]",
+                       "unlearning.methods=[\"retrain\", \"fedaccum\"]")
+    store = HistoryStore.create(tmp_path / "history", retention_interval=2)
+    lineage = LineageLog(tmp_path)
+    run = train_federation(fed, setup, store, progress=False, lineage=lineage)
+    bytes_before = store.bytes_used()
+    served = serve_requests(cfg, data=setup.data, trained=run.final, initial=setup.initial,
+                            store=store, federation=fed, lineage=lineage,
+                            build_model=setup.build_model, predictor=setup.predictor(),
+                            stream=None)
+    methods = [(r.request, r.method) for r in served.rows]
+    assert methods == [([2], "original"), ([2], "retrain"), ([2], "fedaccum"),
+                       ([3], "original"), ([3], "retrain"), ([3], "fedaccum")]
+    retrain_rows = [r for r in served.rows if r.method == "retrain"]
+    assert all(r.speedup_vs_retrain == pytest.approx(1.0) for r in retrain_rows)
+    # nothing of clients 2 and 3 remains in the store, and it still verifies
+    reopened = HistoryStore.open(store.path)
+    for client in (2, 3):
+        assert not list(store.path.rglob(f"*client_{client:05d}*"))
+        assert f"client_{client:05d}" not in (store.path / "manifest.json").read_text()
+        assert client not in reopened.clients()
+    freed = sum(p["bytes_freed"] for p in served.purges)
+    assert freed > 0 and freed == bytes_before - reopened.bytes_used()
+    # the lineage log answers the user's question
+    info = client_lineage(lineage.read(), 2)
+    assert info["rounds"] == [t for t in reopened.rounds() if 2 in reopened.participants(t)]
+    assert info["removal_request"]["request"] == 0
+    assert info["purge"]["bytes_freed"] == served.purges[0]["bytes_freed"]
+    assert {m["method"] for m in info["models_after_removal"]} >= {"retrain", "fedaccum"}
+    assert any(m["kind"] == "trained" for m in info["models_trained_with_data"])
+    # a second removal of a purged client is refused and changes nothing
+    with pytest.raises(RequestError, match="never took part"):
+        serve_requests(small_config(*UNLEARN_CFG, "unlearning.requests=[[2]]",
+                                    "unlearning.methods=[\"retrain\"]"),
+                       data=setup.data, trained=run.final, initial=setup.initial, store=store,
+                       federation=fed, lineage=lineage, build_model=setup.build_model,
+                       predictor=setup.predictor(), stream=None)
+    assert store.bytes_used() == reopened.bytes_used()
+
+
+def test_bad_method_names_and_params_fail_before_work():
+    with pytest.raises(ConfigError, match="unknown unlearning method 'fedforget'; known: "):
+        build_methods(small_config("unlearning.requests=[[0]]",
+                                   "unlearning.methods=[\"fedforget\"]"))
+    with pytest.raises(ConfigError, match=r"unknown parameters \['rr'\]; accepted: r"):
+        build_methods(small_config("unlearning.requests=[[0]]",
+                                   "unlearning.methods=[\"federaser\"]",
+                                   "unlearning.params={federaser={rr=1}}"))
+
+
+@pytest.mark.flower
+def test_backdoor_removal_through_flower(tmp_path):
+    extra = ["backdoor.clients=[0]", "backdoor.fraction=0.8", "unlearning.requests=[[0]]",
+             "training.rounds=6", "data.num_clients=5", "history.retention_interval=2",
+             "training.local_epochs=2"]
+    cfg = small_config(*extra)
+    results = run_experiment(cfg, tmp_path / "run", quiet=True)
+    rows = {r["method"]: r for r in results["unlearning"]}
+    assert set(rows) == {"original", "retrain", "federaser", "fedaccum", "distillation"}
+    for r in rows.values():
+        assert set(r["metrics"]) == {"test_accuracy", "retain_accuracy", "forget_accuracy",
+                                     "backdoor_asr"}
+    assert rows["distillation"]["messages_sent"] == 0
+    assert rows["federaser"]["messages_sent"] > 0
+    assert rows["retrain"]["speedup_vs_retrain"] == pytest.approx(1.0)
+    # retraining through Flower is FedAvg without client 0, bit for bit
+    setup = prepare(cfg)
+    plain = InProcessFederation(cfg, setup.evaluator()).fedavg(setup.initial,
+                                                               exclude=frozenset({0}))
+    assert rows["retrain"]["model_hash"] == params_hash(plain.final)
+    # purge: client 0 is gone from the store, which still verifies
+    store = HistoryStore.open(tmp_path / "run" / "history")
+    assert 0 not in store.clients()
+    assert results["purges"][0]["bytes_freed"] > 0
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["unlearning"] == results["unlearning"]
