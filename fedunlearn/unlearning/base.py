@@ -90,7 +90,9 @@ class Cost:
 
     ``client_epochs`` counts local epochs summed over clients; ``rounds`` counts rounds of
     client communication; ``messages_sent`` counts messages to clients (0 means no client was
-    contacted); ``server_epochs`` counts epochs of server-side training (e.g. distillation).
+    contacted); ``server_epochs`` counts epochs of server-side training (e.g. distillation);
+    ``sample_epochs`` counts training samples times epochs (centralized methods, e.g. SISA's
+    retrained slices).
     """
 
     client_epochs: float = 0.0
@@ -111,7 +113,16 @@ class UnlearningResult:
 
 
 class Unlearner(Protocol):
-    """A removal method: ``setting`` plus :meth:`unlearn`."""
+    """A removal method: ``setting`` plus :meth:`unlearn`.
+
+    Centralized methods also define ``fit(ctx) -> self``: it learns the method's own original
+    model on the pooled data of all clients (setting fitted attributes ending in ``_``) and is
+    called once, before the first request, outside the timed removal. ``ctx.targets`` is empty
+    there. Their :class:`UnlearningResult` may carry ``predict_proba`` instead of (or besides)
+    ``model`` when the method's model is not the experiment's network (an ensemble, a linear
+    head); ``details["original_predict_proba"]`` is not needed: the service keeps the fitted
+    method and asks ``predict_proba`` of the result.
+    """
 
     setting: ClassVar[Setting]
 
