@@ -116,12 +116,13 @@ class Unlearner(Protocol):
     """A removal method: ``setting`` plus :meth:`unlearn`.
 
     Centralized methods also define ``fit(ctx) -> self``: it learns the method's own original
-    model on the pooled data of all clients (setting fitted attributes ending in ``_``) and is
-    called once, before the first request, outside the timed removal. ``ctx.targets`` is empty
-    there. Their :class:`UnlearningResult` may carry ``predict_proba`` instead of (or besides)
-    ``model`` when the method's model is not the experiment's network (an ensemble, a linear
-    head); ``details["original_predict_proba"]`` is not needed: the service keeps the fitted
-    method and asks ``predict_proba`` of the result.
+    model on the pooled data of all clients (fitted attributes end in ``_``) and is called
+    once, before the first request, outside the timed removal (``ctx.targets`` is empty there).
+    Their :class:`UnlearningResult` may carry ``predict_proba`` instead of ``model`` when the
+    method's model is not the experiment's network (an ensemble, a linear head), plus
+    ``details["original_predict_proba"]``-free: the service asks the fitted method itself for
+    the original's predictions through ``predict_proba_original(x)`` when it defines one. Each
+    ``unlearn`` continues from the previous removal.
     """
 
     setting: ClassVar[Setting]
