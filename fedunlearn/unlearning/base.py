@@ -119,10 +119,9 @@ class Unlearner(Protocol):
     model on the pooled data of all clients (fitted attributes end in ``_``) and is called
     once, before the first request, outside the timed removal (``ctx.targets`` is empty there).
     Their :class:`UnlearningResult` may carry ``predict_proba`` instead of ``model`` when the
-    method's model is not the experiment's network (an ensemble, a linear head), plus
-    ``details["original_predict_proba"]``-free: the service asks the fitted method itself for
-    the original's predictions through ``predict_proba_original(x)`` when it defines one. Each
-    ``unlearn`` continues from the previous removal.
+    method's model is not the experiment's network (an ensemble, a linear head). After
+    ``fit``, ``predict_proba_original(x)`` gives the fitted (pre-removal) model's predictions,
+    for the setting's "original" row. Each ``unlearn`` continues from the previous removal.
     """
 
     setting: ClassVar[Setting]
