@@ -2,6 +2,12 @@
 
 ``fedunlearn run CONFIG.toml [--set section.key=value ...] [--out DIR]``
     train on Flower + Ray, keep the history, serve the configured removal requests;
+``fedunlearn compare CONFIG.toml [--set ...] [--out DIR]``
+    the same, with the centralized methods (``central_retrain``, ``sisa``, ``sisa_random``,
+    ``newton``) added on the same clients' pooled data: one table for both settings;
+``fedunlearn report RUN_DIR``
+    regenerate ``report.md``, ``metrics.csv`` and the plots from ``RUN_DIR/results.json``
+    (nothing is retrained);
 ``fedunlearn lineage RUN_DIR --client K``
     which models were trained with client K's data, and when it was removed.
 """
@@ -26,6 +32,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     run.add_argument("--out", type=Path, default=None, help="run directory (default runs/NAME-TIME)")
+    cmp_ = sub.add_parser("compare", help="federated vs centralized removal on the same data")
+    cmp_.add_argument("config", help="experiment TOML with [unlearning] requests")
+    cmp_.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    cmp_.add_argument("--out", type=Path, default=None,
+                      help="run directory (default runs/NAME-TIME)")
+    rep = sub.add_parser("report", help="write report.md, metrics.csv and plots of a run")
+    rep.add_argument("run_dir", type=Path)
     lin = sub.add_parser("lineage", help="which models saw a client's data; when was it removed")
     lin.add_argument("run_dir", type=Path)
     lin.add_argument("--client", type=int, required=True)
@@ -47,14 +61,28 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from fedunlearn.experiment import check_out_dir, default_out_dir
+def cmd_run(args: argparse.Namespace, *, compare: bool = False) -> int:
+    from fedunlearn.experiment import check_out_dir, default_out_dir, with_centralized
     from fedunlearn.runner import run_experiment
 
     cfg = load_config(args.config, args.overrides)
+    if compare:
+        cfg = with_centralized(cfg)
     out = args.out or default_out_dir(cfg)
     check_out_dir(out)
     run_experiment(cfg, out)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedunlearn.reporting import comparison_table, read_results, write_report
+
+    results = read_results(args.run_dir)
+    written = write_report(args.run_dir, results)
+    if "unlearning" in results:
+        print(comparison_table(results["unlearning"]))
+    for name, path in written.items():
+        print(f"{name:<15}{path}")
     return 0
 
 
@@ -64,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "compare":
+            return cmd_run(args, compare=True)
+        if args.command == "report":
+            return cmd_report(args)
         if args.command == "lineage":
             return cmd_lineage(args)
     except (ConfigError, HistoryError, RequestError) as exc:

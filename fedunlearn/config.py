@@ -280,6 +280,36 @@ class UnlearningSection:
 
 
 @dataclass(frozen=True)
+class VerificationSection:
+    """``[verification]``: how each removal is checked against retraining.
+
+    Attributes
+    ----------
+    noise_floor : bool
+        Retrain a second time with another seed (per setting) so that every distance to
+        retraining is reported beside the distance between two retrainings (default true).
+    mia_shadows : int
+        Shadow models for the offline LiRA membership attack (default 4; 0 disables LiRA and
+        keeps the loss-threshold attack only).
+    shadow_epochs : float
+        Epochs each shadow model trains on its half of the remaining clients' pooled data
+        (default 20).
+    alpha : float
+        Significance level of the backdoor test "the trigger still works" (default 0.01).
+    """
+
+    noise_floor: bool = True
+    mia_shadows: int = 4
+    shadow_epochs: float = 20.0
+    alpha: float = 0.01
+
+    def __post_init__(self) -> None:
+        _check(self.mia_shadows >= 0, "verification.mia_shadows", "must be >= 0")
+        _check(self.shadow_epochs > 0, "verification.shadow_epochs", "must be > 0")
+        _check(0 < self.alpha < 1, "verification.alpha", "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole experiment: one frozen tree, one section per TOML table."""
 
@@ -291,6 +321,7 @@ class Config:
     engine: EngineSection = field(default_factory=EngineSection)
     history: HistorySection = field(default_factory=HistorySection)
     unlearning: UnlearningSection = field(default_factory=UnlearningSection)
+    verification: VerificationSection = field(default_factory=VerificationSection)
 
     def __post_init__(self) -> None:
         k = self.data.num_clients

@@ -222,3 +222,25 @@ def check_out_dir(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"output directory '{out}' is not empty; nothing was overwritten - "
                           "choose another --out")
+
+
+CENTRALIZED_DEFAULTS = ("central_retrain", "sisa", "sisa_random", "newton")
+
+
+def with_centralized(cfg: Config) -> Config:
+    """The config of ``fedunlearn compare``: the configured methods plus, when none is
+    centralized, the centralized ones of :data:`CENTRALIZED_DEFAULTS`, on the same data."""
+    import dataclasses
+
+    from fedunlearn.unlearning import UNLEARNERS
+
+    load_extensions(cfg.experiment.extensions)
+    if not cfg.unlearning.requests:
+        raise ConfigError("compare needs removal requests: set unlearning.requests, e.g. "
+                          "--set 'unlearning.requests=[[0]]'")
+    methods = list(cfg.unlearning.methods)
+    known = [m for m in methods if m in UNLEARNERS]
+    if not any(getattr(UNLEARNERS.get(m), "setting", "") == "centralized" for m in known):
+        methods += [m for m in CENTRALIZED_DEFAULTS if m not in methods]
+    return dataclasses.replace(cfg, unlearning=dataclasses.replace(cfg.unlearning,
+                                                                   methods=methods))

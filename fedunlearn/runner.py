@@ -19,6 +19,7 @@ from fedunlearn.reporting import (
     training_block,
     training_summary,
     write_json,
+    write_report,
 )
 from fedunlearn.seeding import seed_everything
 from fedunlearn.unlearning.service import serve_requests
@@ -54,8 +55,10 @@ def run_experiment(cfg: Config, out: Path, *, quiet: bool = False) -> dict[str, 
     body = run_on_flower(cfg, job, setup.evaluator())
     results = {**stamp(cfg), **body}
     write_json(out / "results.json", results)
+    written = write_report(out, results)
     if not quiet:
         print(training_summary(results, out))
         if "unlearning" in results:
             print(comparison_table(results["unlearning"]))
+        print(f"report         {written['report']}")
     return results

@@ -18,6 +18,20 @@ def derive_seed(*parts: int) -> int:
                .generate_state(1)[0] & 0x7FFFFFFF)
 
 
+def run_seed(seed: int, variant: int) -> int:
+    """The seed of a FedAvg run: the experiment's for variant 0, a derived one otherwise.
+
+    >>> run_seed(5, 0)
+    5
+    """
+    return seed if variant == 0 else derive_seed(seed, 0xF1A7, variant)
+
+
+def variant_tag(variant: int) -> int:
+    """Seed purpose of local training in a variant run (0, the default, for variant 0)."""
+    return 0 if variant == 0 else 0xF1A70 + variant
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch global generators (called once per process entry point)."""
     random.seed(seed)

@@ -40,13 +40,17 @@ class Spy:
     def messages_sent(self) -> int:
         return self.inner.messages_sent
 
-    def fedavg(self, initial, *, exclude=frozenset(), listener=None):
+    @property
+    def bytes_exchanged(self) -> int:
+        return self.inner.bytes_exchanged
+
+    def fedavg(self, initial, *, exclude=frozenset(), listener=None, variant=0):
         self.excluded.append(frozenset(exclude))
         for r in range(1, self.inner.cfg.training.rounds + 1):
             self.trained += sample_participants(self.inner.cfg.seed, r, self.num_clients,
                                                 self.inner.cfg.training.sample_fraction,
                                                 set(exclude))
-        return self.inner.fedavg(initial, exclude=exclude, listener=listener)
+        return self.inner.fedavg(initial, exclude=exclude, listener=listener, variant=variant)
 
     def train_clients(self, model, clients: Sequence[int], **kw):
         self.trained += list(clients)
@@ -120,7 +124,8 @@ def test_retrain_through_the_port_equals_fedavg_without_the_target(trained):
 def test_requests_and_purge(trained, tmp_path):
     _, setup, fed, _, _ = trained
     cfg = small_config(*UNLEARN_CFG, "unlearning.requests=[[2], [3]]",
-                       "unlearning.methods=[\"retrain\", \"fedaccum\"]")
+                       "unlearning.methods=[\"retrain\", \"fedaccum\"]",
+                       "verification.noise_floor=false", "verification.mia_shadows=0")
     store = HistoryStore.create(tmp_path / "history", retention_interval=2)
     lineage = LineageLog(tmp_path)
     run = train_federation(fed, setup, store, progress=False, lineage=lineage)
@@ -195,3 +200,56 @@ def test_backdoor_removal_through_flower(tmp_path):
     assert results["purges"][0]["bytes_freed"] > 0
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["unlearning"] == results["unlearning"]
+
+
+USER_METHOD = '''
+"""A user's removal method, registered from their own module."""
+import numpy as np
+
+from fedunlearn.unlearning import UNLEARNERS, Cost, UnlearningResult
+
+
+@UNLEARNERS.register("subtract_only")
+class SubtractOnly:
+    """Subtract the targets' stored running sums, nothing else (no client work)."""
+
+    setting = "federated"
+
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale
+
+    def unlearn(self, ctx):
+        model = {k: v.copy() for k, v in ctx.model.items()}
+        for c in ctx.targets:
+            for k, v in ctx.history.running_sum(c).items():
+                if np.issubdtype(model[k].dtype, np.floating):
+                    model[k] = (model[k] - self.scale * v).astype(model[k].dtype)
+        return UnlearningResult(model=model, cost=Cost(), details={"scale": self.scale})
+'''
+
+
+def test_user_method_from_own_module_lands_on_the_table(trained, tmp_path, monkeypatch):
+    (tmp_path / "my_unlearning.py").write_text(USER_METHOD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _, setup, fed, _, _ = trained
+    cfg = small_config(*UNLEARN_CFG, "experiment.extensions=[\"my_unlearning\"]",
+                       "unlearning.requests=[[1]]",
+                       "unlearning.methods=[\"retrain\", \"subtract_only\"]",
+                       "unlearning.params={subtract_only={scale=0.5}}",
+                       "verification.noise_floor=false", "verification.mia_shadows=0")
+    prepare(cfg)  # imports the extension and checks the names, as `fedunlearn run` does
+    store = HistoryStore.create(tmp_path / "history", retention_interval=2)
+    run = train_federation(fed, setup, store, progress=False)
+    expected = {k: v.copy() for k, v in run.final.items()}
+    for k, v in store.running_sum(1).items():
+        expected[k] = (expected[k] - 0.5 * v).astype(expected[k].dtype)
+    served = serve_requests(cfg, data=setup.data, trained=run.final, initial=setup.initial,
+                            store=store, federation=fed, lineage=LineageLog(tmp_path),
+                            build_model=setup.build_model, predictor=setup.predictor(),
+                            stream=None)
+    row = next(r for r in served.rows if r.method == "subtract_only")
+    assert row.role == "method" and row.setting == "federated"
+    assert row.details == {"scale": 0.5}
+    assert row.model_hash == params_hash(expected)
+    assert row.messages_sent == 0 and row.speedup_vs_retrain > 1.0
+    assert {"test_accuracy", "kl_forget", "acc_err", "mia_loss_auc"} <= set(row.metrics)

@@ -26,6 +26,7 @@ from fedunlearn.federation.messages import (
     JOB,
     METRICS,
     NUM_EXAMPLES,
+    array_bytes,
     from_record,
     job_json,
     to_record,
@@ -39,7 +40,7 @@ from fedunlearn.federation.strategy import (
 )
 from fedunlearn.federation.tracking import Evaluator, FedAvgTracker
 from fedunlearn.params import Params
-from fedunlearn.seeding import sample_participants
+from fedunlearn.seeding import run_seed, sample_participants, variant_tag
 
 T = TypeVar("T")
 TIMEOUT_S = 3600.0
@@ -64,6 +65,7 @@ class FlowerFederation:
         self.job = job_json(cfg)
         self.num_clients = cfg.data.num_clients
         self.messages_sent = 0
+        self.bytes_exchanged = 0
         if hasattr(grid, "pull_interval"):  # InMemoryGrid polls every 0.1 s by default
             grid.pull_interval = cfg.engine.pull_interval
         self.node_of: dict[int, int] = {}
@@ -75,7 +77,9 @@ class FlowerFederation:
 
     def _exchange(self, messages: list[Message]) -> list[Message]:
         self.messages_sent += len(messages)
-        return check_replies(self.grid.send_and_receive(messages, timeout=TIMEOUT_S))
+        replies = check_replies(self.grid.send_and_receive(messages, timeout=TIMEOUT_S))
+        self.bytes_exchanged += sum(array_bytes(m.content) for m in [*messages, *replies])
+        return replies
 
     def _discover(self) -> None:
         """Ask every node for its partition id (node ids are random in the engine)."""
@@ -96,15 +100,17 @@ class FlowerFederation:
             raise RuntimeError(f"Flower nodes for partitions {missing} did not answer")
 
     def fedavg(self, initial: Params, *, exclude: frozenset[int] = frozenset(),
-               listener: RoundListener | None = None) -> TrainingRun:
+               listener: RoundListener | None = None, variant: int = 0) -> TrainingRun:
         """Run the configured strategy for ``training.rounds`` rounds via ``Strategy.start``."""
         t = self.cfg.training
         tracker = FedAvgTracker(self.evaluate, listener, t.local_epochs)
         inner = STRATEGIES.get(t.strategy)(evaluate_fraction=t.evaluate_fraction,
                                             **t.strategy_params)
 
+        seed = run_seed(self.cfg.seed, variant)
+
         def sampler(server_round: int) -> list[int]:
-            return sample_participants(self.cfg.seed, server_round, self.num_clients,
+            return sample_participants(seed, server_round, self.num_clients,
                                        t.sample_fraction, set(exclude))
 
         strategy = RecordingStrategy(inner, sampler=sampler, node_of=self.node_of,
@@ -116,12 +122,15 @@ class FlowerFederation:
 
         result = strategy.start(grid=self.grid, initial_arrays=to_record(initial),
                                 num_rounds=t.rounds, timeout=TIMEOUT_S,
-                                train_config=self._config(), evaluate_config=self._config(),
+                                train_config=self._config(tag=variant_tag(variant)),
+                                evaluate_config=self._config(),
                                 evaluate_fn=evaluate_fn)
         self.messages_sent += strategy.messages_sent
+        self.bytes_exchanged += strategy.bytes_exchanged
         final = from_record(result.arrays) if len(result.arrays) else dict(initial)
         run = tracker.finish(final, strategy.messages_sent)
         run.client_seconds = strategy.client_seconds
+        run.bytes_exchanged = strategy.bytes_exchanged
         return run
 
     def train_clients(self, model: Params, clients: Sequence[int], *, epochs: float,

@@ -17,8 +17,8 @@ from fedunlearn.federation.local import client_train, runtime
 from fedunlearn.federation.messages import job_json
 from fedunlearn.federation.port import ClientResult, RoundListener, RoundReport, TrainingRun
 from fedunlearn.federation.tracking import Evaluator, FedAvgTracker
-from fedunlearn.params import Params
-from fedunlearn.seeding import sample_participants
+from fedunlearn.params import Params, num_bytes
+from fedunlearn.seeding import run_seed, sample_participants, variant_tag
 
 
 def flower_average(models: Sequence[Mapping[str, np.ndarray]], counts: Sequence[int]) -> Params:
@@ -42,10 +42,11 @@ class InProcessFederation:
         self.job = job_json(cfg)
         self.num_clients = cfg.data.num_clients
         self.messages_sent = 0
+        self.bytes_exchanged = 0
         runtime(self.job)
 
     def fedavg(self, initial: Params, *, exclude: frozenset[int] = frozenset(),
-               listener: RoundListener | None = None) -> TrainingRun:
+               listener: RoundListener | None = None, variant: int = 0) -> TrainingRun:
         """The configured FedAvg (``training.strategy`` must be ``fedavg``)."""
         t = self.cfg.training
         if t.strategy != "fedavg":
@@ -54,12 +55,15 @@ class InProcessFederation:
         tracker.evaluated(0, initial)
         model = dict(initial)
         sent = 0
+        exchanged = 0
         for r in range(1, t.rounds + 1):
-            pids = sample_participants(self.cfg.seed, r, self.num_clients, t.sample_fraction,
-                                       set(exclude))
+            pids = sample_participants(run_seed(self.cfg.seed, variant), r, self.num_clients,
+                                       t.sample_fraction, set(exclude))
             if pids:
+                before = self.bytes_exchanged
                 results = self.train_clients(model, pids, epochs=t.local_epochs,
-                                             server_round=r, tag=0)
+                                             server_round=r, tag=variant_tag(variant))
+                exchanged += self.bytes_exchanged - before
                 sent += len(pids)
                 counts = tuple(results[p].num_examples for p in pids)
                 tracker.aggregated(RoundReport(
@@ -68,7 +72,9 @@ class InProcessFederation:
                     client_models={p: results[p].model for p in pids}))
                 model = flower_average([results[p].model for p in pids], counts)
             tracker.evaluated(r, model)
-        return tracker.finish(model, sent)
+        run = tracker.finish(model, sent)
+        run.bytes_exchanged = exchanged
+        return run
 
     def train_clients(self, model: Params, clients: Sequence[int], *, epochs: float,
                       server_round: int, tag: int) -> dict[int, ClientResult]:
@@ -78,5 +84,6 @@ class InProcessFederation:
         for c in clients:
             params, n, _ = client_train(self.job, model, c, server_round=server_round, tag=tag,
                                         epochs=epochs)
+            self.bytes_exchanged += num_bytes(model) + num_bytes(params)
             out[c] = ClientResult(model=params, num_examples=n)
         return out

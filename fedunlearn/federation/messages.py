@@ -10,7 +10,7 @@ import json
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, RecordDict
 
 from fedunlearn.config import Config
 from fedunlearn.params import Params
@@ -31,6 +31,12 @@ def to_record(params: Mapping[str, np.ndarray]) -> ArrayRecord:
 def from_record(record: ArrayRecord) -> Params:
     """Unpack an ``ArrayRecord`` into ``{name: array}``."""
     return {k: np.asarray(v.numpy()) for k, v in record.items()}
+
+
+def array_bytes(content: RecordDict) -> int:
+    """Bytes of the arrays a message carries (the model), not counting configs or overhead."""
+    return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+               for rec in content.array_records.values() for a in rec.values())
 
 
 def job_json(cfg: Config) -> str:

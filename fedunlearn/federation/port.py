@@ -60,6 +60,7 @@ class TrainingRun:
     rounds: list[RoundSummary] = field(default_factory=list)
     wall_s: float = 0.0
     messages_sent: int = 0
+    bytes_exchanged: int = 0
     client_epochs: float = 0.0
     client_seconds: list[float] = field(default_factory=list)
 
@@ -83,14 +84,22 @@ class ClientResult:
 
 
 class Federation(Protocol):
-    """Client work on demand; implemented by Flower and by an in-process loop."""
+    """Client work on demand; implemented by Flower and by an in-process loop.
+
+    ``messages_sent`` counts messages to clients and ``bytes_exchanged`` the bytes of model
+    arrays carried to and from clients (payload only: no protocol overhead), both cumulative.
+    """
 
     num_clients: int
     messages_sent: int
+    bytes_exchanged: int
 
     def fedavg(self, initial: Params, *, exclude: frozenset[int] = frozenset(),
-               listener: RoundListener | None = None) -> TrainingRun:
-        """Run the configured FedAvg from ``initial`` with ``exclude`` left out of every round."""
+               listener: RoundListener | None = None, variant: int = 0) -> TrainingRun:
+        """Run the configured FedAvg from ``initial`` with ``exclude`` left out of every round.
+
+        ``variant`` 0 is the experiment's own seed; another value draws client sampling and
+        local shuffling from other seeds (a second retraining, for the noise floor)."""
         ...
 
     def train_clients(self, model: Params, clients: Sequence[int], *, epochs: float,

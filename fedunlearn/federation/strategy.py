@@ -25,7 +25,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM, FedProx, Strategy
 
 from fedunlearn.aggregation import fedavg_weights
-from fedunlearn.federation.messages import METRICS, NUM_EXAMPLES, PARTITION, from_record
+from fedunlearn.federation.messages import (
+    METRICS,
+    NUM_EXAMPLES,
+    PARTITION,
+    array_bytes,
+    from_record,
+)
 from fedunlearn.federation.port import RoundReport
 from fedunlearn.params import Params
 from fedunlearn.registry import Registry
@@ -113,6 +119,7 @@ class RecordingStrategy(Strategy):
         self.node_of = node_of
         self.on_round = on_round
         self.messages_sent = 0
+        self.bytes_exchanged = 0
         self.client_seconds: list[float] = []
         self._global: Params = {}
 
@@ -133,12 +140,18 @@ class RecordingStrategy(Strategy):
             raise RuntimeError(f"strategy {type(self.inner).__name__} sampled {len(got)} of the "
                                f"{len(wanted)} offered nodes; its factory must set "
                                "fraction_train=1.0 (fedunlearn samples participants itself)")
-        self.messages_sent += len(msgs)
+        self._count(msgs)
         return msgs
+
+    def _count(self, msgs: list[Message], *, outgoing: bool = True) -> None:
+        if outgoing:
+            self.messages_sent += len(msgs)
+        self.bytes_exchanged += sum(array_bytes(m.content) for m in msgs)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         ordered = sorted(check_replies(replies), key=partition_of)
+        self._count(ordered, outgoing=False)
         result = self.inner.aggregate_train(server_round, ordered)
         self.client_seconds += [float(m.content[METRICS].get("train-seconds", 0.0))
                                 for m in ordered]
@@ -155,9 +168,11 @@ class RecordingStrategy(Strategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         msgs = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
-        self.messages_sent += len(msgs)
+        self._count(msgs)
         return msgs
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, check_replies(replies))
+        checked = check_replies(replies)
+        self._count(checked, outgoing=False)
+        return self.inner.aggregate_evaluate(server_round, checked)

@@ -65,3 +65,15 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, se
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return builder(tuple(input_shape), num_classes, **params)
+
+
+def reinitialise(model: nn.Module, seed: int) -> nn.Module:
+    """Draw fresh initial weights for ``model`` in place from ``seed`` (``reset_parameters`` of
+    every submodule that has one), leaving the global torch generator untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in model.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
+    return model

@@ -1,10 +1,18 @@
 """Removal methods: one protocol (:mod:`.base`), one file per method, one registry.
 
 Importing this package registers the built-in methods: ``retrain`` (the reference),
-``federaser``, ``fedaccum`` and ``distillation``.
+``federaser``, ``fedaccum`` and ``distillation`` (federated); ``central_retrain`` (the
+centralized reference), ``sisa`` and ``sisa_random`` (centralized).
 """
 
-from fedunlearn.unlearning import distillation, federaser, retrain  # noqa: F401  (registration)
+from fedunlearn.unlearning import (  # noqa: F401  (registration)
+    central_retrain,
+    distillation,
+    federaser,
+    newton,
+    retrain,
+    sisa,
+)
 from fedunlearn.unlearning.base import (
     UNLEARNERS,
     Cost,

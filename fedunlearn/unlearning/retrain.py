@@ -2,13 +2,18 @@
 
 The same FL configuration (seed, rounds, local epochs, sampling) is run again through the
 federation port with the removed clients excluded from every round: each round's participants
-are the original round's sampled participants minus the removed clients.
+are the original round's sampled participants minus the removed clients. A ``variant`` other
+than 0 retrains with other seeds (initial weights, sampling, local shuffling): the distance
+between two such retrainings is the noise floor of every distance to retraining.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
+from fedunlearn.models import reinitialise
+from fedunlearn.params import get_params
+from fedunlearn.seeding import run_seed
 from fedunlearn.unlearning.base import (
     UNLEARNERS,
     Cost,
@@ -20,16 +25,34 @@ from fedunlearn.unlearning.base import (
 
 @UNLEARNERS.register("retrain")
 class Retrain:
-    """Federated retraining without the removed clients (the gold standard)."""
+    """Federated retraining without the removed clients (the gold standard).
+
+    Parameters
+    ----------
+    variant : int
+        0 (default) replays the experiment's seeds exactly; another value retrains with
+        seeds derived from it (initial model included).
+    """
 
     setting: ClassVar[Setting] = "federated"
 
+    def __init__(self, variant: int = 0) -> None:
+        if variant < 0:
+            raise ValueError(f"variant must be >= 0, got {variant}")
+        self.variant = variant
+
     def unlearn(self, ctx: UnlearningContext) -> UnlearningResult:
         """Run FedAvg from the initial model with every removed client left out."""
-        run = ctx.federation.fedavg(ctx.initial, exclude=ctx.removed)
+        initial = ctx.initial
+        if self.variant:
+            model = ctx.build_model()
+            reinitialise(model, run_seed(ctx.cfg.seed, self.variant))
+            initial = get_params(model)
+        run = ctx.federation.fedavg(initial, exclude=ctx.removed, variant=self.variant)
         rounds = sum(1 for r in run.rounds if r.participants)
         return UnlearningResult(
             model=run.final,
             cost=Cost(client_epochs=run.client_epochs, rounds=rounds,
                       messages_sent=run.messages_sent),
-            details={"final_test_accuracy": run.rounds[-1].test_accuracy if run.rounds else None})
+            details={"final_test_accuracy": run.rounds[-1].test_accuracy if run.rounds else None,
+                     "variant": self.variant})

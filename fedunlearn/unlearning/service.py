@@ -1,10 +1,15 @@
 """Serving removal requests: every method, in order, on the same trained run.
 
 For each request (in config order) every method starts from the model *it* left after the
-previous request (the trained model for the first one); ``retrain`` runs first and is the
-reference of the speed-ups. After a request the targets' stored updates and running sums are
-purged from the history store (unless ``unlearning.purge = false``), and the lineage log
-records the request, each resulting model and the purge.
+previous request (the trained model for the first one). Methods are grouped by setting:
+federated ones work on the Flower federation and its history, centralized ones on the same
+clients' data pooled at one site (they are fitted once, before the first request). Each setting
+has a reference — ``retrain`` (federated) or ``central_retrain`` (centralized) — which runs
+first, and the speed-ups and distances of that setting are measured against it; with
+``verification.noise_floor`` a second retraining with other seeds gives the noise floor.
+After a request the targets' stored updates and running sums are purged from the history store
+(unless ``unlearning.purge = false``), and the lineage log records the request, each resulting
+model and the purge.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from typing import Any, TextIO
 
 from fedunlearn.config import Config, ConfigError
 from fedunlearn.data.federated import FederatedData
-from fedunlearn.evaluation.verify import request_metrics
+from fedunlearn.evaluation.shadow import shadow_logit_confidences
+from fedunlearn.evaluation.verify import Outputs, RequestVerifier
+from fedunlearn.federation.local import local_training
 from fedunlearn.federation.port import Federation
 from fedunlearn.history import HistoryStore
 from fedunlearn.lineage import LineageLog, params_hash
@@ -26,36 +33,77 @@ from fedunlearn.params import Params
 from fedunlearn.seeding import derive_seed
 from fedunlearn.unlearning.base import UNLEARNERS, Unlearner, UnlearningContext, UnlearningResult
 
-EXACT = frozenset({"retrain"})
+REFERENCE = {"federated": "retrain", "centralized": "central_retrain"}
+"""The reference (exact retraining) of each setting."""
+NOISE_SUFFIX = "_seed2"
+EXACT = frozenset(REFERENCE.values())
 
 
 class RequestError(ValueError):
     """A removal request that cannot be served (nothing was changed)."""
 
 
+@dataclass
+class Method:
+    """A configured method instance with its name and role in the table."""
+
+    name: str
+    method: Unlearner
+    role: str  # "reference" | "noise_floor" | "method"
+
+    @property
+    def setting(self) -> str:
+        return getattr(self.method, "setting", "federated")
+
+
+def _setting_of(name: str) -> str:
+    return getattr(UNLEARNERS.get(name), "setting", "federated")
+
+
 def method_order(cfg: Config) -> list[str]:
-    """Configured methods with ``retrain`` first (always present: it is the reference)."""
+    """Configured methods grouped by setting, each setting's reference first.
+
+    ``retrain`` is always present (the federated run is always trained); ``central_retrain``
+    joins as soon as a centralized method is configured.
+    """
     names = list(cfg.unlearning.methods)
-    return ["retrain"] + [n for n in names if n != "retrain"]
-
-
-def build_methods(cfg: Config) -> dict[str, Unlearner]:
-    """Instantiate every configured method; unknown names or parameters are ConfigErrors."""
-    out: dict[str, Unlearner] = {}
-    for name in method_order(cfg):
+    for name in names:
         if name not in UNLEARNERS:
             raise ConfigError(f"config key 'unlearning.methods': {UNLEARNERS.unknown_message(name)}")
-        factory = UNLEARNERS.get(name)
-        params = cfg.unlearning.params.get(name, {})
-        accepted = [p for p in inspect.signature(factory).parameters if p != "self"]
-        unknown = sorted(set(params) - set(accepted))
-        if unknown:
-            raise ConfigError(f"config key 'unlearning.params.{name}' has unknown parameters "
-                              f"{unknown}; accepted: {', '.join(accepted) or 'none'}")
-        try:
-            out[name] = factory(**params)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"config key 'unlearning.params.{name}': {exc}") from None
+    order: list[str] = []
+    for setting, ref in REFERENCE.items():
+        members = [n for n in names if _setting_of(n) == setting and n != ref]
+        if setting == "federated" or members or ref in names:
+            order += [ref, *members]
+    return order
+
+
+def _create(cfg: Config, name: str, **forced: Any) -> Unlearner:
+    factory = UNLEARNERS.get(name)
+    params = dict(cfg.unlearning.params.get(name, {}))
+    accepted = [p for p in inspect.signature(factory).parameters if p != "self"]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ConfigError(f"config key 'unlearning.params.{name}' has unknown parameters "
+                          f"{unknown}; accepted: {', '.join(accepted) or 'none'}")
+    try:
+        return factory(**{**params, **forced})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config key 'unlearning.params.{name}': {exc}") from None
+
+
+def build_methods(cfg: Config) -> list[Method]:
+    """Instantiate every configured method (and each setting's references); unknown names or
+    parameters are ConfigErrors raised before any work."""
+    out: list[Method] = []
+    for name in method_order(cfg):
+        role = "reference" if name in EXACT else "method"
+        method = _create(cfg, name)
+        if getattr(method, "setting", "federated") == "centralized" and not hasattr(method, "fit"):
+            raise ConfigError(f"unlearning method '{name}' is centralized but has no fit(ctx)")
+        out.append(Method(name, method, role))
+        if role == "reference" and cfg.verification.noise_floor:
+            out.append(Method(name + NOISE_SUFFIX, _create(cfg, name, variant=1), "noise_floor"))
     return out
 
 
@@ -76,12 +124,16 @@ class Row:
     request: list[int]
     method: str
     setting: str
+    role: str
     wall_s: float
     speedup_vs_retrain: float | None
     client_epochs: float
     rounds: int
     messages_sent: int
-    metrics: dict[str, float]
+    bytes_exchanged: int
+    sample_epochs: float
+    server_epochs: float
+    metrics: dict[str, Any]
     model_hash: str
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -94,6 +146,15 @@ class Served:
     purges: list[dict[str, Any]]
 
 
+@dataclass
+class _Answer:
+    """A row waiting for its metrics (which need the reference's outputs)."""
+
+    row: Row
+    outputs: Outputs
+    params: Params | None
+
+
 def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial: Params,
                    store: HistoryStore, federation: Federation, lineage: LineageLog,
                    build_model: Callable[[], Any], predictor: Callable[[Params], Callable],
@@ -102,42 +163,54 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
     methods = build_methods(cfg)
     check_requests(cfg, store)
     target_class = cfg.backdoor.target_class if cfg.backdoor.clients else None
-    current = {name: trained for name in methods}
+    everyone = set(range(cfg.data.num_clients))
+
+    def context(targets: tuple[int, ...], removed: frozenset[int], model: Params,
+                request: int) -> UnlearningContext:
+        return UnlearningContext(cfg=cfg, targets=targets, removed=removed, model=model,
+                                 initial=initial, history=store, federation=federation,
+                                 data=data, build_model=build_model,
+                                 seed=derive_seed(cfg.seed, 0xA11, request))
+
+    fit_wall = _fit_centralized(methods, context((), frozenset(), trained, -1), lineage, stream)
+    shadows = _shadow_fn(cfg, build_model)
+    current = {m.name: trained for m in methods}
     removed: frozenset[int] = frozenset()
     rows: list[Row] = []
     purges: list[dict[str, Any]] = []
-    trained_hash = params_hash(trained)
-    everyone = set(range(cfg.data.num_clients))
     for i, request in enumerate(cfg.unlearning.requests):
         targets = tuple(sorted(request))
         removed = removed | set(targets)
         lineage.append("request", request=i, clients=list(targets))
-        metrics = request_metrics(predictor(trained), data, targets=targets, removed=removed,
-                                  target_class=target_class)
-        rows.append(Row(list(targets), "original", "federated", 0.0, None, 0.0, 0, 0, metrics,
-                        trained_hash))
-        retrain_wall = None
-        for name, method in methods.items():
-            ctx = UnlearningContext(cfg=cfg, targets=targets, removed=removed,
-                                    model=current[name], initial=initial, history=store,
-                                    federation=federation, data=data, build_model=build_model,
-                                    seed=derive_seed(cfg.seed, 0xA11, i))
-            sent_before = federation.messages_sent
+        verifier = RequestVerifier(data, targets=targets, removed=removed,
+                                   target_class=target_class, alpha=cfg.verification.alpha,
+                                   shadows=shadows, seed=derive_seed(cfg.seed, 0x3E7, i))
+        answers = _originals(methods, trained, targets, verifier, predictor)
+        reference_wall: dict[str, float] = {}
+        for m in methods:
+            ctx = context(targets, removed, current[m.name], i)
+            sent, exchanged = federation.messages_sent, federation.bytes_exchanged
             t0 = time.perf_counter()
-            result = method.unlearn(ctx)
+            result = m.method.unlearn(ctx)
             wall = time.perf_counter() - t0
-            sent = federation.messages_sent - sent_before
-            retrain_wall = wall if name == "retrain" else retrain_wall
-            rows.append(_row(name, method, result, targets, wall, retrain_wall, sent, data,
-                             removed, target_class, predictor))
+            if m.role == "reference":
+                reference_wall[m.setting] = wall
+            answer = _answer(m, result, targets, wall, reference_wall.get(m.setting),
+                             federation.messages_sent - sent,
+                             federation.bytes_exchanged - exchanged, verifier, predictor)
+            if m.name in fit_wall:
+                answer.row.details["fit_wall_s"] = fit_wall[m.name]
+            answers.append(answer)
             if result.model is not None:
-                current[name] = result.model
-            lineage.append("model", kind="unlearned", method=name, request=i,
-                           model_hash=rows[-1].model_hash, exact=name in EXACT,
-                           derived_from=params_hash(ctx.model) if name not in EXACT else None,
+                current[m.name] = result.model
+            lineage.append("model", kind="unlearned", method=m.name, request=i,
+                           model_hash=answer.row.model_hash, exact=m.role != "method",
+                           derived_from=None if m.role != "method" else params_hash(ctx.model),
                            trained_with=sorted(everyone - removed), forgot=sorted(removed))
-            _say(stream, f"[unlearn] request {i} {list(targets)}  {name:<13} {wall:7.2f}s  "
-                 + "  ".join(f"{k} {v:.3f}" for k, v in rows[-1].metrics.items()))
+            _say(stream, f"[unlearn] request {i} {list(targets)}  {m.name:<22} {wall:7.2f}s  "
+                 f"test {answer.row.metrics['test_accuracy']:.3f}  "
+                 f"forget {answer.row.metrics['forget_accuracy']:.3f}")
+        rows += _with_distances(answers, verifier)
         if cfg.unlearning.purge:
             files_before = _files(store)
             freed = store.purge_clients(targets)
@@ -148,24 +221,104 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
     return Served(rows=rows, purges=purges)
 
 
-def _row(name: str, method: Unlearner, result: UnlearningResult, targets: tuple[int, ...],
-         wall: float, retrain_wall: float | None, sent: int, data: FederatedData,
-         removed: frozenset[int], target_class: int | None,
-         predictor: Callable[[Params], Callable]) -> Row:
+def _fit_centralized(methods: list[Method], ctx: UnlearningContext, lineage: LineageLog,
+                     stream: TextIO | None) -> dict[str, float]:
+    """Fit every centralized method once on the pooled data (not part of removal time)."""
+    walls: dict[str, float] = {}
+    for m in methods:
+        if m.setting == "centralized":
+            t0 = time.perf_counter()
+            m.method.fit(ctx)  # type: ignore[attr-defined]
+            walls[m.name] = time.perf_counter() - t0
+            lineage.append("model", kind="fitted", method=m.name, setting="centralized",
+                           model_hash=_fitted_hash(m, ctx),
+                           trained_with=list(range(len(ctx.data.clients))), exact=True)
+            _say(stream, f"[central] fitted {m.name:<22} {walls[m.name]:7.2f}s on pooled data")
+    return walls
+
+
+def _fitted_hash(m: Method, ctx: UnlearningContext) -> str:
+    params = getattr(m.method, "original_params_", None)
+    if params is not None:
+        return params_hash(params)
+    proba = m.method.predict_proba_original(ctx.data.test.x)  # type: ignore[attr-defined]
+    return params_hash({"test_proba": proba})
+
+
+def _shadow_fn(cfg: Config, build_model: Callable[[], Any]) -> Callable | None:
+    v = cfg.verification
+    if v.mia_shadows == 0:
+        return None
+    spec = local_training(cfg, v.shadow_epochs)
+
+    def shadows(pool_x: Any, pool_y: Any, query_x: Any, query_y: Any) -> Any:
+        return shadow_logit_confidences(build_model, spec, pool_x, pool_y, query_x, query_y,
+                                        num_shadows=v.mia_shadows,
+                                        seed=derive_seed(cfg.seed, 0x5AD0))
+    return shadows
+
+
+def _originals(methods: list[Method], trained: Params, targets: tuple[int, ...],
+               verifier: RequestVerifier, predictor: Callable[[Params], Callable]
+               ) -> list[_Answer]:
+    """The models before removal: the federated model, and the centralized reference's own
+    model fitted on all the pooled data."""
+    out = [_blank_answer("original", "federated", targets,
+                         verifier.outputs(predictor(trained)), trained,
+                         params_hash(trained))]
+    central = next((m for m in methods if m.role == "reference" and m.setting == "centralized"),
+                   None)
+    if central is not None:
+        params = getattr(central.method, "original_params_", None)
+        outputs = verifier.outputs(central.method.predict_proba_original)  # type: ignore[attr-defined]
+        out.append(_blank_answer("original", "centralized", targets, outputs, params,
+                                 _model_hash(params, outputs)))
+    return out
+
+
+def _blank_answer(method: str, setting: str, targets: tuple[int, ...], outputs: Outputs,
+                  params: Params | None, model_hash: str) -> _Answer:
+    row = Row(list(targets), method, setting, "original", 0.0, None, 0.0, 0, 0, 0, 0.0, 0.0,
+              {}, model_hash)
+    return _Answer(row, outputs, params)
+
+
+def _answer(m: Method, result: UnlearningResult, targets: tuple[int, ...], wall: float,
+            reference_wall: float | None, sent: int, exchanged: int,
+            verifier: RequestVerifier, predictor: Callable[[Params], Callable]) -> _Answer:
     if result.predict_proba is not None:
         predict = result.predict_proba
     elif result.model is not None:
         predict = predictor(result.model)
     else:
-        raise RuntimeError(f"method '{name}' returned neither a model nor a predictor")
-    metrics = request_metrics(predict, data, targets=targets, removed=removed,
-                              target_class=target_class)
+        raise RuntimeError(f"method '{m.name}' returned neither a model nor a predictor")
     c = result.cost
-    return Row(list(targets), name, getattr(method, "setting", "federated"), wall,
-               (retrain_wall / wall) if retrain_wall and wall > 0 else None,
-               c.client_epochs, c.rounds, sent, metrics,
-               params_hash(result.model) if result.model is not None else "",
-               details=result.details)
+    outputs = verifier.outputs(predict)
+    row = Row(list(targets), m.name, m.setting, m.role, wall,
+              (reference_wall / wall) if reference_wall and wall > 0 else None,
+              c.client_epochs, c.rounds, sent, exchanged, c.sample_epochs, c.server_epochs,
+              verifier.basic_accuracies(outputs),
+              _model_hash(result.model, outputs), details=dict(result.details))
+    return _Answer(row, outputs, result.model)
+
+
+def _model_hash(params: Params | None, outputs: Outputs) -> str:
+    """Hash of the parameters; for a predictor without them (an ensemble, a linear head on
+    features), hash of its test-set probabilities, a fingerprint of its behaviour."""
+    return params_hash(params if params is not None else {"test_proba": outputs.test})
+
+
+def _with_distances(answers: list[_Answer], verifier: RequestVerifier) -> list[Row]:
+    """Fill every row's metrics, with distances to its setting's reference."""
+    refs = {a.row.setting: a for a in answers if a.row.role == "reference"}
+    rows = []
+    for a in answers:
+        ref = refs.get(a.row.setting)
+        a.row.metrics = verifier.metrics(
+            a.outputs, reference=ref.outputs if ref else None, params=a.params,
+            reference_params=ref.params if ref else None)
+        rows.append(a.row)
+    return rows
 
 
 def _files(store: HistoryStore) -> int:
@@ -175,3 +328,4 @@ def _files(store: HistoryStore) -> int:
 def _say(stream: TextIO | None, text: str) -> None:
     if stream is not None:
         print(text, file=stream, flush=True)
+

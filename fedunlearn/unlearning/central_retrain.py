@@ -1,0 +1,98 @@
+"""Centralized retraining from scratch: the reference of the centralized setting.
+
+The exact-unlearning baseline of Bourtoule et al., IEEE S&P 2021, "Machine Unlearning": the
+experiment's network is trained again, from its initial weights, on the data of every client not
+removed so far, pooled at one site. Every centralized method (SISA, the Newton step) is judged
+against it. A ``variant`` other than 0 also redraws the initial weights and the shuffles from
+seeds derived from it: the distance between two such retrainings is the noise floor of every
+distance to retraining.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import numpy as np
+
+from fedunlearn.federation.local import device as device_of
+from fedunlearn.federation.local import local_training
+from fedunlearn.models import reinitialise
+from fedunlearn.params import Params, get_params, set_params
+from fedunlearn.seeding import derive_seed
+from fedunlearn.training import predict_proba, train
+from fedunlearn.unlearning.base import (
+    UNLEARNERS,
+    Cost,
+    Setting,
+    UnlearningContext,
+    UnlearningResult,
+)
+
+_CENTRAL_SEED = 0xCE17
+"""Mixed into the experiment seed to seed centralized retraining."""
+
+
+@UNLEARNERS.register("central_retrain")
+class CentralRetrain:
+    """Train the experiment's model on the pooled data of the clients not removed.
+
+    Parameters
+    ----------
+    epochs : float, optional
+        Passes over the pooled data (default 20.0).
+    learning_rate : float, optional
+        Defaults to ``training.learning_rate``; batch size, optimizer and momentum are always
+        the experiment's.
+    variant : int, optional
+        0 (default) starts from the experiment's initial weights; another value redraws them
+        (and the shuffles) from seeds derived from it.
+    """
+
+    setting: ClassVar[Setting] = "centralized"
+
+    def __init__(self, epochs: float = 20.0, learning_rate: float | None = None,
+                 variant: int = 0) -> None:
+        if not epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {epochs}")
+        if learning_rate is not None and not learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0 or None, got {learning_rate}")
+        if int(variant) != variant or variant < 0:
+            raise ValueError(f"variant must be an integer >= 0, got {variant}")
+        self.epochs = epochs
+        self.learning_rate = learning_rate
+        self.variant = int(variant)
+
+    def fit(self, ctx: UnlearningContext) -> CentralRetrain:
+        """Train the centralized original on every client's data (``original_params_``)."""
+        self.original_params_, self.original_samples_ = self._train(ctx, frozenset())
+        return self
+
+    def predict_proba_original(self, x: np.ndarray) -> np.ndarray:
+        """Predictions of the model fitted on all clients."""
+        model = self._model
+        set_params(model, self.original_params_)
+        return predict_proba(model, x)
+
+    def unlearn(self, ctx: UnlearningContext) -> UnlearningResult:
+        """Retrain from scratch without every client in ``ctx.removed``."""
+        params, n = self._train(ctx, ctx.removed)
+        return UnlearningResult(model=params, cost=Cost(sample_epochs=n * self.epochs),
+                                details={"samples": n})
+
+    def _train(self, ctx: UnlearningContext, removed: frozenset[int]) -> tuple[Params, int]:
+        """The one training run behind ``fit`` and ``unlearn``: (params, #samples)."""
+        kept = [d for k, d in enumerate(ctx.data.clients) if k not in removed]
+        x = np.concatenate([d.x for d in kept]) if kept else np.zeros((0, *ctx.data.input_shape),
+                                                                      np.float32)
+        y = np.concatenate([d.y for d in kept]) if kept else np.zeros(0, np.int64)
+        spec = local_training(ctx.cfg, self.epochs)
+        if self.learning_rate is not None:
+            spec = dataclasses.replace(spec, learning_rate=self.learning_rate)
+        model = ctx.build_model()
+        if self.variant:
+            reinitialise(model, derive_seed(ctx.cfg.seed, _CENTRAL_SEED, self.variant, 1))
+        train(model, x, y, spec, seed=derive_seed(ctx.cfg.seed, _CENTRAL_SEED, self.variant),
+              device=device_of(ctx.cfg))
+        self._model = model
+        return get_params(model), len(y)
