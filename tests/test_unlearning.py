@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import max_abs_diff, small_config
 
+from fedunlearn.cli import main
 from fedunlearn.config import ConfigError
 from fedunlearn.experiment import prepare, train_federation
 from fedunlearn.federation.inprocess import InProcessFederation, flower_average
@@ -178,14 +179,23 @@ def test_bad_method_names_and_params_fail_before_work():
 def test_backdoor_removal_through_flower(tmp_path):
     extra = ["backdoor.clients=[0]", "backdoor.fraction=0.8", "unlearning.requests=[[0]]",
              "training.rounds=6", "data.num_clients=5", "history.retention_interval=2",
-             "training.local_epochs=2"]
+             "training.local_epochs=2", "verification.mia_shadows=2",
+             "verification.shadow_epochs=5"]
     cfg = small_config(*extra)
     results = run_experiment(cfg, tmp_path / "run", quiet=True)
     rows = {r["method"]: r for r in results["unlearning"]}
-    assert set(rows) == {"original", "retrain", "federaser", "fedaccum", "distillation"}
+    assert set(rows) == {"original", "retrain", "retrain_seed2", "federaser", "fedaccum",
+                         "distillation"}
     for r in rows.values():
-        assert set(r["metrics"]) == {"test_accuracy", "retain_accuracy", "forget_accuracy",
-                                     "backdoor_asr"}
+        assert {"test_accuracy", "forget_accuracy", "backdoor_asr", "backdoor_p_value",
+                "mia_loss_auc", "mia_lira_auc", "kl_forget", "acc_err"} <= set(r["metrics"])
+    assert rows["federaser"]["bytes_exchanged"] > 0
+    # the report was written at the end of the run, and `fedunlearn report` regenerates it
+    # from results.json alone, byte for byte
+    report = (tmp_path / "run" / "report.md").read_bytes()
+    assert main(["report", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "report.md").read_bytes() == report
+    assert (tmp_path / "run" / "plots" / "methods.png").stat().st_size > 10_000
     assert rows["distillation"]["messages_sent"] == 0
     assert rows["federaser"]["messages_sent"] > 0
     assert rows["retrain"]["speedup_vs_retrain"] == pytest.approx(1.0)

@@ -122,6 +122,9 @@ class Unlearner(Protocol):
     method's model is not the experiment's network (an ensemble, a linear head). After
     ``fit``, ``predict_proba_original(x)`` gives the fitted (pre-removal) model's predictions,
     for the setting's "original" row. Each ``unlearn`` continues from the previous removal.
+
+    An optional class attribute ``exact = True`` declares that the result equals retraining
+    without the targets (retraining, SISA); the lineage log records it.
     """
 
     setting: ClassVar[Setting]

@@ -82,6 +82,15 @@ class NewtonRemoval:
         layer, trained on the server split; needs ``model.name = "mlp"``).
     extractor_epochs : float
         Epochs of extractor training on the server split (default 20; ``"penultimate"`` only).
+
+    Notes
+    -----
+    The Newton step is built for removing few points. A whole client is a large share of the
+    pooled data (e.g. a quarter with four clients); its data-dependent bound then far exceeds
+    the budget and the request is served by retraining with fresh noise, which ``details``
+    (``retrained``, ``retrain_reason``) and ``Cost.sample_epochs`` report. Raising ``sigma``
+    enlarges the budget but, at a few thousand samples, the noise ``b`` then dominates the
+    ``lam n`` regulariser and costs accuracy.
     """
 
     setting: ClassVar[Setting] = "centralized"

@@ -204,7 +204,8 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
             if result.model is not None:
                 current[m.name] = result.model
             lineage.append("model", kind="unlearned", method=m.name, request=i,
-                           model_hash=answer.row.model_hash, exact=m.role != "method",
+                           model_hash=answer.row.model_hash,
+                           exact=bool(getattr(m.method, "exact", m.role != "method")),
                            derived_from=None if m.role != "method" else params_hash(ctx.model),
                            trained_with=sorted(everyone - removed), forgot=sorted(removed))
             _say(stream, f"[unlearn] request {i} {list(targets)}  {m.name:<22} {wall:7.2f}s  "

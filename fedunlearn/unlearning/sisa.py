@@ -471,6 +471,7 @@ class Sisa:
     """
 
     setting: ClassVar[Setting] = "centralized"
+    exact: ClassVar[bool] = True  # the ensemble equals one trained without the removed ids
 
     def __init__(self, shards: int = 5, slices: int = 4, epochs: float = 20.0,
                  shard_by: str = "client", aggregate: str = "vote",

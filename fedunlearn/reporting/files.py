@@ -1,0 +1,90 @@
+"""Result files: the provenance stamp, ``results.json`` and the atomic text writer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from fedunlearn.config import Config
+from fedunlearn.federation.port import TrainingRun
+from fedunlearn.provenance import git_commit, versions
+
+
+def stamp(cfg: Config) -> dict[str, Any]:
+    """The provenance block every result file starts with."""
+    return {"config": cfg.to_dict(), "seed": cfg.seed, "versions": versions(),
+            "git_commit": git_commit(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def training_block(run: TrainingRun, *, engine: str, history_bytes: int) -> dict[str, Any]:
+    """The ``training`` section of ``results.json``."""
+    return {"engine": engine,
+            "rounds": [dataclasses.asdict(r) for r in run.rounds],
+            "final_test_accuracy": run.rounds[-1].test_accuracy if run.rounds else math.nan,
+            "wall_s": run.wall_s, "messages_sent": run.messages_sent,
+            "bytes_exchanged": run.bytes_exchanged,
+            "client_epochs": run.client_epochs, "history_bytes": history_bytes}
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON atomically (temp file, then rename)."""
+    _write_text(path, json.dumps(payload, indent=2, default=_jsonable) + "\n")
+
+
+def read_results(run_dir: Path) -> dict[str, Any]:
+    """Load ``RUN_DIR/results.json``; a missing or unreadable file is a one-line ConfigError."""
+    from fedunlearn.config import ConfigError
+
+    path = Path(run_dir) / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"no results.json in '{run_dir}'; pass a run directory written by "
+                          "`fedunlearn run` or `fedunlearn compare`") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"'{path}' is not readable JSON ({exc}); the run's results are "
+                          "damaged - rerun the experiment") from None
+    if not isinstance(results, dict) or "training" not in results:
+        raise ConfigError(f"'{path}' has no 'training' section; it was not written by "
+                          "fedunlearn")
+    return results
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+def training_summary(results: dict[str, Any], out: Path) -> str:
+    """A few lines telling what the run did and where its files are."""
+    tr = results["training"]
+    rounds = tr["rounds"]
+    lines = [
+        f"experiment     {results['config']['experiment']['name']} (seed {results['seed']})",
+        (f"engine         {tr['engine']}  ({len(rounds)} rounds, {tr['messages_sent']} "
+         f"messages, {tr['wall_s']:.1f}s)"),
+        f"test accuracy  {tr['final_test_accuracy']:.4f}",
+        f"history        {tr['history_bytes'] / 1e6:.2f} MB in {out / 'history'}",
+        f"results        {out / 'results.json'}",
+    ]
+    return "\n".join(lines)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write text atomically (temp file, then rename), with ``\\n`` line endings."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+        fh.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; result files are meant to be shared
+    os.replace(tmp, path)

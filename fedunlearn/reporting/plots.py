@@ -1,0 +1,255 @@
+"""The run's plots: method bars, fidelity against speed-up, and the training curve.
+
+matplotlib is imported lazily, inside the plotting functions, so importing this module
+stays light.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedunlearn.reporting.tables import (
+    NOISE_FLOOR_LABEL,
+    _by_role,
+    _first_request,
+    _metric,
+    _settings,
+    _value,
+)
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+
+# --- plots -----------------------------------------------------------------------------------
+
+DPI = 120
+
+_SETTING_STYLE = {"federated": ("tab:blue", "o"), "centralized": ("tab:orange", "s")}
+
+_BAR_PANELS = (
+    ("test_accuracy", "Test accuracy", "accuracy on test data (fraction)"),
+    ("forget_accuracy", "Accuracy on the forgotten data", "accuracy on forgotten data (fraction)"),
+    ("backdoor_asr", "Backdoor attack success rate", "triggered inputs hitting target (fraction)"),
+    ("mia_loss_auc", "Membership inference (loss attack)", "MIA AUC (0.5 = chance)"),
+)
+
+
+def _style(setting: str) -> tuple[str, str]:
+    """Colour and marker of a setting."""
+    return _SETTING_STYLE.get(setting, ("tab:gray", "^"))
+
+
+def _figure(width: float, height: float) -> Figure:
+    """A pyplot-free Figure on the Agg backend (matplotlib is imported only here)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _save(fig: Figure, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+
+
+def _note(ax: Axes, text: str) -> None:
+    """Grey text in the middle of an axes that has nothing to show."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=12,
+            color="gray")
+
+
+def _request_title(clients: list[int]) -> str:
+    return f"request 0: forget clients {clients}" if clients else "no removal request"
+
+
+def plot_method_bars(results: Mapping[str, Any], path: Path) -> Figure:
+    """Bars of every model of the first request: accuracies, backdoor ASR, MIA AUC.
+
+    Parameters
+    ----------
+    results : mapping
+        A run's ``results.json``.
+    path : Path
+        Where the PNG goes (120 dpi).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        2×2 panels; a dashed line marks the retrained model of each setting, a dotted line
+        chance on the MIA panel; a panel no row measured says "not measured".
+    """
+    clients, rows = _first_request(results)
+    fig = _figure(max(10.0, 4.0 + 0.9 * len(rows)), 8.5)
+    for ax, (key, title, ylabel) in zip(fig.subplots(2, 2).ravel(), _BAR_PANELS):
+        _bar_panel(ax, rows, key, title=title, ylabel=ylabel)
+    fig.suptitle(f"Removal methods compared — {_request_title(clients)}")
+    fig.legend(handles=_bar_legend(rows), loc="outside lower center", ncols=4, frameon=False)
+    _save(fig, path)
+    return fig
+
+
+def _bar_panel(ax: Axes, rows: list[dict[str, Any]], key: str, *, title: str,
+               ylabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel("method")
+    ax.set_ylabel(ylabel)
+    values = [_metric(r, key) for r in rows]
+    if all(v is None for v in values):
+        _note(ax, "not measured")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return
+    x = list(range(len(rows)))
+    bars = ax.bar(x, [0.0 if v is None else v for v in values],
+                  color=[_style(r["setting"])[0] for r in rows])
+    ax.bar_label(bars, labels=["n/a" if v is None else f"{v:.2f}" for v in values],
+                 padding=2, fontsize=8, rotation=90 if len(rows) > 8 else 0)
+    rotate = len(rows) > 4 or any(len(r["method"]) > 10 for r in rows)
+    ax.set_xticks(x, [r["method"] for r in rows], rotation=35 if rotate else 0,
+                  ha="right" if rotate else "center", rotation_mode="anchor")
+    ax.set_ylim(0.0, 1.2)
+    ax.set_yticks([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    ax.grid(axis="y", alpha=0.3)
+    for setting, ref in _by_role(rows, "reference").items():
+        v = _metric(ref, key)
+        if v is not None:
+            ax.axhline(v, ls="--", lw=1.2, color=_style(setting)[0])
+    if key == "mia_loss_auc":
+        ax.axhline(0.5, ls=":", lw=1.2, color="black")
+
+
+def _bar_legend(rows: list[dict[str, Any]]) -> list[Any]:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    settings = _settings(rows) or ["federated"]
+    handles: list[Any] = [Patch(color=_style(s)[0], label=f"{s} setting") for s in settings]
+    return handles + [Line2D([], [], ls="--", color="dimgray",
+                             label="retrained model (reference) of the same setting"),
+                      Line2D([], [], ls=":", color="black", label="chance (MIA AUC 0.5)")]
+
+
+def plot_fidelity_speedup(results: Mapping[str, Any], path: Path) -> Figure:
+    """Speed-up over retraining against KL to the retrained model, for the first request.
+
+    Parameters
+    ----------
+    results : mapping
+        A run's ``results.json``.
+    path : Path
+        Where the PNG goes (120 dpi).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One labelled point per method row (log x axis), a marker per setting, and a dashed
+        line per setting at its noise floor (KL between two retrainings).
+    """
+    clients, rows = _first_request(results)
+    fig = _figure(10.5, 6.0)
+    ax = fig.subplots()
+    points = _fidelity_points(rows)
+    floors = {s: v for s, r in _by_role(rows, "noise_floor").items()
+              if (v := _metric(r, "kl_forget")) is not None}
+    _scatter_methods(ax, points)
+    _noise_floor_lines(ax, floors)
+    ax.axvline(1.0, ls=":", lw=1.0, color="gray", label="as fast as retraining (1×)")
+    _fidelity_axes(ax, points, floors)
+    if not points:
+        _note(ax, "no method has both a speed-up and a KL on forgotten data")
+    ax.set_title(f"Fidelity vs speed — {_request_title(clients)}\n"
+                 "(lower = closer to retraining, further right = faster)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
+    _save(fig, path)
+    return fig
+
+
+def _fidelity_points(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], float, float]]:
+    out = []
+    for r in rows:
+        x, y = _value(r.get("speedup_vs_retrain")), _metric(r, "kl_forget")
+        if r["role"] == "method" and x is not None and x > 0 and y is not None:
+            out.append((r, x, y))
+    return out
+
+
+def _scatter_methods(ax: Axes, points: list[tuple[dict[str, Any], float, float]]) -> None:
+    for setting in _settings([p[0] for p in points]):
+        mine = [(x, y) for r, x, y in points if r["setting"] == setting]
+        colour, marker = _style(setting)
+        ax.scatter([p[0] for p in mine], [p[1] for p in mine], s=60, color=colour,
+                   marker=marker, zorder=3, label=f"{setting} method")
+    for r, x, y in points:
+        ax.annotate(r["method"], (x, y), xytext=(6, 4), textcoords="offset points", fontsize=9)
+
+
+def _noise_floor_lines(ax: Axes, floors: dict[str, float]) -> None:
+    for setting, v in floors.items():
+        label = NOISE_FLOOR_LABEL if len(floors) == 1 else f"{NOISE_FLOOR_LABEL}, {setting}"
+        colour = _style(setting)[0]
+        ax.axhline(v, ls="--", lw=1.2, color=colour, label=label)
+        ax.text(0.01, v, label, transform=ax.get_yaxis_transform(), va="bottom", fontsize=8,
+                color=colour)
+
+
+def _fidelity_axes(ax: Axes, points: list[tuple[dict[str, Any], float, float]],
+                   floors: dict[str, float]) -> None:
+    from matplotlib.ticker import FuncFormatter
+
+    xs = [x for _, x, _ in points] + [1.0]
+    top = max([y for _, _, y in points] + list(floors.values()) + [0.0])
+    ax.set_xscale("log")
+    ax.set_xlim(min(xs) / 2, max(xs) * 2)
+    ax.set_ylim(0.0, top * 1.2 if top > 0 else 1.0)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
+    ax.grid(alpha=0.3, which="both")
+    ax.set_xlabel("speed-up over retraining (×)")
+    ax.set_ylabel("KL to retrained model on forgotten data (nats)")
+
+
+def plot_training_curve(results: Mapping[str, Any], path: Path) -> Figure:
+    """Test accuracy (left axis) and test loss (right axis) per training round.
+
+    Parameters
+    ----------
+    results : mapping
+        A run's ``results.json``; reads ``training.rounds``.
+    path : Path
+        Where the PNG goes (120 dpi).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    rounds = (results.get("training") or {}).get("rounds") or []
+    x = [r.get("round", i + 1) for i, r in enumerate(rounds)]
+    acc = [_value(r.get("test_accuracy")) for r in rounds]
+    loss = [_value(r.get("test_loss")) for r in rounds]
+    fig = _figure(8.0, 4.5)
+    ax = fig.subplots()
+    right = ax.twinx()
+    marker = "o" if len(x) <= 30 else None
+    lines = ax.plot(x, [math.nan if v is None else v for v in acc], color="tab:blue",
+                    marker=marker, ms=3, label="test accuracy")
+    lines += right.plot(x, [math.nan if v is None else v for v in loss], color="tab:red",
+                        ls="--", marker=marker, ms=3, label="test loss")
+    ax.set_ylim(0.0, 1.05)
+    ax.set_xlabel("round")
+    right.set_xlabel("round")
+    ax.set_ylabel("test accuracy (fraction)", color="tab:blue")
+    right.set_ylabel("test loss (cross-entropy, nats)", color="tab:red")
+    fig.suptitle("Federated training: test accuracy and loss per round")
+    ax.grid(alpha=0.3)
+    ax.legend(handles=lines, loc="center right")
+    if not rounds:
+        _note(ax, "no rounds recorded")
+    _save(fig, path)
+    return fig

@@ -1,0 +1,338 @@
+"""The removal comparison as rows and tables: ordering, formatting and ``metrics.csv``."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from fedunlearn.reporting.files import _write_text
+
+# --- the removal comparison: rows ------------------------------------------------------------
+
+METRIC_KEYS: tuple[str, ...] = (
+    "test_accuracy", "retain_accuracy", "forget_accuracy", "backdoor_asr", "backdoor_p_value",
+    "backdoor_trigger_active", "acc_err", "acc_dis", "param_distance", "kl_forget", "kl_test",
+    "pred_diff_forget", "pred_diff_test", "mia_loss_auc", "mia_loss_tpr_at_1fpr",
+    "mia_lira_auc", "mia_lira_tpr_at_1fpr")
+"""Metric keys of a comparison row, in the column order of ``metrics.csv``."""
+
+COST_KEYS: tuple[str, ...] = (
+    "wall_s", "speedup_vs_retrain", "client_epochs", "rounds", "messages_sent",
+    "bytes_exchanged", "sample_epochs", "server_epochs")
+"""Cost keys of a comparison row, in the column order of ``metrics.csv``."""
+
+CSV_COLUMNS: tuple[str, ...] = ("request", "setting", "role", "method", *METRIC_KEYS, *COST_KEYS)
+"""The header of ``metrics.csv``."""
+
+ROLES: tuple[str, ...] = ("original", "reference", "noise_floor", "method")
+SETTINGS: tuple[str, ...] = ("federated", "centralized")
+MISSING = "–"
+NOISE_FLOOR_LABEL = "noise floor (2nd retrain)"
+
+
+def normalize_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of one comparison row with every key the reports read.
+
+    Old run files lack ``setting`` and ``role``: the setting defaults to ``"federated"`` and
+    the role is inferred from the method name (``original``, ``retrain`` / ``central_retrain``
+    are the reference, ``*retrain_seed2`` the noise floor, anything else a method).
+
+    Parameters
+    ----------
+    row : mapping
+        One element of ``results["unlearning"]``.
+
+    Returns
+    -------
+    dict
+        The row with ``request`` as a list of client ids and ``metrics`` as a dict.
+    """
+    out = dict(row)
+    out["method"] = str(row.get("method") or "?")
+    out["request"] = _request_clients(row.get("request"))
+    out["setting"] = str(row.get("setting") or "federated")
+    out["role"] = str(row.get("role") or _infer_role(out["method"]))
+    out["metrics"] = dict(row.get("metrics") or {})
+    return out
+
+
+def _infer_role(method: str) -> str:
+    if method == "original":
+        return "original"
+    if method in ("retrain", "central_retrain"):
+        return "reference"
+    if method.endswith("retrain_seed2"):
+        return "noise_floor"
+    return "method"
+
+
+def _request_clients(request: Any) -> list[int]:
+    if request is None:
+        return []
+    if isinstance(request, (list, tuple)):
+        return [int(c) for c in request]
+    return [int(request)]
+
+
+def request_label(clients: Sequence[int]) -> str:
+    """``"0"`` or ``"0+3"``: the clients a request forgets."""
+    return "+".join(str(c) for c in clients) or MISSING
+
+
+def ordered_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Normalized rows grouped by request (first appearance), then setting, then role.
+
+    Parameters
+    ----------
+    rows : iterable of mapping
+        ``results["unlearning"]``.
+
+    Returns
+    -------
+    list of dict
+        Rows from :func:`normalize_row`; the sort is stable, so methods keep their order.
+    """
+    norm = [normalize_row(r) for r in rows]
+    requests = _unique(tuple(r["request"]) for r in norm)
+    settings = _settings(norm)
+    return sorted(norm, key=lambda r: (requests.index(tuple(r["request"])),
+                                       settings.index(r["setting"]), _rank(ROLES, r["role"])))
+
+
+def _unique(items: Iterable[Any]) -> list[Any]:
+    return list(dict.fromkeys(items))
+
+
+def _rank(order: Sequence[str], item: str) -> int:
+    return order.index(item) if item in order else len(order)
+
+
+def _settings(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Settings present, federated first, then centralized, then any other by appearance."""
+    seen = _unique(r["setting"] for r in rows)
+    return sorted(seen, key=lambda s: (_rank(SETTINGS, s), seen.index(s)))
+
+
+def _request_groups(rows: list[dict[str, Any]]) -> list[tuple[list[int], list[dict[str, Any]]]]:
+    """``(clients, rows)`` per request, for rows already in :func:`ordered_rows` order."""
+    groups: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r["request"]), []).append(r)
+    return [(list(k), v) for k, v in groups.items()]
+
+
+def _first_request(results: Mapping[str, Any]) -> tuple[list[int], list[dict[str, Any]]]:
+    groups = _request_groups(ordered_rows(results.get("unlearning") or []))
+    return groups[0] if groups else ([], [])
+
+
+def _by_role(rows: Iterable[dict[str, Any]], role: str) -> dict[str, dict[str, Any]]:
+    """The first row of ``role`` per setting."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["role"] == role:
+            out.setdefault(r["setting"], r)
+    return out
+
+
+# --- values and their formatting -------------------------------------------------------------
+
+def _value(x: Any) -> float | None:
+    """A finite number, or None for missing, null, NaN, infinite, boolean or non-numeric."""
+    if x is None or isinstance(x, bool):
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _metric(row: Mapping[str, Any] | None, key: str) -> float | None:
+    return None if row is None else _value(row["metrics"].get(key))
+
+
+def _fmt(x: Any, spec: str) -> str:
+    v = _value(x)
+    return MISSING if v is None else format(v, spec)
+
+
+def _fmt_int(x: Any) -> str:
+    v = _value(x)
+    return MISSING if v is None else str(round(v))
+
+
+def _fmt_speedup(x: Any, missing: str = MISSING) -> str:
+    v = _value(x)
+    return missing if v is None or v <= 0 else f"{v:.1f}x"
+
+
+def _fmt_bytes(x: Any) -> str:
+    """Decimal units: ``"950 B"``, ``"1.2 MB"``."""
+    v = _value(x)
+    if v is None:
+        return MISSING
+    units = ("B", "kB", "MB", "GB", "TB")
+    i = 0
+    while abs(v) >= 1000 and i < len(units) - 1:
+        v /= 1000
+        i += 1
+    return f"{int(v)} B" if i == 0 else f"{v:.1f} {units[i]}"
+
+
+def _trigger_flag(row: Mapping[str, Any]) -> bool | None:
+    flag = row["metrics"].get("backdoor_trigger_active")
+    return flag if isinstance(flag, bool) else None
+
+
+def trigger_verdict(row: Mapping[str, Any]) -> str:
+    """``"active (p=3e-41)"``, ``"not active (p=0.98)"`` or ``"–"`` for a normalized row."""
+    word = {True: "active", False: "not active", None: ""}[_trigger_flag(row)]
+    p = _metric(row, "backdoor_p_value")
+    if p is None:
+        return word or MISSING
+    return f"{word} (p={p:.2g})" if word else f"p={p:.2g}"
+
+
+def _has_backdoor(rows: Iterable[Mapping[str, Any]]) -> bool:
+    return any(_metric(r, "backdoor_asr") is not None or _trigger_flag(r) is not None
+               for r in rows)
+
+
+# --- tables ----------------------------------------------------------------------------------
+
+class _Column(NamedTuple):
+    header: str
+    cell: Callable[[dict[str, Any]], str]
+    numeric: bool = True
+
+
+def _metric_column(header: str, key: str, spec: str) -> _Column:
+    return _Column(header, lambda r: _fmt(r["metrics"].get(key), spec))
+
+
+def _cost_column(header: str, key: str, fmt: Callable[[Any], str]) -> _Column:
+    return _Column(header, lambda r: fmt(r.get(key)))
+
+
+def _lead_columns(show_setting: bool) -> list[_Column]:
+    cols = [_Column("setting", lambda r: r["setting"], False)] if show_setting else []
+    return [*cols, _Column("method", lambda r: r["method"], False)]
+
+
+def _fixed_width(columns: Sequence[_Column], rows: Sequence[dict[str, Any]]) -> str:
+    cells = [[c.cell(r) for c in columns] for r in rows]
+    widths = [max([len(c.header)] + [len(line[i]) for line in cells])
+              for i, c in enumerate(columns)]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if c.numeric else v.ljust(w)
+                         for v, w, c in zip(values, widths, columns)).rstrip()
+
+    head = line([c.header for c in columns])
+    return "\n".join([head, "-" * len(head), *(line(v) for v in cells)])
+
+
+def _terminal_columns(backdoor: bool) -> list[_Column]:
+    trigger = {True: "active", False: "no", None: MISSING}
+    cols = [_Column("request", lambda r: request_label(r["request"]), False),
+            _Column("setting", lambda r: r["setting"], False),
+            _Column("method", lambda r: r["method"], False),
+            _metric_column("test", "test_accuracy", ".3f"),
+            _metric_column("forget", "forget_accuracy", ".3f")]
+    if backdoor:
+        cols += [_metric_column("ASR", "backdoor_asr", ".3f"),
+                 _Column("trigger", lambda r: trigger[_trigger_flag(r)], False)]
+    return cols + [_metric_column("MIA-AUC", "mia_loss_auc", ".3f"),
+                   _metric_column("LiRA-AUC", "mia_lira_auc", ".3f"),
+                   _metric_column("KL-forget", "kl_forget", ".3g"),
+                   _cost_column("wall s", "wall_s", lambda x: _fmt(x, ".2f")),
+                   _cost_column("speedup", "speedup_vs_retrain", lambda x: _fmt_speedup(x, "-")),
+                   _cost_column("client-epochs", "client_epochs", lambda x: _fmt(x, ".1f")),
+                   _cost_column("msgs", "messages_sent", _fmt_int)]
+
+
+def comparison_table(rows: list[dict[str, Any]]) -> str:
+    """The removal comparison as a fixed-width text table for the terminal.
+
+    Parameters
+    ----------
+    rows : list of dict
+        ``results["unlearning"]``; rows of old run files (no ``setting``, ``role`` or newer
+        metrics) render too, missing values as ``–``.
+
+    Returns
+    -------
+    str
+        One line per row, grouped by request then setting. The ASR and trigger columns appear
+        only when some row measured the backdoor.
+    """
+    norm = ordered_rows(rows)
+    return _fixed_width(_terminal_columns(_has_backdoor(norm)), norm)
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _md_table(columns: Sequence[_Column], rows: Sequence[dict[str, Any]]) -> str:
+    head = "| " + " | ".join(c.header for c in columns) + " |"
+    rule = "|" + "|".join("---:" if c.numeric else ":---" for c in columns) + "|"
+    body = ["| " + " | ".join(_md_escape(c.cell(r)) for c in columns) + " |" for r in rows]
+    return "\n".join([head, rule, *body])
+
+
+# --- metrics.csv -----------------------------------------------------------------------------
+
+def metrics_table_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One flat dict per comparison row, keys :data:`CSV_COLUMNS`.
+
+    Parameters
+    ----------
+    results : mapping
+        A run's ``results.json``.
+
+    Returns
+    -------
+    list of dict
+        ``request`` as ``"0"`` or ``"0+3"``; metrics and costs as stored (None when missing),
+        in :func:`ordered_rows` order.
+    """
+    return [_flat_row(r) for r in ordered_rows(results.get("unlearning") or [])]
+
+
+def _flat_row(row: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {"request": request_label(row["request"]), "setting": row["setting"],
+                            "role": row["role"], "method": row["method"]}
+    flat.update({k: row["metrics"].get(k) for k in METRIC_KEYS})
+    flat.update({k: row.get(k) for k in COST_KEYS})
+    return flat
+
+
+def _csv_cell(value: Any) -> str:
+    """Empty for missing or NaN; ``repr`` precision for floats."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def write_metrics_csv(path: Path, results: Mapping[str, Any]) -> None:
+    """Write :func:`metrics_table_rows` to ``path`` (header only for a training-only run).
+
+    Parameters
+    ----------
+    path : Path
+        Where ``metrics.csv`` goes; written atomically.
+    results : mapping
+        A run's ``results.json``.
+    """
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in metrics_table_rows(results):
+        writer.writerow({k: _csv_cell(v) for k, v in row.items()})
+    _write_text(Path(path), buf.getvalue())
