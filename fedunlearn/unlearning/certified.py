@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -506,8 +507,9 @@ class OvRCertified:
             ``data_dependent_bound``, ``worst_case_bound`` and ``true_residual`` (max over
             classes; the residual is that of the returned model, i.e. of the retrained one when
             it retrained), ``budget_used`` (max_k beta_k after the call), ``budget`` (eps'),
-            ``retrained`` (bool), ``reason`` (why, or None), ``removed_samples`` (m) and
-            ``remaining`` (n - m).
+            ``retrained`` (bool), ``reason`` (why, or None), ``removed_samples`` (m),
+            ``remaining`` (n - m), ``newton_step_s`` (wall time of the Newton steps and bounds)
+            and, when it retrained, ``retrain_s``.
         """
         rows = np.asarray(rows)
         n_fit = len(self.mask_)
@@ -534,10 +536,12 @@ class OvRCertified:
             info["true_residual"] = float(self.residuals().max())
             info["budget_used"] = float(self.beta_.max())
             return info
+        t0 = time.perf_counter()
         xnorm = spectral_norm(Xc[~sub])
         steps = [newton_removal(Xc, self._labels(k, cur), self.W_[k], self.lam, len(Xc), sub,
                                 b=self.B_[k], x_spectral_norm=xnorm)
                  for k in range(self.num_classes_)]
+        info["newton_step_s"] = time.perf_counter() - t0
         self.W_ = np.stack([w for w, _ in steps])
         self.mask_ = cur & ~new
         bounds = np.array([s["data_dependent_bound"] for _, s in steps])
@@ -552,7 +556,9 @@ class OvRCertified:
                               f"{int(self.beta_.argmax())} exceeds the budget "
                               f"{info['budget']:.3g}; retrained with fresh noise")
             self.retrainings_ += 1
+            t0 = time.perf_counter()
             self._train_all(warm=True)
+            info["retrain_s"] = time.perf_counter() - t0
             info["true_residual"] = float(self.residuals().max())
         info["budget_used"] = float(self.beta_.max())
         return info

@@ -164,8 +164,10 @@ class NewtonRemoval:
             "data_dependent_bound", "worst_case_bound", "true_residual", "budget_used",
             "budget", "retrained", "removed_samples")}
         details["features"] = self.features
+        details["newton_step_s"] = info.get("newton_step_s", 0.0)
         if info["reason"] is not None:
             details["retrain_reason"] = info["reason"]
+            details["retrain_s"] = info["retrain_s"]
         cost = Cost(sample_epochs=float(info["remaining"]) if info["retrained"] else 0.0)
         return UnlearningResult(model=None,
                                 predict_proba=_compose(self.feature_map_, self.model_.frozen()),

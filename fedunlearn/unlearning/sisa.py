@@ -60,6 +60,19 @@ _SISA_SEED = 0x515A
 # --- pure helpers -------------------------------------------------------------------------
 
 
+def _check_layout(shards: int, slices: int, epochs: float, aggregate: str) -> None:
+    """Validate the ensemble's layout (one-line ValueErrors)."""
+    if int(shards) != shards or shards < 1:
+        raise ValueError(f"shards must be an integer >= 1, got {shards}")
+    if int(slices) != slices or slices < 1:
+        raise ValueError(f"slices must be an integer >= 1, got {slices}")
+    if not epochs > 0:
+        raise ValueError(f"epochs must be > 0, got {epochs}")
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}; got "
+                         f"{aggregate!r}")
+
+
 def slice_epochs(epochs: float, slices: int) -> float:
     """Epochs of each slice, ``e' = 2e / (R + 1)``, so the schedule costs one plain run.
 
@@ -196,15 +209,7 @@ class SisaEnsemble:
     def __init__(self, build_model: Callable[[], nn.Module], spec: LocalTraining, *,
                  shards: int, slices: int, epochs: float, aggregate: str = "vote", seed: int,
                  checkpoint_dir: str | Path | None = None, device: str = "cpu") -> None:
-        if int(shards) != shards or shards < 1:
-            raise ValueError(f"shards must be an integer >= 1, got {shards}")
-        if int(slices) != slices or slices < 1:
-            raise ValueError(f"slices must be an integer >= 1, got {slices}")
-        if not epochs > 0:
-            raise ValueError(f"epochs must be > 0, got {epochs}")
-        if aggregate not in AGGREGATES:
-            raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}; got "
-                             f"{aggregate!r}")
+        _check_layout(shards, slices, epochs, aggregate)
         self.build_model = build_model
         self.shards = int(shards)
         self.slices = int(slices)
@@ -476,17 +481,9 @@ class Sisa:
     def __init__(self, shards: int = 5, slices: int = 4, epochs: float = 20.0,
                  shard_by: str = "client", aggregate: str = "vote",
                  learning_rate: float | None = None) -> None:
-        if int(shards) != shards or shards < 1:
-            raise ValueError(f"shards must be an integer >= 1, got {shards}")
-        if int(slices) != slices or slices < 1:
-            raise ValueError(f"slices must be an integer >= 1, got {slices}")
-        if not epochs > 0:
-            raise ValueError(f"epochs must be > 0, got {epochs}")
+        _check_layout(shards, slices, epochs, aggregate)
         if shard_by not in SHARD_BY:
             raise ValueError(f"shard_by must be one of {', '.join(SHARD_BY)}; got {shard_by!r}")
-        if aggregate not in AGGREGATES:
-            raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}; got "
-                             f"{aggregate!r}")
         if learning_rate is not None and not learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0 or None, got {learning_rate}")
         self.shards = shards
