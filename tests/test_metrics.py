@@ -19,11 +19,13 @@ from fedunlearn.evaluation.metrics import (
     sape,
 )
 from fedunlearn.evaluation.mia import (
+    calibrated_lira_attack,
     lira_attack,
     lira_offline_scores,
     logit_confidence,
     loss_attack,
     per_example_loss,
+    population_calibration,
     roc_auc,
     tpr_at_fpr,
 )
@@ -339,3 +341,35 @@ def test_shadow_lira_is_deterministic_and_beats_chance_on_digits():
     out = lira_attack(phi[:200], phi[200:], phi_shadow[:, :200], phi_shadow[:, 200:])
     assert set(out) == {"mia_lira_auc", "mia_lira_tpr_at_1fpr"}
     assert out["mia_lira_auc"] > 0.5
+
+
+def test_population_calibration_pinned():
+    # polyfit of t = [1, 3.5, 5] on mu = [0, 1, 2]: a = 2, c = mean(t) - 2 * mean(mu) = 7/6;
+    # residuals [-1/6, 1/3, -1/6] -> std = sqrt((1/36 + 1/9 + 1/36) / 3) = sqrt(1/18)
+    a, c, s = population_calibration(np.array([1.0, 3.5, 5.0]),
+                                     np.array([[0.0, 1.0, 2.0], [0.0, 1.0, 2.0]]))
+    assert a == pytest.approx(2.0) and c == pytest.approx(7 / 6)
+    assert s == pytest.approx(np.sqrt(1 / 18))
+    # too few population points: identity map and the shadows' pooled spread
+    assert population_calibration(np.array([1.0]), np.array([[0.0], [2.0]])) == (1.0, 0.0, 1.0)
+
+
+def test_calibrated_lira_pinned_and_scale_invariant():
+    pop_t, pop_s = np.array([1.0, 3.5, 5.0]), np.array([[0.0, 1.0, 2.0], [0.0, 1.0, 2.0]])
+    # member: phi 4 where the calibrated prediction is 2 * 1 + 7/6 -> score (4 - 19/6)/s > 0;
+    # non-member: phi 3 -> score < 0; AUC 1
+    out = calibrated_lira_attack(np.array([4.0]), np.array([3.0]), np.array([[1.0], [1.0]]),
+                                 np.array([[1.0], [1.0]]), pop_t, pop_s)
+    assert out["mia_lira_auc"] == 1.0
+    # A target that is merely less confident everywhere (phi halved) is not made a member of
+    # the examples the shadows find hard: calibration removes the scale, plain LiRA does not.
+    rng = np.random.default_rng(0)
+    mu_m, mu_n, mu_p = rng.normal(-8, 1, 50), rng.normal(8, 1, 50), rng.normal(0, 8, 200)
+    shadows = [np.stack([mu + rng.normal(0, 0.5, mu.size) for _ in range(4)])
+               for mu in (mu_m, mu_n, mu_p)]
+    target = [0.5 * mu + rng.normal(0, 0.5, mu.size) for mu in (mu_m, mu_n, mu_p)]
+    plain = lira_attack(target[0], target[1], shadows[0], shadows[1])["mia_lira_auc"]
+    calib = calibrated_lira_attack(target[0], target[1], shadows[0], shadows[1], target[2],
+                                   shadows[2])["mia_lira_auc"]
+    assert plain > 0.95          # the artefact: every hard example looks like a member
+    assert abs(calib - 0.5) < 0.15

@@ -6,7 +6,13 @@ Two attacks are provided:
   Connection to Overfitting", CSF 2018: a low loss on an example suggests it was trained on;
 * the **offline LiRA** of Carlini et al., "Membership Inference Attacks From First Principles",
   IEEE S&P 2022: the target model's logit-scaled confidence on an example is compared with its
-  distribution under OUT shadow models (trained without the example), using a global variance.
+  distribution under OUT shadow models (trained without the example), using a global variance;
+* the same offline LiRA **calibrated on a population** (:func:`calibrated_lira_attack`): LiRA
+  assumes the shadows are trained like the target, which a centrally trained shadow and a
+  federated (or unlearned) target are not; a less confident target then looks like a member of
+  every example the shadows find hard. Fitting ``phi_target ~ a * mu_shadows + c`` on population
+  points that no model trained on (as RMIA compares with population samples: Zarifzadeh et al.,
+  "Low-Cost High-Power Membership Inference Attacks", ICML 2024) removes that scale mismatch.
 
 Every score follows the convention *higher = more likely a member*. Training the shadow models
 needs torch and lives in :mod:`fedunlearn.evaluation.shadow`.
@@ -180,5 +186,54 @@ def lira_attack(target_phi_members: np.ndarray, target_phi_nonmembers: np.ndarra
     s_n = np.asarray(shadow_phi_nonmembers, dtype=np.float64)
     scores = lira_offline_scores(np.concatenate([t_m, t_n]), np.concatenate([s_m, s_n], axis=1))
     member_scores, nonmember_scores = scores[:len(t_m)], scores[len(t_m):]
+    return {"mia_lira_auc": roc_auc(member_scores, nonmember_scores),
+            "mia_lira_tpr_at_1fpr": tpr_at_fpr(member_scores, nonmember_scores, 0.01)}
+
+
+def population_calibration(target_phi_population: np.ndarray,
+                           shadow_phi_population: np.ndarray,
+                           min_std: float = 1e-3) -> tuple[float, float, float]:
+    """Affine map from the shadows' mean confidence to the target's, fitted on population points.
+
+    Least squares ``phi_target(z) ~ a * mu(z) + c`` over population points ``z`` (members of no
+    model), ``mu(z)`` the mean over shadows; returns ``(a, c, s)`` with ``s`` the residual standard
+    deviation (ddof=0, at least ``min_std``). Fewer than 3 points give ``(1, 0, pooled std)``.
+
+    >>> population_calibration(np.array([1.0, 3.0, 5.0]), np.array([[0.0, 1.0, 2.0]]))
+    (2.0, 1.0, 0.001)
+    """
+    t = np.asarray(target_phi_population, dtype=np.float64).ravel()
+    shadow = np.asarray(shadow_phi_population, dtype=np.float64)
+    mu = shadow.mean(axis=0)
+    if len(t) < 3 or np.ptp(mu) == 0:
+        return 1.0, 0.0, max(min_std, float(np.std(shadow - mu)))
+    a, c = np.polyfit(mu, t, 1)
+    resid = t - (a * mu + c)
+    return round(float(a), 12), round(float(c), 12), max(min_std, float(np.std(resid)))
+
+
+def calibrated_lira_attack(target_phi_members: np.ndarray, target_phi_nonmembers: np.ndarray,
+                           shadow_phi_members: np.ndarray, shadow_phi_nonmembers: np.ndarray,
+                           target_phi_population: np.ndarray,
+                           shadow_phi_population: np.ndarray) -> dict[str, float]:
+    """Offline LiRA with the target's confidence scale calibrated on a population.
+
+    score(x) = (phi_target(x) - (a * mu(x) + c)) / s with ``(a, c, s)`` from
+    :func:`population_calibration`; ``mu(x)`` is the mean of the OUT shadows' ``phi`` on ``x``.
+    With ``a = 1, c = 0`` and ``s`` the shadows' spread it is :func:`lira_offline_scores`.
+
+    Returns
+    -------
+    dict
+        ``{"mia_lira_auc": ..., "mia_lira_tpr_at_1fpr": ...}``.
+    """
+    a, c, s = population_calibration(target_phi_population, shadow_phi_population)
+
+    def scores(target: np.ndarray, shadow: np.ndarray) -> np.ndarray:
+        mu = np.asarray(shadow, dtype=np.float64).mean(axis=0)
+        return (np.asarray(target, dtype=np.float64).ravel() - (a * mu + c)) / s
+
+    member_scores = scores(target_phi_members, shadow_phi_members)
+    nonmember_scores = scores(target_phi_nonmembers, shadow_phi_nonmembers)
     return {"mia_lira_auc": roc_auc(member_scores, nonmember_scores),
             "mia_lira_tpr_at_1fpr": tpr_at_fpr(member_scores, nonmember_scores, 0.01)}

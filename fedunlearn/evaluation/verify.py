@@ -3,9 +3,10 @@ the reference (retraining of the same setting).
 
 A :class:`RequestVerifier` is built once per request. It fixes the forget set (the targets'
 training data, as they trained on it, backdoor included), the retain set (everyone not removed),
-a held-out non-member sample of the test split of the same size as the member sample, and —
-when shadow models are enabled — the offline LiRA statistics of those queries from shadow
-models trained on halves of the retain set (so that no query is in any shadow; trained at the
+a held-out non-member sample of the test split of the same size as the member sample, the
+rest of the test split as the population LiRA calibrates on, and — when shadow models are
+enabled — the offline LiRA statistics of all those queries from shadow models trained on halves
+of the retain set (so that no query is in any shadow; trained at the
 first metric computation, after the removal methods ran). Then
 :meth:`RequestVerifier.outputs` takes a model's predictions once and
 :meth:`RequestVerifier.metrics` turns them into the metrics of ``results.json``.
@@ -29,7 +30,7 @@ from fedunlearn.evaluation.metrics import (
     prediction_difference,
     sape,
 )
-from fedunlearn.evaluation.mia import lira_attack, logit_confidence, loss_attack
+from fedunlearn.evaluation.mia import calibrated_lira_attack, logit_confidence, loss_attack
 
 Predict = Callable[[np.ndarray], np.ndarray]
 ShadowFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -84,6 +85,7 @@ class RequestVerifier:
         self.nonmember_idx = np.sort(rng.choice(len(data.test), size=n, replace=False))
         self.member_y = self.forget.y[self.member_idx]
         self.nonmember_y = data.test.y[self.nonmember_idx]
+        self.population_idx = np.setdiff1d(np.arange(len(data.test)), self.nonmember_idx)
         self._shadows = shadows
         self._shadow_phi: np.ndarray | None = None
 
@@ -92,9 +94,10 @@ class RequestVerifier:
         """OUT shadow models' logit confidences on the queries (trained on first use, so that
         shadow training never runs between the removal methods being timed)."""
         if self._shadows is not None and self._shadow_phi is None:
-            qx = np.concatenate([self.forget.x[self.member_idx],
-                                 self.data.test.x[self.nonmember_idx]])
-            qy = np.concatenate([self.member_y, self.nonmember_y])
+            test = self.data.test
+            qx = np.concatenate([self.forget.x[self.member_idx], test.x[self.nonmember_idx],
+                                 test.x[self.population_idx]])
+            qy = np.concatenate([self.member_y, self.nonmember_y, test.y[self.population_idx]])
             self._shadow_phi = self._shadows(self.retain.x, self.retain.y, qx, qy)
         return self._shadow_phi
 
@@ -119,12 +122,15 @@ class RequestVerifier:
             m.update(backdoor_test(asr, len(out.triggered), self.data.num_classes,
                                    alpha=self.alpha))
         m.update(loss_attack(out.members, self.member_y, out.nonmembers, self.nonmember_y))
-        shadow_phi = self.shadow_phi
-        if shadow_phi is not None:
+        phi = self.shadow_phi
+        if phi is not None:
             n = len(self.member_idx)
-            m.update(lira_attack(logit_confidence(out.members, self.member_y),
-                                 logit_confidence(out.nonmembers, self.nonmember_y),
-                                 shadow_phi[:, :n], shadow_phi[:, n:]))
+            pop = self.population_idx
+            m.update(calibrated_lira_attack(
+                logit_confidence(out.members, self.member_y),
+                logit_confidence(out.nonmembers, self.nonmember_y),
+                phi[:, :n], phi[:, n:2 * n],
+                logit_confidence(out.test[pop], self.data.test.y[pop]), phi[:, 2 * n:]))
         return m
 
     def metrics(self, out: Outputs, *, reference: Outputs | None = None,
