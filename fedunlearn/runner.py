@@ -22,7 +22,7 @@ from fedunlearn.reporting import (
     write_report,
 )
 from fedunlearn.seeding import seed_everything
-from fedunlearn.unlearning.service import serve_requests
+from fedunlearn.unlearning.service import build_methods, serve_requests
 
 ENGINE = "flower-ray"
 
@@ -37,22 +37,33 @@ def run_experiment(cfg: Config, out: Path, *, quiet: bool = False) -> dict[str, 
 
     lineage = LineageLog(out)
 
-    def job(fed: FlowerFederation) -> dict[str, Any]:
-        run = train_federation(fed, setup, store, progress=not quiet, lineage=lineage)
-        body: dict[str, Any] = {
-            "training": training_block(run, engine=ENGINE, history_bytes=store.bytes_used())}
-        if cfg.unlearning.requests:
-            served = serve_requests(cfg, data=setup.data, trained=run.final,
-                                    initial=setup.initial, store=store, federation=fed,
-                                    lineage=lineage, build_model=setup.build_model,
-                                    predictor=setup.predictor(),
-                                    stream=None if quiet else sys.stderr)
-            body["unlearning"] = [dataclasses.asdict(r) for r in served.rows]
+    shadow_cache: dict[int, Any] = {}
+    trained: dict[str, Any] = {}
+
+    def serve(federation: FlowerFederation | None, setting: str) -> list[dict[str, Any]]:
+        served = serve_requests(cfg, data=setup.data, trained=trained["final"],
+                                initial=setup.initial, store=store, federation=federation,
+                                lineage=lineage, build_model=setup.build_model,
+                                predictor=setup.predictor(), settings=(setting,),
+                                shadow_cache=shadow_cache, stream=None if quiet else sys.stderr)
+        if served.purges:
             body["purges"] = served.purges
             body["history_bytes_after_purge"] = store.bytes_used()
+        return [dataclasses.asdict(r) for r in served.rows]
+
+    def job(fed: FlowerFederation) -> dict[str, Any]:
+        run = train_federation(fed, setup, store, progress=not quiet, lineage=lineage)
+        trained["final"] = run.final
+        body["training"] = training_block(run, engine=ENGINE, history_bytes=store.bytes_used())
+        if cfg.unlearning.requests:  # federated removal needs the live federation
+            body["unlearning"] = serve(fed, "federated")
         return body
 
-    body = run_on_flower(cfg, job, setup.evaluator())
+    body: dict[str, Any] = {}
+    run_on_flower(cfg, job, setup.evaluator())
+    if cfg.unlearning.requests and any(m.setting == "centralized" for m in build_methods(cfg)):
+        # centralized removal runs at one site, after the federation engine has shut down
+        body["unlearning"] += serve(None, "centralized")
     results = {**stamp(cfg), **body}
     write_json(out / "results.json", results)
     written = write_report(out, results)

@@ -68,11 +68,14 @@ class RequestVerifier:
         :func:`fedunlearn.evaluation.shadow.shadow_logit_confidences`); None disables LiRA.
     seed : int
         Draws the non-member (and, if the forget set is larger, the member) sample.
+    shadow_phi : np.ndarray, optional
+        The shadows' confidences computed earlier for the same request and seed (reused).
     """
 
     def __init__(self, data: FederatedData, *, targets: Collection[int],
                  removed: Collection[int], target_class: int | None, alpha: float = 0.01,
-                 shadows: ShadowFn | None = None, seed: int = 0) -> None:
+                 shadows: ShadowFn | None = None, seed: int = 0,
+                 shadow_phi: np.ndarray | None = None) -> None:
         everyone = set(range(len(data.clients)))
         self.data = data
         self.forget = data.pooled(exclude=everyone - set(targets))
@@ -87,7 +90,7 @@ class RequestVerifier:
         self.nonmember_y = data.test.y[self.nonmember_idx]
         self.population_idx = np.setdiff1d(np.arange(len(data.test)), self.nonmember_idx)
         self._shadows = shadows
-        self._shadow_phi: np.ndarray | None = None
+        self._shadow_phi = shadow_phi if shadows is not None else None
 
     @property
     def shadow_phi(self) -> np.ndarray | None:

@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.linalg import cho_factor, cho_solve, eigvalsh
+from scipy.linalg import blas, cho_factor, cho_solve, eigvalsh
 from scipy.optimize import minimize
 from scipy.special import expit, logsumexp
 from threadpoolctl import ThreadpoolController
@@ -133,8 +133,9 @@ def gradient(w: np.ndarray, X: np.ndarray, y: np.ndarray, lam: float,
 
 def hessian(w: np.ndarray, X: np.ndarray, lam: float) -> np.ndarray:
     """``hess L(w) = X^T diag(l''(Xw)) X + lam n I`` with ``n = len(X)`` (b does not enter)."""
-    s = logistic_d2loss(X @ w)
-    H = (X * s[:, None]).T @ X
+    a = X * np.sqrt(logistic_d2loss(X @ w))[:, None]
+    upper = blas.dsyrk(1.0, a, trans=1)  # A^T A, upper triangle only: half a GEMM's work
+    H = np.triu(upper) + np.triu(upper, 1).T
     H[np.diag_indices_from(H)] += lam * X.shape[0]
     return H
 
@@ -164,7 +165,8 @@ def _check_problem(X: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray
 # --------------------------------------------------------------------------- training
 
 def train_logistic(X: np.ndarray, y: np.ndarray, lam: float, b: np.ndarray | None = None, *,
-                   w0: np.ndarray | None = None, max_newton: int = 50) -> np.ndarray:
+                   w0: np.ndarray | None = None, max_newton: int = 50,
+                   factor: Any = None) -> np.ndarray:
     """Minimise ``L(w) = sum_i l(w^T x_i, y_i) + (lam n / 2) ||w||^2 + b^T w`` to high precision.
 
     L-BFGS-B (``scipy.optimize.minimize``, gradient tolerance ``WARM_TOL * n``) brings w near
@@ -186,6 +188,10 @@ def train_logistic(X: np.ndarray, y: np.ndarray, lam: float, b: np.ndarray | Non
         Starting point (default zeros).
     max_newton : int, optional
         Cap on polishing Newton iterations (default 50).
+    factor : optional
+        A ``cho_factor`` of a Hessian near the optimum (e.g. the removal step's): with ``w0``
+        the solver first takes chord steps with it (one gradient each, no new Hessian) while
+        they converge fast; the minimiser is the same.
 
     Returns
     -------
@@ -200,18 +206,18 @@ def train_logistic(X: np.ndarray, y: np.ndarray, lam: float, b: np.ndarray | Non
         raise ValueError("cannot train on an empty set")
 
     with _blas_threads_for(n, d):
-        return _minimise(X, y, lam, b, w, max_newton, warm=w0 is not None)
+        return _minimise(X, y, lam, b, w, max_newton, warm=w0 is not None, factor=factor)
 
 
 def _minimise(X: np.ndarray, y: np.ndarray, lam: float, b: np.ndarray | None, w: np.ndarray,
-              max_newton: int, warm: bool = False) -> np.ndarray:
+              max_newton: int, warm: bool = False, factor: Any = None) -> np.ndarray:
     """L-BFGS-B warm start, then Newton polishing (see :func:`train_logistic`).
 
     From a caller's warm start (``warm``) Newton runs first, and L-BFGS-B only if Newton does
     not reach the warm-start tolerance (the minimiser is unique, so the answer is the same).
     """
     if warm:
-        w, gnorm = _newton_polish(X, y, lam, b, w, max_newton)
+        w, gnorm = _newton_polish(X, y, lam, b, w, max_newton, factor)
         if gnorm <= WARM_TOL * X.shape[0]:
             return w
     w = _lbfgs(X, y, lam, b, w)
@@ -229,12 +235,25 @@ def _lbfgs(X: np.ndarray, y: np.ndarray, lam: float, b: np.ndarray | None,
 
 
 def _newton_polish(X: np.ndarray, y: np.ndarray, lam: float, b: np.ndarray | None,
-                   w: np.ndarray, max_newton: int) -> tuple[np.ndarray, float]:
+                   w: np.ndarray, max_newton: int, factor: Any = None) -> tuple[np.ndarray, float]:
     """Newton iterations (step halved until the gradient norm decreases) until
-    ``||grad L|| <= ABS_TOL * n`` or float64 stops progress; returns ``(w, ||grad L(w)||)``."""
+    ``||grad L|| <= ABS_TOL * n`` or float64 stops progress; returns ``(w, ||grad L(w)||)``.
+
+    With a Hessian ``factor``, chord steps (that fixed Hessian, a new gradient each) go first
+    while each at least halves the gradient norm."""
     target = ABS_TOL * X.shape[0]
     g = gradient(w, X, y, lam, b)
     gnorm = float(np.linalg.norm(g))
+    if factor is not None:
+        for _ in range(100):
+            if gnorm <= target:
+                return w, gnorm
+            cand = w - cho_solve(factor, g)
+            g_cand = gradient(cand, X, y, lam, b)
+            norm_cand = float(np.linalg.norm(g_cand))
+            if norm_cand > 0.5 * gnorm:
+                break
+            w, g, gnorm = cand, g_cand, norm_cand
     for _ in range(max_newton):
         if gnorm <= target:
             break
@@ -252,11 +271,47 @@ def _newton_polish(X: np.ndarray, y: np.ndarray, lam: float, b: np.ndarray | Non
     return w, gnorm
 
 
+def _chord_all(X: np.ndarray, Y: np.ndarray, W: np.ndarray, lam: float, B: np.ndarray,
+               factors: list[Any], max_steps: int = 100) -> np.ndarray:
+    """Chord iterations for all one-vs-rest classes at once (a warm start for a retraining).
+
+    Each step takes every class's gradient with two matrix products over all classes and
+    solves with that class's fixed Hessian factor; a class stops when it is at ``ABS_TOL * n``
+    or when a step fails to halve its gradient norm (the per-class Newton polish of
+    :func:`train_logistic` finishes the job from there).
+    """
+    n = X.shape[0]
+    target = ABS_TOL * n
+
+    def grads(V: np.ndarray) -> np.ndarray:  # (K, d)
+        return (X.T @ logistic_dloss(X @ V.T, Y)).T + lam * n * V + B
+
+    with _blas_threads_for(n, X.shape[1]):
+        W = W.copy()
+        G = grads(W)
+        norms = np.linalg.norm(G, axis=1)
+        moving = np.ones(len(W), dtype=bool)
+        for _ in range(max_steps):
+            if not np.any((norms > target) & moving):
+                break
+            active = (norms > target) & moving
+            cand = W.copy()
+            cand[active] -= np.stack([cho_solve(factors[k], G[k]) for k in np.flatnonzero(active)])
+            G_cand = grads(cand)
+            norms_cand = np.linalg.norm(G_cand, axis=1)
+            ok = active & (norms_cand <= 0.5 * norms)
+            moving &= ok | ~active
+            if not ok.any():
+                break
+            W[ok], G[ok], norms[ok] = cand[ok], G_cand[ok], norms_cand[ok]
+    return W
+
+
 # --------------------------------------------------------------------------- removal
 
 def newton_removal(X: np.ndarray, y: np.ndarray, w: np.ndarray, lam: float, n_total: int,
                    remove_mask: np.ndarray, *, b: np.ndarray | None = None,
-                   x_spectral_norm: float | None = None) -> tuple[np.ndarray, dict[str, float]]:
+                   x_spectral_norm: float | None = None, return_factor: bool = False) -> Any:
     """One Newton step removing the rows of ``remove_mask`` (Guo et al. 2020).
 
     ``Delta = m lam w + sum_{j in M} grad l(w^T x_j, y_j)``,
@@ -283,6 +338,8 @@ def newton_removal(X: np.ndarray, y: np.ndarray, w: np.ndarray, lam: float, n_to
         true residual depends on it.
     x_spectral_norm : float, optional
         ``||X^-||_2`` of the remaining rows, if the caller has it (computed otherwise).
+    return_factor : bool, optional
+        Also return the ``cho_factor`` of H (for a warm retraining, see :func:`train_logistic`).
 
     Returns
     -------
@@ -304,12 +361,13 @@ def newton_removal(X: np.ndarray, y: np.ndarray, w: np.ndarray, lam: float, n_to
     if m >= n:
         raise ValueError(f"cannot remove all {n} points of the training set")
     with _blas_threads_for(n, X.shape[1]):
-        return _newton_step(X, y, w, lam, mask, b, x_spectral_norm)
+        w_new, info, factor = _newton_step(X, y, w, lam, mask, b, x_spectral_norm)
+    return (w_new, info, factor) if return_factor else (w_new, info)
 
 
 def _newton_step(X: np.ndarray, y: np.ndarray, w: np.ndarray, lam: float, mask: np.ndarray,
                  b: np.ndarray | None,
-                 x_spectral_norm: float | None) -> tuple[np.ndarray, dict[str, float]]:
+                 x_spectral_norm: float | None) -> tuple[np.ndarray, dict[str, float], Any]:
     """The body of :func:`newton_removal` on validated inputs."""
     n, m = X.shape[0], int(mask.sum())
     keep = ~mask
@@ -317,11 +375,12 @@ def _newton_step(X: np.ndarray, y: np.ndarray, w: np.ndarray, lam: float, mask: 
     if m == 0:
         resid = float(np.linalg.norm(gradient(w, Xr, yr, lam, b)))
         return w.copy(), {"data_dependent_bound": 0.0, "worst_case_bound": 0.0,
-                          "true_residual": resid, "removed": 0, "remaining": n}
+                          "true_residual": resid, "removed": 0, "remaining": n}, None
     Xm, ym = X[mask], y[mask]
     delta = m * lam * w + Xm.T @ logistic_dloss(Xm @ w, ym)
     H = hessian(w, Xr, lam)  # regulariser lam (n - m) since len(Xr) = n - m
-    step = cho_solve(cho_factor(H), delta)
+    factor = cho_factor(H)
+    step = cho_solve(factor, delta)
     w_new = w + step
     xnorm = spectral_norm(Xr) if x_spectral_norm is None else float(x_spectral_norm)
     data_bound = GAMMA * xnorm * float(np.linalg.norm(step)) * float(np.linalg.norm(Xr @ step))
@@ -329,7 +388,7 @@ def _newton_step(X: np.ndarray, y: np.ndarray, w: np.ndarray, lam: float, mask: 
     worst = 4.0 * GAMMA * m**2 * c_bar**2 / (lam**2 * (n - m))
     resid = float(np.linalg.norm(gradient(w_new, Xr, yr, lam, b)))
     return w_new, {"data_dependent_bound": data_bound, "worst_case_bound": worst,
-                   "true_residual": resid, "removed": m, "remaining": n - m}
+                   "true_residual": resid, "removed": m, "remaining": n - m}, factor
 
 
 def certification_budget(sigma: float, epsilon: float, delta: float) -> float:
@@ -455,7 +514,7 @@ class OvRCertified:
     def _labels(self, k: int, keep: np.ndarray) -> np.ndarray:
         return np.where(self.y_[keep] == k, 1.0, -1.0)
 
-    def _train_all(self, warm: bool = False) -> None:
+    def _train_all(self, warm: bool = False, factors: list[Any] | None = None) -> None:
         """Draw fresh noise and fit every class on the current training rows; reset beta.
 
         ``warm`` starts the solver from the current weights (the optimum is unique, so only
@@ -463,10 +522,17 @@ class OvRCertified:
         d = self.X_.shape[1]
         self.B_ = self.rng_.normal(0.0, self.sigma, size=(self.num_classes_, d))
         Xc = self.X_[self.mask_]
+        start = self.W_ if warm else np.zeros((self.num_classes_, d))
+        if warm and factors:
+            start = _chord_all(Xc, self._signs(self.mask_), start, self.lam, self.B_, factors)
         self.W_ = np.stack([train_logistic(Xc, self._labels(k, self.mask_), self.lam, self.B_[k],
-                                           w0=self.W_[k] if warm else None)
+                                           w0=start[k] if warm else None)
                             for k in range(self.num_classes_)])
         self.beta_ = np.zeros(self.num_classes_)
+
+    def _signs(self, keep: np.ndarray) -> np.ndarray:
+        """One-vs-rest labels of every class at once, shape ``(n_kept, K)``."""
+        return np.where(self.y_[keep][:, None] == np.arange(self.num_classes_), 1.0, -1.0)
 
     def fit(self, X: np.ndarray, y: np.ndarray, num_classes: int | None = None) -> OvRCertified:
         """Fit K one-vs-rest models on ``(X, y)`` with integer labels ``0..K-1``; returns self."""
@@ -539,16 +605,16 @@ class OvRCertified:
         t0 = time.perf_counter()
         xnorm = spectral_norm(Xc[~sub])
         steps = [newton_removal(Xc, self._labels(k, cur), self.W_[k], self.lam, len(Xc), sub,
-                                b=self.B_[k], x_spectral_norm=xnorm)
+                                b=self.B_[k], x_spectral_norm=xnorm, return_factor=True)
                  for k in range(self.num_classes_)]
         info["newton_step_s"] = time.perf_counter() - t0
-        self.W_ = np.stack([w for w, _ in steps])
+        self.W_ = np.stack([w for w, _, _ in steps])
         self.mask_ = cur & ~new
-        bounds = np.array([s["data_dependent_bound"] for _, s in steps])
+        bounds = np.array([s["data_dependent_bound"] for _, s, _ in steps])
         self.beta_ = self.beta_ + bounds
         info["data_dependent_bound"] = float(bounds.max())
-        info["worst_case_bound"] = float(max(s["worst_case_bound"] for _, s in steps))
-        info["true_residual"] = float(max(s["true_residual"] for _, s in steps))
+        info["worst_case_bound"] = float(max(s["worst_case_bound"] for _, s, _ in steps))
+        info["true_residual"] = float(max(s["true_residual"] for _, s, _ in steps))
         used = float(self.beta_.max())
         if used > info["budget"]:
             info["retrained"] = True
@@ -557,7 +623,7 @@ class OvRCertified:
                               f"{info['budget']:.3g}; retrained with fresh noise")
             self.retrainings_ += 1
             t0 = time.perf_counter()
-            self._train_all(warm=True)
+            self._train_all(warm=True, factors=[f for _, _, f in steps])
             info["retrain_s"] = time.perf_counter() - t0
             info["true_residual"] = float(self.residuals().max())
         info["budget_used"] = float(self.beta_.max())

@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -35,6 +35,7 @@ from fedunlearn.unlearning.base import UNLEARNERS, Unlearner, UnlearningContext,
 
 REFERENCE = {"federated": "retrain", "centralized": "central_retrain"}
 """The reference (exact retraining) of each setting."""
+SETTINGS = tuple(REFERENCE)
 NOISE_SUFFIX = "_seed2"
 EXACT = frozenset(REFERENCE.values())
 
@@ -156,12 +157,24 @@ class _Answer:
 
 
 def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial: Params,
-                   store: HistoryStore, federation: Federation, lineage: LineageLog,
+                   store: HistoryStore, federation: Federation | None, lineage: LineageLog,
                    build_model: Callable[[], Any], predictor: Callable[[Params], Callable],
-                   stream: TextIO | None = sys.stderr) -> Served:
-    """Serve ``cfg.unlearning.requests`` with every configured method; see module docstring."""
-    methods = build_methods(cfg)
-    check_requests(cfg, store)
+                   stream: TextIO | None = sys.stderr,
+                   settings: Collection[str] = SETTINGS,
+                   shadow_cache: dict[int, Any] | None = None) -> Served:
+    """Serve ``cfg.unlearning.requests`` with every configured method; see module docstring.
+
+    ``settings`` restricts the methods served: the runner serves the federated ones inside the
+    live Flower engine, then the centralized ones after it has shut down (a single site runs no
+    federation engine; its timings are not disturbed by one). The federated pass checks the
+    requests and purges the history store; ``shadow_cache`` (request index -> shadow models'
+    confidences) lets the second pass reuse the first pass's shadow models.
+    """
+    methods = [m for m in build_methods(cfg) if m.setting in settings]
+    federated = "federated" in settings
+    if federated:
+        check_requests(cfg, store)
+    shadow_cache = {} if shadow_cache is None else shadow_cache
     target_class = cfg.backdoor.target_class if cfg.backdoor.clients else None
     everyone = set(range(cfg.data.num_clients))
 
@@ -181,23 +194,25 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
     for i, request in enumerate(cfg.unlearning.requests):
         targets = tuple(sorted(request))
         removed = removed | set(targets)
-        lineage.append("request", request=i, clients=list(targets))
+        if federated:
+            lineage.append("request", request=i, clients=list(targets))
         verifier = RequestVerifier(data, targets=targets, removed=removed,
                                    target_class=target_class, alpha=cfg.verification.alpha,
-                                   shadows=shadows, seed=derive_seed(cfg.seed, 0x3E7, i))
-        answers = _originals(methods, trained, targets, verifier, predictor)
+                                   shadows=shadows, seed=derive_seed(cfg.seed, 0x3E7, i),
+                                   shadow_phi=shadow_cache.get(i))
+        answers = _originals(methods, trained, targets, verifier, predictor, federated)
         reference_wall: dict[str, float] = {}
         for m in methods:
             ctx = context(targets, removed, current[m.name], i)
-            sent, exchanged = federation.messages_sent, federation.bytes_exchanged
+            sent, exchanged = _traffic(federation)
             t0 = time.perf_counter()
             result = m.method.unlearn(ctx)
             wall = time.perf_counter() - t0
+            after = _traffic(federation)
             if m.role == "reference":
                 reference_wall[m.setting] = wall
             answer = _answer(m, result, targets, wall, reference_wall.get(m.setting),
-                             federation.messages_sent - sent,
-                             federation.bytes_exchanged - exchanged, verifier, predictor)
+                             after[0] - sent, after[1] - exchanged, verifier, predictor)
             if m.name in fit_wall:
                 answer.row.details["fit_wall_s"] = fit_wall[m.name]
             answers.append(answer)
@@ -212,7 +227,9 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
                  f"test {answer.row.metrics['test_accuracy']:.3f}  "
                  f"forget {answer.row.metrics['forget_accuracy']:.3f}")
         rows += _with_distances(answers, verifier)
-        if cfg.unlearning.purge:
+        if verifier.shadow_phi is not None:
+            shadow_cache[i] = verifier.shadow_phi
+        if federated and cfg.unlearning.purge:
             files_before = _files(store)
             freed = store.purge_clients(targets)
             purge = {"request": i, "clients": list(targets), "bytes_freed": freed,
@@ -220,6 +237,12 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
             purges.append(purge)
             lineage.append("purge", **purge)
     return Served(rows=rows, purges=purges)
+
+
+def _traffic(federation: Federation | None) -> tuple[int, int]:
+    if federation is None:
+        return 0, 0
+    return federation.messages_sent, federation.bytes_exchanged
 
 
 def _fit_centralized(methods: list[Method], ctx: UnlearningContext, lineage: LineageLog,
@@ -260,13 +283,15 @@ def _shadow_fn(cfg: Config, build_model: Callable[[], Any]) -> Callable | None:
 
 
 def _originals(methods: list[Method], trained: Params, targets: tuple[int, ...],
-               verifier: RequestVerifier, predictor: Callable[[Params], Callable]
-               ) -> list[_Answer]:
+               verifier: RequestVerifier, predictor: Callable[[Params], Callable],
+               federated: bool) -> list[_Answer]:
     """The models before removal: the federated model, and the centralized reference's own
     model fitted on all the pooled data."""
-    out = [_blank_answer("original", "federated", targets,
-                         verifier.outputs(predictor(trained)), trained,
-                         params_hash(trained))]
+    out = []
+    if federated:
+        out.append(_blank_answer("original", "federated", targets,
+                                 verifier.outputs(predictor(trained)), trained,
+                                 params_hash(trained)))
     central = next((m for m in methods if m.role == "reference" and m.setting == "centralized"),
                    None)
     if central is not None:
