@@ -232,15 +232,14 @@ def with_centralized(cfg: Config) -> Config:
     centralized, the centralized ones of :data:`CENTRALIZED_DEFAULTS`, on the same data."""
     import dataclasses
 
-    from fedunlearn.unlearning import UNLEARNERS
+    from fedunlearn.unlearning.service import settings_in
 
     load_extensions(cfg.experiment.extensions)
     if not cfg.unlearning.requests:
         raise ConfigError("compare needs removal requests: set unlearning.requests, e.g. "
                           "--set 'unlearning.requests=[[0]]'")
     methods = list(cfg.unlearning.methods)
-    known = [m for m in methods if m in UNLEARNERS]
-    if not any(getattr(UNLEARNERS.get(m), "setting", "") == "centralized" for m in known):
+    if "centralized" not in settings_in(cfg):
         methods += [m for m in CENTRALIZED_DEFAULTS if m not in methods]
     return dataclasses.replace(cfg, unlearning=dataclasses.replace(cfg.unlearning,
                                                                    methods=methods))

@@ -13,6 +13,7 @@ from fedunlearn.federation.flower import FlowerFederation, run_on_flower
 from fedunlearn.federation.local import warm_up
 from fedunlearn.history import HistoryStore
 from fedunlearn.lineage import LineageLog
+from fedunlearn.params import Params
 from fedunlearn.reporting import (
     comparison_table,
     stamp,
@@ -22,7 +23,7 @@ from fedunlearn.reporting import (
     write_report,
 )
 from fedunlearn.seeding import seed_everything
-from fedunlearn.unlearning.service import build_methods, serve_requests
+from fedunlearn.unlearning.service import Served, serve_requests, settings_in
 
 ENGINE = "flower-ray"
 
@@ -37,33 +38,31 @@ def run_experiment(cfg: Config, out: Path, *, quiet: bool = False) -> dict[str, 
 
     lineage = LineageLog(out)
 
-    shadow_cache: dict[int, Any] = {}
-    trained: dict[str, Any] = {}
+    shadow_cache: dict[int, Any] = {}  # the second pass reuses the first pass's shadow models
 
-    def serve(federation: FlowerFederation | None, setting: str) -> list[dict[str, Any]]:
-        served = serve_requests(cfg, data=setup.data, trained=trained["final"],
-                                initial=setup.initial, store=store, federation=federation,
-                                lineage=lineage, build_model=setup.build_model,
-                                predictor=setup.predictor(), settings=(setting,),
-                                shadow_cache=shadow_cache, stream=None if quiet else sys.stderr)
-        if served.purges:
+    def serve(final: Params, federation: FlowerFederation | None, setting: str) -> Served:
+        return serve_requests(cfg, data=setup.data, trained=final, initial=setup.initial,
+                              store=store, federation=federation, lineage=lineage,
+                              build_model=setup.build_model, predictor=setup.predictor(),
+                              settings=(setting,), shadow_cache=shadow_cache,
+                              stream=None if quiet else sys.stderr)
+
+    def job(fed: FlowerFederation) -> tuple[Params, dict[str, Any]]:
+        run = train_federation(fed, setup, store, progress=not quiet, lineage=lineage)
+        body: dict[str, Any] = {
+            "training": training_block(run, engine=ENGINE, history_bytes=store.bytes_used())}
+        if cfg.unlearning.requests:  # federated removal needs the live federation
+            served = serve(run.final, fed, "federated")
+            body["unlearning"] = [dataclasses.asdict(r) for r in served.rows]
             body["purges"] = served.purges
             body["history_bytes_after_purge"] = store.bytes_used()
-        return [dataclasses.asdict(r) for r in served.rows]
+        return run.final, body
 
-    def job(fed: FlowerFederation) -> dict[str, Any]:
-        run = train_federation(fed, setup, store, progress=not quiet, lineage=lineage)
-        trained["final"] = run.final
-        body["training"] = training_block(run, engine=ENGINE, history_bytes=store.bytes_used())
-        if cfg.unlearning.requests:  # federated removal needs the live federation
-            body["unlearning"] = serve(fed, "federated")
-        return body
-
-    body: dict[str, Any] = {}
-    run_on_flower(cfg, job, setup.evaluator())
-    if cfg.unlearning.requests and any(m.setting == "centralized" for m in build_methods(cfg)):
+    final, body = run_on_flower(cfg, job, setup.evaluator())
+    if cfg.unlearning.requests and "centralized" in settings_in(cfg):
         # centralized removal runs at one site, after the federation engine has shut down
-        body["unlearning"] += serve(None, "centralized")
+        body["unlearning"] += [dataclasses.asdict(r)
+                               for r in serve(final, None, "centralized").rows]
     results = {**stamp(cfg), **body}
     write_json(out / "results.json", results)
     written = write_report(out, results)

@@ -50,6 +50,12 @@ class FederatedData:
                             y=np.concatenate([p.y for p in parts]),
                             num_classes=self.num_classes, name="pooled")
 
+    def owners(self, exclude: frozenset[int] | set[int] = frozenset()) -> np.ndarray:
+        """The client of each sample of :meth:`pooled` (same ``exclude``, same order)."""
+        kept = [k for k in range(len(self.clients)) if k not in exclude]
+        return np.repeat(np.array(kept, dtype=np.int64),
+                         [len(self.clients[k]) for k in kept])
+
 
 def build_federated_data(cfg: Config) -> FederatedData:
     """Load the source, split it, partition over clients and plant the backdoor, all seeded."""

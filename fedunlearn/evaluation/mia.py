@@ -199,7 +199,8 @@ def population_calibration(target_phi_population: np.ndarray,
     model), ``mu(z)`` the mean over shadows; returns ``(a, c, s)`` with ``s`` the residual standard
     deviation (ddof=0, at least ``min_std``). Fewer than 3 points give ``(1, 0, pooled std)``.
 
-    >>> population_calibration(np.array([1.0, 3.0, 5.0]), np.array([[0.0, 1.0, 2.0]]))
+    >>> a, c, s = population_calibration(np.array([1.0, 3.0, 5.0]), np.array([[0.0, 1.0, 2.0]]))
+    >>> round(a, 9), round(c, 9), s
     (2.0, 1.0, 0.001)
     """
     t = np.asarray(target_phi_population, dtype=np.float64).ravel()
@@ -209,7 +210,7 @@ def population_calibration(target_phi_population: np.ndarray,
         return 1.0, 0.0, max(min_std, float(np.std(shadow - mu)))
     a, c = np.polyfit(mu, t, 1)
     resid = t - (a * mu + c)
-    return round(float(a), 12), round(float(c), 12), max(min_std, float(np.std(resid)))
+    return float(a), float(c), max(min_std, float(np.std(resid)))
 
 
 def calibrated_lira_attack(target_phi_members: np.ndarray, target_phi_nonmembers: np.ndarray,

@@ -59,11 +59,14 @@ def device(cfg: Config) -> str:
     return "cuda" if cfg.engine.num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
-def local_training(cfg: Config, epochs: float | None = None) -> LocalTraining:
-    """The local training hyperparameters of ``cfg`` (``epochs`` overrides local epochs)."""
+def local_training(cfg: Config, epochs: float | None = None,
+                   learning_rate: float | None = None) -> LocalTraining:
+    """The local training hyperparameters of ``cfg``; ``epochs`` and ``learning_rate``, when
+    given, override ``training.local_epochs`` and ``training.learning_rate``."""
     t = cfg.training
     return LocalTraining(epochs=t.local_epochs if epochs is None else epochs,
-                         batch_size=t.batch_size, learning_rate=t.learning_rate,
+                         batch_size=t.batch_size,
+                         learning_rate=t.learning_rate if learning_rate is None else learning_rate,
                          optimizer=t.optimizer, momentum=t.momentum,
                          weight_decay=t.weight_decay, step=t.step,
                          step_params=tuple(sorted(t.step_params.items())))

@@ -135,3 +135,8 @@ class Unlearner(Protocol):
 
 
 UNLEARNERS: Registry[Callable[..., Unlearner]] = Registry("unlearning method")
+
+
+def setting_of(method: object) -> Setting:
+    """The setting a method (class or instance) declares; ``"federated"`` if it declares none."""
+    return getattr(method, "setting", "federated")

@@ -10,7 +10,6 @@ distance to retraining.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import ClassVar
 
 import numpy as np
@@ -82,13 +81,9 @@ class CentralRetrain:
 
     def _train(self, ctx: UnlearningContext, removed: frozenset[int]) -> tuple[Params, int]:
         """The one training run behind ``fit`` and ``unlearn``: (params, #samples)."""
-        kept = [d for k, d in enumerate(ctx.data.clients) if k not in removed]
-        x = np.concatenate([d.x for d in kept]) if kept else np.zeros((0, *ctx.data.input_shape),
-                                                                      np.float32)
-        y = np.concatenate([d.y for d in kept]) if kept else np.zeros(0, np.int64)
-        spec = local_training(ctx.cfg, self.epochs)
-        if self.learning_rate is not None:
-            spec = dataclasses.replace(spec, learning_rate=self.learning_rate)
+        pooled = ctx.data.pooled(exclude=removed)  # the config keeps at least one client
+        x, y = pooled.x, pooled.y
+        spec = local_training(ctx.cfg, self.epochs, learning_rate=self.learning_rate)
         model = ctx.build_model()
         if self.variant:
             reinitialise(model, derive_seed(ctx.cfg.seed, _CENTRAL_SEED, self.variant, 1))

@@ -165,8 +165,7 @@ def _check_problem(X: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray
 # --------------------------------------------------------------------------- training
 
 def train_logistic(X: np.ndarray, y: np.ndarray, lam: float, b: np.ndarray | None = None, *,
-                   w0: np.ndarray | None = None, max_newton: int = 50,
-                   factor: Any = None) -> np.ndarray:
+                   w0: np.ndarray | None = None, max_newton: int = 50) -> np.ndarray:
     """Minimise ``L(w) = sum_i l(w^T x_i, y_i) + (lam n / 2) ||w||^2 + b^T w`` to high precision.
 
     L-BFGS-B (``scipy.optimize.minimize``, gradient tolerance ``WARM_TOL * n``) brings w near
@@ -188,10 +187,6 @@ def train_logistic(X: np.ndarray, y: np.ndarray, lam: float, b: np.ndarray | Non
         Starting point (default zeros).
     max_newton : int, optional
         Cap on polishing Newton iterations (default 50).
-    factor : optional
-        A ``cho_factor`` of a Hessian near the optimum (e.g. the removal step's): with ``w0``
-        the solver first takes chord steps with it (one gradient each, no new Hessian) while
-        they converge fast; the minimiser is the same.
 
     Returns
     -------
@@ -206,18 +201,18 @@ def train_logistic(X: np.ndarray, y: np.ndarray, lam: float, b: np.ndarray | Non
         raise ValueError("cannot train on an empty set")
 
     with _blas_threads_for(n, d):
-        return _minimise(X, y, lam, b, w, max_newton, warm=w0 is not None, factor=factor)
+        return _minimise(X, y, lam, b, w, max_newton, warm=w0 is not None)
 
 
 def _minimise(X: np.ndarray, y: np.ndarray, lam: float, b: np.ndarray | None, w: np.ndarray,
-              max_newton: int, warm: bool = False, factor: Any = None) -> np.ndarray:
+              max_newton: int, warm: bool = False) -> np.ndarray:
     """L-BFGS-B warm start, then Newton polishing (see :func:`train_logistic`).
 
     From a caller's warm start (``warm``) Newton runs first, and L-BFGS-B only if Newton does
     not reach the warm-start tolerance (the minimiser is unique, so the answer is the same).
     """
     if warm:
-        w, gnorm = _newton_polish(X, y, lam, b, w, max_newton, factor)
+        w, gnorm = _newton_polish(X, y, lam, b, w, max_newton)
         if gnorm <= WARM_TOL * X.shape[0]:
             return w
     w = _lbfgs(X, y, lam, b, w)
@@ -235,25 +230,12 @@ def _lbfgs(X: np.ndarray, y: np.ndarray, lam: float, b: np.ndarray | None,
 
 
 def _newton_polish(X: np.ndarray, y: np.ndarray, lam: float, b: np.ndarray | None,
-                   w: np.ndarray, max_newton: int, factor: Any = None) -> tuple[np.ndarray, float]:
+                   w: np.ndarray, max_newton: int) -> tuple[np.ndarray, float]:
     """Newton iterations (step halved until the gradient norm decreases) until
-    ``||grad L|| <= ABS_TOL * n`` or float64 stops progress; returns ``(w, ||grad L(w)||)``.
-
-    With a Hessian ``factor``, chord steps (that fixed Hessian, a new gradient each) go first
-    while each at least halves the gradient norm."""
+    ``||grad L|| <= ABS_TOL * n`` or float64 stops progress; returns ``(w, ||grad L(w)||)``."""
     target = ABS_TOL * X.shape[0]
     g = gradient(w, X, y, lam, b)
     gnorm = float(np.linalg.norm(g))
-    if factor is not None:
-        for _ in range(100):
-            if gnorm <= target:
-                return w, gnorm
-            cand = w - cho_solve(factor, g)
-            g_cand = gradient(cand, X, y, lam, b)
-            norm_cand = float(np.linalg.norm(g_cand))
-            if norm_cand > 0.5 * gnorm:
-                break
-            w, g, gnorm = cand, g_cand, norm_cand
     for _ in range(max_newton):
         if gnorm <= target:
             break

@@ -136,11 +136,9 @@ class NewtonRemoval:
         """Pool every client's data (in client order), extract features, fit the OvR model."""
         seed = derive_seed(ctx.cfg.seed, SEED_TAG)
         self.feature_map_ = self._feature_map(ctx, seed)
-        clients = ctx.data.clients
-        x = np.concatenate([c.x for c in clients])
-        y = np.concatenate([c.y for c in clients])
-        self.owners_ = np.concatenate([np.full(len(c), k, dtype=np.int64)
-                                       for k, c in enumerate(clients)])
+        pooled = ctx.data.pooled()
+        x, y = pooled.x, pooled.y
+        self.owners_ = ctx.data.owners()
         self.model_ = OvRCertified(lam=self.lam, sigma=self.sigma, epsilon=self.epsilon,
                                    delta=self.delta, seed=seed)
         self.model_.fit(self.feature_map_(x), y, num_classes=ctx.data.num_classes)

@@ -31,7 +31,13 @@ from fedunlearn.history import HistoryStore
 from fedunlearn.lineage import LineageLog, params_hash
 from fedunlearn.params import Params
 from fedunlearn.seeding import derive_seed
-from fedunlearn.unlearning.base import UNLEARNERS, Unlearner, UnlearningContext, UnlearningResult
+from fedunlearn.unlearning.base import (
+    UNLEARNERS,
+    Unlearner,
+    UnlearningContext,
+    UnlearningResult,
+    setting_of,
+)
 
 REFERENCE = {"federated": "retrain", "centralized": "central_retrain"}
 """The reference (exact retraining) of each setting."""
@@ -54,11 +60,7 @@ class Method:
 
     @property
     def setting(self) -> str:
-        return getattr(self.method, "setting", "federated")
-
-
-def _setting_of(name: str) -> str:
-    return getattr(UNLEARNERS.get(name), "setting", "federated")
+        return setting_of(self.method)
 
 
 def method_order(cfg: Config) -> list[str]:
@@ -73,7 +75,7 @@ def method_order(cfg: Config) -> list[str]:
             raise ConfigError(f"config key 'unlearning.methods': {UNLEARNERS.unknown_message(name)}")
     order: list[str] = []
     for setting, ref in REFERENCE.items():
-        members = [n for n in names if _setting_of(n) == setting and n != ref]
+        members = [n for n in names if setting_of(UNLEARNERS.get(n)) == setting and n != ref]
         if setting == "federated" or members or ref in names:
             order += [ref, *members]
     return order
@@ -100,12 +102,17 @@ def build_methods(cfg: Config) -> list[Method]:
     for name in method_order(cfg):
         role = "reference" if name in EXACT else "method"
         method = _create(cfg, name)
-        if getattr(method, "setting", "federated") == "centralized" and not hasattr(method, "fit"):
+        if setting_of(method) == "centralized" and not hasattr(method, "fit"):
             raise ConfigError(f"unlearning method '{name}' is centralized but has no fit(ctx)")
         out.append(Method(name, method, role))
         if role == "reference" and cfg.verification.noise_floor:
             out.append(Method(name + NOISE_SUFFIX, _create(cfg, name, variant=1), "noise_floor"))
     return out
+
+
+def settings_in(cfg: Config) -> set[str]:
+    """The settings the configured methods (and their references) serve."""
+    return {setting_of(UNLEARNERS.get(name)) for name in method_order(cfg)}
 
 
 def check_requests(cfg: Config, store: HistoryStore) -> None:

@@ -446,10 +446,8 @@ def pooled_clients(data: FederatedData) -> tuple[np.ndarray, np.ndarray, np.ndar
     A sample's id is its position, so client ``k`` holds the ids ``offset_k .. offset_k +
     n_k - 1``.
     """
-    x = np.concatenate([d.x for d in data.clients])
-    y = np.concatenate([d.y for d in data.clients])
-    groups = np.repeat(np.arange(len(data.clients)), [len(d) for d in data.clients])
-    return x, y, groups
+    pooled = data.pooled()
+    return pooled.x, pooled.y, data.owners()
 
 
 @UNLEARNERS.register("sisa")
@@ -496,9 +494,7 @@ class Sisa:
     def fit(self, ctx: UnlearningContext) -> Sisa:
         """Fit the ensemble on every client's data (ids are positions in the pooled data)."""
         x, y, groups = pooled_clients(ctx.data)
-        spec = local_training(ctx.cfg, self.epochs)
-        if self.learning_rate is not None:
-            spec = dataclasses.replace(spec, learning_rate=self.learning_rate)
+        spec = local_training(ctx.cfg, self.epochs, learning_rate=self.learning_rate)
         self.ensemble_ = SisaEnsemble(
             ctx.build_model, spec, shards=self.shards, slices=self.slices, epochs=self.epochs,
             aggregate=self.aggregate, seed=derive_seed(ctx.cfg.seed, _SISA_SEED),
