@@ -1,7 +1,8 @@
 """Command line.
 
-``fedunlearn run CONFIG.toml [--set section.key=value ...] [--out DIR]``
-    train on Flower + Ray, keep the history, serve the configured removal requests;
+``fedunlearn run CONFIG.toml [--set section.key=value ...] [--seeds 0,1,2] [--out DIR]``
+    train on Flower + Ray, keep the history, serve the configured removal requests; with
+    ``--seeds`` (or ``experiment.seeds``) once per seed, with a summary and verdicts;
 ``fedunlearn compare CONFIG.toml [--set ...] [--out DIR]``
     the same, with the centralized methods (``central_retrain``, ``sisa``, ``sisa_random``,
     ``newton``) added on the same clients' pooled data: one table for both settings;
@@ -31,11 +32,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="experiment TOML (see simulations/)")
     run.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    run.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                     help="run once per seed (sets experiment.seeds), e.g. 0,1,2")
     run.add_argument("--out", type=Path, default=None, help="run directory (default runs/NAME-TIME)")
     cmp_ = sub.add_parser("compare", help="federated vs centralized removal on the same data")
     cmp_.add_argument("config", help="experiment TOML with [unlearning] requests")
     cmp_.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    cmp_.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                      help="run once per seed (sets experiment.seeds), e.g. 0,1,2")
     cmp_.add_argument("--out", type=Path, default=None,
                       help="run directory (default runs/NAME-TIME)")
     rep = sub.add_parser("report", help="write report.md, metrics.csv and plots of a run")
@@ -65,13 +70,25 @@ def cmd_run(args: argparse.Namespace, *, compare: bool = False) -> int:
     from fedunlearn.experiment import check_out_dir, default_out_dir, with_centralized
     from fedunlearn.runner import run_experiment
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.seeds is not None:
+        overrides.append(f"experiment.seeds=[{_seed_list(args.seeds)}]")
+    cfg = load_config(args.config, overrides)
     if compare:
         cfg = with_centralized(cfg)
     out = args.out or default_out_dir(cfg)
     check_out_dir(out)
     run_experiment(cfg, out)
     return 0
+
+
+def _seed_list(text: str) -> str:
+    """``"0,1,2"`` -> ``"0, 1, 2"``; anything but non-negative integers is a ConfigError."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise ConfigError(f"--seeds expects non-negative integers separated by commas, e.g. "
+                          f"--seeds 0,1,2; got '{text}'")
+    return ", ".join(str(int(p)) for p in parts)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -32,7 +32,15 @@ class ExperimentSection:
     name : str
         A label written into results (default ``"experiment"``).
     seed : int
-        The one seed every random choice derives from (default 0).
+        The one seed every random choice derives from (default 0): the data's test/server
+        split and partition, which samples carry the backdoor trigger, the initial weights,
+        each round's sampled participants, every client's mini-batch shuffles, the removal
+        methods' own randomness and the verification's samples and shadow models.
+    seeds : list of int
+        Run the whole experiment once per seed (overrides ``seed``; default empty: ``seed``
+        alone). ``results.json`` then keeps every seed's rows and a summary per request and
+        method (mean, standard deviation, 95 % interval, verdicts against retraining). The
+        ``--seeds 0,1,2`` flag sets it. Flower and Ray start once for all seeds.
     extensions : list of str
         Python modules imported before names are resolved, in the driver and in every Flower
         client process; they register models, train steps, strategies or unlearning methods.
@@ -40,7 +48,13 @@ class ExperimentSection:
 
     name: str = "experiment"
     seed: int = 0
+    seeds: list[int] = field(default_factory=list)
     extensions: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check(len(set(self.seeds)) == len(self.seeds), "experiment.seeds", "lists a seed twice")
+        _check(all(s >= 0 for s in [self.seed, *self.seeds]), "experiment.seed",
+               "seeds must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -339,6 +353,16 @@ class Config:
         """The experiment seed."""
         return self.experiment.seed
 
+    @property
+    def seeds(self) -> list[int]:
+        """Every seed the experiment runs with (``experiment.seeds``, else ``[seed]``)."""
+        return list(self.experiment.seeds) or [self.experiment.seed]
+
+    def with_seed(self, seed: int) -> Config:
+        """This config for one seed of a multi-seed run (``seeds`` cleared)."""
+        return dataclasses.replace(self, experiment=dataclasses.replace(
+            self.experiment, seed=int(seed), seeds=[]))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (the resolved config written into results)."""
         return dataclasses.asdict(self)
@@ -401,18 +425,21 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse ``section.key=value``; the value is read as TOML, else taken as a string.
+    """Parse ``section.key=value`` or a nested ``section.table.key=value``; the value is read
+    as TOML, else taken as a string.
 
     >>> parse_override("training.rounds=5")
     (['training', 'rounds'], 5)
     >>> parse_override("data.source=digits")
     (['data', 'source'], 'digits')
+    >>> parse_override("unlearning.params.federaser.r=1")
+    (['unlearning', 'params', 'federaser', 'r'], 1)
     """
     if "=" not in text:
         raise ConfigError(f"--set expects section.key=value, got '{text}'")
     path, value = text.split("=", 1)
-    keys = path.strip().split(".")
-    if len(keys) != 2 or not all(keys):
+    keys = [k.strip().strip('"') for k in path.strip().split(".")]
+    if len(keys) < 2 or not all(keys):
         raise ConfigError(f"--set expects section.key=value, got '{text}'")
     try:
         parsed: Any = tomllib.loads(f"v = {value}")["v"]
@@ -433,9 +460,12 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file '{p}' is not valid TOML: {exc}") from None
     for text in overrides:
-        (section, key), value = parse_override(text)
-        table = raw.setdefault(section, {})
-        if not isinstance(table, dict):
-            raise ConfigError(f"config section '[{section}]' must be a table")
-        table[key] = value
+        keys, value = parse_override(text)
+        table = raw
+        for depth, key in enumerate(keys[:-1]):
+            table = table.setdefault(key, {})
+            if not isinstance(table, dict):
+                where = ".".join(keys[:depth + 1])
+                raise ConfigError(f"--set {text}: config key '{where}' is not a table")
+        table[keys[-1]] = value
     return from_dict(raw)

@@ -163,6 +163,21 @@ def backend_config(cfg: Config) -> dict[str, Any]:
 
 def run_on_flower(cfg: Config, job: Callable[[FlowerFederation], T], evaluate: Evaluator) -> T:
     """Run ``job`` inside a Flower ServerApp on the Simulation Engine; return its result."""
+    return run_engine(cfg, lambda connect: job(connect(cfg, evaluate)))
+
+
+Connect = Callable[[Config, Evaluator], FlowerFederation]
+"""``connect(cfg, evaluate)`` binds a :class:`FlowerFederation` for ``cfg`` to the live grid."""
+
+
+def run_engine(cfg: Config, job: Callable[[Connect], T]) -> T:
+    """Start Flower's Simulation Engine once and run ``job(connect)`` inside its ServerApp.
+
+    ``connect(cfg_s, evaluate_s)`` may be called several times, e.g. once per seed of a
+    multi-seed run: every config travels with its messages (the clients cache the data of each
+    job), so the engine and its Ray actors start once for all of them. The configs must agree
+    on ``data.num_clients`` and ``[engine]`` (the engine's shape is ``cfg``'s).
+    """
     from flwr.simulation import run_simulation
 
     holder: dict[str, Any] = {}
@@ -170,7 +185,16 @@ def run_on_flower(cfg: Config, job: Callable[[FlowerFederation], T], evaluate: E
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        holder["result"] = job(FlowerFederation(grid, cfg, evaluate))
+        def connect(cfg_s: Config, evaluate: Evaluator) -> FlowerFederation:
+            if cfg_s.data.num_clients != cfg.data.num_clients or cfg_s.engine != cfg.engine:
+                raise ValueError("a federation on this engine needs the engine's "
+                                 "data.num_clients and [engine] settings")
+            return FlowerFederation(grid, cfg_s, evaluate)
+
+        try:
+            holder["result"] = job(connect)
+        except Exception as exc:  # re-raised in the caller's thread, after the engine stopped
+            holder["error"] = exc
 
     _quiet(cfg.engine.verbose)
     dispatch.install(cfg.engine.dispatch_interval)
@@ -179,6 +203,8 @@ def run_on_flower(cfg: Config, job: Callable[[FlowerFederation], T], evaluate: E
                    num_supernodes=cfg.data.num_clients, backend_config=backend_config(cfg),
                    verbose_logging=cfg.engine.verbose)
     holder["engine_wall_s"] = time.perf_counter() - t0
+    if "error" in holder:
+        raise holder["error"]
     if "result" not in holder:
         raise RuntimeError("the Flower simulation ended without a result; rerun with "
                            "--set engine.verbose=true to see Flower's log")

@@ -29,7 +29,8 @@ from fedunlearn.reporting.tables import (
     _metric_column,
     _request_groups,
     _settings,
-    ordered_rows,
+    _verdict_columns,
+    display_rows,
     trigger_verdict,
     write_metrics_csv,
 )
@@ -72,15 +73,49 @@ def report_markdown(results: Mapping[str, Any]) -> str:
         Markdown with provenance, training summary, per-request comparison, distance and
         cost tables, a reading guide and links to ``plots/*.png``.
     """
-    rows = ordered_rows(results.get("unlearning") or [])
+    rows = display_rows(results)
     show_setting = any(r["setting"] != "federated" for r in rows)
     backdoor = _has_backdoor(rows)
-    parts = [_md_header(results), _md_training(results)]
+    parts = [_md_header(results), _md_training(results), _md_seeds(results)]
     for i, (clients, group) in enumerate(_request_groups(rows)):
         parts.append(_md_request(i, clients, group, show_setting=show_setting,
                                  backdoor=backdoor))
     parts += [_GUIDE, _md_plots(bool(rows))]
-    return "\n\n".join(parts) + "\n"
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def _md_seeds(results: Mapping[str, Any]) -> str:
+    seeds = results.get("seeds") or []
+    if len(seeds) < 2:
+        return ""
+    return (f"## Seeds\n\nThis run repeated the whole experiment for seeds {seeds}. Every "
+            "figure below is the mean over seeds `±` the half-width of its 95 % t-interval; "
+            "`results.json` keeps every seed's rows (`unlearning`, each with its `seed`) and "
+            "the summary (`summary`). The training section shows the first seed.")
+
+
+_RULE = """A method's verdict on a criterion compares it with **retraining of the same seed**:
+the paired difference (method − retraining; for KL, the method's KL to retraining minus the
+noise floor's) over seeds, its mean `±` the half-width of its 95 % t-interval, and the margin
+δ, how far two retrainings are apart on that metric (mean over seeds, at least 0.01 for
+accuracies, 0.02 for ASR and AUC; for KL, the noise floor's KL, at least 0.01 nats).
+**matches**: the whole interval lies within ±δ. **worse** / **better**: it lies entirely on one
+side of 0 (worse = lower test accuracy, or more of the forgotten data remembered: higher
+forgotten-data accuracy, ASR, MIA AUC or KL). **inconclusive**: neither. One seed gives no
+interval and no verdict (`–`), except for the backdoor ASR, judged by McNemar's exact test on
+the same triggered inputs (discordant pairs pooled over seeds, p shown) at the run's α."""
+
+
+def _md_verdicts(rows: list[dict[str, Any]]) -> str:
+    judged = [r for r in rows if r.get("verdicts")]
+    if not judged:
+        return ""
+    parts = ["### Verdicts against retraining", _md_table(_verdict_columns(False), judged),
+             _RULE]
+    notes = [f"- **{r['method']}**: {n}" for r in judged for n in r.get("notes") or []]
+    if notes:
+        parts.append("Notes:\n\n" + "\n".join(notes))
+    return "\n\n".join(parts)
 
 
 def _md_header(results: Mapping[str, Any]) -> str:
@@ -120,6 +155,7 @@ def _md_request(index: int, clients: list[int], rows: list[dict[str, Any]], *,
         f"## Request {index}: forget clients {clients}",
         "### Comparison",
         _md_table(_comparison_columns(rows, show_setting, backdoor), rows),
+        *([v] if (v := _md_verdicts(rows)) else []),
         "### Distance to the retrained model",
         f"Distances to the retrained model of the same setting ({refs or MISSING}).",
         _md_distances(rows, show_setting),

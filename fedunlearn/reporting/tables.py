@@ -25,7 +25,8 @@ COST_KEYS: tuple[str, ...] = (
     "bytes_exchanged", "sample_epochs", "server_epochs")
 """Cost keys of a comparison row, in the column order of ``metrics.csv``."""
 
-CSV_COLUMNS: tuple[str, ...] = ("request", "setting", "role", "method", *METRIC_KEYS, *COST_KEYS)
+CSV_COLUMNS: tuple[str, ...] = ("request", "seed", "setting", "role", "method", *METRIC_KEYS,
+                                 *COST_KEYS)
 """The header of ``metrics.csv``."""
 
 ROLES: tuple[str, ...] = ("original", "reference", "noise_floor", "method")
@@ -126,8 +127,58 @@ def _request_groups(rows: list[dict[str, Any]]) -> list[tuple[list[int], list[di
 
 
 def _first_request(results: Mapping[str, Any]) -> tuple[list[int], list[dict[str, Any]]]:
-    groups = _request_groups(ordered_rows(results.get("unlearning") or []))
+    groups = _request_groups(display_rows(results))
     return groups[0] if groups else ([], [])
+
+
+def _multi_seed(summary: Sequence[Mapping[str, Any]] | None) -> bool:
+    return bool(summary) and any(len(e.get("seeds") or []) > 1 for e in summary or [])
+
+
+def display_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The rows the tables and plots show, in :func:`ordered_rows` order.
+
+    A one-seed run shows its rows as they are (with the summary's verdicts attached); a
+    multi-seed run shows one row per request and method built from ``results["summary"]``:
+    every figure is the mean over seeds, ``spread[key]`` its 95 % half-interval, ``n`` the
+    number of seeds, ``trigger_active`` how many seeds still had an active trigger.
+    """
+    summary = results.get("summary") or []
+    if not _multi_seed(summary):
+        verdicts = {_entry_key(e): e for e in summary}
+        rows = ordered_rows(results.get("unlearning") or [])
+        for r in rows:
+            e = verdicts.get((tuple(r["request"]), r["setting"], r["method"]))
+            if e is not None:
+                r["verdicts"] = e.get("verdicts") or {}
+                r["notes"] = e.get("notes") or r.get("notes") or []
+        return rows
+    return ordered_rows([_summary_row(e, results.get("unlearning") or []) for e in summary])
+
+
+def _entry_key(e: Mapping[str, Any]) -> tuple[tuple[int, ...], str, str]:
+    return tuple(int(c) for c in e.get("request") or []), str(e.get("setting")), \
+        str(e.get("method"))
+
+
+def _summary_row(entry: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    def mean(block: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v.get("mean") for k, v in block.items()}
+
+    def half(block: Mapping[str, Any]) -> dict[str, float]:
+        return {k: (v["ci"][1] - v["ci"][0]) / 2 for k, v in block.items() if v.get("ci")}
+
+    metrics, costs = entry.get("metrics") or {}, entry.get("costs") or {}
+    key = _entry_key(entry)
+    flags = [(r.get("metrics") or {}).get("backdoor_trigger_active") for r in rows
+             if _entry_key(r) == key]
+    flags = [f for f in flags if isinstance(f, bool)]
+    return {"request": list(entry.get("request") or []), "setting": entry.get("setting"),
+            "method": entry.get("method"), "role": entry.get("role"),
+            "metrics": mean(metrics), **mean(costs), "spread": {**half(metrics), **half(costs)},
+            "n": len(entry.get("seeds") or []), "verdicts": entry.get("verdicts") or {},
+            "notes": entry.get("notes") or [],
+            "trigger_active": (sum(flags), len(flags)) if flags else None}
 
 
 def _by_role(rows: Iterable[dict[str, Any]], role: str) -> dict[str, dict[str, Any]]:
@@ -161,6 +212,12 @@ def _fmt(x: Any, spec: str) -> str:
     return MISSING if v is None else format(v, spec)
 
 
+def _pm(row: Mapping[str, Any], key: str, text: str, spec: str) -> str:
+    """``text`` followed by ``±half-interval`` when the row has one for ``key``."""
+    h = _value((row.get("spread") or {}).get(key))
+    return text if not h or text == MISSING else f"{text}±{format(h, spec)}"
+
+
 def _fmt_int(x: Any) -> str:
     v = _value(x)
     return MISSING if v is None else str(round(v))
@@ -185,12 +242,19 @@ def _fmt_bytes(x: Any) -> str:
 
 
 def _trigger_flag(row: Mapping[str, Any]) -> bool | None:
+    seeds = row.get("trigger_active")
+    if seeds is not None:
+        return bool(seeds[0]) if seeds[0] in (0, seeds[1]) else None
     flag = row["metrics"].get("backdoor_trigger_active")
     return flag if isinstance(flag, bool) else None
 
 
 def trigger_verdict(row: Mapping[str, Any]) -> str:
-    """``"active (p=3e-41)"``, ``"not active (p=0.98)"`` or ``"–"`` for a normalized row."""
+    """``"active (p=3e-41)"``, ``"not active (p=0.98)"`` or ``"–"`` for a normalized row;
+    ``"active in 2/3 seeds"`` for a multi-seed summary row."""
+    seeds = row.get("trigger_active")
+    if seeds is not None:
+        return f"active in {seeds[0]}/{seeds[1]} seeds"
     word = {True: "active", False: "not active", None: ""}[_trigger_flag(row)]
     p = _metric(row, "backdoor_p_value")
     if p is None:
@@ -212,11 +276,11 @@ class _Column(NamedTuple):
 
 
 def _metric_column(header: str, key: str, spec: str) -> _Column:
-    return _Column(header, lambda r: _fmt(r["metrics"].get(key), spec))
+    return _Column(header, lambda r: _pm(r, key, _fmt(r["metrics"].get(key), spec), spec))
 
 
-def _cost_column(header: str, key: str, fmt: Callable[[Any], str]) -> _Column:
-    return _Column(header, lambda r: fmt(r.get(key)))
+def _cost_column(header: str, key: str, fmt: Callable[[Any], str], spec: str = ".2f") -> _Column:
+    return _Column(header, lambda r: _pm(r, key, fmt(r.get(key)), spec))
 
 
 def _lead_columns(show_setting: bool) -> list[_Column]:
@@ -239,6 +303,11 @@ def _fixed_width(columns: Sequence[_Column], rows: Sequence[dict[str, Any]]) -> 
 
 def _terminal_columns(backdoor: bool) -> list[_Column]:
     trigger = {True: "active", False: "no", None: MISSING}
+
+    def trig(r: dict[str, Any]) -> str:
+        seeds = r.get("trigger_active")
+        return f"{seeds[0]}/{seeds[1]}" if seeds is not None else trigger[_trigger_flag(r)]
+
     cols = [_Column("request", lambda r: request_label(r["request"]), False),
             _Column("setting", lambda r: r["setting"], False),
             _Column("method", lambda r: r["method"], False),
@@ -246,7 +315,7 @@ def _terminal_columns(backdoor: bool) -> list[_Column]:
             _metric_column("forget", "forget_accuracy", ".3f")]
     if backdoor:
         cols += [_metric_column("ASR", "backdoor_asr", ".3f"),
-                 _Column("trigger", lambda r: trigger[_trigger_flag(r)], False)]
+                 _Column("trigger", trig, False)]
     return cols + [_metric_column("MIA-AUC", "mia_loss_auc", ".3f"),
                    _metric_column("LiRA-AUC", "mia_lira_auc", ".3f"),
                    _metric_column("KL-forget", "kl_forget", ".3g"),
@@ -256,7 +325,8 @@ def _terminal_columns(backdoor: bool) -> list[_Column]:
                    _cost_column("msgs", "messages_sent", _fmt_int)]
 
 
-def comparison_table(rows: list[dict[str, Any]]) -> str:
+def comparison_table(rows: list[dict[str, Any]],
+                     summary: Sequence[Mapping[str, Any]] | None = None) -> str:
     """The removal comparison as a fixed-width text table for the terminal.
 
     Parameters
@@ -264,6 +334,9 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
     rows : list of dict
         ``results["unlearning"]``; rows of old run files (no ``setting``, ``role`` or newer
         metrics) render too, missing values as ``–``.
+    summary : list of dict, optional
+        ``results["summary"]``; with several seeds the table shows one line per method with
+        ``mean±half-interval`` (95 %) and the number of seeds.
 
     Returns
     -------
@@ -271,8 +344,63 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
         One line per row, grouped by request then setting. The ASR and trigger columns appear
         only when some row measured the backdoor.
     """
-    norm = ordered_rows(rows)
-    return _fixed_width(_terminal_columns(_has_backdoor(norm)), norm)
+    norm = display_rows({"unlearning": rows, "summary": summary or []})
+    cols = _terminal_columns(_has_backdoor(norm))
+    if _multi_seed(summary):
+        cols.insert(3, _Column("seeds", lambda r: str(r.get("n", 1))))
+    return _fixed_width(cols, norm)
+
+
+# --- verdicts against retraining -------------------------------------------------------------
+
+VERDICT_HEADERS: tuple[tuple[str, str, str], ...] = (
+    ("test", "test acc", ".3f"), ("forget", "forgotten acc", ".3f"), ("asr", "ASR", ".3f"),
+    ("mia", "MIA AUC", ".3f"), ("kl", "KL-forget − floor", ".3g"))
+"""(criterion, column header, number format) of the verdict table, in column order."""
+
+VERDICT_RULE = ("verdict per criterion: method minus retraining of the same seed, 95 % "
+                "t-interval over seeds; matches = interval within ±δ (δ = retrain-vs-retrain "
+                "gap, min 0.01 acc / 0.02 ASR, AUC); worse/better = interval excludes 0; ASR: "
+                "exact McNemar test on the same triggered inputs, pooled over seeds")
+
+
+def verdict_cell(v: Mapping[str, Any] | None, spec: str) -> str:
+    """``"matches -0.004±0.006 δ0.010"``, ``"worse +0.084 p=3e-10 δ0.020"`` or ``"–"``."""
+    if not v or v.get("diff") is None:
+        return MISSING
+    text = f"{v.get('verdict', MISSING)} {format(v['diff'], '+' + spec)}"
+    ci = v.get("ci")
+    if ci:
+        text += f"±{format((ci[1] - ci[0]) / 2, spec)}"
+    if v.get("p_value") is not None:
+        text += f" p={v['p_value']:.2g}"
+    if v.get("margin") is not None:
+        text += f" δ{format(v['margin'], spec)}"
+    return text
+
+
+def _verdict_columns(show_request: bool = True) -> list[_Column]:
+    lead = [_Column("request", lambda r: request_label(r["request"]), False)] \
+        if show_request else []
+    lead += [_Column("setting", lambda r: r["setting"], False),
+             _Column("method", lambda r: r["method"], False)]
+    return lead + [_Column(h, lambda r, c=c, spec=spec: verdict_cell(
+        (r.get("verdicts") or {}).get(c), spec), False) for c, h, spec in VERDICT_HEADERS]
+
+
+def verdict_rows(summary: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Method entries of the summary that carry verdicts, normalised for the tables."""
+    return ordered_rows([dict(e) for e in summary if e.get("verdicts")])
+
+
+def verdict_table(summary: Sequence[Mapping[str, Any]] | None) -> str:
+    """The verdicts against retraining as a fixed-width text table, the rule, and notes."""
+    rows = verdict_rows(summary or [])
+    if not rows:
+        return "verdicts       none (no method row beside a retraining)"
+    lines = [_fixed_width(_verdict_columns(), rows), VERDICT_RULE]
+    lines += [f"note: {r['method']}: {n}" for r in rows for n in r.get("notes") or []]
+    return "\n".join(lines)
 
 
 def _md_escape(text: str) -> str:
@@ -306,7 +434,8 @@ def metrics_table_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def _flat_row(row: dict[str, Any]) -> dict[str, Any]:
-    flat: dict[str, Any] = {"request": request_label(row["request"]), "setting": row["setting"],
+    flat: dict[str, Any] = {"request": request_label(row["request"]),
+                            "seed": row.get("seed"), "setting": row["setting"],
                             "role": row["role"], "method": row["method"]}
     flat.update({k: row["metrics"].get(k) for k in METRIC_KEYS})
     flat.update({k: row.get(k) for k in COST_KEYS})

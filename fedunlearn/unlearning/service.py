@@ -63,6 +63,22 @@ class Method:
         return setting_of(self.method)
 
 
+def base_name(name: str) -> str:
+    """The registered method behind a configured name: ``"federaser:r1"`` is FedEraser with
+    the parameters of ``[unlearning.params."federaser:r1"]``, so one run can compare several
+    settings of one method.
+
+    >>> base_name("federaser:r1"), base_name("retrain")
+    ('federaser', 'retrain')
+    """
+    return name.split(":", 1)[0]
+
+
+def factory_of(name: str) -> Callable[..., Unlearner]:
+    """The registered factory of a configured method name (see :func:`base_name`)."""
+    return UNLEARNERS.get(base_name(name))
+
+
 def method_order(cfg: Config) -> list[str]:
     """Configured methods grouped by setting, each setting's reference first.
 
@@ -71,18 +87,19 @@ def method_order(cfg: Config) -> list[str]:
     """
     names = list(cfg.unlearning.methods)
     for name in names:
-        if name not in UNLEARNERS:
-            raise ConfigError(f"config key 'unlearning.methods': {UNLEARNERS.unknown_message(name)}")
+        if base_name(name) not in UNLEARNERS:
+            raise ConfigError("config key 'unlearning.methods': "
+                              f"{UNLEARNERS.unknown_message(base_name(name))}")
     order: list[str] = []
     for setting, ref in REFERENCE.items():
-        members = [n for n in names if setting_of(UNLEARNERS.get(n)) == setting and n != ref]
+        members = [n for n in names if setting_of(factory_of(n)) == setting and n != ref]
         if setting == "federated" or members or ref in names:
             order += [ref, *members]
     return order
 
 
 def _create(cfg: Config, name: str, **forced: Any) -> Unlearner:
-    factory = UNLEARNERS.get(name)
+    factory = factory_of(name)
     params = dict(cfg.unlearning.params.get(name, {}))
     accepted = [p for p in inspect.signature(factory).parameters if p != "self"]
     unknown = sorted(set(params) - set(accepted))
@@ -112,7 +129,7 @@ def build_methods(cfg: Config) -> list[Method]:
 
 def settings_in(cfg: Config) -> set[str]:
     """The settings the configured methods (and their references) serve."""
-    return {setting_of(UNLEARNERS.get(name)) for name in method_order(cfg)}
+    return {setting_of(factory_of(name)) for name in method_order(cfg)}
 
 
 def check_requests(cfg: Config, store: HistoryStore) -> None:

@@ -1,0 +1,161 @@
+"""The summary of a run over seeds: per request and method, every metric and cost figure as
+mean, standard deviation and 95 % interval, and the verdicts against retraining.
+
+Input are the comparison rows of ``results.json`` (``results["unlearning"]``), each carrying
+its ``seed``; rows of the same request, setting and method over seeds form one summary entry.
+The decision rule lives in :mod:`fedunlearn.evaluation.verdicts`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from fedunlearn.evaluation.verdicts import (
+    CRITERIA,
+    NO_VERDICT,
+    Criterion,
+    decide,
+    decide_paired_binary,
+    margin_of,
+    t_interval,
+)
+
+COST_FIGURES: tuple[str, ...] = (
+    "wall_s", "speedup_vs_retrain", "client_epochs", "rounds", "messages_sent",
+    "bytes_exchanged", "sample_epochs", "server_epochs")
+"""Cost fields of a row summarised like the metrics."""
+
+DISCORDANT_KEY = "backdoor_discordant"
+"""Metric holding ``[b, c]``: triggered inputs only the method / only retraining sends to the
+target class (McNemar's discordant pairs)."""
+
+Key = tuple[tuple[int, ...], str, str]
+
+
+def _number(x: Any) -> float | None:
+    if x is None or isinstance(x, bool) or not isinstance(x, int | float | np.number):
+        return None
+    v = float(x)
+    return v if math.isfinite(v) else None
+
+
+def describe(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean, standard deviation (``ddof = 1``; 0 for one value), 95 % t-interval and count of
+    the finite values; ``None`` entries are skipped.
+
+    >>> d = describe([1.0, 2.0, 3.0, None])
+    >>> d["mean"], d["std"], d["n"], [round(x, 3) for x in d["ci"]]
+    (2.0, 1.0, 3, [-0.484, 4.484])
+    """
+    v = [x for x in (_number(x) for x in values) if x is not None]
+    if not v:
+        return {"mean": None, "std": None, "ci": None, "n": 0}
+    ci = t_interval(v)
+    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+            "ci": list(ci) if ci else None, "n": len(v)}
+
+
+def _key(row: Mapping[str, Any]) -> Key:
+    return tuple(int(c) for c in row["request"]), str(row["setting"]), str(row["method"])
+
+
+def _by_seed(rows: Iterable[Mapping[str, Any]]) -> dict[int, Mapping[str, Any]]:
+    return {int(r.get("seed", 0)): r for r in rows}
+
+
+def _metric(row: Mapping[str, Any] | None, key: str) -> float | None:
+    return None if row is None else _number((row.get("metrics") or {}).get(key))
+
+
+def summarize(rows: Sequence[Mapping[str, Any]], *, alpha: float = 0.01) -> list[dict[str, Any]]:
+    """One summary entry per (request, setting, method), in the rows' first-seen order.
+
+    Parameters
+    ----------
+    rows : sequence of mapping
+        ``results["unlearning"]``: rows with ``request``, ``setting``, ``method``, ``role``,
+        ``seed``, ``metrics`` and the cost fields.
+    alpha : float
+        Level of the paired exact test of the backdoor ASR.
+
+    Returns
+    -------
+    list of dict
+        ``request``, ``setting``, ``method``, ``role``, ``seeds``, ``metrics`` and ``costs``
+        (each figure: :func:`describe`), ``verdicts`` (per criterion of
+        :data:`~fedunlearn.evaluation.verdicts.CRITERIA`, for method rows) and ``notes``.
+    """
+    groups: dict[Key, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(_key(r), []).append(r)
+    role_rows: dict[tuple[tuple[int, ...], str, str], dict[int, Mapping[str, Any]]] = {}
+    for (request, setting, _), members in groups.items():
+        for role in ("reference", "noise_floor"):
+            chosen = [r for r in members if r.get("role") == role]
+            if chosen:
+                role_rows.setdefault((request, setting, role), {}).update(_by_seed(chosen))
+    out = []
+    for (request, setting, method), members in groups.items():
+        seeds = sorted({int(r.get("seed", 0)) for r in members})
+        metric_keys = list(dict.fromkeys(k for r in members for k in (r.get("metrics") or {})))
+        entry: dict[str, Any] = {
+            "request": list(request), "setting": setting, "method": method,
+            "role": members[0].get("role"), "seeds": seeds,
+            "metrics": {k: describe([_metric(r, k) for r in members]) for k in metric_keys
+                        if any(_metric(r, k) is not None for r in members)},
+            "costs": {k: describe([_number(r.get(k)) for r in members]) for k in COST_FIGURES},
+            "verdicts": {}, "notes": sorted({n for r in members for n in r.get("notes") or []}),
+        }
+        if entry["role"] == "method":
+            ref = role_rows.get((request, setting, "reference"), {})
+            floor = role_rows.get((request, setting, "noise_floor"), {})
+            mine = _by_seed(members)
+            entry["verdicts"] = {c.name: judge(c, mine, ref, floor, alpha=alpha)
+                                 for c in CRITERIA}
+        out.append(entry)
+    return out
+
+
+def judge(c: Criterion, method: Mapping[int, Mapping[str, Any]],
+          reference: Mapping[int, Mapping[str, Any]],
+          noise_floor: Mapping[int, Mapping[str, Any]], *, alpha: float) -> dict[str, Any]:
+    """The verdict of one criterion from rows keyed by seed (see
+    :mod:`fedunlearn.evaluation.verdicts`)."""
+    key = next((k for k in c.keys if any(_metric(r, k) is not None for r in method.values())),
+               None)
+    seeds = sorted(set(method) & set(reference))
+    if key is None or not seeds:
+        return {"verdict": NO_VERDICT, "key": key, "n": 0, "reason": "not measured"}
+    if c.vs_noise_floor:
+        seeds = [s for s in seeds if _metric(noise_floor.get(s), key) is not None]
+        base = {s: _metric(noise_floor[s], key) for s in seeds}
+        floor_values = [v for v in base.values() if v is not None]
+        margin = max(c.floor, float(np.mean(floor_values))) if floor_values else c.floor
+    else:
+        base = {s: _metric(reference[s], key) for s in seeds}
+        margin = margin_of([base[s] for s in seeds if s in noise_floor],
+                           [_metric(noise_floor[s], key) for s in seeds if s in noise_floor],
+                           c.floor)
+    diffs = [m - b for s in seeds
+             if (m := _metric(method[s], key)) is not None and (b := base[s]) is not None]
+    if not diffs:
+        return {"verdict": NO_VERDICT, "key": key, "n": 0, "reason": "no paired values"}
+    interval = t_interval(diffs)
+    out: dict[str, Any] = {"key": key, "n": len(diffs), "diff": float(np.mean(diffs)),
+                           "ci": list(interval) if interval else None, "margin": margin}
+    discordant = [(method[s].get("metrics") or {}).get(DISCORDANT_KEY) for s in seeds]
+    if c.paired_binary and all(isinstance(d, list | tuple) and len(d) == 2 for d in discordant):
+        b = sum(int(d[0]) for d in discordant)  # type: ignore[index]
+        cc = sum(int(d[1]) for d in discordant)  # type: ignore[index]
+        verdict, p = decide_paired_binary(b, cc, out["diff"], margin, alpha=alpha,
+                                          higher_is_worse=c.higher_is_worse)
+        out.update(verdict=verdict, p_value=p, discordant=[b, cc], test="mcnemar-exact")
+        return out
+    out["verdict"] = decide(interval, margin, higher_is_worse=c.higher_is_worse)
+    if interval is None:
+        out["reason"] = "one seed: no interval (run with --seeds)"
+    return out
