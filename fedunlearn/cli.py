@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fedunlearn.config import ConfigError, load_config
 from fedunlearn.history import HistoryError
+from fedunlearn.unlearning.base import HistoryNotReplayable
 from fedunlearn.unlearning.service import RequestError
 
 
@@ -115,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_report(args)
         if args.command == "lineage":
             return cmd_lineage(args)
-    except (ConfigError, HistoryError, RequestError) as exc:
+    except (ConfigError, HistoryError, RequestError, HistoryNotReplayable) as exc:
         print(f"fedunlearn: error: {exc}", file=sys.stderr)
         return 2
     return 1

@@ -90,6 +90,7 @@ class Setup:
 def prepare(cfg: Config) -> Setup:
     """Resolve names, build the data and the initial model; raise ``ConfigError`` on misfit."""
     validate_names(cfg)
+    check_replayable(cfg)
     try:
         data = build_federated_data(cfg)
     except ConfigError:
@@ -107,6 +108,39 @@ def prepare(cfg: Config) -> Setup:
         raise ConfigError(f"config [model]: {exc}") from None
     _check_requests_against_sampling(cfg)
     return Setup(cfg=cfg, data=data, initial=get_params(model))
+
+
+def check_replayable(cfg: Config) -> None:
+    """Refuse a strategy declared to break ``M_{t+1} = M_t + Σ_k w_k U_k`` when removal
+    requests go to methods that need that identity (``needs_replayable_history``).
+
+    A strategy that declares nothing passes here; the history store checks every round as it
+    records it, and those methods refuse a history that broke the identity.
+    """
+    from fedunlearn.federation.strategy import (
+        STRATEGIES,
+        identity_breaker,
+        keeps_history_identity,
+    )
+    from fedunlearn.unlearning.service import factory_of
+
+    t = cfg.training
+    if not cfg.unlearning.requests or keeps_history_identity(t.strategy, t.strategy_params) \
+            is not False:
+        return
+    needy = [n for n in cfg.unlearning.methods
+             if getattr(factory_of(n), "needs_replayable_history", False)]
+    if not needy:
+        return
+    why = identity_breaker(t.strategy)
+    keepers = [n for n in STRATEGIES.names()
+               if getattr(STRATEGIES.get(n), "keeps_history_identity", None) is True]
+    given = f" with strategy_params {t.strategy_params}" if t.strategy_params else ""
+    raise ConfigError(
+        f"config key 'training.strategy' = '{t.strategy}'{given} breaks the history identity "
+        f"M_{{t+1}} = M_t + Σ w U{f' ({why})' if why else ''}, so the history-based methods "
+        f"{', '.join(needy)} cannot replay it; use {' or '.join(keepers) or 'another strategy'} "
+        "or drop those methods from unlearning.methods")
 
 
 def _check_requests_against_sampling(cfg: Config) -> None:

@@ -15,6 +15,17 @@ Layout (no pickle anywhere; arrays are uncompressed ``.npz`` read with ``allow_p
     sums/client_00003.r00005.npz   S_3 over rounds 1..5
     final.npz                      the global model after the last round
 
+Replayability: methods that replay or subtract stored updates assume the training kept the
+history identity ``M_{t+1} = M_t + sum_k w_k U_k^t`` (plain weighted averaging, as FedAvg and
+FedProx do; server momentum breaks it). The store checks it as it records: when the next global
+model arrives (the next :meth:`HistoryStore.record_round` or :meth:`~HistoryStore.record_final`)
+it compares it with the previous round's ``M_t + sum_k w_k U_k`` (float arrays, from the full
+precision updates) and keeps, per round, the largest absolute deviation divided by the largest
+absolute value of that expected model, and whether it is at most :data:`IDENTITY_RTOL`, under
+``identity`` in the manifest. :meth:`HistoryStore.replayable` is false as soon as one round
+breaks it. A round whose successor was never recorded (an unfinished store, or one reopened
+mid-run) stays unchecked and counts as holding.
+
 Every file is written atomically (temp file, fsync, ``os.replace``) and never rewritten in
 place: a changed sum or round meta gets a new name. ``manifest.json`` is replaced last, so a
 crash leaves the previous consistent state plus, at worst, unlisted files. Each ``.npz`` holds
@@ -43,6 +54,9 @@ VERSION = 1
 MANIFEST = "manifest.json"
 UPDATE_DTYPES = ("float32", "float16")
 _WEIGHT_TOL = 1e-5
+IDENTITY_RTOL = 1e-4
+"""Largest relative deviation from ``M_{t+1} = M_t + sum_k w_k U_k`` a round may show and still
+count as holding: float32 aggregation stays around 1e-7, server momentum is far above."""
 _MANIFEST_KEYS = ("retention_interval", "update_dtype", "rounds", "round_meta", "schema", "sums",
                   "final", "purged", "files")
 
@@ -68,6 +82,22 @@ class RoundRecord:
 
 def _is_float(array: np.ndarray) -> bool:
     return bool(np.issubdtype(array.dtype, np.floating))
+
+
+def identity_deviation(actual: Mapping[str, np.ndarray],
+                       expected: Mapping[str, np.ndarray]) -> float:
+    """``max |actual - expected| / max |expected|`` over the arrays of ``expected``.
+
+    The denominator is at least ``1e-12``; a non-finite value gives ``inf``.
+
+    >>> identity_deviation({"w": np.array([1.0, 2.5])}, {"w": np.array([1.0, 2.0])})
+    0.25
+    """
+    dev = max((float(np.max(np.abs(np.asarray(actual[k], np.float64) - e), initial=0.0))
+               for k, e in expected.items()), default=0.0)
+    scale = max((float(np.max(np.abs(e), initial=0.0)) for e in expected.values()), default=0.0)
+    out = dev / max(scale, 1e-12)
+    return out if np.isfinite(out) else float("inf")
 
 
 def _sha256(data: bytes) -> str:
@@ -134,6 +164,8 @@ class HistoryStore:
         self._records: dict[int, RoundRecord] = {}
         self._purged_in: dict[int, set[int]] = {}
         self._sums: dict[int, Params] = {}  # float64 running sums loaded so far
+        # (round, its M_t + sum_k w_k U_k in float64) until the next global model arrives
+        self._expected: tuple[int, Params] | None = None
         for t in manifest["rounds"]:
             meta = json.loads(self._read(manifest["round_meta"][str(t)]))
             self._records[t] = RoundRecord(
@@ -178,7 +210,7 @@ class HistoryStore:
         store = cls(path, {
             "format": FORMAT, "version": VERSION, "retention_interval": retention_interval,
             "update_dtype": update_dtype, "rounds": [], "round_meta": {}, "schema": None,
-            "sums": {}, "final": None, "purged": [], "files": {}})
+            "sums": {}, "final": None, "purged": [], "identity": {}, "files": {}})
         store._commit(store._m)
         return store
 
@@ -268,10 +300,15 @@ class HistoryStore:
             self._check_update(round, k, updates[k], model, fkeys)
 
         order = sorted(range(len(ids)), key=ids.__getitem__)
+        expected = {key: model[key].astype(np.float64) for key in fkeys}
+        for k, wk in zip(ids, w, strict=True):
+            for key in fkeys:
+                expected[key] += wk * np.asarray(updates[k][key], np.float64)
         record = RoundRecord(round, tuple(ids[i] for i in order),
                              tuple(counts[i] for i in order), tuple(w[i] for i in order),
                              self.retains_updates(round))
         m = json.loads(json.dumps(self._m))  # work on a copy, commit at the end
+        self._check_identity(m, model)
         rdir = f"rounds/{round:05d}"
         self._write(m, f"{rdir}/global.npz", _npz_bytes(
             {k: v.astype(np.float32) if _is_float(v) else v for k, v in model.items()}))
@@ -302,6 +339,7 @@ class HistoryStore:
         self._commit(m)
         self._records[round], self._purged_in[round] = record, set()
         self._sums.update(new_sums)
+        self._expected = (round, expected)
         self._unlink(stale)
 
     def record_final(self, model: Mapping[str, np.ndarray]) -> None:
@@ -312,10 +350,12 @@ class HistoryStore:
         model = {k: np.asarray(v) for k, v in model.items()}
         self._check_schema(model, self._m["schema"], "final model")
         m = json.loads(json.dumps(self._m))
+        self._check_identity(m, model)
         self._write(m, "final.npz", _npz_bytes(
             {k: v.astype(np.float32) if _is_float(v) else v for k, v in model.items()}))
         m["final"] = "final.npz"
         self._commit(m)
+        self._expected = None
 
     # ---------------------------------------------------------------- queries
     def rounds(self) -> list[int]:
@@ -376,6 +416,26 @@ class HistoryStore:
             raise HistoryError(f"client {client} {why}; known clients are {self.clients()}")
         shapes = {k: tuple(s) for k, s, is_f in self._m["schema"] if is_f}
         return {k: v.astype(np.float32) for k, v in self._sum64(client, shapes).items()}
+
+    def identity_deviation(self, round: int) -> float | None:
+        """How far the model after ``round`` was from ``M_t + sum_k w_k U_k^t``, relative to
+        its scale (see :func:`identity_deviation`); ``None`` if unchecked, ``inf`` if not
+        finite."""
+        self.round_record(round)
+        entry = self._m.get("identity", {}).get(str(round))
+        if entry is None:
+            return None
+        return float("inf") if entry["deviation"] is None else float(entry["deviation"])
+
+    def identity_violations(self) -> list[int]:
+        """Rounds whose next global model broke ``M_{t+1} = M_t + sum_k w_k U_k^t`` (by more
+        than :data:`IDENTITY_RTOL`, relative), ascending."""
+        return sorted(int(t) for t, e in self._m.get("identity", {}).items() if not e["holds"])
+
+    def replayable(self) -> bool:
+        """Whether every checked round kept ``M_{t+1} = M_t + sum_k w_k U_k^t``, so that
+        stored updates and running sums add up to the trained models."""
+        return not self.identity_violations()
 
     def bytes_used(self) -> int:
         """Total bytes of the store's files, manifest included."""
@@ -472,6 +532,15 @@ class HistoryStore:
             self._sums[client] = {k: stored[k].astype(np.float64) if k in stored
                                   else np.zeros(shape, np.float64) for k, shape in shapes.items()}
         return self._sums[client]
+
+    def _check_identity(self, m: dict, model: Params) -> None:
+        """Enter in ``m`` how far ``model`` (the next global model) is from the expectation."""
+        if self._expected is None:
+            return
+        t, expected = self._expected
+        dev = identity_deviation(model, expected)
+        m.setdefault("identity", {})[str(t)] = {
+            "deviation": dev if np.isfinite(dev) else None, "holds": dev <= IDENTITY_RTOL}
 
     @staticmethod
     def _check_schema(model: Params, schema: list, what: str) -> None:

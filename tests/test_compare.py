@@ -7,12 +7,13 @@ import json
 import pytest
 
 from fedunlearn.cli import main
+from fedunlearn.evaluation.verify import MIA_KEYS, PAIRED_ASR_KEYS
 
 ALL_METRICS = {"test_accuracy", "retain_accuracy", "forget_accuracy", "backdoor_asr",
                "backdoor_p_value", "backdoor_trigger_active", "mia_loss_auc",
                "mia_loss_tpr_at_1fpr", "mia_lira_auc", "mia_lira_tpr_at_1fpr", "acc_err",
                "acc_dis", "param_distance", "kl_forget", "kl_test", "pred_diff_forget",
-               "pred_diff_test"}
+               "pred_diff_test"} | set(MIA_KEYS) | set(PAIRED_ASR_KEYS)
 
 SMALL = ["data.num_clients=6", "training.rounds=3", "training.local_epochs=1",
          "training.learning_rate=0.1", "data.partition=\"iid\"", "backdoor.clients=[0]",
@@ -58,6 +59,7 @@ def test_report_and_compare_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "results.json").write_text("{not json")
     assert main(["report", str(tmp_path)]) == 2
     assert "not readable JSON" in capsys.readouterr().err
-    assert main(["compare", "simulations/quickstart.toml", "--out", str(tmp_path / "x")]) == 2
+    assert main(["compare", "simulations/quickstart.toml", "--set", "unlearning.requests=[]",
+                 "--out", str(tmp_path / "x")]) == 2
     assert "compare needs removal requests" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

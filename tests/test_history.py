@@ -330,3 +330,88 @@ def test_crash_before_the_manifest_leaves_the_previous_state(
     for k, s in sums.items():
         assert max_diff(again.running_sum(k), s) == 0.0
         assert max_diff(store.running_sum(k), s) == 0.0
+
+
+# ------------------------------------------------------------------ the history identity
+def with_server_step(rounds: list[dict], *, lr: float = 1.0, momentum: float = 0.0,
+                     noise: float = 0.0, seed: int = 1) -> tuple[list[dict], dict]:
+    """``make_run``'s rounds with the global models recomputed by a FedAvgM-like server:
+    ``v = momentum * v + sum_k w_k U_k``, ``M_{t+1} = M_t + lr * v`` (plus relative ``noise``)."""
+    rng = np.random.default_rng(seed)
+    model = {k: v.copy() for k, v in rounds[0]["global_model"].items()}
+    velocity: dict[str, np.ndarray] = {}
+    out = []
+    for kwargs in rounds:
+        out.append({**kwargs, "global_model": {k: v.copy() for k, v in model.items()}})
+        step = {key: sum(w * kwargs["updates"][k][key].astype(np.float64)
+                         for k, w in zip(kwargs["participants"], kwargs["weights"]))
+                for key in SHAPES}
+        velocity = {key: momentum * velocity.get(key, 0.0) + s for key, s in step.items()}
+        for key in SHAPES:
+            new = model[key] + lr * velocity[key]
+            new = new + noise * np.max(np.abs(new)) * rng.uniform(-1, 1, size=new.shape)
+            model[key] = new.astype(np.float32)
+    return out, model
+
+
+def record(path: Path, rounds: list[dict], final: dict | None) -> HistoryStore:
+    store = HistoryStore.create(path)
+    for kwargs in rounds:
+        store.record_round(**kwargs)
+    if final is not None:
+        store.record_final(final)
+    return store
+
+
+def test_fedavg_history_keeps_the_identity_and_the_flags_persist(tmp_path: Path) -> None:
+    store = build(tmp_path / "h")
+    assert store.replayable() and store.identity_violations() == []
+    assert all(0 <= store.identity_deviation(t) <= 1e-6 for t in store.rounds())
+    manifest = json.loads((store.path / "manifest.json").read_text())
+    assert sorted(manifest["identity"], key=int) == ["1", "2", "3", "4", "5"]
+    assert all(e["holds"] is True for e in manifest["identity"].values())
+    store.purge_clients([2])
+    again = HistoryStore.open(store.path)
+    assert again.replayable() and again.identity_deviation(5) == store.identity_deviation(5)
+
+
+def test_server_momentum_is_flagged_round_by_round(tmp_path: Path) -> None:
+    rounds, _ = make_run()
+    moved, final = with_server_step(rounds, momentum=0.9)
+    store = record(tmp_path / "m", moved, final)
+    # the first step has no velocity yet, so round 1 still holds; every later one breaks
+    assert store.identity_violations() == [2, 3, 4, 5] and not store.replayable()
+    assert store.identity_deviation(1) <= 1e-6 and store.identity_deviation(2) > 1e-2
+    assert HistoryStore.open(store.path).identity_violations() == [2, 3, 4, 5]
+    lr, final = with_server_step(rounds, lr=0.5)  # a server learning rate breaks it everywhere
+    assert record(tmp_path / "lr", lr, final).identity_violations() == [1, 2, 3, 4, 5]
+
+
+def test_identity_tolerance_separates_float32_noise_from_a_real_breach(tmp_path: Path) -> None:
+    rounds, _ = make_run()
+    quiet, final = with_server_step(rounds, noise=1e-6)
+    assert record(tmp_path / "quiet", quiet, final).replayable()
+    loud, final = with_server_step(rounds, noise=1e-3)
+    assert record(tmp_path / "loud", loud, final).identity_violations() == [1, 2, 3, 4, 5]
+
+
+def test_unchecked_rounds_are_not_violations(tmp_path: Path) -> None:
+    rounds, _ = make_run()
+    moved, _ = with_server_step(rounds, momentum=0.9)
+    store = record(tmp_path / "h", moved[:2], None)  # round 2's successor never arrived
+    assert store.identity_deviation(1) <= 1e-6 and store.identity_deviation(2) is None
+    assert store.replayable()
+    reopened = HistoryStore.open(store.path)  # a reopened store cannot check its last round
+    reopened.record_round(**moved[2])
+    assert reopened.identity_deviation(2) is None and reopened.replayable()
+    with pytest.raises(HistoryError, match="round 9 is not recorded"):
+        store.identity_deviation(9)
+
+
+def test_identity_deviation_doctest() -> None:
+    import doctest
+
+    from fedunlearn import history
+
+    failed, attempted = doctest.testmod(history)
+    assert attempted >= 1 and failed == 0

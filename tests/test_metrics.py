@@ -14,12 +14,17 @@ from fedunlearn.evaluation.metrics import (
     backdoor_test,
     binomial_p_value,
     kl_divergence,
+    mcnemar_exact_p,
+    paired_backdoor_test,
     param_distance,
     prediction_difference,
     sape,
 )
 from fedunlearn.evaluation.mia import (
+    bootstrap_auc_interval,
+    bootstrap_counts,
     calibrated_lira_attack,
+    calibrated_lira_scores,
     lira_attack,
     lira_offline_scores,
     logit_confidence,
@@ -27,7 +32,9 @@ from fedunlearn.evaluation.mia import (
     per_example_loss,
     population_calibration,
     roc_auc,
+    summarize_attack,
     tpr_at_fpr,
+    weighted_aucs,
 )
 from fedunlearn.evaluation.shadow import shadow_logit_confidences
 from fedunlearn.models import build_model
@@ -373,3 +380,103 @@ def test_calibrated_lira_pinned_and_scale_invariant():
                                    shadows[2])["mia_lira_auc"]
     assert plain > 0.95          # the artefact: every hard example looks like a member
     assert abs(calib - 0.5) < 0.15
+
+
+def test_calibrated_lira_scores_pinned():
+    # population fit (see above): a = 2, c = 7/6, s = sqrt(1/18); mu = [1, 0]
+    # scores = ([4, 1] - [2 + 7/6, 7/6]) / sqrt(1/18) = [5/6, -1/6] * sqrt(18)
+    pop_t, pop_s = np.array([1.0, 3.5, 5.0]), np.array([[0.0, 1.0, 2.0], [0.0, 1.0, 2.0]])
+    scores = calibrated_lira_scores(np.array([4.0, 1.0]), np.array([[1.0, 0.0], [1.0, 0.0]]),
+                                    pop_t, pop_s)
+    np.testing.assert_allclose(scores, np.array([5 / 6, -1 / 6]) * math.sqrt(18), atol=1e-9)
+
+
+# ------------------------------------------------------------- bootstrap AUC intervals
+
+def test_weighted_aucs_pinned():
+    # counts [1, 1] / [1, 1]: plain AUC of [3, 1] vs [2, 1] = (1 + 1 + 0 + 0.5) / 4 = 0.625;
+    # member 3 twice: (2 * (1 + 1)) / (2 * 2) = 1; member 1 three times against non-member 2
+    # once and 1 twice: 3 * 2 ties count 0.5 each, 3 of 3 * 3 = 9 pairs -> 1/3
+    aucs = weighted_aucs(np.array([3.0, 1.0]), np.array([2.0, 1.0]),
+                         np.array([[1, 1], [2, 0], [0, 3]]), np.array([[1, 1], [1, 1], [1, 2]]))
+    np.testing.assert_allclose(aucs, [0.625, 1.0, 1 / 3])
+
+
+def test_weighted_aucs_match_roc_auc_on_the_repeated_samples():
+    # the slow, obviously correct twin: materialise every resample and call roc_auc
+    rng = np.random.default_rng(4)
+    members = rng.integers(0, 6, 13).astype(float)  # few distinct values: many ties
+    nonmembers = rng.integers(0, 6, 9).astype(float)
+    wm, wn = bootstrap_counts(13, 50, rng), bootstrap_counts(9, 50, rng)
+    slow = [roc_auc(np.repeat(members, a), np.repeat(nonmembers, b)) for a, b in zip(wm, wn)]
+    np.testing.assert_allclose(weighted_aucs(members, nonmembers, wm, wn), slow, atol=1e-12)
+
+
+def test_bootstrap_counts_are_draws_with_replacement():
+    counts = bootstrap_counts(5, 2000, np.random.default_rng(1))
+    assert counts.shape == (2000, 5) and (counts.sum(axis=1) == 5).all()
+    # each item is drawn Binomial(5, 1/5) times: mean 1, P(count = 0) = 0.8^5 = 0.32768
+    assert counts.mean() == pytest.approx(1.0)
+    assert (counts == 0).mean() == pytest.approx(0.32768, abs=0.02)
+
+
+def test_bootstrap_interval_contains_the_auc_and_shrinks_with_more_samples():
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (40, 1600):
+        members, nonmembers = rng.normal(0.5, 1, n), rng.normal(0.0, 1, n)
+        lo, hi = bootstrap_auc_interval(members, nonmembers, resamples=300, seed=0)
+        assert lo < roc_auc(members, nonmembers) < hi
+        widths.append(hi - lo)
+    # the standard error falls like 1/sqrt(n): 40x the samples, about sqrt(40) = 6.3x narrower
+    assert 3 < widths[0] / widths[1] < 12
+    # true AUC Phi(0.5 / sqrt(2)) = 0.638 lies in the large-sample interval
+    assert lo < 0.638 < hi
+
+
+def test_bootstrap_interval_is_seeded_and_degenerates_cleanly():
+    rng = np.random.default_rng(2)
+    m, n = rng.normal(size=30), rng.normal(size=20)
+    assert bootstrap_auc_interval(m, n, seed=3) == bootstrap_auc_interval(m, n, seed=3)
+    assert bootstrap_auc_interval(m, n, seed=3) != bootstrap_auc_interval(m, n, seed=4)
+    # all scores tied: every resample has AUC 0.5
+    assert bootstrap_auc_interval(np.ones(5), np.ones(7)) == (0.5, 0.5)
+    assert all(math.isnan(v) for v in bootstrap_auc_interval(np.ones(3), np.zeros(0)))
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_auc_interval(m, n, level=1.5)
+
+
+def test_summarize_attack_pinned():
+    # AUC 0.625 (see test_roc_auc_pinned); 2 non-members allow no false positive: only the
+    # member 3 lies above the top non-member 2 -> TPR 1/2
+    s = summarize_attack(np.array([3.0, 1.0]), np.array([2.0, 1.0]), resamples=50, seed=0)
+    assert (s.auc, s.tpr_at_1fpr, s.members, s.nonmembers) == (0.625, 0.5, 2, 2)
+    assert 0.0 <= s.auc_ci[0] <= s.auc <= s.auc_ci[1] <= 1.0
+
+
+# ------------------------------------------------------------------ McNemar on the ASR
+
+def test_mcnemar_exact_p_pinned():
+    # 8 discordant pairs all one way: 2 * 0.5^8
+    assert mcnemar_exact_p(8, 0) == pytest.approx(2 * 0.5 ** 8) == pytest.approx(0.0078125)
+    # b = 5 of 6: P(X <= 1) + P(X >= 5) for Binomial(6, 1/2) = (1 + 6 + 6 + 1) / 64
+    assert mcnemar_exact_p(5, 1) == pytest.approx(14 / 64)
+    assert mcnemar_exact_p(1, 5) == mcnemar_exact_p(5, 1)
+    assert mcnemar_exact_p(3, 3) == 1.0 and mcnemar_exact_p(0, 0) == 1.0
+    with pytest.raises(ValueError, match=">= 0"):
+        mcnemar_exact_p(-1, 2)
+
+
+def test_paired_backdoor_test_counts_discordant_pairs():
+    hit, miss = [0.1, 0.9], [0.9, 0.1]  # target class 1
+    # inputs: both hit, method only (x3), reference only, both miss -> b = 3, c = 1
+    method = np.array([hit, hit, hit, hit, miss, miss])
+    ref = np.array([hit, miss, miss, miss, hit, miss])
+    out = paired_backdoor_test(method, ref, 1)
+    # p = P(X <= 1) + P(X >= 3) for Binomial(4, 1/2) = (1 + 4 + 4 + 1) / 16
+    assert out == {"backdoor_asr_vs_retrain_p": pytest.approx(10 / 16),
+                   "backdoor_discordant": [3, 1]}
+    assert paired_backdoor_test(method, method, 1) == {"backdoor_asr_vs_retrain_p": 1.0,
+                                                        "backdoor_discordant": [0, 0]}
+    with pytest.raises(ValueError, match="same triggered inputs"):
+        paired_backdoor_test(method, ref[:3], 1)

@@ -273,7 +273,7 @@ def test_comparison_table_renders_old_style_rows() -> None:
     lines = comparison_table(old).splitlines()
     assert len(lines) == 2 + len(old)
     assert lines[0].split()[:3] == ["request", "setting", "method"]
-    assert "ASR" in lines[0] and "LiRA-AUC" in lines[0]
+    assert "ASR" in lines[0] and "LiRA clean" in lines[0]
     assert lines[2].split()[:3] == ["0", "federated", "original"]
     assert "-" in lines[2].split() and "–" in lines[2].split()
     assert "1.0x" in lines[3] and "4.4x" in lines[4]

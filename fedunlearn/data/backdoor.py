@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from fedunlearn.data.dataset import ArrayDataset
@@ -106,6 +108,78 @@ def triggered_test_set(test: ArrayDataset, target_class: int, size: int = 2) -> 
     x = stamp_trigger(test.x[keep], size=size)
     name = f"{test.name}+trigger" if test.name else "trigger"
     return ArrayDataset(x, test.y[keep], test.num_classes, name)
+
+
+@dataclass(frozen=True, eq=False)
+class Trigger:
+    """A trigger as the features it writes: ``values`` at the ``mask`` of a flattened sample.
+
+    Recovered from a clean set and its stamped copy (:meth:`recover`), so code that holds only
+    the data (not the backdoor config) can stamp new samples with the same trigger and tell
+    which samples carry it.
+
+    Attributes
+    ----------
+    mask : np.ndarray
+        Boolean, one entry per feature of a flattened sample; True where the trigger writes.
+    values : np.ndarray
+        The values written, in the order of ``np.flatnonzero(mask)``.
+    """
+
+    mask: np.ndarray
+    values: np.ndarray
+
+    @classmethod
+    def recover(cls, clean: np.ndarray, stamped: np.ndarray) -> Trigger:
+        """The features every stamped sample has equal and at least one sample changed.
+
+        ``stamped`` must be ``clean`` with one trigger stamped on every sample (same order),
+        e.g. ``triggered_test_set(test, t).x`` and the non-target rows of ``test.x``. With no
+        rows, or no changed feature, the trigger is empty and :meth:`carried_by` is all False.
+
+        >>> clean = np.array([[0.2, 0.0, 0.3], [0.5, 0.1, 1.0]])
+        >>> t = Trigger.recover(clean, stamp_trigger(clean, size=2))
+        >>> t.mask, t.values
+        (array([False,  True,  True]), array([1., 1.], dtype=float32))
+        """
+        flat_clean, flat = _rows(np.asarray(clean)), _rows(np.asarray(stamped, np.float32))
+        if flat.shape != flat_clean.shape:
+            raise ValueError(f"Trigger.recover: stamped {flat.shape} and clean "
+                             f"{flat_clean.shape} must hold the same samples")
+        if len(flat) == 0:
+            return cls(np.zeros(flat.shape[1], dtype=bool), np.zeros(0, dtype=np.float32))
+        mask = np.all(flat == flat[0], axis=0) & np.any(flat != flat_clean, axis=0)
+        return cls(mask, flat[0, mask])
+
+    def stamp(self, x: np.ndarray) -> np.ndarray:
+        """A copy of ``x`` with the trigger written on every sample (``x`` is not modified).
+
+        >>> Trigger(np.array([False, True]), np.array([1.0])).stamp(np.zeros((1, 2)))
+        array([[0., 1.]])
+        """
+        out = np.array(x, copy=True)
+        flat = _rows(out)
+        flat[:, self.mask] = self.values
+        return flat.reshape(out.shape)
+
+    def carried_by(self, x: np.ndarray) -> np.ndarray:
+        """Boolean per sample: does it hold the trigger's values at the trigger's features?
+
+        A clean sample that happens to hold them equals its own stamped copy, so it counts as
+        carrying the trigger. An empty trigger is carried by no sample.
+
+        >>> Trigger(np.array([False, True]), np.array([1.0])).carried_by(np.eye(2))
+        array([False,  True])
+        """
+        flat = _rows(np.asarray(x))
+        if not self.mask.any():
+            return np.zeros(len(flat), dtype=bool)
+        return np.all(flat[:, self.mask] == self.values, axis=1)
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    """``x`` as one flattened row per sample (a view when possible; works with 0 samples)."""
+    return x.reshape(len(x), int(np.prod(x.shape[1:], dtype=np.int64)))
 
 
 def _check_target(target_class: int, num_classes: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from scipy.stats import binomtest
@@ -146,3 +147,47 @@ def backdoor_test(asr: float, trials: int, num_classes: int,
     successes = round(asr * trials)
     p = binomial_p_value(successes, trials, 1.0 / num_classes)
     return {"backdoor_p_value": p, "backdoor_trigger_active": bool(p < alpha)}
+
+
+def mcnemar_exact_p(b: int, c: int) -> float:
+    """McNemar's exact test: two-sided binomial p-value of ``b`` successes in ``b + c`` trials
+    at rate 1/2 (1 when ``b + c = 0``).
+
+    ``b`` and ``c`` are the discordant pairs of two paired binary outcomes (only the first is a
+    success, only the second is); concordant pairs carry no information on the difference.
+
+    >>> mcnemar_exact_p(8, 0)
+    0.0078125
+    >>> mcnemar_exact_p(0, 0)
+    1.0
+    """
+    if b < 0 or c < 0:
+        raise ValueError(f"mcnemar_exact_p: counts must be >= 0, got b={b}, c={c}")
+    if b + c == 0:
+        return 1.0
+    return float(binomtest(int(b), int(b + c), 0.5, alternative="two-sided").pvalue)
+
+
+def paired_backdoor_test(proba: np.ndarray, reference_proba: np.ndarray,
+                         target_class: int) -> dict[str, Any]:
+    """ASR of a model against the reference's on the *same* triggered inputs (McNemar).
+
+    Each triggered input is a pair of outcomes "predicted as ``target_class``": ``b`` counts
+    the inputs only the model sends to the target, ``c`` those only the reference does.
+
+    Returns
+    -------
+    dict
+        ``{"backdoor_asr_vs_retrain_p": mcnemar_exact_p(b, c), "backdoor_discordant": [b, c]}``.
+
+    >>> paired_backdoor_test(np.array([[0.1, 0.9], [0.1, 0.9], [0.9, 0.1]]),
+    ...                      np.array([[0.9, 0.1], [0.1, 0.9], [0.9, 0.1]]), 1)
+    {'backdoor_asr_vs_retrain_p': 1.0, 'backdoor_discordant': [1, 0]}
+    """
+    if len(proba) != len(reference_proba):
+        raise ValueError(f"paired_backdoor_test: {len(proba)} and {len(reference_proba)} "
+                         "predictions; the pairs must be the same triggered inputs")
+    hit = np.asarray(proba).argmax(axis=1) == target_class
+    ref_hit = np.asarray(reference_proba).argmax(axis=1) == target_class
+    b, c = int(np.sum(hit & ~ref_hit)), int(np.sum(~hit & ref_hit))
+    return {"backdoor_asr_vs_retrain_p": mcnemar_exact_p(b, c), "backdoor_discordant": [b, c]}

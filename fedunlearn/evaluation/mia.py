@@ -14,13 +14,17 @@ Two attacks are provided:
   points that no model trained on (as RMIA compares with population samples: Zarifzadeh et al.,
   "Low-Cost High-Power Membership Inference Attacks", ICML 2024) removes that scale mismatch.
 
-Every score follows the convention *higher = more likely a member*. Training the shadow models
-needs torch and lives in :mod:`fedunlearn.evaluation.shadow`.
+Every score follows the convention *higher = more likely a member*. An attack is summarised by
+:func:`summarize_attack`: ROC AUC with a percentile bootstrap interval (members and non-members
+resampled independently, :func:`bootstrap_auc_interval`) and the TPR at 1 % FPR with the number
+of non-members behind it. Training the shadow models needs torch and lives in
+:mod:`fedunlearn.evaluation.shadow`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -228,13 +232,179 @@ def calibrated_lira_attack(target_phi_members: np.ndarray, target_phi_nonmembers
     dict
         ``{"mia_lira_auc": ..., "mia_lira_tpr_at_1fpr": ...}``.
     """
-    a, c, s = population_calibration(target_phi_population, shadow_phi_population)
-
-    def scores(target: np.ndarray, shadow: np.ndarray) -> np.ndarray:
-        mu = np.asarray(shadow, dtype=np.float64).mean(axis=0)
-        return (np.asarray(target, dtype=np.float64).ravel() - (a * mu + c)) / s
-
-    member_scores = scores(target_phi_members, shadow_phi_members)
-    nonmember_scores = scores(target_phi_nonmembers, shadow_phi_nonmembers)
+    member_scores = calibrated_lira_scores(target_phi_members, shadow_phi_members,
+                                           target_phi_population, shadow_phi_population)
+    nonmember_scores = calibrated_lira_scores(target_phi_nonmembers, shadow_phi_nonmembers,
+                                              target_phi_population, shadow_phi_population)
     return {"mia_lira_auc": roc_auc(member_scores, nonmember_scores),
             "mia_lira_tpr_at_1fpr": tpr_at_fpr(member_scores, nonmember_scores, 0.01)}
+
+
+def calibrated_lira_scores(target_phi: np.ndarray, shadow_phi: np.ndarray,
+                           target_phi_population: np.ndarray,
+                           shadow_phi_population: np.ndarray) -> np.ndarray:
+    """Per-query scores of :func:`calibrated_lira_attack`: ``(phi - (a * mu + c)) / s``.
+
+    ``(a, c, s)`` come from :func:`population_calibration` on the population points, ``mu`` is
+    the mean over the OUT shadows (``shadow_phi`` has shape ``(n_shadow, n_queries)``).
+
+    >>> calibrated_lira_scores(np.array([4.0]), np.array([[1.0], [1.0]]),
+    ...                        np.array([1.0, 3.0, 5.0]), np.array([[0.0, 1.0, 2.0]]))
+    array([1000.])
+    """
+    a, c, s = population_calibration(target_phi_population, shadow_phi_population)
+    mu = np.asarray(shadow_phi, dtype=np.float64).mean(axis=0)
+    return (np.asarray(target_phi, dtype=np.float64).ravel() - (a * mu + c)) / s
+
+
+def weighted_aucs(member_scores: np.ndarray, nonmember_scores: np.ndarray,
+                  member_counts: np.ndarray, nonmember_counts: np.ndarray) -> np.ndarray:
+    """ROC AUC of each row of multiplicities, without materialising the resampled sets.
+
+    Row ``b`` is the AUC of ``np.repeat(member_scores, member_counts[b])`` against
+    ``np.repeat(nonmember_scores, nonmember_counts[b])`` (ties count one half): the non-members
+    are sorted once and every member's weighted wins read off cumulative counts, so ``B`` rows
+    cost ``O(B * (n_members + n_nonmembers))``.
+
+    Parameters
+    ----------
+    member_scores, nonmember_scores : np.ndarray
+        Scores, shapes ``(n_m,)`` and ``(n_n,)``.
+    member_counts, nonmember_counts : np.ndarray
+        Non-negative multiplicities, shapes ``(B, n_m)`` and ``(B, n_n)``; every row must have
+        a positive sum.
+
+    Returns
+    -------
+    np.ndarray
+        Shape ``(B,)``, float64.
+
+    >>> weighted_aucs(np.array([3.0, 1.0]), np.array([2.0, 1.0]),
+    ...               np.array([[1, 1], [2, 0]]), np.array([[1, 1], [1, 1]]))
+    array([0.625, 1.   ])
+    """
+    members = np.asarray(member_scores, dtype=np.float64).ravel()
+    nonmembers = np.asarray(nonmember_scores, dtype=np.float64).ravel()
+    w_m = np.asarray(member_counts, dtype=np.float64)
+    w_n = np.asarray(nonmember_counts, dtype=np.float64)
+    order = np.argsort(nonmembers, kind="stable")
+    sorted_n = nonmembers[order]
+    below = np.zeros((len(w_n), len(sorted_n) + 1))
+    np.cumsum(np.take(w_n, order, axis=1), axis=1, out=below[:, 1:])  # weight of the k smallest
+    lo = np.searchsorted(sorted_n, members, side="left")
+    hi = np.searchsorted(sorted_n, members, side="right")
+    # wins of member i: non-members below it, plus half of those tied with it; shape (B, n_m)
+    wins = 0.5 * (np.take(below, lo, axis=1) + np.take(below, hi, axis=1))
+    return np.einsum("bi,bi->b", w_m, wins) / (w_m.sum(axis=1) * w_n.sum(axis=1))
+
+
+def bootstrap_counts(n: int, resamples: int, rng: np.random.Generator,
+                     strata: np.ndarray | None = None) -> np.ndarray:
+    """Multiplicities of ``resamples`` draws of ``n`` items with replacement, shape
+    ``(resamples, n)``; each row sums to ``n``.
+
+    With ``strata`` (one label per item) every stratum is resampled at its own size, so each
+    row keeps the strata's sizes.
+
+    >>> bootstrap_counts(4, 3, np.random.default_rng(0)).sum(axis=1)
+    array([4, 4, 4])
+    >>> c = bootstrap_counts(5, 3, np.random.default_rng(0), strata=np.array([0, 0, 0, 1, 1]))
+    >>> c[:, :3].sum(axis=1), c[:, 3:].sum(axis=1)
+    (array([3, 3, 3]), array([2, 2, 2]))
+    """
+    groups = [np.arange(n)] if strata is None else [
+        np.flatnonzero(strata == s) for s in np.unique(strata)]
+    if strata is not None and len(strata) != n:
+        raise ValueError(f"bootstrap_counts: {len(strata)} strata labels for {n} items")
+    offsets = n * np.arange(resamples)[:, None]  # row b counts into [b * n, (b + 1) * n)
+    draws = [members[rng.integers(0, len(members), size=(resamples, len(members)))] + offsets
+             for members in groups]
+    flat = np.concatenate([d.ravel() for d in draws])
+    return np.bincount(flat, minlength=resamples * n).reshape(resamples, n)
+
+
+def bootstrap_auc_interval(member_scores: np.ndarray, nonmember_scores: np.ndarray, *,
+                           member_strata: np.ndarray | None = None,
+                           nonmember_strata: np.ndarray | None = None, resamples: int = 400,
+                           level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the ROC AUC.
+
+    Members and non-members are resampled independently (each with replacement, at its own
+    size, and within each stratum when strata are given: a group whose composition is fixed by
+    design keeps it), ``resamples`` times, from ``np.random.default_rng(seed)``; the interval is
+    the
+    ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the resampled AUCs
+    (:func:`weighted_aucs`). ``(nan, nan)`` if either group is empty.
+
+    Parameters
+    ----------
+    member_scores, nonmember_scores : np.ndarray
+    member_strata, nonmember_strata : np.ndarray, optional
+        A stratum label per member / non-member (default: one stratum).
+    resamples : int
+        Number of bootstrap resamples (default 400).
+    level : float
+        Coverage (default 0.95).
+    seed : int
+        Seed of the resampling (default 0).
+
+    >>> bootstrap_auc_interval(np.array([2.0, 3.0]), np.array([0.0, 1.0]))
+    (1.0, 1.0)
+    """
+    members = np.asarray(member_scores, dtype=np.float64).ravel()
+    nonmembers = np.asarray(nonmember_scores, dtype=np.float64).ravel()
+    if len(members) == 0 or len(nonmembers) == 0:
+        return float("nan"), float("nan")
+    if not 0 < level < 1 or resamples < 1:
+        raise ValueError(f"bootstrap_auc_interval: need 0 < level < 1 and resamples >= 1, "
+                         f"got level={level}, resamples={resamples}")
+    rng = np.random.default_rng(seed)
+    aucs = weighted_aucs(members, nonmembers,
+                         bootstrap_counts(len(members), resamples, rng, member_strata),
+                         bootstrap_counts(len(nonmembers), resamples, rng, nonmember_strata))
+    lo, hi = np.quantile(aucs, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+@dataclass(frozen=True)
+class AttackSummary:
+    """One membership attack on one set of members and non-members.
+
+    Attributes
+    ----------
+    auc : float
+        ROC AUC (0.5 = chance; NaN when a group is empty).
+    auc_ci : tuple of float
+        Percentile bootstrap interval of ``auc``.
+    tpr_at_1fpr : float
+        TPR at 1 % FPR; below 100 non-members it allows no false positive at all.
+    members, nonmembers : int
+        Group sizes.
+    """
+
+    auc: float
+    auc_ci: tuple[float, float]
+    tpr_at_1fpr: float
+    members: int
+    nonmembers: int
+
+
+def summarize_attack(member_scores: np.ndarray, nonmember_scores: np.ndarray, *,
+                     member_strata: np.ndarray | None = None,
+                     nonmember_strata: np.ndarray | None = None, resamples: int = 400,
+                     seed: int = 0) -> AttackSummary:
+    """AUC with its bootstrap interval (:func:`bootstrap_auc_interval`, same arguments), TPR at
+    1 % FPR and the group sizes.
+
+    >>> s = summarize_attack(np.array([3.0, 1.0]), np.array([2.0, 1.0]))
+    >>> s.auc, s.tpr_at_1fpr, s.members, s.nonmembers
+    (0.625, 0.5, 2, 2)
+    """
+    members = np.asarray(member_scores, dtype=np.float64).ravel()
+    nonmembers = np.asarray(nonmember_scores, dtype=np.float64).ravel()
+    return AttackSummary(auc=roc_auc(members, nonmembers),
+                         auc_ci=bootstrap_auc_interval(
+                             members, nonmembers, member_strata=member_strata,
+                             nonmember_strata=nonmember_strata, resamples=resamples, seed=seed),
+                         tpr_at_1fpr=tpr_at_fpr(members, nonmembers, 0.01),
+                         members=len(members), nonmembers=len(nonmembers))

@@ -41,8 +41,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import binomtest
 from scipy.stats import t as student_t
+
+from fedunlearn.evaluation.metrics import mcnemar_exact_p
 
 LEVEL = 0.95
 """Confidence level of every interval."""
@@ -84,7 +85,9 @@ CRITERIA: tuple[Criterion, ...] = (
     Criterion("test", ("test_accuracy",), 0.01, higher_is_worse=False),
     Criterion("forget", ("forget_accuracy",), 0.01, higher_is_worse=True),
     Criterion("asr", ("backdoor_asr",), 0.02, higher_is_worse=True, paired_binary=True),
-    Criterion("mia", ("mia_lira_auc", "mia_loss_auc"), 0.02, higher_is_worse=True),
+    # membership of the *clean* forgotten samples: the triggered ones measure the backdoor
+    Criterion("mia", ("mia_lira_auc_clean", "mia_loss_auc_clean", "mia_lira_auc",
+                      "mia_loss_auc"), 0.02, higher_is_worse=True),
     Criterion("kl", ("kl_forget",), 0.01, higher_is_worse=True, vs_noise_floor=True),
 )
 """The criteria every method row is judged on, in column order."""
@@ -132,16 +135,15 @@ def decide(interval: tuple[float, float] | None, margin: float, *,
 
 
 def mcnemar_p(b: int, c: int) -> float:
-    """Two-sided exact McNemar test: ``b`` of ``b + c`` discordant pairs under Binomial(1/2).
+    """Two-sided exact McNemar test: ``b`` of ``b + c`` discordant pairs under Binomial(1/2)
+    (:func:`fedunlearn.evaluation.metrics.mcnemar_exact_p`).
 
     >>> mcnemar_p(8, 0)
     0.0078125
     >>> mcnemar_p(0, 0)
     1.0
     """
-    if b + c == 0:
-        return 1.0
-    return float(binomtest(int(b), int(b + c), 0.5, alternative="two-sided").pvalue)
+    return mcnemar_exact_p(int(b), int(c))
 
 
 def decide_paired_binary(b: int, c: int, mean_diff: float, margin: float, *, alpha: float,

@@ -3,13 +3,22 @@ the reference (retraining of the same setting).
 
 A :class:`RequestVerifier` is built once per request. It fixes the forget set (the targets'
 training data, as they trained on it, backdoor included), the retain set (everyone not removed),
-a held-out non-member sample of the test split of the same size as the member sample, the
-rest of the test split as the population LiRA calibrates on, and — when shadow models are
-enabled — the offline LiRA statistics of all those queries from shadow models trained on halves
-of the retain set (so that no query is in any shadow; trained at the
-first metric computation, after the removal methods ran). Then
-:meth:`RequestVerifier.outputs` takes a model's predictions once and
+the membership-inference queries and — when shadow models are enabled — the offline LiRA
+statistics of all queries from shadow models trained on halves of the retain set (so that no
+query is in any shadow; trained at the first metric computation, after the removal methods ran).
+Then :meth:`RequestVerifier.outputs` takes a model's predictions once and
 :meth:`RequestVerifier.metrics` turns them into the metrics of ``results.json``.
+
+Membership queries. The members (a sample of the forget set) are split into **triggered**
+samples (carrying the backdoor trigger and labelled with its target class, as the poisoned
+client trained on them) and **clean** ones. Each split gets non-members from its own
+distribution, drawn from the test split without overlap: clean test samples for the clean
+members, and test samples with the trigger stamped and relabelled to the target class for the
+triggered ones (one non-member per member). Otherwise the attack would re-measure the backdoor
+(a triggered member has a low loss under the target label because of the trigger, not because
+it was trained on). The test samples not drawn are the population calibrated LiRA fits its
+scale on. Every attack is reported on each split and overall (all members against all
+non-members), see :data:`MIA_KEYS`.
 """
 
 from __future__ import annotations
@@ -20,25 +29,63 @@ from typing import Any
 
 import numpy as np
 
+from fedunlearn.data.backdoor import Trigger
 from fedunlearn.data.federated import FederatedData
 from fedunlearn.evaluation.metrics import (
     accuracy,
     attack_success_rate,
     backdoor_test,
     kl_divergence,
+    paired_backdoor_test,
     param_distance,
     prediction_difference,
     sape,
 )
-from fedunlearn.evaluation.mia import calibrated_lira_attack, logit_confidence, loss_attack
+from fedunlearn.evaluation.mia import (
+    AttackSummary,
+    calibrated_lira_scores,
+    lira_offline_scores,
+    logit_confidence,
+    per_example_loss,
+    summarize_attack,
+)
 
 Predict = Callable[[np.ndarray], np.ndarray]
 ShadowFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
+MIA_ATTACKS: tuple[str, ...] = ("mia_loss", "mia_lira", "mia_lira_plain")
+"""Key prefixes: the loss attack, population-calibrated offline LiRA, plain offline LiRA."""
+
+MIA_SPLITS: tuple[str, ...] = ("", "_clean", "_triggered")
+"""Key suffixes: all members against all non-members, the clean split, the triggered split."""
+
+MIA_KEYS: tuple[str, ...] = tuple(
+    key for split in MIA_SPLITS
+    for key in (*(k for attack in MIA_ATTACKS
+                  for k in (f"{attack}_auc{split}", f"{attack}_auc{split}_ci",
+                            f"{attack}_tpr_at_1fpr{split}")),
+                f"mia_members{split}", f"mia_nonmembers{split}"))
+"""Every membership-inference metric key. Per attack and split: ``<attack>_auc<split>`` (float),
+``<attack>_auc<split>_ci`` (``[low, high]``, 95 % percentile bootstrap over the members and
+the non-members resampled independently, each within its clean and triggered parts), and
+``<attack>_tpr_at_1fpr<split>`` (float); per split ``mia_members<split>`` and
+``mia_nonmembers<split>`` (int: below 100 non-members, TPR at 1 % FPR allows no false
+positive). LiRA keys appear only with shadow models, ``_triggered`` keys only with a backdoor;
+an empty split has NaN metrics."""
+
+PAIRED_ASR_KEYS: tuple[str, ...] = ("backdoor_asr_vs_retrain_p", "backdoor_discordant")
+"""McNemar's exact test of the ASR against the reference on the same triggered inputs: the
+p-value (float) and the discordant pairs ``[b, c]`` (b: only this model hits the target, c: only
+the reference does). Present when both have triggered predictions."""
+
 
 @dataclass(frozen=True)
 class Outputs:
-    """A model's class probabilities on every split a request is verified on."""
+    """A model's class probabilities on every split a request is verified on.
+
+    ``members`` and ``nonmembers`` are in the order of the verifier's ``member_idx`` and
+    ``nonmember_idx`` (triggered non-members predicted on their stamped inputs).
+    """
 
     test: np.ndarray
     retain: np.ndarray
@@ -67,38 +114,96 @@ class RequestVerifier:
         confidences, shape ``(n_shadows, n_queries)`` (see
         :func:`fedunlearn.evaluation.shadow.shadow_logit_confidences`); None disables LiRA.
     seed : int
-        Draws the non-member (and, if the forget set is larger, the member) sample.
+        Draws the members (if the forget set is larger than the test split), the non-members
+        and the bootstrap resamples.
     shadow_phi : np.ndarray, optional
         The shadows' confidences computed earlier for the same request and seed (reused).
+    resamples : int
+        Bootstrap resamples of every AUC interval (default 400).
+
+    Attributes
+    ----------
+    member_idx : np.ndarray
+        Sorted positions of the members in the forget set.
+    member_triggered : np.ndarray
+        Boolean per member: carries the trigger and the target label.
+    nonmember_idx : np.ndarray
+        Positions in the test split: the clean non-members (sorted), then the bases of the
+        triggered non-members (sorted); ``len(nonmember_idx) == len(member_idx)``.
+    nonmember_triggered : np.ndarray
+        Boolean per non-member: stamped and relabelled to the target class.
+    nonmember_x, nonmember_y : np.ndarray
+        The non-members' inputs (stamped where triggered) and labels.
+    population_idx : np.ndarray
+        The remaining test positions, the population calibrated LiRA fits on.
+    trigger : Trigger or None
+        The backdoor's trigger, recovered from the test split and its triggered copy.
     """
 
     def __init__(self, data: FederatedData, *, targets: Collection[int],
                  removed: Collection[int], target_class: int | None, alpha: float = 0.01,
                  shadows: ShadowFn | None = None, seed: int = 0,
-                 shadow_phi: np.ndarray | None = None) -> None:
+                 shadow_phi: np.ndarray | None = None, resamples: int = 400) -> None:
         everyone = set(range(len(data.clients)))
+        test = data.test
         self.data = data
         self.forget = data.pooled(exclude=everyone - set(targets))
         self.retain = data.pooled(exclude=set(removed))
         self.target_class = target_class
         self.alpha = alpha
+        self.seed = seed
+        self.resamples = resamples
+        self.trigger = (Trigger.recover(test.x[test.y != target_class], data.triggered_test.x)
+                        if target_class is not None and data.triggered_test is not None
+                        else None)
         rng = np.random.default_rng(seed)
-        n = min(len(self.forget), len(data.test))
+        n = min(len(self.forget), len(test))
         self.member_idx = np.sort(rng.choice(len(self.forget), size=n, replace=False))
-        self.nonmember_idx = np.sort(rng.choice(len(data.test), size=n, replace=False))
         self.member_y = self.forget.y[self.member_idx]
-        self.nonmember_y = data.test.y[self.nonmember_idx]
-        self.population_idx = np.setdiff1d(np.arange(len(data.test)), self.nonmember_idx)
+        self.member_triggered = (
+            self.trigger.carried_by(self.forget.x[self.member_idx])
+            & (self.member_y == target_class) if self.trigger is not None
+            else np.zeros(n, dtype=bool))
+        n_triggered = int(self.member_triggered.sum())
+        order = rng.permutation(len(test))
+        clean, bases = order[:n - n_triggered], order[n - n_triggered:n]
+        self.nonmember_idx = np.concatenate([np.sort(clean), np.sort(bases)])
+        self.nonmember_triggered = np.arange(n) >= n - n_triggered
+        self.nonmember_x = test.x[self.nonmember_idx]
+        self.nonmember_y = test.y[self.nonmember_idx].copy()
+        if n_triggered:
+            assert self.trigger is not None and target_class is not None
+            self.nonmember_x[self.nonmember_triggered] = self.trigger.stamp(
+                self.nonmember_x[self.nonmember_triggered])
+            self.nonmember_y[self.nonmember_triggered] = target_class
+        self.population_idx = np.sort(order[n:])
         self._shadows = shadows
         self._shadow_phi = shadow_phi if shadows is not None else None
+        expected = 2 * n + len(self.population_idx)
+        if self._shadow_phi is not None and np.shape(self._shadow_phi)[1:] != (expected,):
+            raise ValueError(f"RequestVerifier: cached shadow_phi has shape "
+                             f"{np.shape(self._shadow_phi)}, expected (n_shadows, {expected}) "
+                             "for this request; drop the cache entry to recompute it")
+
+    @property
+    def splits(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Key suffix -> (member mask, non-member mask): overall, clean and (with a backdoor)
+        triggered."""
+        n = len(self.member_idx)
+        out = {"": (np.ones(n, dtype=bool), np.ones(n, dtype=bool)),
+               "_clean": (~self.member_triggered, ~self.nonmember_triggered)}
+        if self.trigger is not None:
+            out["_triggered"] = (self.member_triggered, self.nonmember_triggered)
+        return out
 
     @property
     def shadow_phi(self) -> np.ndarray | None:
-        """OUT shadow models' logit confidences on the queries (trained on first use, so that
-        shadow training never runs between the removal methods being timed)."""
+        """OUT shadow models' logit confidences on the queries (members, non-members,
+        population; trained on first use, so that shadow training never runs between the
+        removal methods being timed)."""
         if self._shadows is not None and self._shadow_phi is None:
             test = self.data.test
-            qx = np.concatenate([self.forget.x[self.member_idx], test.x[self.nonmember_idx],
+            qx = np.concatenate([self.forget.x[self.member_idx], self.nonmember_x,
                                  test.x[self.population_idx]])
             qy = np.concatenate([self.member_y, self.nonmember_y, test.y[self.population_idx]])
             self._shadow_phi = self._shadows(self.retain.x, self.retain.y, qx, qy)
@@ -108,9 +213,14 @@ class RequestVerifier:
         """Predict once on every split."""
         forget = predict(self.forget.x)
         test = predict(self.data.test.x)
+        nonmembers = test[self.nonmember_idx]
+        if self.nonmember_triggered.any():
+            nonmembers = nonmembers.copy()
+            nonmembers[self.nonmember_triggered] = predict(
+                self.nonmember_x[self.nonmember_triggered])
         trig = self.data.triggered_test
         return Outputs(test=test, retain=predict(self.retain.x), forget=forget,
-                       members=forget[self.member_idx], nonmembers=test[self.nonmember_idx],
+                       members=forget[self.member_idx], nonmembers=nonmembers,
                        triggered=predict(trig.x) if trig is not None and self.target_class
                        is not None else None)
 
@@ -124,16 +234,34 @@ class RequestVerifier:
             m["backdoor_asr"] = asr
             m.update(backdoor_test(asr, len(out.triggered), self.data.num_classes,
                                    alpha=self.alpha))
-        m.update(loss_attack(out.members, self.member_y, out.nonmembers, self.nonmember_y))
+        m.update(self.membership(out))
+        return m
+
+    def membership(self, out: Outputs) -> dict[str, Any]:
+        """Every attack on every split (the keys of :data:`MIA_KEYS`)."""
+        scores = {"mia_loss": (-per_example_loss(out.members, self.member_y),
+                               -per_example_loss(out.nonmembers, self.nonmember_y))}
         phi = self.shadow_phi
         if phi is not None:
             n = len(self.member_idx)
+            target = np.concatenate([logit_confidence(out.members, self.member_y),
+                                     logit_confidence(out.nonmembers, self.nonmember_y)])
             pop = self.population_idx
-            m.update(calibrated_lira_attack(
-                logit_confidence(out.members, self.member_y),
-                logit_confidence(out.nonmembers, self.nonmember_y),
-                phi[:, :n], phi[:, n:2 * n],
-                logit_confidence(out.test[pop], self.data.test.y[pop]), phi[:, 2 * n:]))
+            calibrated = calibrated_lira_scores(
+                target, phi[:, :2 * n], logit_confidence(out.test[pop], self.data.test.y[pop]),
+                phi[:, 2 * n:])
+            plain = lira_offline_scores(target, phi[:, :2 * n])  # sigma pooled over all queries
+            scores["mia_lira"] = (calibrated[:n], calibrated[n:])
+            scores["mia_lira_plain"] = (plain[:n], plain[n:])
+        m: dict[str, Any] = {}
+        for split, (in_m, in_n) in self.splits.items():
+            for attack, (s_m, s_n) in scores.items():
+                m.update(_keys(attack, split, summarize_attack(
+                    s_m[in_m], s_n[in_n], member_strata=self.member_triggered[in_m],
+                    nonmember_strata=self.nonmember_triggered[in_n], resamples=self.resamples,
+                    seed=self.seed)))
+            m[f"mia_members{split}"] = int(in_m.sum())
+            m[f"mia_nonmembers{split}"] = int(in_n.sum())
         return m
 
     def metrics(self, out: Outputs, *, reference: Outputs | None = None,
@@ -151,12 +279,22 @@ class RequestVerifier:
         m["kl_test"] = kl_divergence(reference.test, out.test)
         m["pred_diff_forget"] = prediction_difference(reference.forget, out.forget)
         m["pred_diff_test"] = prediction_difference(reference.test, out.test)
+        if (out.triggered is not None and reference.triggered is not None
+                and self.target_class is not None):
+            m.update(paired_backdoor_test(out.triggered, reference.triggered,
+                                          self.target_class))
         return m
 
     def basic_accuracies(self, out: Outputs) -> dict[str, float]:
         """Test and forget accuracy only (for SAPE against the reference)."""
         return {"test_accuracy": accuracy(out.test, self.data.test.y),
                 "forget_accuracy": accuracy(out.forget, self.forget.y)}
+
+
+def _keys(attack: str, split: str, summary: AttackSummary) -> dict[str, Any]:
+    return {f"{attack}_auc{split}": summary.auc,
+            f"{attack}_auc{split}_ci": list(summary.auc_ci),
+            f"{attack}_tpr_at_1fpr{split}": summary.tpr_at_1fpr}
 
 
 def _param_distance(a: Mapping[str, np.ndarray] | None,

@@ -13,12 +13,23 @@
 Strategies are created by name from :data:`STRATEGIES`. A factory receives the evaluation
 fraction and ``training.strategy_params`` and must return a strategy that trains *every* node
 it is offered (``fraction_train=1.0``): fedunlearn has already done the sampling.
+
+A factory may declare whether its strategy keeps the history identity
+``M_{t+1} = M_t + Σ_k w_k U_k`` (new global model = old one plus the FedAvg-weighted client
+updates), which FedEraser, FedAccum and distillation rely on, with
+:func:`declare_history_identity`. A declared breach is refused before training when such a
+method is configured; an undeclared strategy is checked at run time only (the history store
+checks every round as it records it)::
+
+    @STRATEGIES.register("mine")
+    @declare_history_identity(True)
+    def mine(evaluate_fraction=0.0, **params): ...
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -39,6 +50,52 @@ from fedunlearn.registry import Registry
 StrategyFactory = Callable[..., Strategy]
 STRATEGIES: Registry[StrategyFactory] = Registry("strategy")
 
+KeepsIdentity = bool | Callable[[Mapping[str, Any]], bool]
+"""A declaration: a constant, or a predicate on ``training.strategy_params``."""
+_F = TypeVar("_F")
+
+
+def declare_history_identity(keeps: KeepsIdentity, breaks_by: str = "") -> Callable[[_F], _F]:
+    """Decorator declaring whether a strategy factory keeps ``M_{t+1} = M_t + Σ_k w_k U_k``.
+
+    Parameters
+    ----------
+    keeps : bool or callable
+        ``True``/``False``, or ``keeps(strategy_params) -> bool`` when it depends on them.
+    breaks_by : str, optional
+        What breaks the identity when it does (e.g. ``"server momentum"``), for the message.
+
+    The factory gets the attributes ``keeps_history_identity`` and
+    ``history_identity_breaks_by``; setting them by hand is the same declaration.
+    """
+
+    def mark(factory: _F) -> _F:
+        factory.keeps_history_identity = keeps  # type: ignore[attr-defined]
+        factory.history_identity_breaks_by = breaks_by  # type: ignore[attr-defined]
+        return factory
+
+    return mark
+
+
+def keeps_history_identity(name: str, params: Mapping[str, Any] | None = None) -> bool | None:
+    """Whether registered strategy ``name`` with ``params`` keeps the history identity:
+    ``True``/``False`` as declared, ``None`` if undeclared (checked at run time only).
+
+    Raises
+    ------
+    KeyError
+        If ``name`` is not registered (listing the known names).
+    """
+    declared = getattr(STRATEGIES.get(name), "keeps_history_identity", None)
+    if declared is None or isinstance(declared, bool):
+        return declared
+    return bool(declared(dict(params or {})))
+
+
+def identity_breaker(name: str) -> str:
+    """What breaks the history identity in strategy ``name``, as declared (may be empty)."""
+    return str(getattr(STRATEGIES.get(name), "history_identity_breaks_by", ""))
+
 
 def _common(evaluate_fraction: float) -> dict[str, Any]:
     return {"fraction_train": 1.0, "fraction_evaluate": evaluate_fraction, "min_train_nodes": 1,
@@ -46,20 +103,39 @@ def _common(evaluate_fraction: float) -> dict[str, Any]:
 
 
 @STRATEGIES.register("fedavg")
+@declare_history_identity(True)
 def fedavg(evaluate_fraction: float = 0.0, **params: Any) -> Strategy:
     """Flower's ``FedAvg`` (McMahan et al., 2017)."""
     return FedAvg(**_common(evaluate_fraction), **params)
 
 
 @STRATEGIES.register("fedprox")
+@declare_history_identity(True)
 def fedprox(evaluate_fraction: float = 0.0, proximal_mu: float = 0.01, **params: Any) -> Strategy:
     """Flower's ``FedProx`` (Li et al., 2020); pair it with ``training.step = "proximal"``."""
     return FedProx(proximal_mu=proximal_mu, **_common(evaluate_fraction), **params)
 
 
+def _plain_server_step(params: Mapping[str, Any]) -> bool:
+    """FedAvgM without momentum and with server learning rate 1 is FedAvg (Flower skips its
+    server optimiser then); anything else moves the model off ``M_t + Σ w U``."""
+    return (params.get("server_momentum", DEFAULT_SERVER_MOMENTUM) == 0
+            and params.get("server_learning_rate", 1) == 1)
+
+
+DEFAULT_SERVER_MOMENTUM = 0.9
+"""FedAvgM's server momentum unless ``strategy_params`` say otherwise (Hsu et al. 2019 use
+0.9; Flower's own default 0 would make ``fedavgm`` plain FedAvg)."""
+
+
 @STRATEGIES.register("fedavgm")
+@declare_history_identity(_plain_server_step, "server momentum / server learning rate")
 def fedavgm(evaluate_fraction: float = 0.0, **params: Any) -> Strategy:
-    """Flower's ``FedAvgM`` (server momentum; the history then no longer sums to the model)."""
+    """Flower's ``FedAvgM`` (Hsu et al., 2019), server momentum 0.9 unless
+    ``strategy_params`` set ``server_momentum``. With ``server_momentum`` > 0 or
+    ``server_learning_rate`` != 1 the history no longer sums to the model, so the history
+    methods refuse it; momentum 0 and learning rate 1 make it FedAvg."""
+    params.setdefault("server_momentum", DEFAULT_SERVER_MOMENTUM)
     return FedAvgM(**_common(evaluate_fraction), **params)
 
 

@@ -20,6 +20,7 @@ from fedunlearn.reporting.plots import (
     DPI,
     plot_fidelity_speedup,
     plot_method_bars,
+    plot_replay_trajectory,
     plot_training_curve,
 )
 from fedunlearn.reporting.tables import (
@@ -57,6 +58,7 @@ __all__ = [
     "ordered_rows",
     "plot_fidelity_speedup",
     "plot_method_bars",
+    "plot_replay_trajectory",
     "plot_training_curve",
     "read_results",
     "report_markdown",

@@ -10,7 +10,9 @@ from fedunlearn.reporting.files import _write_text
 from fedunlearn.reporting.plots import (
     plot_fidelity_speedup,
     plot_method_bars,
+    plot_replay_trajectory,
     plot_training_curve,
+    replay_rows,
 )
 from fedunlearn.reporting.tables import (
     MISSING,
@@ -80,7 +82,7 @@ def report_markdown(results: Mapping[str, Any]) -> str:
     for i, (clients, group) in enumerate(_request_groups(rows)):
         parts.append(_md_request(i, clients, group, show_setting=show_setting,
                                  backdoor=backdoor))
-    parts += [_GUIDE, _md_plots(bool(rows))]
+    parts += [_GUIDE, _md_plots(bool(rows), bool(replay_rows(results)))]
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
@@ -228,11 +230,14 @@ def _cost_columns(show_setting: bool) -> list[_Column]:
         _cost_column("server-epochs", "server_epochs", lambda x: _fmt(x, ".1f"))]
 
 
-def _md_plots(has_rows: bool) -> str:
+def _md_plots(has_rows: bool, has_replay: bool = False) -> str:
     lines = ["## Plots", ""]
     if has_rows:
         lines += ["![Methods compared on the first request](plots/methods.png)", "",
                   "![Fidelity against speed-up](plots/fidelity_speedup.png)", ""]
+    if has_replay:
+        lines += ["![History replay against the original training (first seed)]"
+                  "(plots/replay.png)", ""]
     lines.append("![Training curve](plots/training_curve.png)")
     return "\n".join(lines)
 
@@ -263,6 +268,9 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> dict[str, Path]:
         paths["fidelity_speedup"] = plots / "fidelity_speedup.png"
         plot_method_bars(results, paths["methods"])
         plot_fidelity_speedup(results, paths["fidelity_speedup"])
+    if replay_rows(results):
+        paths["replay"] = plots / "replay.png"
+        plot_replay_trajectory(results, paths["replay"])
     paths["training_curve"] = plots / "training_curve.png"
     plot_training_curve(results, paths["training_curve"])
     write_metrics_csv(paths["metrics"], results)

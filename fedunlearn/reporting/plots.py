@@ -253,3 +253,82 @@ def plot_training_curve(results: Mapping[str, Any], path: Path) -> Figure:
         _note(ax, "no rounds recorded")
     _save(fig, path)
     return fig
+
+
+def replay_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Rows of the first seed and first request whose ``details`` carry replay diagnostics."""
+    rows = results.get("unlearning") or []
+    if not rows:
+        return []
+    first_seed = (results.get("seeds") or [rows[0].get("seed", 0)])[0]
+    first_request = rows[0].get("request")
+    return [r for r in rows if r.get("seed", first_seed) == first_seed
+            and r.get("request") == first_request and (r.get("details") or {}).get("replay")]
+
+
+def plot_replay_trajectory(results: Mapping[str, Any], path: Path) -> Figure:
+    """History-replay methods round by round, against the original training (first seed).
+
+    Parameters
+    ----------
+    results : mapping
+        A run's ``results.json``; reads ``training.rounds`` and the ``details.replay`` of
+        FedEraser-like rows (per replayed round: ``test_accuracy``, ``ratio`` =
+        ‖stored update‖ / ‖fresh calibration update‖, ``cosine``).
+    path : Path
+        Where the PNG goes (120 dpi).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Left: test accuracy of the reconstructed model per replayed round, the original
+        training curve, and retraining's final accuracy (dashed). Right: the calibration's
+        stretch ratio (log scale) and cosine per round.
+    """
+    rows = replay_rows(results)
+    fig = _figure(12.0, 4.8)
+    acc_ax, ratio_ax = fig.subplots(1, 2)
+    train = (results.get("training") or {}).get("rounds") or []
+    acc_ax.plot([r.get("round") for r in train],
+                [math.nan if (v := _value(r.get("test_accuracy"))) is None else v for r in train],
+                color="black", lw=1.5, label="original training")
+    retrain = next((r for r in (results.get("unlearning") or []) if r.get("role") == "reference"
+                    and r.get("setting", "federated") == "federated"), None)
+    if retrain is not None and (v := _value((retrain.get("metrics") or {})
+                                           .get("test_accuracy"))) is not None:
+        acc_ax.axhline(v, ls="--", color="tab:green", label=f"retraining, final ({v:.3f})")
+    cos_ax = ratio_ax.twinx()
+    for i, r in enumerate(rows):
+        steps = r["details"]["replay"]
+        x = [s.get("round") for s in steps]
+        colour = f"C{i % 10}"
+
+        def series(key: str, steps: list[dict[str, Any]] = steps) -> list[float]:
+            return [math.nan if (v := _value(s.get(key))) is None else v for s in steps]
+
+        acc_ax.plot(x, series("test_accuracy"), color=colour, marker="o", ms=3,
+                    label=f"{r['method']} replay")
+        ratio_ax.plot(x, series("ratio"), color=colour, marker="o", ms=3,
+                      label=f"{r['method']} ‖U‖/‖Û‖")
+        cos_ax.plot(x, series("cosine"), color=colour, ls=":", label=f"{r['method']} cos")
+    acc_ax.set_ylim(0.0, 1.05)
+    acc_ax.set_xlabel("round")
+    acc_ax.set_ylabel("test accuracy (fraction)")
+    acc_ax.set_title("Replay against the original training")
+    acc_ax.grid(alpha=0.3)
+    acc_ax.legend(fontsize=8, loc="lower right")
+    ratio_ax.set_yscale("log")
+    ratio_ax.axhline(1.0, color="gray", lw=0.8)
+    ratio_ax.set_xlabel("round")
+    ratio_ax.set_ylabel("stored / calibration update norm (log)")
+    cos_ax.set_ylim(-1.05, 1.05)
+    cos_ax.set_ylabel("cosine(stored, calibration) (dotted)")
+    ratio_ax.set_title("How far calibration stretches the fresh step")
+    if not rows:
+        _note(acc_ax, "no history-replay method in this run")
+    handles = ratio_ax.get_legend_handles_labels()
+    extra = cos_ax.get_legend_handles_labels()
+    if handles[0] or extra[0]:
+        ratio_ax.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=8, loc="best")
+    _save(fig, path)
+    return fig

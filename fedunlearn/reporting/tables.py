@@ -9,16 +9,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from fedunlearn.evaluation.verify import MIA_KEYS, PAIRED_ASR_KEYS
 from fedunlearn.reporting.files import _write_text
 
 # --- the removal comparison: rows ------------------------------------------------------------
 
 METRIC_KEYS: tuple[str, ...] = (
     "test_accuracy", "retain_accuracy", "forget_accuracy", "backdoor_asr", "backdoor_p_value",
-    "backdoor_trigger_active", "acc_err", "acc_dis", "param_distance", "kl_forget", "kl_test",
-    "pred_diff_forget", "pred_diff_test", "mia_loss_auc", "mia_loss_tpr_at_1fpr",
-    "mia_lira_auc", "mia_lira_tpr_at_1fpr")
-"""Metric keys of a comparison row, in the column order of ``metrics.csv``."""
+    "backdoor_trigger_active", *PAIRED_ASR_KEYS, "acc_err", "acc_dis", "param_distance",
+    "kl_forget", "kl_test", "pred_diff_forget", "pred_diff_test", *MIA_KEYS)
+"""Metric keys of a comparison row, in the column order of ``metrics.csv`` (the membership
+keys are :data:`fedunlearn.evaluation.verify.MIA_KEYS`)."""
 
 COST_KEYS: tuple[str, ...] = (
     "wall_s", "speedup_vs_retrain", "client_epochs", "rounds", "messages_sent",
@@ -275,8 +276,13 @@ class _Column(NamedTuple):
     numeric: bool = True
 
 
-def _metric_column(header: str, key: str, spec: str) -> _Column:
-    return _Column(header, lambda r: _pm(r, key, _fmt(r["metrics"].get(key), spec), spec))
+def _metric_column(header: str, key: str, spec: str, *fallback: str) -> _Column:
+    """A metric's cell (``mean±half`` over seeds when known); ``fallback`` keys are read when
+    ``key`` is absent (run files written before the key existed)."""
+    def cell(r: dict[str, Any]) -> str:
+        k = next((k for k in (key, *fallback) if r["metrics"].get(k) is not None), key)
+        return _pm(r, k, _fmt(r["metrics"].get(k), spec), spec)
+    return _Column(header, cell)
 
 
 def _cost_column(header: str, key: str, fmt: Callable[[Any], str], spec: str = ".2f") -> _Column:
@@ -316,8 +322,8 @@ def _terminal_columns(backdoor: bool) -> list[_Column]:
     if backdoor:
         cols += [_metric_column("ASR", "backdoor_asr", ".3f"),
                  _Column("trigger", trig, False)]
-    return cols + [_metric_column("MIA-AUC", "mia_loss_auc", ".3f"),
-                   _metric_column("LiRA-AUC", "mia_lira_auc", ".3f"),
+    return cols + [_metric_column("MIA clean", "mia_loss_auc_clean", ".3f", "mia_loss_auc"),
+                   _metric_column("LiRA clean", "mia_lira_auc_clean", ".3f", "mia_lira_auc"),
                    _metric_column("KL-forget", "kl_forget", ".3g"),
                    _cost_column("wall s", "wall_s", lambda x: _fmt(x, ".2f")),
                    _cost_column("speedup", "speedup_vs_retrain", lambda x: _fmt_speedup(x, "-")),

@@ -125,6 +125,14 @@ class Unlearner(Protocol):
 
     An optional class attribute ``exact = True`` declares that the result equals retraining
     without the targets (retraining, SISA); the lineage log records it.
+
+    An optional class attribute ``needs_replayable_history = True`` (default ``False``)
+    declares that the method consumes stored updates or running sums as if training had been
+    plain weighted averaging, ``M_{t+1} = M_t + Σ_k w_k U_k`` (FedEraser, FedAccum,
+    distillation). Such methods are refused before training when the configured strategy is
+    declared to break that identity (server momentum, for instance); after training, a history
+    whose ``replayable()`` is false must be refused with :class:`HistoryNotReplayable` before
+    any work (FedEraser and FedAccum check it first thing in ``unlearn``).
     """
 
     setting: ClassVar[Setting]
@@ -132,6 +140,11 @@ class Unlearner(Protocol):
     def unlearn(self, ctx: UnlearningContext) -> UnlearningResult:
         """Serve one request; must not modify ``ctx.model``, ``ctx.history`` or the data."""
         ...
+
+
+class HistoryNotReplayable(ValueError):
+    """The stored history breaks ``M_{t+1} = M_t + Σ_k w_k U_k``, so a method that replays or
+    subtracts stored updates cannot serve the request (nothing was changed)."""
 
 
 UNLEARNERS: Registry[Callable[..., Unlearner]] = Registry("unlearning method")

@@ -5,11 +5,18 @@ IWQoS 2021, "FedEraser: Enabling Efficient Client-Level Data Removal from Federa
 Models"): a remaining client's update is rebuilt with the *magnitude* of the update it sent
 during training and the *direction* of a short calibration training from the reconstructed
 model, ``Ũ = ‖U‖ · Û / ‖Û‖``.
+
+The replay diagnostics (:func:`calibration_stats`, :func:`weighted_mean_stats`,
+:func:`summarise_replay`) describe each calibrated round with the same norms: how far the
+stored step went (‖U‖), how far the fresh one went (‖Û‖), their ratio (how much calibration
+stretches the fresh step) and the cosine between them (whether both point the same way).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -61,6 +68,17 @@ def calibrate(stored: Mapping[str, np.ndarray], fresh: Mapping[str, np.ndarray],
     >>> {k: v.tolist() for k, v in calibrate(U, fresh, scope="layer").items()}
     {'a': [4.0, 0.0], 'b': [3.0]}
     """
+    u, d, groups = _grouped(stored, fresh, scope)
+    out: Params = {}
+    for name, stats in _stats(u, d, groups, eps).items():
+        for k in groups[name]:
+            out[k] = (stats.ratio * d[k]).astype(np.float32)
+    return {k: out[k] for k in d}
+
+
+def _grouped(stored: Mapping[str, np.ndarray], fresh: Mapping[str, np.ndarray], scope: str,
+             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, list[str]]]:
+    """The float arrays of both updates as float64, and the norm groups of ``scope``."""
     if scope not in NORM_SCOPES:
         raise ValueError(f"unknown norm scope {scope!r}; known: {', '.join(NORM_SCOPES)}")
     names = [k for k, v in fresh.items() if is_float(np.asarray(v))]
@@ -70,14 +88,156 @@ def calibrate(stored: Mapping[str, np.ndarray], fresh: Mapping[str, np.ndarray],
                          f"vs {sorted(names)}); pass updates of the same model")
     u = {k: np.asarray(stored[k], np.float64) for k in names}
     d = {k: np.asarray(fresh[k], np.float64) for k in names}
-    groups = [names] if scope == "model" else [[k] for k in names]
-    out: Params = {}
-    for group in groups:
+    groups = {"model": names} if scope == "model" else {k: [k] for k in names}
+    return u, d, groups
+
+
+@dataclass(frozen=True)
+class CalibrationStats:
+    """How a stored update ``U`` and a fresh update ``Û`` compare over one norm group.
+
+    Attributes
+    ----------
+    stored_norm : float
+        ``‖U‖``.
+    fresh_norm : float
+        ``‖Û‖``.
+    ratio : float
+        ``‖U‖ / ‖Û‖``: the factor :func:`calibrate` multiplies ``Û`` by (0.0 when
+        ``‖Û‖ <= eps``, as :func:`calibrate` then returns a zero update).
+    cosine : float
+        ``⟨U, Û⟩ / (‖U‖ ‖Û‖)`` (0.0 when either norm is ``<= eps``).
+    """
+
+    stored_norm: float
+    fresh_norm: float
+    ratio: float
+    cosine: float
+
+    def as_dict(self) -> dict[str, float]:
+        """The four values as plain floats (JSON-serialisable)."""
+        return {"stored_norm": self.stored_norm, "fresh_norm": self.fresh_norm,
+                "ratio": self.ratio, "cosine": self.cosine}
+
+
+def calibration_stats(stored: Mapping[str, np.ndarray], fresh: Mapping[str, np.ndarray], *,
+                      scope: str = "model", eps: float = 1e-12) -> dict[str, CalibrationStats]:
+    """Norms, ratio and cosine of ``U`` and ``Û`` per norm group of :func:`calibrate`.
+
+    Parameters
+    ----------
+    stored, fresh : mapping of str to np.ndarray
+        ``U`` and ``Û`` as for :func:`calibrate` (non-float arrays are ignored).
+    scope : {"model", "layer"}, optional
+        ``"model"`` (default) gives one entry, ``"model"``, over all float arrays together;
+        ``"layer"`` gives one entry per array name. Each entry's ``ratio`` is exactly the scale
+        :func:`calibrate` applies to that group.
+    eps : float, optional
+        Norms at or below ``eps`` (default ``1e-12``) count as zero.
+
+    Returns
+    -------
+    dict of str to CalibrationStats
+
+    Raises
+    ------
+    ValueError
+        As :func:`calibrate`.
+
+    Examples
+    --------
+    >>> U = {"a": np.array([0.0, 4.0]), "b": np.array([3.0])}  # ‖U‖ = 5
+    >>> fresh = {"a": np.array([0.0, 1.0]), "b": np.array([0.0])}  # ‖Û‖ = 1, ⟨U, Û⟩ = 4
+    >>> calibration_stats(U, fresh)["model"].as_dict()
+    {'stored_norm': 5.0, 'fresh_norm': 1.0, 'ratio': 5.0, 'cosine': 0.8}
+    >>> {k: (s.ratio, s.cosine) for k, s in calibration_stats(U, fresh, scope="layer").items()}
+    {'a': (4.0, 1.0), 'b': (0.0, 0.0)}
+    """
+    return _stats(*_grouped(stored, fresh, scope), eps)
+
+
+def _stats(u: Mapping[str, np.ndarray], d: Mapping[str, np.ndarray],
+           groups: Mapping[str, list[str]], eps: float) -> dict[str, CalibrationStats]:
+    out: dict[str, CalibrationStats] = {}
+    for name, group in groups.items():
+        stored_norm = _norm([u[k] for k in group])
         fresh_norm = _norm([d[k] for k in group])
-        scale = _norm([u[k] for k in group]) / fresh_norm if fresh_norm > eps else 0.0
-        for k in group:
-            out[k] = (scale * d[k]).astype(np.float32)
+        dot = sum(float(np.sum(u[k] * d[k])) for k in group)
+        both = stored_norm > eps and fresh_norm > eps
+        out[name] = CalibrationStats(
+            stored_norm=stored_norm, fresh_norm=fresh_norm,
+            ratio=stored_norm / fresh_norm if fresh_norm > eps else 0.0,
+            cosine=dot / (stored_norm * fresh_norm) if both else 0.0)
     return out
+
+
+def weighted_mean_stats(stats: Sequence[CalibrationStats],
+                        weights: Sequence[float]) -> CalibrationStats:
+    """Each field of ``stats`` averaged with ``weights`` (e.g. a round's renormalised FedAvg
+    weights, which sum to 1; they are divided by their sum either way).
+
+    The ratio is the weighted mean of the clients' ratios, not the ratio of the mean norms.
+
+    Raises
+    ------
+    ValueError
+        If the lengths differ, nothing is given, or the weights do not sum to a positive value.
+
+    Examples
+    --------
+    >>> a = CalibrationStats(stored_norm=2.0, fresh_norm=1.0, ratio=2.0, cosine=1.0)
+    >>> b = CalibrationStats(stored_norm=1.0, fresh_norm=4.0, ratio=0.25, cosine=-0.5)
+    >>> weighted_mean_stats([a, b], [0.75, 0.25]).as_dict()
+    {'stored_norm': 1.75, 'fresh_norm': 1.75, 'ratio': 1.5625, 'cosine': 0.625}
+    """
+    if not stats or len(stats) != len(weights):
+        raise ValueError(f"{len(stats)} stats but {len(weights)} weights; pass one weight per "
+                         "client, at least one")
+    total = float(sum(weights))
+    if not total > 0:
+        raise ValueError(f"the weights sum to {total}; they must be positive")
+    w = [float(x) / total for x in weights]
+
+    def mean(field: str) -> float:
+        return float(sum(wk * getattr(s, field) for wk, s in zip(w, stats, strict=True)))
+
+    return CalibrationStats(stored_norm=mean("stored_norm"), fresh_norm=mean("fresh_norm"),
+                            ratio=mean("ratio"), cosine=mean("cosine"))
+
+
+def summarise_replay(rounds: Sequence[Mapping[str, Any]]) -> dict[str, float | int | None]:
+    """A replay's diagnostics in three numbers.
+
+    Parameters
+    ----------
+    rounds : sequence of mapping
+        Per replayed round ``{"ratio", "cosine", "test_accuracy", ...}``; ``ratio`` and
+        ``cosine`` are ``None`` in rounds without a fresh step (FedAccum, FedEraser's first
+        retained round), ``test_accuracy`` is ``None`` when not tracked.
+
+    Returns
+    -------
+    dict
+        ``calibrated_rounds`` (rounds with a fresh step), ``mean_ratio`` and ``mean_cosine``
+        (plain means over those rounds of the per-round, FedAvg-weighted values; ``None``
+        without any), and ``final_test_accuracy`` (of the last replayed round, or ``None``).
+
+    Examples
+    --------
+    >>> summarise_replay([{"ratio": None, "cosine": None, "test_accuracy": 0.5},
+    ...                   {"ratio": 2.0, "cosine": 0.5, "test_accuracy": 0.6},
+    ...                   {"ratio": 4.0, "cosine": 0.25, "test_accuracy": 0.7}])
+    {'calibrated_rounds': 2, 'mean_ratio': 3.0, 'mean_cosine': 0.375, 'final_test_accuracy': 0.7}
+    """
+    fresh = [r for r in rounds if r.get("ratio") is not None]
+
+    def mean(key: str) -> float | None:
+        return float(np.mean([float(r[key]) for r in fresh])) if fresh else None
+
+    last = rounds[-1].get("test_accuracy") if rounds else None
+    return {"calibrated_rounds": len(fresh), "mean_ratio": mean("ratio"),
+            "mean_cosine": mean("cosine"),
+            "final_test_accuracy": None if last is None else float(last)}
 
 
 def renormalised_weights(participants: Sequence[int], weights: Sequence[float],

@@ -96,6 +96,7 @@ class Distillation:
     """
 
     setting: ClassVar[Setting] = "federated"
+    needs_replayable_history: ClassVar[bool] = True
 
     def __init__(self, temperature: float = 2.0, epochs: int = 20, learning_rate: float = 0.05,
                  batch_size: int = 32, optimizer: str = "sgd") -> None:

@@ -17,24 +17,54 @@ client work and shows what calibration buys.
 Non-float arrays (e.g. BatchNorm's integer ``num_batches_tracked``) carry no updates; the
 reconstruction copies them from the model being rebuilt (that is, from ``M_1``) in every step,
 explicitly, via :func:`~fedunlearn.aggregation.apply_update`.
+
+Both replays assume training kept ``M_{t+1} = M_t + Σ_k w_k U_k`` (``needs_replayable_history``);
+a history the store found breaking it (e.g. trained with server momentum) is refused with
+:class:`~fedunlearn.unlearning.base.HistoryNotReplayable` before any work.
+
+Replay diagnostics (``details["replay"]``, one entry per replayed round): ``stored_norm``, the
+FedAvg-weighted mean (weights renormalised over the round's remaining participants) of
+``‖U_k‖``; for a calibrated round also ``fresh_norm`` (of ``‖Û_k‖``), ``ratio`` (of
+``‖U_k‖ / ‖Û_k‖``, how much calibration stretches the fresh step) and ``cosine`` (of
+``cos(U_k, Û_k)``), all over the whole model's float arrays (``None`` in rounds without a fresh
+step: FedAccum's, and FedEraser's first). The whole-model ratio is the overall stretch in
+both norm scopes, since a layer-scope calibration gives every array its stored norm and so
+the whole update the stored ``‖U_k‖`` too; with ``norm_scope = "layer"`` an entry also holds
+``layers``, the same four values per array (the ratio being the scale each array got).
+``test_accuracy`` is the reconstructed model's test accuracy after the round's update was
+added (``track_accuracy``); with retention interval Δt it stands in for training's model
+after round ``t + Δt - 1``. ``details["replay_summary"]`` condenses them
+(:func:`~fedunlearn.unlearning.calibration.summarise_replay`, plus ``accuracy_seconds``, the
+evaluation time included in the method's wall time).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from fedunlearn.aggregation import apply_update, difference, weighted_sum
-from fedunlearn.params import Params
+from fedunlearn.aggregation import apply_update, difference, l2_norm, weighted_sum
+from fedunlearn.history import IDENTITY_RTOL, HistoryStore
+from fedunlearn.params import Params, set_params
 from fedunlearn.seeding import derive_seed
+from fedunlearn.training import evaluate
 from fedunlearn.unlearning.base import (
     UNLEARNERS,
     Cost,
+    HistoryNotReplayable,
     Setting,
     UnlearningContext,
     UnlearningResult,
 )
-from fedunlearn.unlearning.calibration import NORM_SCOPES, calibrate, renormalised_weights
+from fedunlearn.unlearning.calibration import (
+    NORM_SCOPES,
+    calibrate,
+    calibration_stats,
+    renormalised_weights,
+    summarise_replay,
+    weighted_mean_stats,
+)
 
 _CALIBRATION_PURPOSE = 0xCA1B
 """Mixed into the request seed to derive the calibration tag (training uses tag 0)."""
@@ -62,23 +92,54 @@ class RoundUpdates:
     stored: tuple[Params, ...]
 
 
+@dataclass
+class Step:
+    """What :meth:`HistoryReplay.step` gives for one retained round.
+
+    Attributes
+    ----------
+    updates : list of Params
+        The updates ``Ũ_k`` to aggregate, aligned with the round's clients.
+    cost : Cost
+        What obtaining them cost.
+    fresh : list of Params or None
+        The fresh updates ``Û_k`` they were derived from, if any (for the diagnostics).
+    norm_scope : str
+        The norm scope of the calibration (``"layer"`` adds per-array diagnostics).
+    """
+
+    updates: list[Params]
+    cost: Cost = field(default_factory=Cost)
+    fresh: list[Params] | None = None
+    norm_scope: str = "model"
+
+
 class HistoryReplay:
     """The replay loop shared by FedAccum and FedEraser; subclasses override :meth:`step`.
 
     The loop starts from ``ctx.initial`` and, for every retained round with remaining
     participants, adds ``Σ_k w̃_k Ũ_k`` where ``Ũ_k`` comes from :meth:`step` (the stored
-    update itself for the first retained round).
+    update itself for the first retained round), and records the round's diagnostics.
+
+    Parameters
+    ----------
+    track_accuracy : bool, optional
+        Evaluate the reconstructed model on ``ctx.data.test`` after every replayed round
+        (default ``True``; one forward pass of a small model, counted in the method's time).
     """
 
     setting: ClassVar[Setting] = "federated"
+    needs_replayable_history: ClassVar[bool] = True
 
-    def step(self, ctx: UnlearningContext, model: Params,
-             rnd: RoundUpdates) -> tuple[list[Params], Cost]:
+    def __init__(self, track_accuracy: bool = True) -> None:
+        self.track_accuracy = track_accuracy
+
+    def step(self, ctx: UnlearningContext, model: Params, rnd: RoundUpdates) -> Step:
         """The updates to aggregate in a later retained round, and what obtaining them cost.
 
         The base replay (FedAccum) returns the stored updates at no cost.
         """
-        return list(rnd.stored), Cost()
+        return Step(list(rnd.stored))
 
     def details(self) -> dict[str, Any]:
         """Method-specific entries of the result's ``details``."""
@@ -88,12 +149,23 @@ class HistoryReplay:
         """Validate the hyperparameters before any work starts."""
 
     def unlearn(self, ctx: UnlearningContext) -> UnlearningResult:
-        """Replay the retained rounds without ``ctx.removed``; ``ctx`` is not modified."""
+        """Replay the retained rounds without ``ctx.removed``; ``ctx`` is not modified.
+
+        Raises
+        ------
+        HistoryNotReplayable
+            If the history breaks ``M_{t+1} = M_t + Σ_k w_k U_k`` (checked first).
+        ValueError
+            On bad hyperparameters (before any client work).
+        """
+        refuse_unreplayable(type(self).__name__, ctx.history)
         self.check()
         history = ctx.history
         retained = [t for t in history.rounds() if history.round_record(t).updates_retained]
         model: Params = {k: v.copy() for k, v in ctx.initial.items()}
         cost = Cost()
+        accuracy = _TestAccuracy(ctx) if self.track_accuracy else None
+        replay: list[dict[str, Any]] = []
         for t in retained:
             record = history.round_record(t)
             clients, weights = renormalised_weights(record.participants, record.weights,
@@ -103,14 +175,71 @@ class HistoryReplay:
             rnd = RoundUpdates(t, clients, weights,
                                tuple(history.update(t, k) for k in clients))
             if t == retained[0]:
-                updates = list(rnd.stored)
+                step = Step(list(rnd.stored))
             else:
-                updates, spent = self.step(ctx, model, rnd)
-                cost = _add(cost, spent)
-            model = apply_update(model, weighted_sum(updates, weights))
+                step = self.step(ctx, model, rnd)
+                cost = _add(cost, step.cost)
+            model = apply_update(model, weighted_sum(step.updates, weights))
+            replay.append({**round_diagnostics(rnd, step),
+                           "test_accuracy": accuracy(model) if accuracy else None})
+        summary = {**summarise_replay(replay),
+                   "accuracy_seconds": accuracy.seconds if accuracy else 0.0}
         details = {"retained_rounds": retained, "calibrated_rounds": cost.rounds,
-                   **self.details()}
+                   **self.details(), "replay": replay, "replay_summary": summary}
         return UnlearningResult(model=model, cost=cost, details=details)
+
+
+def refuse_unreplayable(method: str, history: HistoryStore) -> None:
+    """Raise :class:`HistoryNotReplayable` (one line) if ``history`` broke the identity."""
+    if history.replayable():
+        return
+    bad = history.identity_violations()
+    worst = max(history.identity_deviation(t) or float("inf") for t in bad)
+    rounds = ("round " if len(bad) == 1 else "rounds ") + ", ".join(map(str, bad[:5])) \
+        + (f", ... ({len(bad)} in all)" if len(bad) > 5 else "")
+    raise HistoryNotReplayable(
+        f"{method} cannot replay this history: training broke M_{{t+1}} = M_t + Σ w U after "
+        f"{rounds} (relative deviation up to {worst:.1e} > {IDENTITY_RTOL:g}), as server "
+        "momentum or another non-averaging aggregation does; train with fedavg or fedprox to "
+        "use it, nothing was changed")
+
+
+def round_diagnostics(rnd: RoundUpdates, step: Step) -> dict[str, Any]:
+    """One replayed round's diagnostics (see the module docstring), as JSON-ready values."""
+    stored = float(sum(w * l2_norm(u) for w, u in zip(rnd.weights, rnd.stored, strict=True)))
+    entry: dict[str, Any] = {"round": int(rnd.round), "stored_norm": stored,
+                             "fresh_norm": None, "ratio": None, "cosine": None}
+    if step.fresh is None:
+        return entry
+    pairs = list(zip(rnd.stored, step.fresh, strict=True))
+    whole = [calibration_stats(u, f)["model"] for u, f in pairs]
+    entry.update(weighted_mean_stats(whole, rnd.weights).as_dict())
+    if step.norm_scope == "layer":
+        per = [calibration_stats(u, f, scope="layer") for u, f in pairs]
+        entry["layers"] = {name: weighted_mean_stats([p[name] for p in per],
+                                                     rnd.weights).as_dict() for name in per[0]}
+    return entry
+
+
+class _TestAccuracy:
+    """Test accuracy of a parameter set, on one model built on first use; times itself."""
+
+    def __init__(self, ctx: UnlearningContext) -> None:
+        self.ctx = ctx
+        self.net: Any = None
+        self.seconds = 0.0
+
+    def __call__(self, params: Params) -> float | None:
+        test = self.ctx.data.test
+        if len(test.x) == 0:
+            return None
+        t0 = time.perf_counter()
+        if self.net is None:
+            self.net = self.ctx.build_model()
+        set_params(self.net, params)
+        acc = float(evaluate(self.net, test.x, test.y)["accuracy"])
+        self.seconds += time.perf_counter() - t0
+        return acc
 
 
 def _add(a: Cost, b: Cost) -> Cost:
@@ -125,8 +254,8 @@ class FedAccum(HistoryReplay):
     """FedAccum: ``M_1 + Σ_{retained t} Σ_{k ∈ S_t \\ removed} w̃_k U_k^t``, no client work.
 
     The uncalibrated baseline of FedEraser (Liu et al., IWQoS 2021). With every round
-    retained and nothing removed it reproduces the trained FedAvg model. It has no
-    hyperparameters.
+    retained and nothing removed it reproduces the trained FedAvg model. Its only parameter
+    is :class:`HistoryReplay`'s ``track_accuracy``.
     """
 
 
@@ -142,6 +271,9 @@ class FedEraser(HistoryReplay):
         over retraining is ``Δt / r``).
     norm_scope : {"model", "layer"}, optional
         Where the calibration's norms are taken (default ``"model"``); see :func:`calibrate`.
+    track_accuracy : bool, optional
+        Evaluate the reconstruction on the test split after every replayed round (default
+        ``True``); see :class:`HistoryReplay`.
 
     Notes
     -----
@@ -150,7 +282,9 @@ class FedEraser(HistoryReplay):
     shuffles differ from training's. Removed clients are never contacted.
     """
 
-    def __init__(self, r: float = 0.5, norm_scope: str = "model") -> None:
+    def __init__(self, r: float = 0.5, norm_scope: str = "model",
+                 track_accuracy: bool = True) -> None:
+        super().__init__(track_accuracy=track_accuracy)
         self.r = r
         self.norm_scope = norm_scope
 
@@ -161,17 +295,18 @@ class FedEraser(HistoryReplay):
             raise ValueError(f"unknown norm_scope {self.norm_scope!r}; "
                              f"known: {', '.join(NORM_SCOPES)}")
 
-    def step(self, ctx: UnlearningContext, model: Params,
-             rnd: RoundUpdates) -> tuple[list[Params], Cost]:
+    def step(self, ctx: UnlearningContext, model: Params, rnd: RoundUpdates) -> Step:
         """Calibration training of the remaining participants, then per-client calibration."""
         epochs = self.r * ctx.cfg.training.local_epochs
         tag = derive_seed(ctx.seed, _CALIBRATION_PURPOSE) + 1
         results = ctx.federation.train_clients(model, rnd.clients, epochs=epochs,
                                                server_round=rnd.round, tag=tag)
-        updates = [calibrate(stored, difference(results[k].model, model), scope=self.norm_scope)
-                   for k, stored in zip(rnd.clients, rnd.stored, strict=True)]
+        fresh = [difference(results[k].model, model) for k in rnd.clients]
+        updates = [calibrate(stored, f, scope=self.norm_scope)
+                   for stored, f in zip(rnd.stored, fresh, strict=True)]
         n = len(rnd.clients)
-        return updates, Cost(client_epochs=n * epochs, rounds=1, messages_sent=n)
+        return Step(updates, Cost(client_epochs=n * epochs, rounds=1, messages_sent=n),
+                    fresh=fresh, norm_scope=self.norm_scope)
 
     def details(self) -> dict[str, Any]:
         return {"r": self.r, "norm_scope": self.norm_scope}

@@ -5,6 +5,8 @@ Models", ICML 2020. All clients' data is pooled at one site and a one-vs-rest L2
 logistic model with loss perturbation is fitted on it (:class:`~.certified.OvRCertified`);
 removing a client's rows is one Newton step per class, with the gradient-residual bounds of the
 paper reported and a running budget that triggers a retraining with fresh noise when exhausted.
+The (ε, δ) certificate holds for each of the K one-vs-rest classifiers; by basic composition the
+K-class model is (Kε, Kδ)-certified (``details.certified_whole_model``).
 
 Features are either the flattened raw inputs (``features = "raw"``) or the penultimate layer of
 the experiment's MLP (``"penultimate"``), trained on the server split with its labels: the
@@ -162,6 +164,10 @@ class NewtonRemoval:
             "data_dependent_bound", "worst_case_bound", "true_residual", "budget_used",
             "budget", "retrained", "removed_samples")}
         details["features"] = self.features
+        # (epsilon, delta) hold per one-vs-rest classifier; the K-class model composes K of them
+        k = ctx.data.num_classes
+        details["certified_per_classifier"] = [self.epsilon, self.delta]
+        details["certified_whole_model"] = [k * self.epsilon, k * self.delta]
         details["newton_step_s"] = info.get("newton_step_s", 0.0)
         if info["reason"] is not None:
             details["retrain_reason"] = info["reason"]

@@ -33,6 +33,7 @@ from fedunlearn.params import Params
 from fedunlearn.seeding import derive_seed
 from fedunlearn.unlearning.base import (
     UNLEARNERS,
+    HistoryNotReplayable,
     Unlearner,
     UnlearningContext,
     UnlearningResult,
@@ -142,6 +143,19 @@ def check_requests(cfg: Config, store: HistoryStore) -> None:
                                "part in training (or were already purged); nothing was changed")
 
 
+def check_replayable_history(methods: list[Method], store: HistoryStore) -> None:
+    """Methods that consume stored updates or running sums refuse, before any of them runs, a
+    history whose rounds broke ``M_{t+1} = M_t + Σ w U`` (e.g. server momentum)."""
+    needy = [m.name for m in methods if getattr(m.method, "needs_replayable_history", False)]
+    if needy and not store.replayable():
+        rounds = store.identity_violations()
+        raise HistoryNotReplayable(
+            f"the stored history is not replayable: training broke M_(t+1) = M_t + Σ w U in "
+            f"rounds {rounds[:5]}{' ...' if len(rounds) > 5 else ''} (a server-side optimiser "
+            f"such as momentum), so {', '.join(needy)} cannot use it; train with fedavg or "
+            "fedprox, or drop those methods")
+
+
 @dataclass
 class Row:
     """One line of the comparison table."""
@@ -198,6 +212,7 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
     federated = "federated" in settings
     if federated:
         check_requests(cfg, store)
+        check_replayable_history(methods, store)
     shadow_cache = {} if shadow_cache is None else shadow_cache
     target_class = cfg.backdoor.target_class if cfg.backdoor.clients else None
     everyone = set(range(cfg.data.num_clients))
