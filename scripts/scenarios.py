@@ -33,7 +33,7 @@ SCENARIOS = {"digits-mlp": "simulations/scenario_digits_mlp.toml",
 PARTITIONS = ("iid", "dirichlet")
 METHODS = ("retrain", "federaser", "federaser:r1", "distillation")
 SHOWN = (("test_accuracy", "test acc", "test"), ("forget_accuracy", "forgotten acc", "forget"),
-         ("backdoor_asr", "ASR", "asr"), ("mia_lira_auc", "MIA AUC", "mia"),
+         ("backdoor_asr", "ASR", "asr"), ("mia_lira_auc_clean", "MIA AUC clean", "mia"),
          ("kl_forget", "KL forget", "kl"))
 
 

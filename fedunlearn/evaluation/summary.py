@@ -116,8 +116,54 @@ def summarize(rows: Sequence[Mapping[str, Any]], *, alpha: float = 0.01) -> list
             mine = _by_seed(members)
             entry["verdicts"] = {c.name: judge(c, mine, ref, floor, alpha=alpha)
                                  for c in CRITERIA}
+            note = replay_note(mine, ref)
+            if note:
+                entry["notes"].append(note)
         out.append(entry)
     return out
+
+
+FAR_BELOW = 0.05
+"""A history replay whose test accuracy ends more than this below retraining's (mean over
+seeds) is flagged, with the diagnostics that explain it."""
+
+
+def replay_note(method: Mapping[int, Mapping[str, Any]],
+                reference: Mapping[int, Mapping[str, Any]]) -> str | None:
+    """Why a history replay ended far below retraining, from its replay diagnostics.
+
+    The figures are means over seeds of each row's ``details.replay_summary``: ``mean_ratio``
+    is ‖stored update‖ / ‖fresh calibration update‖, the factor by which FedEraser stretches
+    each calibrated step, and ``mean_cosine`` the cosine between the two.
+
+    >>> row = {"metrics": {"test_accuracy": 0.30}, "details": {"replay_summary":
+    ...        {"mean_ratio": 3.1, "mean_cosine": 0.42, "calibrated_rounds": 9}}}
+    >>> replay_note({0: row}, {0: {"metrics": {"test_accuracy": 0.86}}})
+    'replay ends 0.56 below retraining (test accuracy 0.30 vs 0.86): calibrated steps are 3.1× the calibration’s own length, cosine 0.42 to the stored update'
+    """
+    gaps, ratios, cosines, accs, refs = [], [], [], [], []
+    for s, row in method.items():
+        summary = (row.get("details") or {}).get("replay_summary")
+        acc, ref = _metric(row, "test_accuracy"), _metric(reference.get(s), "test_accuracy")
+        if not summary or acc is None or ref is None:
+            continue
+        gaps.append(ref - acc)
+        accs.append(acc)
+        refs.append(ref)
+        if (ratio := _number(summary.get("mean_ratio"))) is not None:
+            ratios.append(ratio)
+        if (cos := _number(summary.get("mean_cosine"))) is not None:
+            cosines.append(cos)
+    if not gaps or float(np.mean(gaps)) <= FAR_BELOW:
+        return None
+    text = (f"replay ends {np.mean(gaps):.2f} below retraining (test accuracy "
+            f"{np.mean(accs):.2f} vs {np.mean(refs):.2f})")
+    if ratios:
+        text += (f": calibrated steps are {np.mean(ratios):.1f}× the calibration’s own length"
+                 + (f", cosine {np.mean(cosines):.2f} to the stored update" if cosines else ""))
+    else:
+        text += ": no calibration (stored updates replayed as they are)"
+    return text
 
 
 def judge(c: Criterion, method: Mapping[int, Mapping[str, Any]],
