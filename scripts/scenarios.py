@@ -7,7 +7,9 @@ retraining, FedEraser at r = 0.5 and at r = 1 (``federaser`` and ``federaser:r1`
 distillation. Each scenario's run directory keeps its full results and report
 (``runs/scenarios/NAME-PARTITION``). The summaries (mean, 95 % interval, verdicts against
 retraining) of every method go to ``benchmarks/scenarios.json`` with each run's resolved config,
-seeds, versions and git commit, and a markdown table to ``benchmarks/scenarios.md``. Usage::
+seeds, versions and git commit, and a markdown table to ``benchmarks/scenarios.md``
+(``--reuse`` re-summarises existing run directories with the current verdict rule instead of
+rerunning them). Usage::
 
     .venv/bin/python scripts/scenarios.py                      # the whole matrix
     .venv/bin/python scripts/scenarios.py --only digits --seeds 0,1 --set training.rounds=5
@@ -38,8 +40,11 @@ SHOWN = (("test_accuracy", "test acc", "test"), ("forget_accuracy", "forgotten a
 
 
 def run_scenario(name: str, config: str, partition: str, seeds: str, extra: list[str],
-                 runs: Path) -> dict[str, Any]:
+                 runs: Path, reuse: bool = False) -> dict[str, Any]:
     out = runs / f"{name}-{partition}"
+    if reuse and (out / "results.json").exists():
+        print(f"[scenarios] {name} / {partition}: reusing {out}", flush=True)
+        return _scenario(name, partition, out, None)
     if out.exists():
         shutil.rmtree(out)
     cmd = [sys.executable, "-m", "fedunlearn", "run", str(ROOT / config), "--seeds", seeds,
@@ -49,15 +54,23 @@ def run_scenario(name: str, config: str, partition: str, seeds: str, extra: list
     t0 = time.perf_counter()
     print(f"[scenarios] {name} / {partition}: {' '.join(cmd[3:])}", flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT, stderr=subprocess.DEVNULL)
+    return _scenario(name, partition, out, time.perf_counter() - t0)
+
+
+def _scenario(name: str, partition: str, out: Path, wall: float | None) -> dict[str, Any]:
+    """A run's figures; the summary is recomputed from its rows with the current rule."""
+    from fedunlearn.evaluation.summary import summarize
+
     results = json.loads((out / "results.json").read_text())
-    return {"scenario": name, "partition": partition, "wall_s": time.perf_counter() - t0,
+    summary = summarize(results["unlearning"], alpha=results["config"]["verification"]["alpha"])
+    return {"scenario": name, "partition": partition, "wall_s": wall,
             "run_dir": str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out),
             "config": results["config"], "seeds": results["seeds"],
             "versions": results["versions"], "git_commit": results["git_commit"],
             "created": results["created"],
             "final_test_accuracy": [p["training"]["final_test_accuracy"]
                                     for p in results["per_seed"]],
-            "summary": results["summary"]}
+            "summary": summary}
 
 
 def _cell(entry: dict[str, Any], key: str) -> str:
@@ -101,10 +114,12 @@ def main() -> int:
     ap.add_argument("--partition", action="append", default=[], choices=PARTITIONS)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "scenarios")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse run directories that already hold results.json (re-summarised)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "scenarios.json")
     args = ap.parse_args()
     chosen = {k: v for k, v in SCENARIOS.items() if not args.only or any(o in k for o in args.only)}
-    results = [run_scenario(name, cfg, part, args.seeds, args.overrides, args.runs)
+    results = [run_scenario(name, cfg, part, args.seeds, args.overrides, args.runs, args.reuse)
                for name, cfg in chosen.items() for part in (args.partition or PARTITIONS)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"matrix": {"scenarios": list(chosen), "partitions": args.partition or

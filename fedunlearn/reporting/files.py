@@ -67,16 +67,22 @@ def _jsonable(obj: Any) -> Any:
 
 def training_summary(results: dict[str, Any], out: Path) -> str:
     """A few lines telling what the run did and where its files are."""
-    tr = results["training"]
-    rounds = tr["rounds"]
-    lines = [
-        f"experiment     {results['config']['experiment']['name']} (seed {results['seed']})",
-        (f"engine         {tr['engine']}  ({len(rounds)} rounds, {tr['messages_sent']} "
-         f"messages, {tr['wall_s']:.1f}s)"),
-        f"test accuracy  {tr['final_test_accuracy']:.4f}",
-        f"history        {tr['history_bytes'] / 1e6:.2f} MB in {out / 'history'}",
-        f"results        {out / 'results.json'}",
-    ]
+    per_seed = results.get("per_seed") or [{"seed": results["seed"], "dir": ".",
+                                            "training": results["training"]}]
+    name = results["config"]["experiment"]["name"]
+    seeds = [p["seed"] for p in per_seed]
+    lines = [f"experiment     {name} (seed{'s' if len(seeds) > 1 else ''} "
+             f"{', '.join(str(s) for s in seeds)})"]
+    for p in per_seed:
+        tr = p["training"]
+        label = f"seed {p['seed']:<8} " if len(per_seed) > 1 else ""
+        where = out / p.get("dir", ".") / "history"
+        lines += [
+            (f"{label or 'engine         '}{tr['engine']}  ({len(tr['rounds'])} rounds, "
+             f"{tr['messages_sent']} messages, {tr['wall_s']:.1f}s)  test accuracy "
+             f"{tr['final_test_accuracy']:.4f}  history {tr['history_bytes'] / 1e6:.2f} MB in "
+             f"{where}")]
+    lines.append(f"results        {out / 'results.json'}")
     return "\n".join(lines)
 
 
