@@ -43,7 +43,7 @@ def two_seeds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, int]:
 
 @pytest.mark.flower
 def test_one_engine_serves_every_seed(two_seeds: Any) -> None:
-    cfg, (out, results), starts = two_seeds
+    _, (out, results), starts = two_seeds
     assert starts == 1
     assert results["seeds"] == [3, 5]
     assert [p["seed"] for p in results["per_seed"]] == [3, 5]

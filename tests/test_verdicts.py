@@ -10,8 +10,9 @@ import pytest
 
 from fedunlearn.evaluation import summary as summary_module
 from fedunlearn.evaluation import verdicts as verdicts_module
+from fedunlearn.evaluation.metrics import mcnemar_exact_p as mcnemar_p
 from fedunlearn.evaluation.summary import describe, summarize
-from fedunlearn.evaluation.verdicts import decide, margin_of, mcnemar_p, t_interval
+from fedunlearn.evaluation.verdicts import decide, margin_of, t_interval
 from fedunlearn.reporting import comparison_table, verdict_table
 
 
@@ -80,10 +81,10 @@ def test_summary_pairs_by_seed_and_describes_every_figure() -> None:
     ref = {0: 0.80, 1: 0.90, 2: 0.85}
     floor = {0: 0.81, 1: 0.89, 2: 0.86}
     rows = []
-    for s in ref:
-        rows += [_row(s, "retrain", "reference", test_accuracy=ref[s]),
+    for s, value in ref.items():
+        rows += [_row(s, "retrain", "reference", test_accuracy=value),
                  _row(s, "retrain_seed2", "noise_floor", test_accuracy=floor[s]),
-                 _row(s, "m", "method", test_accuracy=ref[s] - 0.002 + 0.001 * (s - 1))]
+                 _row(s, "m", "method", test_accuracy=value - 0.002 + 0.001 * (s - 1))]
     entries = {e["method"]: e for e in summarize(rows)}
     m = entries["m"]
     assert m["seeds"] == [0, 1, 2]

@@ -134,18 +134,6 @@ def decide(interval: tuple[float, float] | None, margin: float, *,
     return INCONCLUSIVE
 
 
-def mcnemar_p(b: int, c: int) -> float:
-    """Two-sided exact McNemar test: ``b`` of ``b + c`` discordant pairs under Binomial(1/2)
-    (:func:`fedunlearn.evaluation.metrics.mcnemar_exact_p`).
-
-    >>> mcnemar_p(8, 0)
-    0.0078125
-    >>> mcnemar_p(0, 0)
-    1.0
-    """
-    return mcnemar_exact_p(int(b), int(c))
-
-
 def decide_paired_binary(b: int, c: int, mean_diff: float, margin: float, *, alpha: float,
                          higher_is_worse: bool = True) -> tuple[str, float]:
     """The ASR verdict from pooled discordant pairs; returns ``(verdict, p_value)``.
@@ -158,7 +146,7 @@ def decide_paired_binary(b: int, c: int, mean_diff: float, margin: float, *, alp
     >>> decide_paired_binary(1, 2, -0.003, 0.02, alpha=0.01)[0]
     'matches'
     """
-    p = mcnemar_p(b, c)
+    p = mcnemar_exact_p(int(b), int(c))
     if p < alpha:
         up = b > c
         return (WORSE if up == higher_is_worse else BETTER), p

@@ -193,7 +193,7 @@ def run_engine(cfg: Config, job: Callable[[Connect], T]) -> T:
 
         try:
             holder["result"] = job(connect)
-        except Exception as exc:  # re-raised in the caller's thread, after the engine stopped
+        except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread below
             holder["error"] = exc
 
     _quiet(cfg.engine.verbose)

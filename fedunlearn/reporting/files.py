@@ -71,8 +71,8 @@ def training_summary(results: dict[str, Any], out: Path) -> str:
                                             "training": results["training"]}]
     name = results["config"]["experiment"]["name"]
     seeds = [p["seed"] for p in per_seed]
-    lines = [f"experiment     {name} (seed{'s' if len(seeds) > 1 else ''} "
-             f"{', '.join(str(s) for s in seeds)})"]
+    lines = [(f"experiment     {name} (seed{'s' if len(seeds) > 1 else ''} "
+              f"{', '.join(str(s) for s in seeds)})")]
     for p in per_seed:
         tr = p["training"]
         label = f"seed {p['seed']:<8} " if len(per_seed) > 1 else ""

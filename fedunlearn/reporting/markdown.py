@@ -236,8 +236,8 @@ def _md_plots(has_rows: bool, has_replay: bool = False) -> str:
         lines += ["![Methods compared on the first request](plots/methods.png)", "",
                   "![Fidelity against speed-up](plots/fidelity_speedup.png)", ""]
     if has_replay:
-        lines += ["![History replay against the original training (first seed)]"
-                  "(plots/replay.png)", ""]
+        lines += [("![History replay against the original training (first seed)]"
+                   "(plots/replay.png)"), ""]
     lines.append("![Training curve](plots/training_curve.png)")
     return "\n".join(lines)
 
