@@ -6,6 +6,7 @@ runs FedAvg through the federation port with the history store and progress disp
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -44,6 +45,16 @@ def validate_names(cfg: Config) -> None:
     _resolve(TRAIN_STEPS, "training.step", cfg.training.step)  # type: ignore[arg-type]
     _resolve(OPTIMIZERS, "training.optimizer", cfg.training.optimizer)  # type: ignore[arg-type]
     _resolve(STRATEGIES, "training.strategy", cfg.training.strategy)  # type: ignore[arg-type]
+    flwr_log = logging.getLogger("flwr")
+    level = flwr_log.level
+    flwr_log.setLevel(logging.ERROR)  # Flower's construction warnings belong to the run
+    try:  # build the strategy once, so bad strategy_params stop before any work
+        STRATEGIES.get(cfg.training.strategy)(evaluate_fraction=cfg.training.evaluate_fraction,
+                                              **cfg.training.strategy_params)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config key 'training.strategy_params': {exc}") from None
+    finally:
+        flwr_log.setLevel(level)
     if cfg.unlearning.requests:
         from fedunlearn.unlearning.service import build_methods
 

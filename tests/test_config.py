@@ -75,3 +75,23 @@ def test_cli_refuses_a_non_empty_out_dir(tmp_path, capsys):
     assert code == 2
     assert "not empty" in capsys.readouterr().err
     assert (tmp_path / "results.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("unlearning.params.federaser.r=-1", "calibration ratio r must be > 0"),
+    ("training.strategy_params={bogus=1}", "unexpected keyword argument 'bogus'"),
+])
+def test_method_and_strategy_parameters_fail_before_any_work(
+        override, message, tmp_path, capsys, monkeypatch):
+    from fedunlearn import runner
+
+    def no_work(*args, **kwargs):
+        pytest.fail("validation must stop the run before any engine or training start")
+
+    monkeypatch.setattr(runner, "run_engine", no_work)
+    monkeypatch.setattr(runner, "warm_up", no_work)
+    out = tmp_path / "run"
+    code = main(["run", "simulations/backdoor_digits.toml", "--set", override, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0]
+    assert not out.exists()

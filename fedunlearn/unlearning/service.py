@@ -108,7 +108,11 @@ def _create(cfg: Config, name: str, **forced: Any) -> Unlearner:
         raise ConfigError(f"config key 'unlearning.params.{name}' has unknown parameters "
                           f"{unknown}; accepted: {', '.join(accepted) or 'none'}")
     try:
-        return factory(**{**params, **forced})
+        method = factory(**{**params, **forced})
+        check = getattr(method, "check", None)
+        if callable(check):  # hyperparameter checks that need no data run before any work
+            check()
+        return method
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"config key 'unlearning.params.{name}': {exc}") from None
 
