@@ -9,8 +9,9 @@
 ``fedunlearn report RUN_DIR``
     regenerate ``report.md``, ``metrics.csv`` and the plots from ``RUN_DIR/results.json``
     (nothing is retrained);
-``fedunlearn lineage RUN_DIR --client K``
-    which models were trained with client K's data, and when it was removed.
+``fedunlearn lineage RUN_DIR --client K [--seed S]``
+    which models were trained with client K's data, and when it was removed (in a multi-seed
+    run, every seed's answer, or seed S's).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from fedunlearn.config import ConfigError, load_config
 from fedunlearn.history import HistoryError
+from fedunlearn.lineage import LineageError
 from fedunlearn.unlearning.base import HistoryNotReplayable
 from fedunlearn.unlearning.service import RequestError
 
@@ -34,14 +36,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     run.add_argument("--seeds", default=None, metavar="S1,S2,...",
-                     help="run once per seed (sets experiment.seeds), e.g. 0,1,2")
+                     help="run once per seed, e.g. 0,1,2 (sets experiment.seeds; replaces experiment.seed)")
     run.add_argument("--out", type=Path, default=None, help="run directory (default runs/NAME-TIME)")
     cmp_ = sub.add_parser("compare", help="federated vs centralized removal on the same data")
     cmp_.add_argument("config", help="experiment TOML with [unlearning] requests")
     cmp_.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     cmp_.add_argument("--seeds", default=None, metavar="S1,S2,...",
-                      help="run once per seed (sets experiment.seeds), e.g. 0,1,2")
+                      help="run once per seed, e.g. 0,1,2 (sets experiment.seeds; replaces experiment.seed)")
     cmp_.add_argument("--out", type=Path, default=None,
                       help="run directory (default runs/NAME-TIME)")
     rep = sub.add_parser("report", help="write report.md, metrics.csv and plots of a run")
@@ -49,8 +51,31 @@ def _parser() -> argparse.ArgumentParser:
     lin = sub.add_parser("lineage", help="which models saw a client's data; when was it removed")
     lin.add_argument("run_dir", type=Path)
     lin.add_argument("--client", type=int, required=True)
+    lin.add_argument("--seed", type=int, default=None,
+                     help="in a multi-seed run, the seed's lineage (default: every seed)")
     lin.add_argument("--json", action="store_true", help="print the answer as JSON")
     return p
+
+
+def _lineage_dirs(run_dir: Path, seed: int | None) -> list[tuple[int | None, Path]]:
+    """The run directories holding a lineage log: RUN_DIR itself, or its ``seed-S/``."""
+    from fedunlearn.lineage import FILENAME
+
+    if (run_dir / FILENAME).exists() and seed is None:
+        return [(None, run_dir)]
+    seeds = sorted((int(d.name[5:]), d) for d in run_dir.glob("seed-*")
+                   if d.name[5:].isdigit() and (d / FILENAME).exists())
+    if seed is not None:
+        chosen = [(s, d) for s, d in seeds if s == seed]
+        if not chosen:
+            have = ", ".join(str(s) for s, _ in seeds) or "none"
+            raise ConfigError(f"no lineage log for seed {seed} under '{run_dir}' (seeds there: "
+                              f"{have})")
+        return chosen
+    if not seeds:
+        raise ConfigError(f"no lineage log at '{run_dir / FILENAME}'; pass a run directory "
+                          "written by `fedunlearn run`")
+    return seeds
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
@@ -58,12 +83,24 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
     from fedunlearn.lineage import LineageLog, client_lineage, format_client_lineage
 
-    log = LineageLog(args.run_dir)
-    if not log.path.exists():
-        raise ConfigError(f"no lineage log at '{log.path}'; pass a run directory written by "
-                          "`fedunlearn run`")
-    info = client_lineage(log.read(), args.client)
-    print(json.dumps(info, indent=2) if args.json else format_client_lineage(info))
+    answers = []
+    for seed, run_dir in _lineage_dirs(args.run_dir, args.seed):
+        log = LineageLog(run_dir)
+        info = client_lineage(log.read(), args.client)
+        if log.truncated_tail is not None:
+            info["warning"] = ("the last line of the log was cut short by an interrupted write "
+                               "and was skipped")
+        answers.append((seed, info))
+    if args.json:
+        out = answers[0][1] if len(answers) == 1 else {f"seed-{s}": i for s, i in answers}
+        print(json.dumps(out, indent=2))
+        return 0
+    for seed, info in answers:
+        if seed is not None:
+            print(f"[seed {seed}]")
+        print(format_client_lineage(info))
+        if "warning" in info:
+            print(f"warning: {info['warning']}")
     return 0
 
 
@@ -93,12 +130,14 @@ def _seed_list(text: str) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fedunlearn.reporting import comparison_table, read_results, write_report
+    from fedunlearn.reporting import comparison_table, read_results, verdict_table, write_report
 
     results = read_results(args.run_dir)
     written = write_report(args.run_dir, results)
     if "unlearning" in results:
-        print(comparison_table(results["unlearning"]))
+        print(comparison_table(results["unlearning"], results.get("summary")))
+        if results.get("summary"):
+            print(verdict_table(results["summary"]))
     for name, path in written.items():
         print(f"{name:<15}{path}")
     return 0
@@ -116,9 +155,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_report(args)
         if args.command == "lineage":
             return cmd_lineage(args)
-    except (ConfigError, HistoryError, RequestError, HistoryNotReplayable) as exc:
+    except (ConfigError, HistoryError, LineageError, RequestError, HistoryNotReplayable) as exc:
         print(f"fedunlearn: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 1
 
 

@@ -281,6 +281,8 @@ class UnlearningSection:
         seen: set[int] = set()
         for i, request in enumerate(self.requests):
             _check(bool(request), "unlearning.requests", f"entry {i} is empty")
+            _check(len(set(request)) == len(request), "unlearning.requests",
+                   f"entry {i} names a client twice: {list(request)}")
             again = sorted(seen & set(request))
             _check(not again, "unlearning.requests",
                    f"entry {i} asks again for clients {again}, already removed by an earlier "
@@ -288,9 +290,6 @@ class UnlearningSection:
             seen |= set(request)
         _check(len(set(self.methods)) == len(self.methods), "unlearning.methods",
                "lists a method twice")
-        stray = sorted(set(self.params) - set(self.methods))
-        _check(not stray, "unlearning.params", f"has parameters for methods {stray} that are "
-               "not in unlearning.methods")
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,25 @@ def params_hash(params: Mapping[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+# the fields each event must carry for the lineage questions to be answerable
+REQUIRED = {"round": ("round", "participants", "model_hash", "time"),
+            "model": ("kind", "model_hash", "trained_with", "time"),
+            "request": ("request", "clients", "time"),
+            "purge": ("clients", "time")}
+
+
+def _check_event(record: Any) -> None:
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    missing = [k for k in REQUIRED.get(record.get("event"), ()) if k not in record]
+    if "event" not in record or missing:
+        raise ValueError(f"missing {missing or ['event']}")
+
+
+class LineageError(ValueError):
+    """The lineage log is damaged somewhere other than its last, interrupted line."""
+
+
 class LineageLog:
     """Append-only JSON-lines log in a run directory."""
 
@@ -54,10 +73,33 @@ class LineageLog:
             os.fsync(fh.fileno())
 
     def read(self) -> list[dict[str, Any]]:
-        """All events in order (empty if the log does not exist)."""
+        """All events in order (empty if the log does not exist).
+
+        A last line cut short by a crash mid-append (no trailing newline) is skipped: every
+        complete event before it was fsynced and stands. Damage anywhere else is a
+        :class:`LineageError` naming the line, since the log is append-only.
+        """
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        text = self.path.read_text(errors="replace")
+        lines = text.split("\n")
+        events: list[dict[str, Any]] = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                _check_event(record)
+            except ValueError as exc:
+                if number == len(lines):  # unterminated last line: an interrupted append
+                    self.truncated_tail = line
+                    break
+                raise LineageError(f"{self.path} line {number} is damaged ({exc}); the log is "
+                                   "append-only, so restore it from a copy") from None
+            events.append(record)
+        return events
+
+    truncated_tail: str | None = None
 
 
 def client_lineage(events: list[dict[str, Any]], client: int) -> dict[str, Any]:

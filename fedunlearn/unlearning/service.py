@@ -15,6 +15,7 @@ model and the purge.
 from __future__ import annotations
 
 import inspect
+import re
 import sys
 import time
 from collections.abc import Callable, Collection
@@ -88,15 +89,26 @@ def method_order(cfg: Config) -> list[str]:
     """
     names = list(cfg.unlearning.methods)
     for name in names:
-        if base_name(name) not in UNLEARNERS:
-            raise ConfigError("config key 'unlearning.methods': "
-                              f"{UNLEARNERS.unknown_message(base_name(name))}")
+        _check_name("unlearning.methods", name)
     order: list[str] = []
     for setting, ref in REFERENCE.items():
         members = [n for n in names if setting_of(factory_of(n)) == setting and n != ref]
         if setting == "federated" or members or ref in names:
             order += [ref, *members]
     return order
+
+
+_LABEL = re.compile(r"[A-Za-z0-9_.+-]+")
+
+
+def _check_name(key: str, name: str) -> None:
+    """A registered method, optionally with a ``:label`` of letters, digits, ``_.+-``."""
+    base, sep, label = name.partition(":")
+    if base not in UNLEARNERS:
+        raise ConfigError(f"config key '{key}': {UNLEARNERS.unknown_message(base)}")
+    if sep and not _LABEL.fullmatch(label):
+        raise ConfigError(f"config key '{key}': '{name}' has an empty or unusual label after "
+                          "':'; use letters, digits and _.+- (e.g. 'federaser:r1')")
 
 
 def _create(cfg: Config, name: str, **forced: Any) -> Unlearner:
@@ -129,6 +141,11 @@ def build_methods(cfg: Config) -> list[Method]:
         out.append(Method(name, method, role))
         if role == "reference" and cfg.verification.noise_floor:
             out.append(Method(name + NOISE_SUFFIX, _create(cfg, name, variant=1), "noise_floor"))
+    for name in sorted(set(cfg.unlearning.params) - {m.name for m in out}):
+        # parameters kept for a method not run this time (e.g. after --set unlearning.methods)
+        # are still checked, so a typo in them is caught now rather than on the next run
+        _check_name(f"unlearning.params.{name}", name)
+        _create(cfg, name)
     return out
 
 

@@ -1,0 +1,121 @@
+"""Bad input, tried as a new user would: one line on stderr, exit code 2, nothing written, and
+no engine, Ray or training started (the run entry points are replaced by a tripwire)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedunlearn.cli import main
+
+BD = "simulations/backdoor_digits.toml"
+QS = "simulations/quickstart.toml"
+
+# (config, extra CLI arguments, a fragment the one-line message must contain)
+CASES = [
+    (QS, ["--set", "training.roundz=2"], "unknown config key 'training.roundz'"),
+    (QS, ["--set", "trainig.rounds=2"], "unknown config section '[trainig]'"),
+    (QS, ["--set", "training.rounds=\"many\""], "must be of type int"),
+    (QS, ["--set", "training.rounds=0"], "training.rounds"),
+    (QS, ["--set", "data.num_clients=1"], "would remove every client"),
+    (QS, ["--set", "data.partition=\"zipf\""], "not one of: iid, dirichlet, pathological"),
+    (QS, ["--set", "training.sample_fraction=0"], "training.sample_fraction"),
+    (QS, ["--set", "history.dtype=\"int8\""], "float32, float16"),
+    (QS, ["--set", "backdoor.clients=[10]"], "use ids in 0..9"),
+    (QS, ["--set", "model.name=\"resnet\""], "'model.name' = 'resnet' is unknown"),
+    (QS, ["--set", "data.source=\"imagenet\""], "'data.source' = 'imagenet' is unknown"),
+    (QS, ["--set", "training.strategy=\"fedfoo\""], "known: fedavg, fedavgm, fedprox"),
+    (QS, ["--set", "training.step=\"nope\""], "'training.step'"),
+    (QS, ["--set", "unlearning.methods=[\"federasr\"]"], "federasr"),
+    (QS, ["--set", "unlearning.methods=[\"federaser:\"]"], "empty or unusual label"),
+    (QS, ["--set", "unlearning.methods=[\"federaser\", \"federaser\"]"], "lists a method twice"),
+    (QS, ["--set", "unlearning.requests=[[0, 0]]"], "names a client twice"),
+    (QS, ["--set", "unlearning.requests=[[0], [0]]"], "already removed by an earlier request"),
+    (QS, ["--set", "unlearning.requests=[[]]"], "entry 0 is empty"),
+    (QS, ["--set", "unlearning.requests=[[42]]"], "unlearning.requests"),
+    (QS, ["--set", "unlearning.requests=[[0, \"one\"]]"], "unlearning.requests"),
+    (BD, ["--set", "unlearning.params.federaser.r=-1"], "calibration ratio r must be > 0"),
+    (BD, ["--set", "unlearning.params.federaser.rr=1"], "unknown parameters ['rr']"),
+    (BD, ["--set", "unlearning.params.nosuch.r=1"], "'nosuch'"),
+    # parameters of a method not run this time are still checked
+    (BD, ["--set", "unlearning.methods=[\"distillation\"]",
+          "--set", "unlearning.params.federaser.r=0"], "calibration ratio r must be > 0"),
+    (BD, ["--set", "training.strategy_params={bogus=1}"], "unexpected keyword argument 'bogus'"),
+    (BD, ["--set", "training.strategy=\"fedavgm\""], "fedavgm"),
+    (QS, ["--seeds", "0,x"], "--seeds expects non-negative integers"),
+    (QS, ["--seeds", ""], "--seeds expects non-negative integers"),
+    (QS, ["--seeds", "1,1"], "lists a seed twice"),
+    (QS, ["--set", "experiment.extensions=[\"no_such_module_xyz\"]"], "no_such_module_xyz"),
+    (QS, ["--set", "nonsense"], "--set"),
+]
+
+
+@pytest.fixture
+def tripwire(monkeypatch):
+    """Fail the test if the run gets as far as starting an engine or training."""
+    from fedunlearn import runner
+
+    def no_work(*args, **kwargs):
+        pytest.fail("validation must stop the run before any engine or training start")
+
+    monkeypatch.setattr(runner, "run_engine", no_work)
+    monkeypatch.setattr(runner, "warm_up", no_work)
+
+
+@pytest.mark.parametrize(("config", "args", "needle"), CASES,
+                         ids=[" ".join(a) for _, a, _ in CASES])
+def test_bad_run_input_is_one_line_exit_2_nothing_written(config, args, needle, tmp_path,
+                                                         capsys, tripwire):
+    out = tmp_path / "run"
+    code = main(["run", config, *args, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1, err
+    assert err[0].startswith("fedunlearn: error: ")
+    assert needle in err[0], err[0]
+    assert not out.exists()
+
+
+def test_params_of_an_unlisted_method_are_accepted(tmp_path, monkeypatch):
+    """The README's extension example sets parameters for a method the run may not list."""
+    from fedunlearn.config import load_config
+    from fedunlearn.unlearning.service import build_methods
+
+    cfg = load_config(BD, ["unlearning.methods=[\"distillation\"]",
+                           "unlearning.params.federaser.r=1"])
+    assert [m.name for m in build_methods(cfg) if m.role == "method"] == ["distillation"]
+
+
+def _lineage_run(tmp_path, seeds=(0, 1)):
+    from fedunlearn.lineage import LineageLog
+
+    for s in seeds:
+        log = LineageLog(tmp_path / f"seed-{s}")
+        log.append("round", round=1, participants=[0, 1], model_hash="a" * 64,
+                   updates={"0": "b" * 64, "1": "c" * 64})
+    return tmp_path
+
+
+def test_lineage_of_a_multi_seed_run_answers_per_seed(tmp_path, capsys):
+    run = _lineage_run(tmp_path)
+    assert main(["lineage", str(run), "--client", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "[seed 0]" in out and "[seed 1]" in out
+    assert main(["lineage", str(run), "--client", "0", "--seed", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rounds"] == [1]
+    assert main(["lineage", str(run), "--client", "0", "--seed", "7"]) == 2
+    assert "seeds there: 0, 1" in capsys.readouterr().err
+
+
+def test_lineage_skips_a_truncated_last_line_and_names_damage_elsewhere(tmp_path, capsys):
+    run = _lineage_run(tmp_path, seeds=(0,))
+    path = run / "seed-0" / "lineage.jsonl"
+    with open(path, "a") as fh:
+        fh.write('{"event": "rou')  # a crash mid-append
+    assert main(["lineage", str(run), "--client", "0"]) == 0
+    assert "cut short" in capsys.readouterr().out
+    path.write_text('{"event": "rou\n' + path.read_text())
+    assert main(["lineage", str(run), "--client", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "line 1 is damaged" in err[0]
