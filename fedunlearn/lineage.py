@@ -46,7 +46,7 @@ REQUIRED = {"round": ("round", "participants", "model_hash", "time"),
 
 def _check_event(record: Any) -> None:
     if not isinstance(record, dict):
-        raise ValueError("not a JSON object")
+        raise ValueError("not a JSON object")  # noqa: TRY004 - caught with the JSON errors
     missing = [k for k in REQUIRED.get(record.get("event"), ()) if k not in record]
     if "event" not in record or missing:
         raise ValueError(f"missing {missing or ['event']}")
