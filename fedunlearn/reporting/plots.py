@@ -35,8 +35,13 @@ _BAR_PANELS = (
     ("test_accuracy", "Test accuracy", "accuracy on test data (fraction)"),
     ("forget_accuracy", "Accuracy on the forgotten data", "accuracy on forgotten data (fraction)"),
     ("backdoor_asr", "Backdoor attack success rate", "triggered inputs hitting target (fraction)"),
-    ("mia_loss_auc", "Membership inference (loss attack)", "MIA AUC (0.5 = chance)"),
+    ("mia_loss_auc_clean", "MIA (loss attack), clean forgotten data",
+     "MIA AUC (0.5 = chance)"),
 )
+
+
+# a panel's figure when a row lacks it (runs without a backdoor have no clean/triggered split)
+_FALLBACK = {"mia_loss_auc_clean": "mia_loss_auc"}
 
 
 def _style(setting: str) -> tuple[str, str]:
@@ -84,7 +89,9 @@ def plot_method_bars(results: Mapping[str, Any], path: Path) -> Figure:
     -------
     matplotlib.figure.Figure
         2×2 panels; a dashed line marks the retrained model of each setting, a dotted line
-        chance on the MIA panel; a panel no row measured says "not measured".
+        chance on the MIA panel; a panel no row measured says "not measured". In a
+        multi-seed run each bar is the mean over seeds with its 95 % half-interval as an
+        error bar.
     """
     clients, rows = _first_request(results)
     fig = _figure(max(10.0, 4.0 + 0.9 * len(rows)), 8.5)
@@ -101,15 +108,20 @@ def _bar_panel(ax: Axes, rows: list[dict[str, Any]], key: str, *, title: str,
     ax.set_title(title)
     ax.set_xlabel("method")
     ax.set_ylabel(ylabel)
-    values = [_metric(r, key) for r in rows]
+    used = [key if _metric(r, key) is not None or key not in _FALLBACK else _FALLBACK[key]
+            for r in rows]
+    values = [_metric(r, k) for r, k in zip(rows, used)]
     if all(v is None for v in values):
         _note(ax, "not measured")
         ax.set_xticks([])
         ax.set_yticks([])
         return
     x = list(range(len(rows)))
+    spread = [(r.get("spread") or {}).get(k) for r, k in zip(rows, used)]
+    errors = [0.0 if e is None or v is None else e for v, e in zip(values, spread)]
     bars = ax.bar(x, [0.0 if v is None else v for v in values],
-                  color=[_style(r["setting"])[0] for r in rows])
+                  color=[_style(r["setting"])[0] for r in rows],
+                  yerr=errors if any(errors) else None, capsize=3, ecolor="black")
     ax.bar_label(bars, labels=["n/a" if v is None else f"{v:.2f}" for v in values],
                  padding=2, fontsize=8, rotation=90 if len(rows) > 8 else 0)
     rotate = len(rows) > 4 or any(len(r["method"]) > 10 for r in rows)
@@ -122,7 +134,7 @@ def _bar_panel(ax: Axes, rows: list[dict[str, Any]], key: str, *, title: str,
         v = _metric(ref, key)
         if v is not None:
             ax.axhline(v, ls="--", lw=1.2, color=_style(setting)[0])
-    if key == "mia_loss_auc":
+    if key.startswith("mia_"):
         ax.axhline(0.5, ls=":", lw=1.2, color="black")
 
 
