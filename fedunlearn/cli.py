@@ -105,17 +105,18 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace, *, compare: bool = False) -> int:
-    from fedunlearn.experiment import check_out_dir, default_out_dir, with_centralized
+    from fedunlearn.experiment import default_out_dir, with_centralized
+    from fedunlearn.preflight import preflight
     from fedunlearn.runner import run_experiment
 
     overrides = list(args.overrides)
     if args.seeds is not None:
         overrides.append(f"experiment.seeds=[{_seed_list(args.seeds)}]")
     cfg = load_config(args.config, overrides)
+    out = args.out or default_out_dir(cfg)
+    preflight(cfg, out)  # the machine and --out, before any extension module is imported
     if compare:
         cfg = with_centralized(cfg)
-    out = args.out or default_out_dir(cfg)
-    check_out_dir(out)
     run_experiment(cfg, out)
     return 0
 

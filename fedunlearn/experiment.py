@@ -262,13 +262,6 @@ def default_out_dir(cfg: Config) -> Path:
     return Path("runs") / f"{cfg.experiment.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
-def check_out_dir(out: Path) -> None:
-    """Refuse to write into a directory that already holds anything."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"output directory '{out}' is not empty; nothing was overwritten - "
-                          "choose another --out")
-
-
 CENTRALIZED_DEFAULTS = ("central_retrain", "sisa", "sisa_random", "newton")
 
 

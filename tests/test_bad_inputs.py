@@ -48,7 +48,36 @@ CASES = [
     (QS, ["--seeds", "1,1"], "lists a seed twice"),
     (QS, ["--set", "experiment.extensions=[\"no_such_module_xyz\"]"], "no_such_module_xyz"),
     (QS, ["--set", "nonsense"], "--set"),
+    (QS, ["--set", "experiment.name=\"../../x\""], "must be one path component"),
+    (QS, ["--set", "experiment.name=\"\""], "must be one path component"),
+    (QS, ["--set", "engine.num_cpus=4096"], "asks more CPUs per client than this machine has"),
+    (QS, ["--set", "engine.num_gpus=1"], "no GPU"),
+    (QS, ["--set", "unlearning.params.federaser.r=1",
+          "--set", "unlearning.params.federaser.delta_t=0"], "federaser"),
+    ("no/such/config.toml", [], "no/such/config.toml"),
 ]
+FILE_OUT = "__file__"  # --out below a regular file: cannot be created
+
+
+@pytest.mark.parametrize("where", ["/proc/fedunlearn-run", FILE_OUT])
+def test_unwritable_out_is_refused_before_work(where, tmp_path, capsys, tripwire):
+    if where == FILE_OUT:
+        blocker = tmp_path / "a-file"
+        blocker.write_text("keep me")
+        where = str(blocker / "run")
+    code = main(["run", QS, "--out", where])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "cannot be written" in err[0], err
+    if where.endswith("a-file/run"):
+        assert (tmp_path / "a-file").read_text() == "keep me"
+
+
+def test_probe_of_out_leaves_nothing_behind(tmp_path, capsys, tripwire):
+    """A valid --out that a later check refuses: no directory is left behind."""
+    out = tmp_path / "deep" / "er" / "run"
+    code = main(["run", BD, "--set", "unlearning.params.federaser.r=-1", "--out", str(out)])
+    assert code == 2
+    assert not (tmp_path / "deep").exists()
 
 
 @pytest.fixture
