@@ -10,6 +10,7 @@ Only typed objects travel inward: code below the command line never sees a raw d
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -21,6 +22,9 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A config problem, reported in one line that says what to change."""
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,9 @@ class ExperimentSection:
         _check(len(set(self.seeds)) == len(self.seeds), "experiment.seeds", "lists a seed twice")
         _check(all(s >= 0 for s in [self.seed, *self.seeds]), "experiment.seed",
                "seeds must be >= 0")
+        _check(bool(_SAFE_NAME.fullmatch(self.name)) and self.name not in (".", ".."),
+               "experiment.name", f"= {self.name!r} must be one path component of letters, "
+               "digits and _.- (it names the run directory under runs/)")
 
 
 @dataclass(frozen=True)
