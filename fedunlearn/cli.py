@@ -6,6 +6,9 @@
 ``fedunlearn compare CONFIG.toml [--set ...] [--out DIR]``
     the same, with the centralized methods (``central_retrain``, ``sisa``, ``sisa_random``,
     ``newton``) added on the same clients' pooled data: one table for both settings;
+``fedunlearn resume RUN_DIR``
+    continue a run stopped by Ctrl-C, SIGTERM or a crash from its last committed round (the
+    final model is bit-identical to an uninterrupted run's; answered requests are not redone);
 ``fedunlearn report RUN_DIR``
     regenerate ``report.md``, ``metrics.csv`` and the plots from ``RUN_DIR/results.json``
     (nothing is retrained);
@@ -21,8 +24,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedunlearn.checkpoint import ResumeError
 from fedunlearn.config import ConfigError, load_config
+from fedunlearn.federation.faults import ClientFailure
 from fedunlearn.history import HistoryError
+from fedunlearn.interrupt import EXIT_CODE, Interrupted
 from fedunlearn.lineage import LineageError
 from fedunlearn.unlearning.base import HistoryNotReplayable
 from fedunlearn.unlearning.service import RequestError
@@ -46,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="run once per seed, e.g. 0,1,2 (sets experiment.seeds; replaces experiment.seed)")
     cmp_.add_argument("--out", type=Path, default=None,
                       help="run directory (default runs/NAME-TIME)")
+    res = sub.add_parser("resume", help="continue an interrupted or killed run where it stopped")
+    res.add_argument("run_dir", type=Path)
     rep = sub.add_parser("report", help="write report.md, metrics.csv and plots of a run")
     rep.add_argument("run_dir", type=Path)
     lin = sub.add_parser("lineage", help="which models saw a client's data; when was it removed")
@@ -117,7 +125,34 @@ def cmd_run(args: argparse.Namespace, *, compare: bool = False) -> int:
     preflight(cfg, out)  # the machine and --out, before any extension module is imported
     if compare:
         cfg = with_centralized(cfg)
-    run_experiment(cfg, out)
+    run_experiment(cfg, out, command="compare" if compare else "run")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from fedunlearn.checkpoint import RUN_FILE, note_resumption
+    from fedunlearn.config import from_dict
+    from fedunlearn.federation.strategy import keeps_history_identity
+    from fedunlearn.preflight import check_engine
+    from fedunlearn.runner import run_experiment
+
+    out = args.run_dir
+    if (out / "results.json").exists():
+        raise ConfigError(f"'{out}' already holds results.json: that run finished, there is "
+                          "nothing to resume")
+    if not (out / RUN_FILE).exists():
+        raise ConfigError(f"'{out}' holds no {RUN_FILE}; pass the directory of a run started "
+                          "with `fedunlearn run` or `compare`")
+    from fedunlearn.checkpoint import read_json
+
+    cfg = from_dict(read_json(out / RUN_FILE)["config"])
+    t = cfg.training
+    if keeps_history_identity(t.strategy, t.strategy_params) is False:
+        raise ConfigError(f"strategy '{t.strategy}' keeps server state between rounds that "
+                          "is not checkpointed; such a run cannot be resumed")
+    check_engine(cfg)
+    note_resumption(out)
+    run_experiment(cfg, out, command=read_json(out / RUN_FILE)["command"], resume=True)
     return 0
 
 
@@ -152,13 +187,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "compare":
             return cmd_run(args, compare=True)
+        if args.command == "resume":
+            return cmd_resume(args)
         if args.command == "report":
             return cmd_report(args)
         if args.command == "lineage":
             return cmd_lineage(args)
-    except (ConfigError, HistoryError, LineageError, RequestError, HistoryNotReplayable) as exc:
+    except (ConfigError, HistoryError, LineageError, RequestError, ResumeError,
+            HistoryNotReplayable, ClientFailure) as exc:
         print(f"fedunlearn: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted:  # the run printed where it stopped and how to resume it
+        return EXIT_CODE
     except BrokenPipeError:  # output piped into `head` and the like: not an error
         import os
 

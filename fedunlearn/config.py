@@ -222,6 +222,24 @@ class EngineSection:
         (Flower's built-in value is 0.1; see ``federation/dispatch.py``).
     verbose : bool
         Show Flower's and Ray's own logs (default false).
+    client_timeout_s : float
+        Seconds to wait for clients' replies in every exchange after start-up: each training
+        and evaluation round, calibration requests (default 120). A reply that has not arrived
+        by then counts as a failure of that client.
+    on_client_failure : {"abort", "drop"}
+        What a client failure (no reply in time, an error, or a model with NaN/Inf) does
+        (default ``"abort"``): stop the run with a one-line error naming the client and round,
+        or go on with the clients that answered, FedAvg weights renormalised over them and the
+        failure recorded in ``results.json`` and the lineage log. A round in which every client
+        fails stops the run under both; a NaN/Inf model is never aggregated nor stored. See
+        :mod:`fedunlearn.federation.faults`.
+    client_retries : int
+        How often failed clients are asked again within the same round before the policy
+        applies (default 0).
+    startup_timeout_s : float
+        Seconds for the Flower nodes to come up and answer their first query, which includes
+        each client process importing torch and building its data (default 120). Node
+        discovery is not subject to ``on_client_failure``: a node missing then stops the run.
     """
 
     num_cpus: float = 1.0
@@ -230,12 +248,20 @@ class EngineSection:
     pull_interval: float = 0.01
     dispatch_interval: float = 0.02
     verbose: bool = False
+    client_timeout_s: float = 120.0
+    on_client_failure: str = "abort"
+    client_retries: int = 0
+    startup_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         _check(self.num_cpus > 0, "engine.num_cpus", "must be > 0")
         _check(self.num_gpus >= 0, "engine.num_gpus", "must be >= 0")
         _check(self.pull_interval > 0, "engine.pull_interval", "must be > 0")
         _check(self.dispatch_interval > 0, "engine.dispatch_interval", "must be > 0")
+        _check(self.client_timeout_s > 0, "engine.client_timeout_s", "must be > 0")
+        _choice("engine.on_client_failure", self.on_client_failure, ("abort", "drop"))
+        _check(self.client_retries >= 0, "engine.client_retries", "must be >= 0")
+        _check(self.startup_timeout_s > 0, "engine.startup_timeout_s", "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -249,14 +275,22 @@ class HistorySection:
         Per-client running sums are kept every round regardless.
     dtype : str
         ``float32`` (default) or ``float16`` (halves storage).
+    purge : str
+        What a purge after a request deletes (with ``unlearning.purge``): ``"strict"``
+        (default) the targets' updates and running sums, the global models from the first
+        round a target took part in, and the final model, so the targets' updates cannot be
+        solved back from what remains; ``"updates"`` only the targets' updates and running
+        sums, which the kept global models and the other clients' updates re-solve.
     """
 
     retention_interval: int = 1
     dtype: str = "float32"
+    purge: str = "strict"
 
     def __post_init__(self) -> None:
         _check(self.retention_interval >= 1, "history.retention_interval", "must be >= 1")
         _choice("history.dtype", self.dtype, ("float32", "float16"))
+        _choice("history.purge", self.purge, ("strict", "updates"))
 
 
 @dataclass(frozen=True)

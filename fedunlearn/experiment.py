@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fedunlearn.aggregation import difference
+from fedunlearn.checkpoint import Checkpoint, Checkpointer
 from fedunlearn.config import Config, ConfigError
 from fedunlearn.data.federated import FederatedData, build_federated_data
 from fedunlearn.data.sources import SOURCES
 from fedunlearn.extensions import load_extensions
 from fedunlearn.federation.port import Federation, RoundReport, RoundSummary, TrainingRun
-from fedunlearn.history import HistoryStore
+from fedunlearn.history import HistoryError, HistoryStore
 from fedunlearn.lineage import LineageLog, params_hash
 from fedunlearn.models import MODELS, build_model
 from fedunlearn.params import Params, get_params, set_params
@@ -175,8 +176,17 @@ class HistoryRecorder:
 
     def __init__(self, store: HistoryStore) -> None:
         self.store = store
+        self.committed = max(store.rounds(), default=0)  # > 0 when a run is resumed
 
     def round_aggregated(self, report: RoundReport) -> None:
+        if report.server_round <= self.committed:
+            # resumed past a round the store committed before the checkpoint was written:
+            # the redone round must be the same round, and the store keeps its copy
+            stored = self.store.participants(report.server_round)
+            if tuple(stored) != tuple(report.participants):
+                raise HistoryError(f"resumed round {report.server_round} had participants "
+                                   f"{list(report.participants)}, the store holds {list(stored)}")
+            return
         updates = {p: difference(m, report.global_model) for p, m in report.client_models.items()}
         self.store.record_round(report.server_round, global_model=report.global_model,
                                 participants=report.participants,
@@ -188,11 +198,13 @@ class HistoryRecorder:
 
 
 class LineageRecorder:
-    """Round listener appending each round's participants, update hashes and model hash."""
+    """Round listener appending each round's participants, update hashes and model hash (and
+    the clients dropped from it, ``failures``, when any were)."""
 
     def __init__(self, log: LineageLog) -> None:
         self.log = log
         self._pending: dict[str, Any] = {}
+        self.logged = max((e["round"] for e in log.read() if e["event"] == "round"), default=0)
 
     def round_aggregated(self, report: RoundReport) -> None:
         self._pending = {"participants": list(report.participants),
@@ -201,8 +213,11 @@ class LineageRecorder:
 
     def round_evaluated(self, server_round: int, model: Params, summary: RoundSummary) -> None:
         pending = self._pending or {"participants": [], "update_hashes": {}}
-        self.log.append("round", round=server_round, model_hash=params_hash(model), **pending)
+        if summary.failures:  # clients dropped under engine.on_client_failure = "drop"
+            pending["failures"] = summary.failures
         self._pending = {}
+        if server_round > self.logged:
+            self.log.append("round", round=server_round, model_hash=params_hash(model), **pending)
 
 
 class Progress:
@@ -239,16 +254,29 @@ class Listeners:
 
 
 def train_federation(fed: Federation, setup: Setup, store: HistoryStore,
-                     *, progress: bool = True, lineage: LineageLog | None = None) -> TrainingRun:
-    """Train the federation once, recording every round into ``store`` (and ``lineage``)."""
+                     *, progress: bool = True, lineage: LineageLog | None = None,
+                     checkpoints: Path | None = None, start: Checkpoint | None = None
+                     ) -> TrainingRun:
+    """Train the federation once, recording every round into ``store`` (and ``lineage``).
+
+    With ``checkpoints`` (a seed directory) the exact global model is kept after every round
+    (:mod:`fedunlearn.checkpoint`); ``start`` continues from such a checkpoint.
+    """
     listeners: list[object] = [HistoryRecorder(store)]
     if lineage is not None:
         listeners.append(LineageRecorder(lineage))
+        if start is not None:
+            lineage.append("resume", round=start.round)
     if progress:
         listeners.append(Progress(setup.cfg.training.rounds))
+    checkpointer = Checkpointer(checkpoints, start) if checkpoints is not None else None
+    if checkpointer is not None:
+        listeners.append(checkpointer)
     t0 = time.perf_counter()
-    run = fed.fedavg(setup.initial, listener=Listeners(*listeners))
+    run = fed.fedavg(setup.initial, listener=Listeners(*listeners), start=start)
     store.record_final(run.final)
+    if checkpointer is not None:
+        checkpointer.finish()
     run.wall_s = time.perf_counter() - t0
     if lineage is not None:
         lineage.append("model", kind="trained", method="fedavg", model_hash=params_hash(run.final),

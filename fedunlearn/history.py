@@ -30,6 +30,32 @@ Every file is written atomically (temp file, fsync, ``os.replace``) and never re
 place: a changed sum or round meta gets a new name. ``manifest.json`` is replaced last, so a
 crash leaves the previous consistent state plus, at worst, unlisted files. Each ``.npz`` holds
 its array names in order as ``arr_0`` and the arrays as ``arr_1``, ``arr_2``, ...
+
+Purging (:meth:`HistoryStore.purge_clients`) has two levels (:data:`PURGE_LEVELS`):
+
+* ``"strict"`` (default) deletes the targets' updates and running sums, the global models of
+  every round from the first one a target took part in, and the final model: from those, with
+  the other clients' updates and the weights, ``U_u^t = (M_{t+1} - M_t - sum_{k!=u} w_k U_k^t)
+  / w_u`` and ``S_u = M_F - M_1 - sum_{k!=u} S_k`` could be solved back. The other clients'
+  updates and sums stay (the history methods need them for later requests; they replay from
+  the initial model the caller passes, never from stored global models). Asking for a deleted
+  model raises :class:`HistoryPurgedError`; the store then records no further rounds.
+* ``"updates"`` deletes only the targets' updates and running sums; both formulas above still
+  recover them from what remains (to float32 precision).
+
+Round metas keep participants, counts and weights (lineage) and list the purged clients.
+A purge is journaled: ``purge-journal.json`` (written and synced first) names the clients, the
+level and every file to delete; then the new round metas are written, the manifest is
+replaced, the files are deleted and the journal removed. :meth:`HistoryStore.open` (and the
+next purge) finishes an interrupted purge from its journal, so a crash at any point leaves,
+after reopening, either no purge (the journal never reached the disk) or a complete one.
+
+:meth:`HistoryStore.open` checks, besides every file's size and sha256, that the manifest is
+consistent (rounds ``1..n`` each with its meta, global model and retained updates; weights
+summing to 1; running sums named after each client's last round; no file of a purged client;
+nothing listed that no round needs) and raises :class:`HistoryCorruptError` naming the file
+otherwise. Unlisted files that a purge left are deleted; other unlisted files (an interrupted
+write) are reported with a warning and ignored.
 """
 
 from __future__ import annotations
@@ -39,7 +65,9 @@ import io
 import json
 import operator
 import os
+import re
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -52,6 +80,10 @@ Params = dict[str, np.ndarray]
 FORMAT = "fedunlearn-history"
 VERSION = 1
 MANIFEST = "manifest.json"
+JOURNAL = "purge-journal.json"
+PURGE_LEVELS = ("strict", "updates")
+"""``"strict"``: also delete the global models from the targets' first round on and the final
+model; ``"updates"``: only the targets' updates and running sums (re-solvable)."""
 UPDATE_DTYPES = ("float32", "float16")
 _WEIGHT_TOL = 1e-5
 IDENTITY_RTOL = 1e-4
@@ -66,7 +98,12 @@ class HistoryError(Exception):
 
 
 class HistoryCorruptError(HistoryError):
-    """A file of a history store is missing, truncated or fails its checksum."""
+    """A file of a history store is missing, truncated, fails its checksum, or the manifest
+    contradicts itself."""
+
+
+class HistoryPurgedError(HistoryError):
+    """A global model was asked for that a strict purge deleted."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +164,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def _remove(path: Path) -> None:
+    """Delete ``path`` if it exists (every deletion of the store goes through here)."""
+    path.unlink(missing_ok=True)
+
+
 def _npz_bytes(params: Mapping[str, np.ndarray]) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, np.array(list(params), dtype=np.str_), *params.values())
@@ -159,6 +201,7 @@ class HistoryStore:
     def __init__(self, path: Path, manifest: dict, *, verify: bool = False) -> None:
         self.path = path
         self._m = manifest
+        self._check_layout()
         for rel in sorted(manifest["files"]) if verify else ():
             self._read(rel)
         self._records: dict[int, RoundRecord] = {}
@@ -245,7 +288,15 @@ class HistoryStore:
         if manifest.get("version") != VERSION:
             raise HistoryError(f"{path} has history format version {manifest.get('version')}, "
                                f"this fedunlearn reads {VERSION}; use a matching fedunlearn")
-        return cls(path, manifest, verify=True)
+        store = cls(path, manifest, verify=True)
+        store._recover()
+        store._check_consistency()
+        store._sweep_leftovers()
+        if unlisted := store.unlisted_files():
+            warnings.warn(f"{path}: {len(unlisted)} file(s) not listed in {MANIFEST}, e.g. "
+                          f"{unlisted[0]} (left by an interrupted write); they are ignored",
+                          stacklevel=2)
+        return store
 
     # ---------------------------------------------------------------- recording
     def retains_updates(self, round: int) -> bool:
@@ -275,6 +326,7 @@ class HistoryStore:
         HistoryError
             On any inconsistency; nothing is recorded then.
         """
+        self._refuse_after_strict_purge(f"record round {round}")
         expected = len(self._m["rounds"]) + 1
         if self._m["final"] is not None or round != expected:
             done = "the final model is recorded" if self._m["final"] else f"next is {expected}"
@@ -344,6 +396,7 @@ class HistoryStore:
 
     def record_final(self, model: Mapping[str, np.ndarray]) -> None:
         """Record the global model after the last round (once, after at least one round)."""
+        self._refuse_after_strict_purge("record the final model")
         if not self._m["rounds"] or self._m["final"] is not None:
             raise HistoryError("record_final needs at least one recorded round and may be "
                                "called once; record the rounds first")
@@ -399,15 +452,42 @@ class HistoryStore:
         return {k: v.astype(np.float32) for k, v in upd.items()}
 
     def global_model(self, round: int) -> dict[str, np.ndarray]:
-        """The global model at the start of ``round``."""
+        """The global model at the start of ``round``.
+
+        Raises
+        ------
+        HistoryPurgedError
+            If a strict purge deleted it (see :meth:`globals_deleted_from`).
+        """
         self.round_record(round)
+        cut = self.globals_deleted_from()
+        if cut is not None and round >= cut:
+            raise HistoryPurgedError(self._purged_message(f"the global model of round {round}"))
         return self._load(f"rounds/{round:05d}/global.npz")
 
     def final_model(self) -> dict[str, np.ndarray]:
-        """The global model after the last round."""
+        """The global model after the last round.
+
+        Raises
+        ------
+        HistoryPurgedError
+            If a strict purge deleted it.
+        """
+        if self.globals_deleted_from() is not None:
+            raise HistoryPurgedError(self._purged_message("the final model"))
         if self._m["final"] is None:
             raise HistoryError("no final model is recorded; call record_final after training")
         return self._load(self._m["final"])
+
+    def globals_deleted_from(self) -> int | None:
+        """The first round whose global model a strict purge deleted (with every later one and
+        the final model), or ``None`` if every recorded global model is kept."""
+        cut = self._m.get("globals_deleted_from")
+        return None if cut is None else int(cut)
+
+    def purged(self) -> list[int]:
+        """Clients purged from the store, ascending."""
+        return sorted(self._m["purged"])
 
     def running_sum(self, client: int) -> dict[str, np.ndarray]:
         """``sum_t w_k^t U_k^t`` of ``client`` over all recorded rounds, as float32."""
@@ -443,25 +523,51 @@ class HistoryStore:
         return listed + (self.path / MANIFEST).stat().st_size
 
     # ---------------------------------------------------------------- purging
-    def purge_clients(self, clients: Iterable[int]) -> int:
-        """Delete every update and running sum of ``clients``; return the bytes freed.
+    def purge_clients(self, clients: Iterable[int], *, level: str = "strict") -> int:
+        """Delete what lets ``clients``' contributions be read or solved back; return the bytes
+        freed.
+
+        Parameters
+        ----------
+        clients
+            Client ids that took part in training. Already purged ones are skipped: purging
+            them again only finishes an interrupted purge (a no-op otherwise).
+        level
+            ``"strict"`` (default) or ``"updates"``; see the module docstring. ``"strict"``
+            deletes the targets' updates and running sums, the global models from the first
+            round a target took part in, and the final model; ``"updates"`` only the targets'
+            updates and running sums, which stay re-solvable from what remains.
 
         Round metas keep participants and weights (lineage) and list the clients as purged.
+        The purge is journaled; a crash at any point is finished by the next :meth:`open` or
+        purge.
 
         Raises
         ------
         HistoryError
-            If any client is unknown or already purged; nothing is changed then.
+            If ``level`` is unknown or a client never took part; nothing is changed then.
         """
+        if level not in PURGE_LEVELS:
+            raise HistoryError(f"purge level must be one of {', '.join(PURGE_LEVELS)}, "
+                               f"got {level!r}")
         ids = sorted(set(_as_ids(clients, "clients to purge")))
-        if not ids:
-            return 0
-        if unknown := [k for k in ids if k not in self.clients()]:
-            raise HistoryError(f"cannot purge clients {unknown}: not in this history (or already "
-                               f"purged); known clients are {self.clients()}")
+        seen = {k for r in self._records.values() for k in r.participants}
+        if unknown := [k for k in ids if k not in seen]:
+            raise HistoryError(f"cannot purge clients {unknown}: they never took part in this "
+                               f"history; known clients are {self.clients()}")
         before = self.bytes_used()
+        self._recover()
+        todo = [k for k in ids if k not in self._m["purged"]]
+        if todo:
+            self._purge(todo, level)
+        self._sweep_leftovers()
+        return before - self.bytes_used()
+
+    def _purge(self, ids: list[int], level: str) -> None:
+        """Journal, write the new round metas, commit the manifest, delete, drop the journal."""
         m = json.loads(json.dumps(self._m))
         gone: list[str] = []
+        metas: dict[str, bytes] = {}
         for t, record in self._records.items():
             hit = set(ids) & set(record.participants)
             if not hit:
@@ -470,23 +576,74 @@ class HistoryStore:
             meta = json.loads(self._read(self._m["round_meta"][str(t)]))
             meta["purged"] = purged
             rel = f"rounds/{t:05d}/meta.p{len(purged)}.json"
-            self._write(m, rel, json.dumps(meta, indent=1).encode())
-            gone.append(m["round_meta"][str(t)])
+            metas[rel] = json.dumps(meta, indent=1).encode()
             m["round_meta"][str(t)] = rel
+            gone.append(self._m["round_meta"][str(t)])
             if record.updates_retained:
-                gone += [f"rounds/{t:05d}/client_{k:05d}.npz" for k in hit]
+                gone += [f"rounds/{t:05d}/client_{k:05d}.npz" for k in sorted(hit)]
         gone += [m["sums"].pop(str(k)) for k in ids if str(k) in m["sums"]]
+        if level == "strict":
+            first = min(t for t, r in self._records.items() if set(ids) & set(r.participants))
+            old_cut = self.globals_deleted_from()
+            cut = first if old_cut is None else min(first, old_cut)
+            gone += [rel for t in self._m["rounds"] if t >= cut
+                     and (rel := f"rounds/{t:05d}/global.npz") in m["files"]]
+            if m["final"] is not None:
+                gone.append(m["final"])
+            m["final"] = None
+            m["globals_deleted_from"] = cut
+        journal = {"clients": ids, "level": level, "delete": gone, "write": list(metas)}
+        _atomic_write(self.path / JOURNAL, json.dumps(journal, indent=1).encode())
+        for rel, data in metas.items():
+            self._write(m, rel, data)
         for rel in gone:
-            del m["files"][rel]
+            m["files"].pop(rel, None)
         m["purged"] = sorted(set(m["purged"]) | set(ids))
         self._commit(m)
         for t, record in self._records.items():
             self._purged_in[t] |= set(ids) & set(record.participants)
         for k in ids:
             self._sums.pop(k, None)
-        self._unlink(gone)
-        self._sweep()
-        return before - self.bytes_used()
+        self._finish_journal(journal)
+
+    def _finish_journal(self, journal: Mapping) -> None:
+        """Delete the journal's files that the manifest no longer lists, then the journal."""
+        listed = set(self._m["files"])
+        for rel in [*journal["delete"], *journal["write"]]:
+            if rel not in listed:
+                _remove(self.path / rel)
+        _remove(self.path / JOURNAL)
+
+    def _recover(self) -> None:
+        """Finish a purge whose journal is on disk (a crash interrupted it)."""
+        path = self.path / JOURNAL
+        if not path.exists():
+            return
+        try:
+            journal = json.loads(path.read_text())
+            ids = sorted(_as_ids(journal["clients"], "journal clients"))
+            level = journal["level"]
+            if level not in PURGE_LEVELS or not all(
+                    isinstance(r, str) for r in [*journal["delete"], *journal["write"]]):
+                raise ValueError(level)
+        except (OSError, ValueError, KeyError, TypeError, HistoryError) as err:
+            raise HistoryCorruptError(f"{JOURNAL} in {self.path} is unreadable ({err}); a purge "
+                                      "was interrupted, record the run again") from None
+        if todo := [k for k in ids if k not in self._m["purged"]]:
+            self._purge(todo, level)  # the manifest was not committed: do the purge again
+        else:
+            self._finish_journal(journal)
+
+    def _refuse_after_strict_purge(self, what: str) -> None:
+        if self.globals_deleted_from() is not None:
+            raise HistoryError(f"cannot {what}: a strict purge deleted the global models of "
+                               "this history; record a complete run before purging")
+
+    def _purged_message(self, what: str) -> str:
+        return (f"{what} was deleted by a strict purge of clients {self.purged()} (the global "
+                f"models from round {self.globals_deleted_from()} on and the final model, from "
+                "which their updates could be solved back); replay from the initial model and "
+                "the stored updates, or start from the model the previous request left")
 
     # ---------------------------------------------------------------- internals
     def _write(self, m: dict, rel: str, data: bytes) -> None:
@@ -578,11 +735,106 @@ class HistoryStore:
 
     def _unlink(self, rels: Iterable[str]) -> None:
         for rel in rels:
-            (self.path / rel).unlink(missing_ok=True)
+            _remove(self.path / rel)
 
-    def _sweep(self) -> None:
-        """Delete files the manifest does not list (left by a crash or superseded)."""
-        listed = set(self._m["files"]) | {MANIFEST}
-        for file in self.path.rglob("*"):
-            if file.is_file() and file.relative_to(self.path).as_posix() not in listed:
-                file.unlink()
+    def unlisted_files(self) -> list[str]:
+        """Files in the store's directory that ``manifest.json`` does not list, sorted."""
+        listed = set(self._m["files"]) | {MANIFEST, JOURNAL}
+        return sorted(rel for f in self.path.rglob("*")
+                      if f.is_file() and (rel := f.relative_to(self.path).as_posix()) not in listed)
+
+    def _sweep_leftovers(self) -> None:
+        """Delete unlisted files that belong to a purged client or to a global model a strict
+        purge deleted (leftovers of an interrupted write or purge); never a listed file."""
+        names = tuple(f"client_{k:05d}" for k in self._m["purged"])
+        cut = self.globals_deleted_from()
+        for rel in self.unlisted_files():
+            name = rel.rsplit("/", 1)[-1]
+            deleted_global = cut is not None and (
+                "final.npz" in name or ("global.npz" in name and (
+                    m := re.fullmatch(r"rounds/(\d+)/[^/]*", rel)) and int(m[1]) >= cut))
+            if any(n in name for n in names) or deleted_global:
+                _remove(self.path / rel)
+
+    def _check_layout(self) -> None:
+        """The manifest's own structure, before any round meta is read."""
+        m, where = self._m, f"{MANIFEST} of {self.path}"
+        rounds = m["rounds"]
+        if not isinstance(rounds, list) or rounds != list(range(1, len(rounds) + 1)):
+            gap = next((t for t in range(1, len(rounds) + 2) if t not in rounds), None) \
+                if isinstance(rounds, list) else None
+            raise HistoryCorruptError(f"{where} lists rounds {rounds}, not 1..n (round {gap} is "
+                                      "missing); the history was edited, record the run again")
+        if extra := sorted(set(m["round_meta"]) ^ {str(t) for t in rounds}, key=str):
+            raise HistoryCorruptError(f"{where}: round_meta and rounds disagree on round "
+                                      f"{extra[0]}; the history was edited, record the run again")
+        for rel in [*m["round_meta"].values(), *m["sums"].values(),
+                    *([m["final"]] if m["final"] else [])]:
+            if rel not in m["files"]:
+                raise HistoryCorruptError(f"{where} points to {rel} but does not list it; the "
+                                          "history was edited, record the run again")
+        cut = m.get("globals_deleted_from")
+        if cut is not None and (not isinstance(cut, int) or cut < 1 or m["final"] is not None):
+            raise HistoryCorruptError(f"{where}: globals_deleted_from = {cut!r} contradicts the "
+                                      "final model or the rounds; record the run again")
+
+    def _check_consistency(self) -> None:
+        """What the rounds, the purged clients and the listed files say must agree; raise
+        :class:`HistoryCorruptError` naming the first file that does not."""
+        m, where = self._m, MANIFEST
+
+        def bad(what: str) -> HistoryCorruptError:
+            return HistoryCorruptError(f"{what} in {self.path}; the history was edited or "
+                                       "damaged, record the run again")
+
+        purged = set(m["purged"])
+        last: dict[int, int] = {}
+        for t, r in self._records.items():
+            rel = m["round_meta"][str(t)]
+            n = len(r.participants)
+            if r.round != t or len(set(r.participants)) != n or not n \
+                    or len(r.num_examples) != n or len(r.weights) != n:
+                raise bad(f"{rel} does not describe round {t} (round number, participants, "
+                          "counts and weights must agree)")
+            if not all(np.isfinite(w) and w >= 0 for w in r.weights) \
+                    or abs(sum(r.weights) - 1.0) > _WEIGHT_TOL:
+                raise bad(f"{rel}: weights {list(r.weights)} sum to {sum(r.weights):.6g}, not 1")
+            if r.updates_retained != self.retains_updates(t):
+                raise bad(f"{rel}: updates_retained is {r.updates_retained} but the retention "
+                          f"interval is {self.retention_interval}")
+            last.update({k: t for k in r.participants})
+        if unknown := sorted(purged - set(last)):
+            raise bad(f"{where} marks client {unknown[0]} purged, who never took part")
+        for rel in sorted(m["files"]):
+            owner = re.search(r"client_(\d+)", rel)
+            if owner and int(owner[1]) in purged:
+                raise bad(f"{where} marks client {int(owner[1])} purged but lists its file {rel}")
+        for t in self._records:
+            if self._purged_in[t] != purged & set(self._records[t].participants):
+                raise bad(f"{m['round_meta'][str(t)]} lists purged clients "
+                          f"{sorted(self._purged_in[t])}, {MANIFEST} says "
+                          f"{sorted(purged & set(self._records[t].participants))}")
+        cut = self.globals_deleted_from() or len(self._records) + 1
+        expected = set(m["round_meta"].values())
+        for t, r in self._records.items():
+            if t < cut:
+                expected.add(f"rounds/{t:05d}/global.npz")
+            if r.updates_retained:
+                expected |= {f"rounds/{t:05d}/client_{k:05d}.npz" for k in r.participants
+                             if k not in purged}
+        for k, t in last.items():
+            if k not in purged:
+                expected.add(f"sums/client_{k:05d}.r{t:05d}.npz")
+                if m["sums"].get(str(k)) != f"sums/client_{k:05d}.r{t:05d}.npz":
+                    raise bad(f"{where}: the running sum of client {k} should be "
+                              f"sums/client_{k:05d}.r{t:05d}.npz (its last round is {t}), "
+                              f"found {m['sums'].get(str(k))}")
+        if extra := sorted(set(m["sums"]) - {str(k) for k in last if k not in purged}):
+            raise bad(f"{where} lists a running sum of client {extra[0]}, who is purged or "
+                      "never took part")
+        if m["final"] is not None:
+            expected.add(m["final"])
+        if missing := sorted(expected - set(m["files"])):
+            raise bad(f"{where} does not list {missing[0]}, which the recorded rounds need")
+        if extra := sorted(set(m["files"]) - expected):
+            raise bad(f"{where} lists {extra[0]}, which no recorded round needs")

@@ -13,10 +13,23 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedunlearn import interrupt
+from fedunlearn.checkpoint import (
+    SERVED_FILE,
+    TRAINING_FILE,
+    Checkpoint,
+    ResumeError,
+    load_checkpoint,
+    read_json,
+    write_run_file,
+)
+from fedunlearn.checkpoint import write_json as save_json
 from fedunlearn.config import Config
 from fedunlearn.evaluation.summary import summarize
 from fedunlearn.experiment import Setup, prepare, train_federation
@@ -55,6 +68,8 @@ class SeedRun:
     purges: list[dict[str, Any]] = field(default_factory=list)
     history_bytes_after_purge: int | None = None
     shadow_cache: dict[int, Any] = field(default_factory=dict)
+    start: Checkpoint | None = None  # resume training from this round
+    served: bool = False  # every federated request of the seed was answered (resume)
 
     @property
     def seed(self) -> int:
@@ -67,16 +82,53 @@ class SeedRun:
             update_dtype=self.cfg.history.dtype)
         self.lineage = LineageLog(self.out)
 
+    def restore(self) -> None:
+        """Reopen a seed of an interrupted run at its most advanced saved state."""
+        path = self.out / "history"
+        self.lineage = LineageLog(self.out)
+        if not path.exists():  # interrupted before its first round: start it afresh
+            return
+        self.store = HistoryStore.open(path)
+        if (self.out / SERVED_FILE).exists():
+            saved = read_json(self.out / SERVED_FILE)
+            self.training, self.rows = saved["training"], saved["rows"]
+            self.purges = saved["purges"]
+            self.history_bytes_after_purge = saved["history_bytes_after_purge"]
+            self.served = True
+            return
+        if (self.out / TRAINING_FILE).exists():
+            purged = [e for e in self.lineage.read() if e["event"] == "purge"]
+            if not purged and self.store.purged():  # crashed before the lineage event
+                purged = [{"clients": self.store.purged()}]
+            if purged:
+                raise ResumeError(f"seed {self.seed} was interrupted while serving its requests, "
+                                  f"after clients {purged[0]['clients']} were purged; answered "
+                                  "requests are not redone, so this seed cannot be resumed - "
+                                  "rerun it into a new --out")
+            self.training = read_json(self.out / TRAINING_FILE)
+            self.final = self.store.final_model()
+            return
+        self.start = load_checkpoint(self.out)
+
     def train(self, fed: FlowerFederation, *, quiet: bool) -> None:
+        if self.store is None:
+            self.open()
         assert self.store is not None
         run = train_federation(fed, self.setup, self.store, progress=not quiet,
-                               lineage=self.lineage)
+                               lineage=self.lineage, checkpoints=self.out, start=self.start)
         self.final = run.final
         self.training = training_block(run, engine=ENGINE, history_bytes=self.store.bytes_used())
+        if self.start is not None:
+            self.training["resumed_from_round"] = self.start.round
+        save_json(self.out / TRAINING_FILE, self.training)
 
     def serve(self, federation: FlowerFederation | None, setting: str, *, quiet: bool) -> None:
-        assert self.store is not None and self.lineage is not None and self.final is not None
-        served = serve_requests(self.cfg, data=self.setup.data, trained=self.final,
+        assert self.store is not None and self.lineage is not None
+        # the centralized setting fits its own original; a resumed, served seed whose final
+        # model was purged has no federated one left to offer
+        trained = self.final if self.final is not None else self.setup.initial
+        assert setting == "centralized" or self.final is not None
+        served = serve_requests(self.cfg, data=self.setup.data, trained=trained,
                                 initial=self.setup.initial, store=self.store,
                                 federation=federation, lineage=self.lineage,
                                 build_model=self.setup.build_model,
@@ -87,6 +139,24 @@ class SeedRun:
         if setting == "federated":
             self.purges = served.purges
             self.history_bytes_after_purge = self.store.bytes_used()
+            save_json(self.out / SERVED_FILE, {
+                "training": self.training, "rows": self.rows, "purges": self.purges,
+                "history_bytes_after_purge": self.history_bytes_after_purge})
+
+
+@contextmanager
+def _farewell_on_stop(out: Path) -> Iterator[None]:
+    try:
+        yield
+    except interrupt.Interrupted:
+        print(farewell(out), file=sys.stderr, flush=True)
+        raise
+
+
+def farewell(out: Path) -> str:
+    """The last line of an interrupted run."""
+    return (f"interrupted: the partial run is in {out} (history store consistent); continue it "
+            f"with: fedunlearn resume {out}")
 
 
 def seed_dir(out: Path, seed: int, multi: bool) -> Path:
@@ -94,33 +164,35 @@ def seed_dir(out: Path, seed: int, multi: bool) -> Path:
     return out / f"seed-{seed}" if multi else out
 
 
-def run_experiment(cfg: Config, out: Path, *, quiet: bool = False) -> dict[str, Any]:
-    """Train ``cfg`` (every seed) through Flower + Ray into ``out``; return the results dict."""
-    seeds = cfg.seeds
-    runs = [SeedRun(cfg.with_seed(s), seed_dir(out, s, len(seeds) > 1),
-                    prepare(cfg.with_seed(s))) for s in seeds]
-    requests = bool(cfg.unlearning.requests)
-    seed_everything(seeds[0])
-    warm_up(runs[0].cfg, runs[0].setup.data)  # torch's one-off start-up, as in every client
+def run_experiment(cfg: Config, out: Path, *, quiet: bool = False, command: str = "run",
+                   resume: bool = False) -> dict[str, Any]:
+    """Train ``cfg`` (every seed) through Flower + Ray into ``out``; return the results dict.
 
-    def job(connect: Connect) -> None:
-        for run in runs:
-            if len(runs) > 1 and not quiet:
-                print(f"[seed] {run.seed} ({runs.index(run) + 1} of {len(runs)})",
-                      file=sys.stderr, flush=True)
-            seed_everything(run.seed)
-            run.open()
-            fed = connect(run.cfg, run.setup.evaluator())
-            run.train(fed, quiet=quiet)
-            if requests:  # federated removal needs the live federation
-                run.serve(fed, "federated", quiet=quiet)
+    The run's story, in order; each step is a place a resume can start from
+    (:mod:`fedunlearn.checkpoint`):
 
-    run_engine(runs[0].cfg, job)
-    if requests and "centralized" in settings_in(cfg):
-        # centralized removal runs at one site, after the federation engine has shut down
+    1. every seed is checked and built (config, methods, strategy, data, initial model);
+    2. ``run.json`` records the resolved config, or, with ``resume``, each seed reopens its
+       most advanced saved state;
+    3. Flower and Ray start once; every seed trains (a checkpoint after each round) and
+       serves its federated requests (``served.json`` once done);
+    4. the centralized methods run after the engine has shut down, as one site would;
+    5. ``results.json``, the report and the tables.
+
+    SIGINT or SIGTERM during 3 or 4 stop the run at the next round boundary
+    (:mod:`fedunlearn.interrupt`) with :class:`~fedunlearn.interrupt.Interrupted`.
+    """
+    runs = [SeedRun(cfg.with_seed(s), seed_dir(out, s, len(cfg.seeds) > 1),
+                    prepare(cfg.with_seed(s))) for s in cfg.seeds]
+    if resume:
         for run in runs:
-            seed_everything(run.seed)
-            run.serve(None, "centralized", quiet=quiet)
+            run.restore()
+    else:
+        write_run_file(out, cfg.to_dict(), command)
+    interrupt.reset()
+    with interrupt.stoppable(lambda: farewell(out)), _farewell_on_stop(out):
+        _federated(runs, cfg, quiet=quiet)
+        _centralized(runs, cfg, quiet=quiet)
     results = _results(cfg, runs, out)
     write_json(out / "results.json", results)
     written = write_report(out, results)
@@ -131,6 +203,41 @@ def run_experiment(cfg: Config, out: Path, *, quiet: bool = False) -> dict[str, 
             print(verdict_table(results["summary"]))
         print(f"report         {written['report']}")
     return results
+
+
+def _federated(runs: list[SeedRun], cfg: Config, *, quiet: bool) -> None:
+    """Step 3: one engine for every seed not yet served."""
+    todo = [run for run in runs if not run.served]
+    if not todo:
+        return
+    requests = bool(cfg.unlearning.requests)
+
+    def job(connect: Connect) -> None:
+        for run in todo:
+            if len(runs) > 1 and not quiet:
+                print(f"[seed] {run.seed} ({runs.index(run) + 1} of {len(runs)})",
+                      file=sys.stderr, flush=True)
+            seed_everything(run.seed)
+            fed = connect(run.cfg, run.setup.evaluator())
+            if run.final is None:
+                run.train(fed, quiet=quiet)
+            interrupt.check()
+            if requests:  # federated removal needs the live federation
+                run.serve(fed, "federated", quiet=quiet)
+            interrupt.check()
+
+    seed_everything(todo[0].seed)
+    warm_up(todo[0].cfg, todo[0].setup.data)  # torch's one-off start-up, as in every client
+    run_engine(runs[0].cfg, job)
+
+
+def _centralized(runs: list[SeedRun], cfg: Config, *, quiet: bool) -> None:
+    """Step 4: the centralized methods on each seed's pooled data."""
+    if cfg.unlearning.requests and "centralized" in settings_in(cfg):
+        for run in runs:
+            seed_everything(run.seed)
+            run.serve(None, "centralized", quiet=quiet)
+            interrupt.check()
 
 
 def _results(cfg: Config, runs: list[SeedRun], out: Path) -> dict[str, Any]:

@@ -4,6 +4,13 @@
 Ray backend) with one virtual SuperNode per client and runs ``job(federation)`` inside the
 ServerApp, where ``federation`` is a :class:`FlowerFederation` bound to the live ``Grid``.
 Every federated run of fedunlearn (training, retraining, calibration) goes through here.
+
+Every wait on clients is bounded by ``engine.client_timeout_s``; a client that does not answer
+in time, answers with an error or sends NaN/Inf is handled by ``engine.on_client_failure``
+(:mod:`fedunlearn.federation.faults`). Node discovery, whose first message also starts each
+client process, is bounded by ``engine.startup_timeout_s`` instead and is not subject to the
+policy: a node that does not come up or answer in time stops the run with
+:class:`~fedunlearn.federation.faults.ClientFailure`.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -20,6 +27,12 @@ from flwr.serverapp import Grid, ServerApp
 from fedunlearn.config import Config
 from fedunlearn.federation import dispatch
 from fedunlearn.federation.client_app import app as client_app
+from fedunlearn.federation.faults import (
+    ClientFailure,
+    FaultPolicy,
+    error_reason,
+    with_retries,
+)
 from fedunlearn.federation.messages import (
     ARRAYS,
     CONFIG,
@@ -35,15 +48,18 @@ from fedunlearn.federation.port import ClientResult, RoundListener, TrainingRun
 from fedunlearn.federation.strategy import (
     STRATEGIES,
     RecordingStrategy,
-    check_replies,
+    Screened,
     partition_of,
+    screen_replies,
 )
 from fedunlearn.federation.tracking import Evaluator, FedAvgTracker
 from fedunlearn.params import Params
 from fedunlearn.seeding import run_seed, sample_participants, variant_tag
 
+if TYPE_CHECKING:
+    from fedunlearn.checkpoint import Checkpoint
+
 T = TypeVar("T")
-TIMEOUT_S = 3600.0
 
 
 class FlowerFederation:
@@ -66,6 +82,8 @@ class FlowerFederation:
         self.num_clients = cfg.data.num_clients
         self.messages_sent = 0
         self.bytes_exchanged = 0
+        self.policy = FaultPolicy.of(cfg.engine)
+        self.timeout_s = cfg.engine.client_timeout_s
         if hasattr(grid, "pull_interval"):  # InMemoryGrid polls every 0.1 s by default
             grid.pull_interval = cfg.engine.pull_interval
         self.node_of: dict[int, int] = {}
@@ -75,35 +93,53 @@ class FlowerFederation:
     def _config(self, **extra: Any) -> ConfigRecord:
         return ConfigRecord({JOB: self.job, **extra})
 
-    def _exchange(self, messages: list[Message]) -> list[Message]:
+    def _exchange(self, messages: list[Message], timeout_s: float | None = None
+                  ) -> list[Message]:
+        """Send ``messages``; return the replies that arrived within ``timeout_s`` (default
+        ``engine.client_timeout_s``)."""
         self.messages_sent += len(messages)
-        replies = check_replies(self.grid.send_and_receive(messages, timeout=TIMEOUT_S))
-        self.bytes_exchanged += sum(array_bytes(m.content) for m in [*messages, *replies])
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout_s or self.timeout_s))
+        self.bytes_exchanged += sum(array_bytes(m.content) for m in [*messages, *replies]
+                                    if m.has_content())
         return replies
 
     def _discover(self) -> None:
-        """Ask every node for its partition id (node ids are random in the engine)."""
-        deadline = time.monotonic() + 120
+        """Ask every node for its partition id (node ids are random in the engine), within
+        ``engine.startup_timeout_s`` (the first message also starts each client process)."""
+        startup = self.cfg.engine.startup_timeout_s
+        wait = f"within engine.startup_timeout_s = {startup:g} s; raise it"
+        deadline = time.monotonic() + startup
         while len(nodes := list(self.grid.get_node_ids())) < self.num_clients:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"only {len(nodes)} of {self.num_clients} Flower nodes came up")
+                raise ClientFailure(f"only {len(nodes)} of {self.num_clients} Flower nodes came "
+                                    f"up {wait}")
             time.sleep(0.05)
         content = RecordDict({CONFIG: self._config()})
+        remaining = max(deadline - time.monotonic(), 1e-3)
         replies = self._exchange([Message(content, dst_node_id=n, message_type=MessageType.QUERY)
-                                  for n in nodes])
+                                  for n in nodes], remaining)
         for msg in replies:
+            if msg.has_error():
+                raise ClientFailure(f"a Flower node failed to start its client "
+                                    f"({error_reason(msg.error.reason)}); rerun with "
+                                    "--set engine.verbose=true for its traceback")
             pid = partition_of(msg)
             self.node_of[pid] = msg.metadata.src_node_id
             self.num_examples[pid] = int(msg.content[METRICS][NUM_EXAMPLES])
         missing = sorted(set(range(self.num_clients)) - set(self.node_of))
         if missing:
-            raise RuntimeError(f"Flower nodes for partitions {missing} did not answer")
+            raise ClientFailure(f"the Flower nodes of clients {missing} did not answer {wait}")
 
     def fedavg(self, initial: Params, *, exclude: frozenset[int] = frozenset(),
-               listener: RoundListener | None = None, variant: int = 0) -> TrainingRun:
-        """Run the configured strategy for ``training.rounds`` rounds via ``Strategy.start``."""
+               listener: RoundListener | None = None, variant: int = 0,
+               start: Checkpoint | None = None) -> TrainingRun:
+        """Run the configured strategy for ``training.rounds`` rounds via ``Strategy.start``
+        (the rounds after ``start.round`` when a run is resumed)."""
         t = self.cfg.training
-        tracker = FedAvgTracker(self.evaluate, listener, t.local_epochs)
+        tracker = FedAvgTracker(self.evaluate, listener, t.local_epochs, start)
+        first = start.round if start is not None else 0
+        if start is not None:
+            initial = start.model
         inner = STRATEGIES.get(t.strategy)(evaluate_fraction=t.evaluate_fraction,
                                             **t.strategy_params)
 
@@ -114,14 +150,16 @@ class FlowerFederation:
                                        t.sample_fraction, set(exclude))
 
         strategy = RecordingStrategy(inner, sampler=sampler, node_of=self.node_of,
-                                     on_round=tracker.aggregated)
+                                     on_round=tracker.aggregated, policy=self.policy,
+                                     on_failures=tracker.failed)
+        strategy.round_offset = first
 
         def evaluate_fn(server_round: int, arrays: Any) -> Any:
-            tracker.evaluated(server_round, from_record(arrays))
+            tracker.evaluated(first + server_round, from_record(arrays))
             return None
 
         result = strategy.start(grid=self.grid, initial_arrays=to_record(initial),
-                                num_rounds=t.rounds, timeout=TIMEOUT_S,
+                                num_rounds=t.rounds - first, timeout=self.timeout_s,
                                 train_config=self._config(tag=variant_tag(variant)),
                                 evaluate_config=self._config(),
                                 evaluate_fn=evaluate_fn)
@@ -135,18 +173,23 @@ class FlowerFederation:
 
     def train_clients(self, model: Params, clients: Sequence[int], *, epochs: float,
                       server_round: int, tag: int) -> dict[int, ClientResult]:
-        """Send a train message to each client and collect their models."""
+        """Send a train message to each client and collect their models (failed clients are
+        asked again ``client_retries`` times, then missing under ``"drop"``)."""
         content = RecordDict({ARRAYS: to_record(model),
                               CONFIG: self._config(epochs=float(epochs), tag=int(tag),
                                                    **{"server-round": int(server_round)})})
-        msgs = [Message(content, dst_node_id=self.node_of[c], message_type=MessageType.TRAIN)
-                for c in clients]
-        out = {}
-        for msg in self._exchange(msgs):
-            out[partition_of(msg)] = ClientResult(model=from_record(msg.content[ARRAYS]),
-                                                  num_examples=int(msg.content[METRICS]
-                                                                   [NUM_EXAMPLES]))
-        return out
+
+        def attempt(cs: list[int]) -> Screened:
+            msgs = [Message(content, dst_node_id=self.node_of[c],
+                            message_type=MessageType.TRAIN) for c in cs]
+            return screen_replies(self._exchange(msgs), {self.node_of[c]: c for c in cs},
+                                  model=True)
+
+        ok, failed = with_retries(attempt, clients, self.policy.retries)
+        self.policy.settle(failed, ok, server_round=server_round)
+        return {pid: ClientResult(model=from_record(msg.content[ARRAYS]),
+                                  num_examples=int(msg.content[METRICS][NUM_EXAMPLES]))
+                for pid, msg in sorted(ok.items())}
 
 
 def backend_config(cfg: Config) -> dict[str, Any]:

@@ -2,23 +2,37 @@
 
 Used as a cross-check (a test proves it gives the same model as Flower) and as the plain
 PyTorch baseline of ``scripts/bench_engine.py``. Aggregation reproduces Flower's FedAvg
-arithmetic (weights ``n_k / sum n``, float32 accumulation in partition order).
+arithmetic (weights ``n_k / sum n``, float32 accumulation in partition order). Client faults
+follow the same policy (:mod:`fedunlearn.federation.faults`): a client raising an exception
+counts as an error reply, a model with NaN/Inf as a non-finite one (there are no timeouts).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedunlearn.aggregation import fedavg_weights
 from fedunlearn.config import Config
+from fedunlearn.federation.faults import (
+    Failure,
+    FaultPolicy,
+    error_reason,
+    nonfinite,
+    with_retries,
+)
 from fedunlearn.federation.local import client_train, runtime
 from fedunlearn.federation.messages import job_json
 from fedunlearn.federation.port import ClientResult, RoundListener, RoundReport, TrainingRun
 from fedunlearn.federation.tracking import Evaluator, FedAvgTracker
 from fedunlearn.params import Params, num_bytes
 from fedunlearn.seeding import run_seed, sample_participants, variant_tag
+
+if TYPE_CHECKING:
+    from fedunlearn.checkpoint import Checkpoint
+
 
 
 def flower_average(models: Sequence[Mapping[str, np.ndarray]], counts: Sequence[int]) -> Params:
@@ -43,34 +57,40 @@ class InProcessFederation:
         self.num_clients = cfg.data.num_clients
         self.messages_sent = 0
         self.bytes_exchanged = 0
+        self.policy = FaultPolicy.of(cfg.engine)
         runtime(self.job)
 
     def fedavg(self, initial: Params, *, exclude: frozenset[int] = frozenset(),
-               listener: RoundListener | None = None, variant: int = 0) -> TrainingRun:
+               listener: RoundListener | None = None, variant: int = 0,
+               start: Checkpoint | None = None) -> TrainingRun:
         """The configured FedAvg (``training.strategy`` must be ``fedavg``)."""
         t = self.cfg.training
         if t.strategy != "fedavg":
             raise ValueError("the in-process federation only runs strategy 'fedavg'")
-        tracker = FedAvgTracker(self.evaluate, listener, t.local_epochs)
-        tracker.evaluated(0, initial)
-        model = dict(initial)
+        tracker = FedAvgTracker(self.evaluate, listener, t.local_epochs, start)
+        first = start.round if start is not None else 0
+        model = dict(start.model) if start is not None else dict(initial)
+        tracker.evaluated(first, model)
         sent = 0
         exchanged = 0
-        for r in range(1, t.rounds + 1):
+        for r in range(first + 1, t.rounds + 1):
             pids = sample_participants(run_seed(self.cfg.seed, variant), r, self.num_clients,
                                        t.sample_fraction, set(exclude))
             if pids:
                 before = self.bytes_exchanged
-                results = self.train_clients(model, pids, epochs=t.local_epochs,
-                                             server_round=r, tag=variant_tag(variant))
+                sent_before = self.messages_sent
+                results, failures = self._train(model, pids, epochs=t.local_epochs,
+                                                server_round=r, tag=variant_tag(variant))
                 exchanged += self.bytes_exchanged - before
-                sent += len(pids)
-                counts = tuple(results[p].num_examples for p in pids)
+                sent += self.messages_sent - sent_before
+                tracker.failed(failures)
+                done = [p for p in pids if p in results]
+                counts = tuple(results[p].num_examples for p in done)
                 tracker.aggregated(RoundReport(
-                    server_round=r, global_model=model, participants=tuple(pids),
+                    server_round=r, global_model=model, participants=tuple(done),
                     num_examples=counts, weights=tuple(fedavg_weights(counts)),
-                    client_models={p: results[p].model for p in pids}))
-                model = flower_average([results[p].model for p in pids], counts)
+                    client_models={p: results[p].model for p in done}))
+                model = flower_average([results[p].model for p in done], counts)
             tracker.evaluated(r, model)
         run = tracker.finish(model, sent)
         run.bytes_exchanged = exchanged
@@ -78,12 +98,31 @@ class InProcessFederation:
 
     def train_clients(self, model: Params, clients: Sequence[int], *, epochs: float,
                       server_round: int, tag: int) -> dict[int, ClientResult]:
-        """Train each client in turn."""
-        self.messages_sent += len(clients)
-        out = {}
-        for c in clients:
-            params, n, _ = client_train(self.job, model, c, server_round=server_round, tag=tag,
-                                        epochs=epochs)
-            self.bytes_exchanged += num_bytes(model) + num_bytes(params)
-            out[c] = ClientResult(model=params, num_examples=n)
-        return out
+        """Train each client in turn (failed clients are missing under ``"drop"``)."""
+        return self._train(model, clients, epochs=epochs, server_round=server_round,
+                           tag=tag)[0]
+
+    def _train(self, model: Params, clients: Sequence[int], *, epochs: float,
+               server_round: int, tag: int) -> tuple[dict[int, ClientResult], list[Failure]]:
+        """Train ``clients`` with retries, then apply the fault policy."""
+
+        def attempt(cs: list[int]) -> tuple[dict[int, ClientResult], dict[int, str]]:
+            self.messages_sent += len(cs)
+            ok: dict[int, ClientResult] = {}
+            failed: dict[int, str] = {}
+            for c in cs:
+                try:
+                    params, n, _ = client_train(self.job, model, c, server_round=server_round,
+                                                tag=tag, epochs=epochs)
+                except Exception as exc:  # noqa: BLE001 - a client error, as Flower reports it
+                    failed[c] = error_reason(f"{type(exc).__name__}: {exc}")
+                    continue
+                self.bytes_exchanged += num_bytes(model) + num_bytes(params)
+                if nonfinite(params):
+                    failed[c] = "non-finite"
+                else:
+                    ok[c] = ClientResult(model=params, num_examples=n)
+            return ok, failed
+
+        ok, failed = with_retries(attempt, clients, self.policy.retries)
+        return ok, self.policy.settle(failed, ok, server_round=server_round)

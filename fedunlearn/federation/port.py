@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from fedunlearn.params import Params
 
@@ -43,13 +43,20 @@ class RoundReport:
 
 @dataclass
 class RoundSummary:
-    """What the results file lists per round."""
+    """What the results file lists per round.
+
+    ``participants`` are the clients whose updates were aggregated; ``failures`` the clients
+    dropped in the round under ``engine.on_client_failure = "drop"`` (empty otherwise), each
+    ``{"round", "client", "reason", "stage"}`` (a :class:`~fedunlearn.federation.faults.Failure`
+    as a dict).
+    """
 
     round: int
     participants: list[int]
     test_accuracy: float
     test_loss: float
     wall_s: float
+    failures: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -63,6 +70,11 @@ class TrainingRun:
     bytes_exchanged: int = 0
     client_epochs: float = 0.0
     client_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def client_failures(self) -> list[dict[str, Any]]:
+        """Every client dropped during the run, in round order (see :class:`RoundSummary`)."""
+        return [f for r in self.rounds for f in r.failures]
 
 
 class RoundListener(Protocol):
@@ -95,8 +107,12 @@ class Federation(Protocol):
     bytes_exchanged: int
 
     def fedavg(self, initial: Params, *, exclude: frozenset[int] = frozenset(),
-               listener: RoundListener | None = None, variant: int = 0) -> TrainingRun:
+               listener: RoundListener | None = None, variant: int = 0,
+               start: Any = None) -> TrainingRun:
         """Run the configured FedAvg from ``initial`` with ``exclude`` left out of every round.
+
+        ``start`` (a :class:`fedunlearn.checkpoint.Checkpoint`) continues a resumed run: its
+        model after ``start.round`` rounds, the remaining rounds numbered on from there.
 
         ``variant`` 0 is the experiment's own seed; another value draws client sampling and
         local shuffling from other seeds (a second retraining, for the noise floor)."""
@@ -105,5 +121,9 @@ class Federation(Protocol):
     def train_clients(self, model: Params, clients: Sequence[int], *, epochs: float,
                       server_round: int, tag: int) -> dict[int, ClientResult]:
         """Have ``clients`` train ``epochs`` local epochs from ``model``; seeds derive from
-        ``(seed, server_round, client, tag)``."""
+        ``(seed, server_round, client, tag)``.
+
+        A client that fails (see :mod:`fedunlearn.federation.faults`) raises
+        :class:`~fedunlearn.federation.faults.ClientFailure` under ``on_client_failure =
+        "abort"``; under ``"drop"`` it is missing from the result (never all of them)."""
         ...

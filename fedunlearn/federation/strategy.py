@@ -8,7 +8,13 @@
 * orders replies by partition id before aggregation, so a fixed seed gives a bit-identical
   model whatever order Ray returns them in;
 * reports every round (global model it started from, participants, example counts, FedAvg
-  weights, each participant's returned model) to a callback — the history store listens there.
+  weights, each participant's returned model) to a callback — the history store listens there;
+* screens every reply before the wrapped strategy sees it (:mod:`fedunlearn.federation.faults`):
+  a node that did not answer within the round's timeout, answered with an error, or sent a model
+  with NaN/Inf is asked again ``client_retries`` times (training only; the re-sends go through
+  the same grid within ``aggregate_train``, so Flower's round loop is not copied), then the fault
+  policy aborts the run or drops it from the round. The wrapped strategy aggregates only the
+  screened replies, so the FedAvg weights the round reports are over those that contributed.
 
 Strategies are created by name from :data:`STRATEGIES`. A factory receives the evaluation
 fraction and ``training.strategy_params`` and must return a strategy that trains *every* node
@@ -36,7 +42,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM, FedProx, Strategy
 
 from fedunlearn.aggregation import fedavg_weights
+from fedunlearn.federation.faults import (
+    Failure,
+    FaultPolicy,
+    error_reason,
+    nonfinite,
+    with_retries,
+)
 from fedunlearn.federation.messages import (
+    ARRAYS,
     METRICS,
     NUM_EXAMPLES,
     PARTITION,
@@ -153,19 +167,34 @@ class _SubsetGrid:
         return getattr(self._grid, name)
 
 
-class ClientFailure(RuntimeError):
-    """A client replied with an error; the round cannot be recorded faithfully."""
+Screened = tuple[dict[int, Message], dict[int, str]]
 
 
-def check_replies(replies: Iterable[Message]) -> list[Message]:
-    """Return replies, raising :class:`ClientFailure` with the first client error."""
-    out = list(replies)
-    for msg in out:
+def screen_replies(replies: Iterable[Message], expected: Mapping[int, int], *,
+                   model: bool) -> Screened:
+    """Sort the replies to messages sent to ``expected`` (node id -> partition id).
+
+    Returns ``(ok, failed)``: ``ok`` maps a partition id to its usable reply, ``failed`` to the
+    reason it is not usable (see :class:`~fedunlearn.federation.faults.Failure`): an error
+    reply, a model with NaN/Inf (when ``model``), or no reply at all (``"timeout"``: Flower's
+    ``send_and_receive`` returns only the replies that arrived in time).
+    """
+    ok: dict[int, Message] = {}
+    failed: dict[int, str] = {}
+    for msg in replies:
+        pid = expected.get(msg.metadata.src_node_id)
+        if pid is None:  # not a reply to these messages
+            continue
         if msg.has_error():
-            lines = [ln.strip() for ln in msg.error.reason.splitlines() if ln.strip()]
-            raise ClientFailure(f"a client failed ({lines[-1] if lines else 'no reason'}); "
-                                "rerun with --set engine.verbose=true for its traceback")
-    return out
+            failed[pid] = error_reason(msg.error.reason)
+        elif model and nonfinite(from_record(msg.content[ARRAYS])):
+            failed[pid] = "non-finite"
+        else:
+            ok[pid] = msg
+    for pid in expected.values():
+        if pid not in ok and pid not in failed:
+            failed[pid] = "timeout"
+    return ok, failed
 
 
 def partition_of(msg: Message) -> int:
@@ -174,7 +203,8 @@ def partition_of(msg: Message) -> int:
 
 
 class RecordingStrategy(Strategy):
-    """Wrap a Flower strategy: seeded participant sampling, ordered aggregation, recording.
+    """Wrap a Flower strategy: seeded participant sampling, ordered aggregation, recording,
+    fault screening.
 
     Parameters
     ----------
@@ -186,25 +216,44 @@ class RecordingStrategy(Strategy):
         Partition id to Flower node id.
     on_round : callable
         Receives a :class:`RoundReport` after each aggregation.
+    policy : FaultPolicy, optional
+        What a failed client does (default: abort on the first failure, no retries); its
+        ``timeout_s`` bounds the wait of each retry.
+    on_failures : callable, optional
+        Receives the failures dropped in a round (only under ``on_failure = "drop"``).
     """
 
     def __init__(self, inner: Strategy, *, sampler: Callable[[int], list[int]],
-                 node_of: dict[int, int], on_round: Callable[[RoundReport], None]) -> None:
+                 node_of: dict[int, int], on_round: Callable[[RoundReport], None],
+                 policy: FaultPolicy | None = None,
+                 on_failures: Callable[[list[Failure]], None] | None = None) -> None:
         self.inner = inner
         self.sampler = sampler
         self.node_of = node_of
         self.on_round = on_round
+        self.policy = policy or FaultPolicy()
+        self.on_failures = on_failures
         self.messages_sent = 0
         self.bytes_exchanged = 0
         self.client_seconds: list[float] = []
         self._global: Params = {}
+        self._partition = {node: pid for pid, node in node_of.items()}
+        self._grid: Grid | None = None
+        self._train_sent: dict[int, Message] = {}
+        self._evaluate_sent: dict[int, int] = {}
+
+    round_offset = 0
+    """Rounds already trained before ``start`` (a resumed run): Flower counts from 1 again."""
 
     def summary(self) -> None:
         self.inner.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset  # rounds continue a resumed run
         self._global = from_record(arrays)
+        self._grid = grid
+        self._train_sent = {}
         pids = self.sampler(server_round)
         if not pids:
             return []
@@ -216,39 +265,73 @@ class RecordingStrategy(Strategy):
             raise RuntimeError(f"strategy {type(self.inner).__name__} sampled {len(got)} of the "
                                f"{len(wanted)} offered nodes; its factory must set "
                                "fraction_train=1.0 (fedunlearn samples participants itself)")
+        self._train_sent = {m.metadata.dst_node_id: m for m in msgs}
         self._count(msgs)
         return msgs
 
     def _count(self, msgs: list[Message], *, outgoing: bool = True) -> None:
         if outgoing:
             self.messages_sent += len(msgs)
-        self.bytes_exchanged += sum(array_bytes(m.content) for m in msgs)
+        self.bytes_exchanged += sum(array_bytes(m.content) for m in msgs if m.has_content())
+
+    def _resend(self, pids: list[int]) -> Screened:
+        """Send the round's train messages again to ``pids`` and screen the replies."""
+        assert self._grid is not None
+        msgs = [Message(self._train_sent[n].content, dst_node_id=n,
+                        message_type=self._train_sent[n].metadata.message_type,
+                        group_id=self._train_sent[n].metadata.group_id)
+                for n in (self.node_of[p] for p in pids)]
+        self._count(msgs)
+        replies = list(self._grid.send_and_receive(msgs, timeout=self.policy.timeout_s))
+        self._count(replies, outgoing=False)
+        return screen_replies(replies, {self.node_of[p]: p for p in pids}, model=True)
+
+    def _settle(self, failed: dict[int, str], ok: Mapping[int, Message], server_round: int,
+                stage: str) -> None:
+        failures = self.policy.settle(failed, ok, server_round=server_round, stage=stage)
+        if failures and self.on_failures is not None:
+            self.on_failures(failures)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        ordered = sorted(check_replies(replies), key=partition_of)
-        self._count(ordered, outgoing=False)
+        server_round += self.round_offset  # rounds continue a resumed run
+        replies = list(replies)
+        self._count(replies, outgoing=False)
+        expected = {n: self._partition[n] for n in self._train_sent}
+        first = screen_replies(replies, expected, model=True)
+        ok, failed = with_retries(self._resend, sorted(expected.values()), self.policy.retries,
+                                  first=first)
+        self._settle(failed, ok, server_round, "train")
+        ordered = [ok[p] for p in sorted(ok)]
         result = self.inner.aggregate_train(server_round, ordered)
         self.client_seconds += [float(m.content[METRICS].get("train-seconds", 0.0))
                                 for m in ordered]
         if ordered:
-            pids = tuple(partition_of(m) for m in ordered)
+            pids = tuple(sorted(ok))
             counts = tuple(int(m.content[METRICS][NUM_EXAMPLES]) for m in ordered)
             self.on_round(RoundReport(
                 server_round=server_round, global_model=self._global, participants=pids,
                 num_examples=counts, weights=tuple(fedavg_weights(counts)),
-                client_models={p: from_record(m.content["arrays"]) for p, m in zip(pids, ordered,
+                client_models={p: from_record(m.content[ARRAYS]) for p, m in zip(pids, ordered,
                                                                                   strict=True)}))
         return result
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset  # rounds continue a resumed run
         msgs = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
+        self._evaluate_sent = {m.metadata.dst_node_id: self._partition[m.metadata.dst_node_id]
+                               for m in msgs}
         self._count(msgs)
         return msgs
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        checked = check_replies(replies)
-        self._count(checked, outgoing=False)
-        return self.inner.aggregate_evaluate(server_round, checked)
+        server_round += self.round_offset  # rounds continue a resumed run
+        """Federated evaluation: failures follow the policy, without retries (a dropped
+        client's metrics are left out; the model is not affected)."""
+        replies = list(replies)
+        self._count(replies, outgoing=False)
+        ok, failed = screen_replies(replies, self._evaluate_sent, model=False)
+        self._settle(failed, ok, server_round, "evaluate")
+        return self.inner.aggregate_evaluate(server_round, [ok[p] for p in sorted(ok)])

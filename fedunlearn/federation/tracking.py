@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
+from fedunlearn import interrupt
+from fedunlearn.federation.faults import Failure
 from fedunlearn.federation.port import RoundListener, RoundReport, RoundSummary, TrainingRun
 from fedunlearn.params import Params
+
+if TYPE_CHECKING:
+    from fedunlearn.checkpoint import Checkpoint
 
 Evaluator = Callable[[Params], dict[str, float]]
 
@@ -21,17 +28,27 @@ class FedAvgTracker:
     listener : RoundListener or None
     local_epochs : float
         Counted per participant and round into ``client_epochs``.
+    start : Checkpoint or None
+        A resumed run: its rounds so far; the engine's round numbers count on from it.
+
+    After every evaluated round (once the listener has committed it) a pending stop request
+    (Ctrl-C, SIGTERM) is raised as :class:`~fedunlearn.interrupt.Interrupted`.
     """
 
     def __init__(self, evaluate: Evaluator, listener: RoundListener | None,
-                 local_epochs: float) -> None:
+                 local_epochs: float, start: Checkpoint | None = None) -> None:
         self.evaluate = evaluate
         self.listener = listener
         self.local_epochs = local_epochs
         self.run = TrainingRun(final={})
+        self.offset = start.round if start is not None else 0
+        if start is not None:
+            self.run.rounds = list(start.rounds)
+            self.run.client_epochs = sum(len(r.participants) for r in start.rounds) * local_epochs
         self._t0 = time.perf_counter()
         self._round_t0 = self._t0
         self._participants: list[int] = []
+        self._failures: list[Failure] = []
 
     def aggregated(self, report: RoundReport) -> None:
         """A round was aggregated."""
@@ -40,17 +57,25 @@ class FedAvgTracker:
         if self.listener is not None:
             self.listener.round_aggregated(report)
 
+    def failed(self, failures: Sequence[Failure]) -> None:
+        """Clients were dropped from the current round (``on_client_failure = "drop"``)."""
+        self._failures += failures
+
     def evaluated(self, server_round: int, model: Params) -> dict[str, float]:
-        """The global model after ``server_round`` (0: the initial one, only starts the clock)."""
+        """The global model after ``server_round`` (the start's round, 0 for a new run: the
+        initial model, which only starts the clock)."""
         metrics = self.evaluate(model)
-        if server_round > 0:
+        if server_round > self.offset:
             summary = RoundSummary(round=server_round, participants=self._participants,
                                    test_accuracy=metrics["accuracy"], test_loss=metrics["loss"],
-                                   wall_s=time.perf_counter() - self._round_t0)
+                                   wall_s=time.perf_counter() - self._round_t0,
+                                   failures=[dataclasses.asdict(f) for f in self._failures])
             self.run.rounds.append(summary)
             if self.listener is not None:
                 self.listener.round_evaluated(server_round, model, summary)
+            interrupt.check()
         self._participants = []
+        self._failures = []
         self._round_t0 = time.perf_counter()
         return metrics
 

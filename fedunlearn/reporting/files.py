@@ -30,7 +30,8 @@ def training_block(run: TrainingRun, *, engine: str, history_bytes: int) -> dict
             "final_test_accuracy": run.rounds[-1].test_accuracy if run.rounds else math.nan,
             "wall_s": run.wall_s, "messages_sent": run.messages_sent,
             "bytes_exchanged": run.bytes_exchanged,
-            "client_epochs": run.client_epochs, "history_bytes": history_bytes}
+            "client_epochs": run.client_epochs, "history_bytes": history_bytes,
+            "client_failures": run.client_failures}
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

@@ -18,6 +18,15 @@ Non-float arrays (e.g. BatchNorm's integer ``num_batches_tracked``) carry no upd
 reconstruction copies them from the model being rebuilt (that is, from ``M_1``) in every step,
 explicitly, via :func:`~fedunlearn.aggregation.apply_update`.
 
+A client that fails its calibration request (no reply within ``engine.client_timeout_s``, an
+error, or a model with NaN/Inf; see :mod:`fedunlearn.federation.faults`) stops the removal with
+a one-line :class:`~fedunlearn.federation.faults.ClientFailure` under ``engine.on_client_failure
+= "abort"``. Under ``"drop"`` the round is calibrated with the clients that answered, their
+FedAvg weights renormalised over them (the dropped clients' stored updates are not used in that
+round); the replay entry lists them under ``dropped`` and ``details["calibration_dropped"]``
+maps each such round to its dropped clients. A round whose every client fails stops the removal
+under both policies.
+
 Both replays assume training kept ``M_{t+1} = M_t + Σ_k w_k U_k`` (``needs_replayable_history``);
 a history the store found breaking it (e.g. trained with server momentum) is refused with
 :class:`~fedunlearn.unlearning.base.HistoryNotReplayable` before any work.
@@ -41,6 +50,7 @@ evaluation time included in the method's wall time).
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -91,6 +101,13 @@ class RoundUpdates:
     weights: tuple[float, ...]
     stored: tuple[Params, ...]
 
+    def only(self, kept: Collection[int]) -> RoundUpdates:
+        """This round restricted to the clients in ``kept``, weights renormalised over them."""
+        clients, weights = renormalised_weights(self.clients, self.weights,
+                                                keep=lambda k: k in kept)
+        stored = tuple(u for k, u in zip(self.clients, self.stored, strict=True) if k in kept)
+        return RoundUpdates(self.round, clients, weights, stored)
+
 
 @dataclass
 class Step:
@@ -106,12 +123,16 @@ class Step:
         The fresh updates ``Û_k`` they were derived from, if any (for the diagnostics).
     norm_scope : str
         The norm scope of the calibration (``"layer"`` adds per-array diagnostics).
+    round : RoundUpdates or None
+        The round the updates are aligned with, when the step dropped clients from the one it
+        was given (failed calibration under ``on_client_failure = "drop"``); ``None``: the same.
     """
 
     updates: list[Params]
     cost: Cost = field(default_factory=Cost)
     fresh: list[Params] | None = None
     norm_scope: str = "model"
+    round: RoundUpdates | None = None
 
 
 class HistoryReplay:
@@ -166,6 +187,7 @@ class HistoryReplay:
         cost = Cost()
         accuracy = _TestAccuracy(ctx) if self.track_accuracy else None
         replay: list[dict[str, Any]] = []
+        dropped: dict[str, list[int]] = {}
         for t in retained:
             record = history.round_record(t)
             clients, weights = renormalised_weights(record.participants, record.weights,
@@ -179,13 +201,20 @@ class HistoryReplay:
             else:
                 step = self.step(ctx, model, rnd)
                 cost = _add(cost, step.cost)
+            extra: dict[str, Any] = {}
+            if step.round is not None and step.round.clients != rnd.clients:
+                gone = sorted(set(rnd.clients) - set(step.round.clients))
+                dropped[str(t)] = extra["dropped"] = gone
+                rnd, weights = step.round, step.round.weights
             model = apply_update(model, weighted_sum(step.updates, weights))
-            replay.append({**round_diagnostics(rnd, step),
+            replay.append({**round_diagnostics(rnd, step), **extra,
                            "test_accuracy": accuracy(model) if accuracy else None})
         summary = {**summarise_replay(replay),
                    "accuracy_seconds": accuracy.seconds if accuracy else 0.0}
         details = {"retained_rounds": retained, "calibrated_rounds": cost.rounds,
                    **self.details(), "replay": replay, "replay_summary": summary}
+        if dropped:
+            details["calibration_dropped"] = dropped
         return UnlearningResult(model=model, cost=cost, details=details)
 
 
@@ -299,14 +328,16 @@ class FedEraser(HistoryReplay):
         """Calibration training of the remaining participants, then per-client calibration."""
         epochs = self.r * ctx.cfg.training.local_epochs
         tag = derive_seed(ctx.seed, _CALIBRATION_PURPOSE) + 1
+        n = len(rnd.clients)
         results = ctx.federation.train_clients(model, rnd.clients, epochs=epochs,
                                                server_round=rnd.round, tag=tag)
-        fresh = [difference(results[k].model, model) for k in rnd.clients]
+        kept = rnd if len(results) == n else rnd.only(results)  # clients dropped on failure
+        fresh = [difference(results[k].model, model) for k in kept.clients]
         updates = [calibrate(stored, f, scope=self.norm_scope)
-                   for stored, f in zip(rnd.stored, fresh, strict=True)]
-        n = len(rnd.clients)
+                   for stored, f in zip(kept.stored, fresh, strict=True)]
         return Step(updates, Cost(client_epochs=n * epochs, rounds=1, messages_sent=n),
-                    fresh=fresh, norm_scope=self.norm_scope)
+                    fresh=fresh, norm_scope=self.norm_scope,
+                    round=kept if kept is not rnd else None)
 
     def details(self) -> dict[str, Any]:
         return {"r": self.r, "norm_scope": self.norm_scope}

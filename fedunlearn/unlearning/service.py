@@ -7,9 +7,14 @@ clients' data pooled at one site (they are fitted once, before the first request
 has a reference — ``retrain`` (federated) or ``central_retrain`` (centralized) — which runs
 first, and the speed-ups and distances of that setting are measured against it; with
 ``verification.noise_floor`` a second retraining with other seeds gives the noise floor.
-After a request the targets' stored updates and running sums are purged from the history store
-(unless ``unlearning.purge = false``), and the lineage log records the request, each resulting
-model and the purge.
+After a request the history store is purged of the targets (unless ``unlearning.purge =
+false``) at the level ``history.purge``: ``"strict"`` (default) also deletes the global models
+from the targets' first round on and the final model, so nothing left re-solves their updates;
+``"updates"`` deletes only their updates and running sums. Later requests need no stored global
+model: the history replays start from ``initial`` and the remaining clients' stored updates,
+distillation subtracts the next targets' running sums from the model it left. The lineage log
+records the request, each resulting model and the purge (level, files and bytes removed, and
+the first round whose global model is gone).
 """
 
 from __future__ import annotations
@@ -291,11 +296,17 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
             shadow_cache[i] = verifier.shadow_phi
         if federated and cfg.unlearning.purge:
             files_before = _files(store)
-            freed = store.purge_clients(targets)
-            purge = {"request": i, "clients": list(targets), "bytes_freed": freed,
-                     "files_removed": files_before - _files(store)}
+            freed = store.purge_clients(targets, level=cfg.history.purge)
+            purge = {"request": i, "clients": list(targets), "level": cfg.history.purge,
+                     "bytes_freed": freed, "files_removed": files_before - _files(store),
+                     "globals_deleted_from": store.globals_deleted_from()}
             purges.append(purge)
             lineage.append("purge", **purge)
+            cut = purge["globals_deleted_from"]
+            _say(stream, f"[purge] request {i} {list(targets)}  {cfg.history.purge}: "
+                 f"{purge['files_removed']} files, {freed} bytes"
+                 + (f"; global models from round {cut} on and the final model deleted"
+                    if cut is not None else "; global models kept (re-solvable)"))
     return Served(rows=rows, purges=purges)
 
 

@@ -1,0 +1,159 @@
+"""What a run keeps on disk so that ``fedunlearn resume RUN_DIR`` can continue it.
+
+``RUN_DIR/run.json``
+    the resolved config and the command (``run`` or ``compare``), written once the config
+    has passed every check and before the engine starts; each resumption appends to
+    ``resumed``.
+``SEED_DIR/checkpoint.npz`` + ``checkpoint.json``
+    after every committed training round: the exact global model after the round (float32
+    as trained, whatever ``history.dtype`` is) and the round summaries so far. The JSON file
+    is written last and names the SHA-256 of the arrays, so a checkpoint is either whole or
+    absent. Both are deleted once training has finished: the final model then lives in the
+    history store (and a strict purge must be able to delete it).
+``SEED_DIR/training.json``
+    the seed's ``training`` block, once training has finished.
+``SEED_DIR/served.json``
+    the seed's answered requests (rows, purges), once all its federated requests are served.
+
+Resuming a seed therefore starts from the most advanced of: served (nothing to redo),
+trained (serve the requests), a round checkpoint (train the remaining rounds), nothing
+(train from round 1). Client randomness is derived from (seed, round, client), so the
+continued rounds reproduce the uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedunlearn.federation.port import RoundReport, RoundSummary
+from fedunlearn.params import Params
+
+RUN_FILE = "run.json"
+CHECKPOINT_ARRAYS = "checkpoint.npz"
+CHECKPOINT_META = "checkpoint.json"
+TRAINING_FILE = "training.json"
+SERVED_FILE = "served.json"
+
+
+class ResumeError(ValueError):
+    """A run directory that cannot be resumed; the message says why and what to do."""
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a fsynced temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=1, default=_plain).encode())
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ResumeError(f"'{path}' cannot be read ({exc}); the run cannot be resumed from "
+                          "it") from None
+
+
+# ------------------------------------------------------------------------------ run.json
+
+def write_run_file(out: Path, config: dict[str, Any], command: str) -> None:
+    write_json(out / RUN_FILE, {"config": config, "command": command, "resumed": [],
+                                "created": _now()})
+
+
+def note_resumption(out: Path) -> dict[str, Any]:
+    """Read ``run.json`` and append this resumption's time to it."""
+    path = out / RUN_FILE
+    if not path.exists():
+        raise ResumeError(f"'{out}' holds no {RUN_FILE}; pass a run directory written by "
+                          "`fedunlearn run` (runs from before resume existed cannot be resumed)")
+    run = read_json(path)
+    run.setdefault("resumed", []).append(_now())
+    write_json(path, run)
+    return run
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# ------------------------------------------------------------------------------ rounds
+
+@dataclass
+class Checkpoint:
+    """Training state after ``round`` committed rounds."""
+
+    round: int
+    model: Params
+    rounds: list[RoundSummary] = field(default_factory=list)
+
+
+def _npz(params: Params) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **{f"a{i}": v for i, v in enumerate(params.values())})
+    return buffer.getvalue()
+
+
+class Checkpointer:
+    """Round listener writing :class:`Checkpoint` files after every committed round."""
+
+    def __init__(self, seed_dir: Path, start: Checkpoint | None = None) -> None:
+        self.dir = Path(seed_dir)
+        self.rounds: list[dict[str, Any]] = [asdict(r) for r in (start.rounds if start else [])]
+
+    def round_aggregated(self, report: RoundReport) -> None:
+        pass
+
+    def round_evaluated(self, server_round: int, model: Params, summary: RoundSummary) -> None:
+        self.rounds.append(asdict(summary))
+        data = _npz(model)
+        atomic_write(self.dir / CHECKPOINT_ARRAYS, data)
+        write_json(self.dir / CHECKPOINT_META, {
+            "round": server_round, "names": list(model),
+            "sha256": hashlib.sha256(data).hexdigest(), "rounds": self.rounds})
+
+    def finish(self) -> None:
+        """Training has finished: the final model is in the history store."""
+        for name in (CHECKPOINT_META, CHECKPOINT_ARRAYS):
+            (self.dir / name).unlink(missing_ok=True)
+
+
+def load_checkpoint(seed_dir: Path) -> Checkpoint | None:
+    """The last whole checkpoint of ``seed_dir``, or None."""
+    meta_path = Path(seed_dir) / CHECKPOINT_META
+    if not meta_path.exists():
+        return None
+    meta = read_json(meta_path)
+    data = (Path(seed_dir) / CHECKPOINT_ARRAYS).read_bytes()
+    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        raise ResumeError(f"'{seed_dir / CHECKPOINT_ARRAYS}' does not match its checksum in "
+                          f"{CHECKPOINT_META}; the checkpoint is damaged")
+    with np.load(io.BytesIO(data)) as arrays:
+        model = {name: arrays[f"a{i}"] for i, name in enumerate(meta["names"])}
+    return Checkpoint(round=int(meta["round"]), model=model,
+                      rounds=[RoundSummary(**r) for r in meta["rounds"]])

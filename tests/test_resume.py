@@ -1,0 +1,110 @@
+"""Interruption and resume, through the real CLI in a subprocess (Flower + Ray).
+
+One run is stopped with SIGINT during training, resumed, killed with SIGKILL (the whole
+process group, as ``kill -9`` of a job would), and resumed again. Its final model must be
+bit-identical to an uninterrupted run of the same seed; SIGINT must end the run within 10 s
+with every process it started gone and a last line that says how to resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedunlearn.checkpoint import CHECKPOINT_META
+from fedunlearn.config import load_config
+from fedunlearn.experiment import prepare, train_federation
+from fedunlearn.federation.inprocess import InProcessFederation
+from fedunlearn.history import HistoryStore
+from fedunlearn.interrupt import descendants, wait_gone
+from fedunlearn.lineage import LineageLog, params_hash
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "simulations/quickstart.toml"
+SETTINGS = ["experiment.seeds=[]", "data.num_clients=4", "training.rounds=40", "training.local_epochs=1",
+            "training.learning_rate=0.1", 'data.partition="iid"', "unlearning.requests=[]",
+            "verification.mia_shadows=0"]
+
+
+def _start(out: Path, *args: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "fedunlearn", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def _wait_round(out: Path, at_least: int, proc: subprocess.Popen, timeout: float = 120) -> int:
+    deadline = time.monotonic() + timeout
+    meta = out / CHECKPOINT_META
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"run ended early: {proc.communicate()[1][-2000:]}")
+        try:
+            r = json.loads(meta.read_text())["round"]
+            if r >= at_least:
+                return r
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    pytest.fail("training did not reach the round in time")
+
+
+def _overrides() -> list[str]:
+    return [a for s in SETTINGS for a in ("--set", s)]
+
+
+def _reference_hash() -> str:
+    """The uninterrupted run's final model, from the in-process twin (identical work; the
+    Flower/in-process equality is tested in test_seeds.py)."""
+    cfg = load_config(ROOT / CONFIG, SETTINGS)
+    setup = prepare(cfg)
+    fed = InProcessFederation(cfg, setup.evaluator())
+    store = HistoryStore.create(Path(os.environ.get("TMPDIR", "/tmp")) /
+                                f"ref-{os.getpid()}-{time.time_ns()}",
+                                retention_interval=cfg.history.retention_interval,
+                                update_dtype=cfg.history.dtype)
+    return params_hash(train_federation(fed, setup, store, progress=False).final)
+
+
+def test_sigint_then_kill9_then_resume_gives_the_uninterrupted_model(tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out, "run", CONFIG, *_overrides(), "--out", str(out))
+    stopped_at = _wait_round(out, 5, proc)
+    ray = descendants(proc.pid)
+    assert ray, "the run should have started Ray processes"
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=15)
+    took = time.monotonic() - t0
+    assert took <= 10, f"SIGINT took {took:.1f} s"
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].endswith(f"fedunlearn resume {out}"), err[-500:]
+    assert "Traceback" not in err
+    assert wait_gone(ray, 5), "Ray processes of the run survived SIGINT"
+    store = HistoryStore.open(out / "history")  # consistent after the stop
+    assert max(store.rounds()) >= stopped_at
+
+    proc = _start(out, "resume", str(out))
+    _wait_round(out, stopped_at + 5, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # kill -9 of the whole job
+    proc.communicate(timeout=15)
+
+    done = subprocess.run([sys.executable, "-m", "fedunlearn", "resume", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    final = HistoryStore.open(out / "history").final_model()
+    assert params_hash(final) == _reference_hash()
+    assert not (out / CHECKPOINT_META).exists()
+    events = [e["event"] for e in LineageLog(out).read()]
+    assert events.count("resume") == 2
+    rounds = [e["round"] for e in LineageLog(out).read() if e["event"] == "round"]
+    assert sorted(set(rounds)) == list(range(1, 41))
+    again = subprocess.run([sys.executable, "-m", "fedunlearn", "resume", str(out)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert again.returncode == 2 and "nothing to resume" in again.stderr
