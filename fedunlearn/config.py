@@ -434,6 +434,30 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     return isinstance(value, annotation)
 
 
+def _type_name(annotation: Any) -> str:
+    """``list[list[int]]``, ``float``, ``str | None``: the type as a user would write it."""
+    origin = typing.get_origin(annotation)
+    if origin in (list, Sequence):
+        return f"list[{_type_name(typing.get_args(annotation)[0])}]"
+    if origin in (dict, Mapping):
+        return "table"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(annotation))
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _culprit(value: Any, annotation: Any) -> str:
+    """For a list of the wrong element type: the first element that is wrong, and why."""
+    if typing.get_origin(annotation) not in (list, Sequence) or not isinstance(value, list):
+        return ""
+    (item,) = typing.get_args(annotation)
+    for v in value:
+        if not _type_ok(v, item):
+            inner = _culprit(v, item)
+            return inner or f" ({v!r} is {type(v).__name__}, not {_type_name(item)})"
+    return ""
+
+
 def _section(cls: type, table: Any, name: str) -> Any:
     if not isinstance(table, dict):
         raise ConfigError(f"config section '[{name}]' must be a table")
@@ -445,9 +469,8 @@ def _section(cls: type, table: Any, name: str) -> Any:
             raise ConfigError(f"unknown config key '{name}.{key}'; allowed keys of [{name}]: "
                               f"{', '.join(allowed)}")
         if not _type_ok(value, hints[key]):
-            tname = getattr(hints[key], "__name__", str(hints[key]))
-            raise ConfigError(f"config key '{name}.{key}' must be of type {tname}, "
-                              f"got {value!r}")
+            raise ConfigError(f"config key '{name}.{key}' must be of type "
+                              f"{_type_name(hints[key])}, got {value!r}{_culprit(value, hints[key])}")
         kwargs[key] = float(value) if hints[key] is float else value
     return cls(**kwargs)
 

@@ -191,7 +191,7 @@ def run_experiment(cfg: Config, out: Path, *, quiet: bool = False, command: str 
         write_run_file(out, cfg.to_dict(), command)
     interrupt.reset()
     with interrupt.stoppable(lambda: farewell(out)), _farewell_on_stop(out):
-        _federated(runs, cfg, quiet=quiet)
+        _federated(runs, cfg, out, quiet=quiet)
         _centralized(runs, cfg, quiet=quiet)
     results = _results(cfg, runs, out)
     write_json(out / "results.json", results)
@@ -205,7 +205,7 @@ def run_experiment(cfg: Config, out: Path, *, quiet: bool = False, command: str 
     return results
 
 
-def _federated(runs: list[SeedRun], cfg: Config, *, quiet: bool) -> None:
+def _federated(runs: list[SeedRun], cfg: Config, out: Path, *, quiet: bool) -> None:
     """Step 3: one engine for every seed not yet served."""
     todo = [run for run in runs if not run.served]
     if not todo:
@@ -228,7 +228,8 @@ def _federated(runs: list[SeedRun], cfg: Config, *, quiet: bool) -> None:
 
     seed_everything(todo[0].seed)
     warm_up(todo[0].cfg, todo[0].setup.data)  # torch's one-off start-up, as in every client
-    run_engine(runs[0].cfg, job)
+    run_engine(runs[0].cfg, job, on_stuck=lambda: (
+        f"the work done so far is in {out}; `fedunlearn resume {out}` continues it"))
 
 
 def _centralized(runs: list[SeedRun], cfg: Config, *, quiet: bool) -> None:

@@ -108,3 +108,52 @@ def test_sigint_then_kill9_then_resume_gives_the_uninterrupted_model(tmp_path):
     again = subprocess.run([sys.executable, "-m", "fedunlearn", "resume", str(out)], cwd=ROOT,
                            capture_output=True, text=True, timeout=60, check=False)
     assert again.returncode == 2 and "nothing to resume" in again.stderr
+
+
+STALL_EXT = '''
+import os, sys, time
+import torch.nn.functional as F
+from fedunlearn.training import TRAIN_STEPS
+CALLS = [0]
+
+@TRAIN_STEPS.register("stall_forever")
+def stall_forever(model, x, y, ctx, marker=""):
+    """The fifth step of one Ray worker never returns (the driver's warm-up is spared)."""
+    CALLS[0] += 1
+    if "worker" in " ".join(sys.argv) and CALLS[0] == 5:
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+            time.sleep(100000)
+        except FileExistsError:
+            pass
+    return F.cross_entropy(model(x), y)
+'''
+
+
+def test_a_client_that_never_returns_cannot_hold_the_run(tmp_path):
+    """Dropped after client_timeout_s, the stalled client still blocks Flower's shutdown; the
+    engine watchdog stops Ray in bounded time, says where the work is, and resume finishes."""
+    (tmp_path / "stall_ext.py").write_text(STALL_EXT)
+    out = tmp_path / "run"
+    sets = [*_overrides(), "--set", "training.rounds=3", "--set", "data.num_clients=3",
+            "--set", 'experiment.extensions=["stall_ext"]',
+            "--set", 'training.step="stall_forever"',
+            "--set", f'training.step_params={{marker="{tmp_path / "once"}"}}',
+            "--set", "engine.client_timeout_s=4", "--set", 'engine.on_client_failure="drop"']
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    t0 = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "fedunlearn", "run", str(ROOT / CONFIG), *sets,
+                          "--out", str(out)], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=180, check=False)
+    took = time.monotonic() - t0
+    assert (tmp_path / "once").exists(), "the stall never happened"
+    assert run.returncode == 2, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert "a client never returned" in last and f"fedunlearn resume {out}" in last, last
+    assert took < 90, f"{took:.0f} s"
+    done = subprocess.run([sys.executable, "-m", "fedunlearn", "resume", str(out)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    failures = results["training"]["client_failures"]
+    assert failures and failures[0]["reason"] == "timeout", failures

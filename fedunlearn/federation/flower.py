@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedunlearn import interrupt
 from fedunlearn.config import Config
 from fedunlearn.federation import dispatch
 from fedunlearn.federation.client_app import app as client_app
@@ -213,7 +215,39 @@ Connect = Callable[[Config, Evaluator], FlowerFederation]
 """``connect(cfg, evaluate)`` binds a :class:`FlowerFederation` for ``cfg`` to the live grid."""
 
 
-def run_engine(cfg: Config, job: Callable[[Connect], T]) -> T:
+SHUTDOWN_GRACE_S = 10.0
+"""How long the engine may take to shut down after the ServerApp has finished."""
+
+
+def _shutdown_watchdog(ended: threading.Event, holder: dict[str, Any],
+                       on_stuck: Callable[[], str] | None) -> None:
+    """Flower's engine waits for every client call still running on a Ray actor before it
+    returns; a client that never returns (stalled past ``client_timeout_s`` and aborted on, or
+    dropped) would hold the process forever. After :data:`SHUTDOWN_GRACE_S` the run's Ray
+    processes are stopped and the process exits with one line: the error, or where the saved
+    work is."""
+    if ended.wait(SHUTDOWN_GRACE_S):
+        return
+    error = holder.get("error")
+    if isinstance(error, interrupt.Interrupted):
+        return  # the interrupt watchdog ends this run with its own last line
+    err = os.dup(2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # silence Ray's tracebacks of its own end
+    interrupt.kill_descendants()
+    if ended.wait(2.0):
+        os.dup2(err, 2)
+        return
+    why = (f"fedunlearn: error: {error}" if error is not None else
+           "fedunlearn: error: the Flower engine did not shut down")
+    where = on_stuck() if on_stuck is not None else ""
+    line = (f"{why} (a client never returned, so the engine was stopped after "
+            f"{SHUTDOWN_GRACE_S:g} s){'; ' + where if where else ''}\n")
+    os.write(err, line.encode())
+    os._exit(2)
+
+
+def run_engine(cfg: Config, job: Callable[[Connect], T],
+               on_stuck: Callable[[], str] | None = None) -> T:
     """Start Flower's Simulation Engine once and run ``job(connect)`` inside its ServerApp.
 
     ``connect(cfg_s, evaluate_s)`` may be called several times, e.g. once per seed of a
@@ -224,6 +258,7 @@ def run_engine(cfg: Config, job: Callable[[Connect], T]) -> T:
     from flwr.simulation import run_simulation
 
     holder: dict[str, Any] = {}
+    ended = threading.Event()
     server_app = ServerApp()
 
     @server_app.main()
@@ -238,13 +273,19 @@ def run_engine(cfg: Config, job: Callable[[Connect], T]) -> T:
             holder["result"] = job(connect)
         except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread below
             holder["error"] = exc
+        finally:
+            threading.Thread(target=_shutdown_watchdog, args=(ended, holder, on_stuck),
+                             daemon=True).start()
 
     _quiet(cfg.engine.verbose)
     dispatch.install(cfg.engine.dispatch_interval)
     t0 = time.perf_counter()
-    run_simulation(server_app=server_app, client_app=client_app,
-                   num_supernodes=cfg.data.num_clients, backend_config=backend_config(cfg),
-                   verbose_logging=cfg.engine.verbose)
+    try:
+        run_simulation(server_app=server_app, client_app=client_app,
+                       num_supernodes=cfg.data.num_clients, backend_config=backend_config(cfg),
+                       verbose_logging=cfg.engine.verbose)
+    finally:
+        ended.set()
     holder["engine_wall_s"] = time.perf_counter() - t0
     if "error" in holder:
         raise holder["error"]
