@@ -204,6 +204,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:  # a full disk, a file-size limit, a directory gone read-only
+        where = f"'{exc.filename}'" if exc.filename else "a file"
+        print(f"fedunlearn: error: cannot write {where} ({exc.strerror or exc}); free space or "
+              "lift the limit, then continue with `fedunlearn resume RUN_DIR` (what is stored "
+              "is intact)", file=sys.stderr)
+        return 2
     return 1
 
 
