@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from fedunlearn.federation.port import RoundReport, RoundSummary
+from fedunlearn.history import atomic_write
 from fedunlearn.params import Params
 
 RUN_FILE = "run.json"
@@ -48,22 +48,8 @@ class ResumeError(ValueError):
     """A run directory that cannot be resumed; the message says why and what to do."""
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a fsynced temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:  # a full disk or a file-size limit: name the file
-        tmp.unlink(missing_ok=True)
-        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
-
-
-def write_json(path: Path, obj: Any) -> None:
+def write_state(path: Path, obj: Any) -> None:
+    """Write resume state as JSON, durably (the history store's atomic writer)."""
     atomic_write(path, json.dumps(obj, indent=1, default=_plain).encode())
 
 
@@ -86,20 +72,22 @@ def read_json(path: Path) -> Any:
 # ------------------------------------------------------------------------------ run.json
 
 def write_run_file(out: Path, config: dict[str, Any], command: str) -> None:
-    write_json(out / RUN_FILE, {"config": config, "command": command, "resumed": [],
+    write_state(out / RUN_FILE, {"config": config, "command": command, "resumed": [],
                                 "created": _now()})
 
 
-def note_resumption(out: Path) -> dict[str, Any]:
-    """Read ``run.json`` and append this resumption's time to it."""
+def read_run_file(out: Path) -> dict[str, Any]:
+    """``run.json`` of a run directory (its resolved config and command)."""
     path = out / RUN_FILE
     if not path.exists():
         raise ResumeError(f"'{out}' holds no {RUN_FILE}; pass a run directory written by "
                           "`fedunlearn run` (runs from before resume existed cannot be resumed)")
-    run = read_json(path)
-    run.setdefault("resumed", []).append(_now())
-    write_json(path, run)
-    return run
+    return read_json(path)
+
+
+def note_resumption(out: Path, run: dict[str, Any]) -> None:
+    """Append this resumption's time to ``run.json`` (once every check has passed)."""
+    write_state(out / RUN_FILE, {**run, "resumed": [*run.get("resumed", []), _now()]})
 
 
 def _now() -> str:
@@ -137,7 +125,7 @@ class Checkpointer:
         self.rounds.append(asdict(summary))
         data = _npz(model)
         atomic_write(self.dir / CHECKPOINT_ARRAYS, data)
-        write_json(self.dir / CHECKPOINT_META, {
+        write_state(self.dir / CHECKPOINT_META, {
             "round": server_round, "names": list(model),
             "sha256": hashlib.sha256(data).hexdigest(), "rounds": self.rounds})
 

@@ -130,7 +130,7 @@ def cmd_run(args: argparse.Namespace, *, compare: bool = False) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from fedunlearn.checkpoint import RUN_FILE, note_resumption
+    from fedunlearn.checkpoint import note_resumption, read_run_file
     from fedunlearn.config import from_dict
     from fedunlearn.federation.strategy import keeps_history_identity
     from fedunlearn.preflight import check_engine
@@ -140,19 +140,15 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if (out / "results.json").exists():
         raise ConfigError(f"'{out}' already holds results.json: that run finished, there is "
                           "nothing to resume")
-    if not (out / RUN_FILE).exists():
-        raise ConfigError(f"'{out}' holds no {RUN_FILE}; pass the directory of a run started "
-                          "with `fedunlearn run` or `compare`")
-    from fedunlearn.checkpoint import read_json
-
-    cfg = from_dict(read_json(out / RUN_FILE)["config"])
+    run = read_run_file(out)
+    cfg = from_dict(run["config"])
     t = cfg.training
     if keeps_history_identity(t.strategy, t.strategy_params) is False:
         raise ConfigError(f"strategy '{t.strategy}' keeps server state between rounds that "
                           "is not checkpointed; such a run cannot be resumed")
     check_engine(cfg)
-    note_resumption(out)
-    run_experiment(cfg, out, command=read_json(out / RUN_FILE)["command"], resume=True)
+    note_resumption(out, run)
+    run_experiment(cfg, out, command=run["command"], resume=True)
     return 0
 
 

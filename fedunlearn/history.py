@@ -167,6 +167,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+atomic_write = _atomic_write  # public: checkpoint files use the same durable write
+
+
 def _remove(path: Path) -> None:
     """Delete ``path`` if it exists (every deletion of the store goes through here)."""
     path.unlink(missing_ok=True)

@@ -28,8 +28,8 @@ from fedunlearn.checkpoint import (
     load_checkpoint,
     read_json,
     write_run_file,
+    write_state,
 )
-from fedunlearn.checkpoint import write_json as save_json
 from fedunlearn.config import Config
 from fedunlearn.evaluation.summary import summarize
 from fedunlearn.experiment import Setup, prepare, train_federation
@@ -120,7 +120,7 @@ class SeedRun:
         self.training = training_block(run, engine=ENGINE, history_bytes=self.store.bytes_used())
         if self.start is not None:
             self.training["resumed_from_round"] = self.start.round
-        save_json(self.out / TRAINING_FILE, self.training)
+        write_state(self.out / TRAINING_FILE, self.training)
 
     def serve(self, federation: FlowerFederation | None, setting: str, *, quiet: bool) -> None:
         assert self.store is not None and self.lineage is not None
@@ -139,7 +139,7 @@ class SeedRun:
         if setting == "federated":
             self.purges = served.purges
             self.history_bytes_after_purge = self.store.bytes_used()
-            save_json(self.out / SERVED_FILE, {
+            write_state(self.out / SERVED_FILE, {
                 "training": self.training, "rows": self.rows, "purges": self.purges,
                 "history_bytes_after_purge": self.history_bytes_after_purge})
 
