@@ -27,6 +27,7 @@ from pathlib import Path
 from fedunlearn.checkpoint import ResumeError
 from fedunlearn.config import ConfigError, load_config
 from fedunlearn.federation.faults import ClientFailure
+from fedunlearn.federation.flower import EngineStartError
 from fedunlearn.history import HistoryError
 from fedunlearn.interrupt import EXIT_CODE, Interrupted
 from fedunlearn.lineage import LineageError
@@ -190,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "lineage":
             return cmd_lineage(args)
     except (ConfigError, HistoryError, LineageError, RequestError, ResumeError,
-            HistoryNotReplayable, ClientFailure) as exc:
+            HistoryNotReplayable, ClientFailure, EngineStartError) as exc:
         print(f"fedunlearn: error: {exc}", file=sys.stderr)
         return 2
     except Interrupted:  # the run printed where it stopped and how to resume it

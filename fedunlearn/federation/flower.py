@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -246,6 +247,63 @@ def _shutdown_watchdog(ended: threading.Event, holder: dict[str, Any],
     os._exit(2)
 
 
+class EngineStartError(RuntimeError):
+    """Ray could not start (or attach) within ``engine.startup_timeout_s``; one-line message."""
+
+
+def start_ray(cfg: Config, *, timeout_s: float | None = None) -> float:
+    """Start Ray for the run (or attach to ``engine.address``) the way Flower's backend would,
+    within ``timeout_s`` (default ``engine.startup_timeout_s``); return the seconds it took.
+
+    Flower's backend skips its own ``ray.init`` when Ray is already up, so starting it here
+    changes nothing else; it bounds the wait and turns a failure into one line. Ray's own
+    start-up gives up after about 30 s (under a file-size limit, for instance) with a long
+    traceback from every layer; a start that hangs past ``timeout_s`` has its processes stopped.
+    Raises :class:`EngineStartError`.
+    """
+    import ray
+
+    init_args = dict(backend_config(cfg)["init_args"])
+    # as Flower's backend does: Ray workers see the driver's import path
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    limit = cfg.engine.startup_timeout_s if timeout_s is None else timeout_s
+    gave_up = threading.Event()
+    done = threading.Event()
+
+    where = f"the Ray cluster at {cfg.engine.address}" if cfg.engine.address else "Ray"
+    hint = ("check the address and that the cluster runs the same Ray version"
+            if cfg.engine.address else
+            "check free space and `ulimit -f` (Ray writes its logs under /tmp/ray), or rerun "
+            "with --set engine.verbose=true for Ray's own log")
+
+    def watchdog() -> None:
+        if done.wait(limit):
+            return
+        gave_up.set()
+        interrupt.kill_descendants()  # a local start: Ray's processes are ours
+        if not done.wait(5.0):  # ray.init ignored its processes' end: leave with one line
+            os.write(2, f"fedunlearn: error: {where} could not start (no answer within "
+                        f"engine.startup_timeout_s = {limit:g} s); {hint}\n".encode())
+            os._exit(2)
+    threading.Thread(target=watchdog, daemon=True, name="ray-start-watchdog").start()
+    t0 = time.perf_counter()
+    try:
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+    except Exception as exc:  # noqa: BLE001 - Ray raises bare Exceptions here
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if gave_up.is_set():
+            reason = f"no answer within engine.startup_timeout_s = {limit:g} s"
+        if not cfg.engine.address:  # a failed local start leaves its GCS and raylet behind
+            interrupt.kill_descendants()
+        raise EngineStartError(f"{where} could not start ({reason}); {hint}") from None
+    finally:
+        done.set()
+    return time.perf_counter() - t0
+
+
 def run_engine(cfg: Config, job: Callable[[Connect], T],
                on_stuck: Callable[[], str] | None = None) -> T:
     """Start Flower's Simulation Engine once and run ``job(connect)`` inside its ServerApp.
@@ -280,12 +338,14 @@ def run_engine(cfg: Config, job: Callable[[Connect], T],
     _quiet(cfg.engine.verbose)
     dispatch.install(cfg.engine.dispatch_interval)
     t0 = time.perf_counter()
+    holder["ray_start_s"] = start_ray(cfg)
     try:
         run_simulation(server_app=server_app, client_app=client_app,
                        num_supernodes=cfg.data.num_clients, backend_config=backend_config(cfg),
                        verbose_logging=cfg.engine.verbose)
     finally:
         ended.set()
+        _stop_ray()
     holder["engine_wall_s"] = time.perf_counter() - t0
     if "error" in holder:
         raise holder["error"]
@@ -293,6 +353,14 @@ def run_engine(cfg: Config, job: Callable[[Connect], T],
         raise RuntimeError("the Flower simulation ended without a result; rerun with "
                            "--set engine.verbose=true to see Flower's log")
     return holder["result"]
+
+
+def _stop_ray() -> None:
+    """Flower shuts Ray down when its backend ends; if the engine failed before that, do it."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def _quiet(verbose: bool) -> None:
