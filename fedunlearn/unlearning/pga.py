@@ -25,7 +25,8 @@ needs the last retained round's global model and the other clients' updates of t
 A strict purge (``history.purge = "strict"``) deletes, besides the forgotten clients' stored
 updates, the global models from their first round on; a later request then finds ``M_t`` gone
 and is refused (:class:`~fedunlearn.history.HistoryPurgedError`, one line) before any client
-work. Serve every target in one request, or use ``history.purge = "updates"``. The purge
+work, and a run configured that way (several requests, ``unlearning.purge`` with
+``history.purge = "strict"``) is refused before it starts (:meth:`PGA.check_config`). Serve every target in one request, or use ``history.purge = "updates"``. The purge
 deletes the *server's* copies of a client's updates; it never touches the client's own data,
 which PGA needs the target to keep until it has answered.
 """
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 
 from fedunlearn.aggregation import apply_update, difference, weighted_sum
+from fedunlearn.config import Config
 from fedunlearn.history import HistoryPurgedError, HistoryStore
 from fedunlearn.models import reinitialise
 from fedunlearn.params import Params, get_params
@@ -192,6 +194,17 @@ class PGA:
             raise ValueError(f"PGA's rounds must be an integer >= 0, got {self.rounds!r}")
         if self.post_epochs is not None and not self.post_epochs > 0:
             raise ValueError(f"PGA's post_epochs must be > 0, got {self.post_epochs}")
+
+    def check_config(self, cfg: Config) -> None:
+        """Refuse, before any work, a run whose strict purge would delete the global model a
+        later request's reference needs (more than one request, purged strictly)."""
+        if cfg.unlearning.purge and cfg.history.purge == "strict" \
+                and len(cfg.unlearning.requests) > 1:
+            raise ValueError(
+                f"pga serves only the first of {len(cfg.unlearning.requests)} requests under "
+                "history.purge = \"strict\", which deletes the global model its reference "
+                "model needs; serve all targets in one request or set history.purge = "
+                "\"updates\"")
 
     def unlearn(self, ctx: UnlearningContext) -> UnlearningResult:
         """Reference model, the targets' projected ascent, post-training; ``ctx`` unchanged.

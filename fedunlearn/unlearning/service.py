@@ -134,6 +134,18 @@ def _create(cfg: Config, name: str, **forced: Any) -> Unlearner:
         raise ConfigError(f"config key 'unlearning.params.{name}': {exc}") from None
 
 
+def _check_config(cfg: Config, name: str, method: Unlearner) -> None:
+    """A configured method's optional ``check_config(cfg)``: checks that need the rest of the
+    config (the requests, the purge level), run before any work; ``ValueError`` becomes a
+    one-line :class:`ConfigError`."""
+    check = getattr(method, "check_config", None)
+    if callable(check):
+        try:
+            check(cfg)
+        except ValueError as exc:
+            raise ConfigError(f"config key 'unlearning.methods' ({name}): {exc}") from None
+
+
 def build_methods(cfg: Config) -> list[Method]:
     """Instantiate every configured method (and each setting's references); unknown names or
     parameters are ConfigErrors raised before any work."""
@@ -141,6 +153,7 @@ def build_methods(cfg: Config) -> list[Method]:
     for name in method_order(cfg):
         role = "reference" if name in EXACT else "method"
         method = _create(cfg, name)
+        _check_config(cfg, name, method)
         if setting_of(method) == "centralized" and not hasattr(method, "fit"):
             raise ConfigError(f"unlearning method '{name}' is centralized but has no fit(ctx)")
         out.append(Method(name, method, role))
