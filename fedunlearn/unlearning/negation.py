@@ -88,9 +88,22 @@ class NoT:
 
     Notes
     -----
-    ``rounds`` was measured on ``simulations/backdoor_digits.toml`` (figures in the README).
-    Fewer rounds recover less accuracy; the backdoor stays gone because the targets never
-    train again.
+    ``rounds`` was measured on the training of ``simulations/backdoor_digits.toml``
+    (in-process, seed 0, request seed 123; retraining: backdoor ASR 0.003, test accuracy
+    0.972), first layer negated:
+
+    ======  =====  ========
+    rounds  ASR    test acc
+    ======  =====  ========
+    1       0.124  0.231
+    3       0.003  0.855
+    5       0.003  0.936
+    ======  =====  ========
+
+    Five rounds (5 · 9 · 4 = 180 client epochs, against retraining's 1,440) put both the
+    backdoor's success and the test accuracy within the acceptance bands (0.10 and 0.05 of
+    retraining's). The backdoor does not come back: the targets never train again and the
+    negated first layer no longer computes the trigger's features.
     """
 
     setting: ClassVar[Setting] = "federated"
