@@ -35,6 +35,7 @@ class Spy:
         self.inner = inner
         self.num_clients = inner.num_clients
         self.trained: list[int] = []
+        self.asked: list[tuple[str, list[int]]] = []  # other tasks than training (PGA's ascent)
         self.excluded: list[frozenset[int]] = []
 
     @property
@@ -54,7 +55,11 @@ class Spy:
         return self.inner.fedavg(initial, exclude=exclude, listener=listener, variant=variant)
 
     def train_clients(self, model, clients: Sequence[int], **kw):
-        self.trained += list(clients)
+        task = kw.get("task", "train")
+        if task == "train":
+            self.trained += list(clients)
+        else:
+            self.asked.append((task, list(clients)))
         return self.inner.train_clients(model, clients, **kw)
 
 
@@ -103,8 +108,13 @@ def test_protocol_conformance(name, trained):
     assert max_abs_diff(run.final, before) == 0.0
     assert sorted((p.name, p.stat().st_size) for p in store.path.rglob("*")) == files_before
     HistoryStore.open(store.path)
-    # the target is never asked to do anything
+    # the target never trains; only a method declaring ``asks_targets`` (PGA: the target's
+    # ascent on its own data) may send it another task, and no other client gets that task
     assert 1 not in spy.trained
+    if getattr(UNLEARNERS.get(name), "asks_targets", False):
+        assert spy.asked and all(clients == [1] for _, clients in spy.asked)
+    else:
+        assert not spy.asked
     assert all(1 in ex for ex in spy.excluded)
     assert setup.evaluator()(result.model)["accuracy"] > 0.5
 

@@ -168,6 +168,9 @@ class PGA:
     """
 
     setting: ClassVar[Setting] = "federated"
+    asks_targets: ClassVar[bool] = True
+    """The forgotten clients are asked for work (the ascent, on their own data); they never
+    train in the ordinary sense (the conformance suite checks both)."""
 
     def __init__(self, radius_fraction: float = 1 / 3, threshold: float | None = None,
                  epochs: float = 5.0, learning_rate: float = 0.01, rounds: int = 5,
