@@ -29,6 +29,13 @@ work, and a run configured that way (several requests, ``unlearning.purge`` with
 ``history.purge = "strict"``) is refused before it starts (:meth:`PGA.check_config`). Serve every target in one request, or use ``history.purge = "updates"``. The purge
 deletes the *server's* copies of a client's updates; it never touches the client's own data,
 which PGA needs the target to keep until it has answered.
+
+Sources: ALGORITHMS.md ("PGA") and the paper's abstract; its full text was not accessible
+while this was written, so two details are not checked against it: the radius factor one
+third (and the distance being the mean over 5 random initialisations of this architecture) and
+the early-stopping check (here before every step, on all of the target's data as it holds it,
+labels included, so for a backdoored client mostly its triggered samples). Both are
+hyperparameters or documented choices.
 """
 
 from __future__ import annotations
@@ -125,7 +132,8 @@ class PGA:
     ----------
     radius_fraction : float, optional
         ``δ`` as a fraction of the mean L2 distance between ``w_ref`` and 5 randomly
-        initialised models of the architecture (default 1/3, the paper's choice).
+        initialised models of the architecture (default 1/3, the factor the paper is
+        understood to use; see the module docstring).
     threshold : float or None, optional
         ``τ``: the ascent stops once the target's accuracy on its own data is below it
         (default ``None``: chance level, ``1 / number of classes``, as the paper suggests).
