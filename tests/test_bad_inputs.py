@@ -11,6 +11,7 @@ from fedunlearn.cli import main
 
 BD = "simulations/backdoor_digits.toml"
 QS = "simulations/quickstart.toml"
+FC = "simulations/federated_vs_centralized.toml"
 
 # (config, extra CLI arguments, a fragment the one-line message must contain)
 CASES = [
@@ -41,6 +42,9 @@ CASES = [
     # parameters of a method not run this time are still checked
     (BD, ["--set", "unlearning.methods=[\"distillation\"]",
           "--set", "unlearning.params.federaser.r=0"], "calibration ratio r must be > 0"),
+    (BD, ["--set", "unlearning.params.distillation.temperature=0"], "temperature > 0"),
+    (FC, ["--set", "unlearning.params.sisa.shards=0"], "unlearning.params.sisa"),
+    (FC, ["--set", "unlearning.params.newton.delta=2"], "delta must be in (0, 1)"),
     (BD, ["--set", "training.strategy_params={bogus=1}"], "unexpected keyword argument 'bogus'"),
     (BD, ["--set", "training.strategy=\"fedavgm\""], "fedavgm"),
     (QS, ["--seeds", "0,x"], "--seeds expects non-negative integers"),

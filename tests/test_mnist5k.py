@@ -4,6 +4,10 @@ With r = 1 and every round retained (Δt = 1), each calibration trains exactly a
 original round did, so FedEraser's replay should land where retraining does (measured on the
 20-client scenario: within ±0.015 test accuracy over three seeds). Oracle: retraining without
 the client, in the same in-process federation.
+
+Client 0 plants a backdoor, so a replay that keeps the target's updates is caught (seen: attack
+success 0.57 against retraining's 0.08). A replay that skips the calibration lands in the same
+bands here (r = 1, Δt = 1); ``tests/test_oracles.py`` catches it against a hand recomputation.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedunlearn.config import load_config
-from fedunlearn.evaluation.metrics import accuracy, kl_divergence
+from fedunlearn.evaluation.metrics import accuracy, attack_success_rate, kl_divergence
 from fedunlearn.experiment import prepare, train_federation
 from fedunlearn.federation.inprocess import InProcessFederation
 from fedunlearn.history import HistoryStore
@@ -20,7 +24,9 @@ from fedunlearn.unlearning import UNLEARNERS, UnlearningContext
 CFG = ["data.source=\"mnist_5k\"", "model.name=\"cnn\"", "data.num_clients=5",
        "data.partition=\"iid\"", "training.rounds=3", "training.local_epochs=2",
        "training.batch_size=16", "training.learning_rate=0.05", "training.momentum=0.9",
-       "history.retention_interval=1", "unlearning.requests=[[0]]"]
+       "history.retention_interval=1", "unlearning.requests=[[0]]",
+       "backdoor.clients=[0]", "backdoor.fraction=0.8", "backdoor.target_class=0",
+       "backdoor.trigger_size=3"]
 
 
 def test_federaser_r1_matches_retraining_on_mnist_5k(tmp_path: Path) -> None:
@@ -40,6 +46,12 @@ def test_federaser_r1_matches_retraining_on_mnist_5k(tmp_path: Path) -> None:
     acc_ret, acc_fe = accuracy(p_ret, test.y), accuracy(p_fe, test.y)
     assert acc_ret >= 0.8, f"retraining itself only reached {acc_ret:.3f}"
     assert abs(acc_fe - acc_ret) <= 0.03, (acc_fe, acc_ret)
+    triggered = setup.data.triggered_test
+    asr = {name: attack_success_rate(predict(model)(triggered.x), 0)
+           for name, model in [("original", run.final), ("retrain", retrained),
+                               ("federaser", erased.model)]}
+    assert asr["original"] >= asr["retrain"] + 0.3, asr  # the backdoor was learned
+    assert asr["federaser"] <= asr["retrain"] + 0.1, asr
     # the calibration kept the stored length and roughly the stored direction
     summary = erased.details["replay_summary"]
     assert 0.7 <= summary["mean_ratio"] <= 1.4

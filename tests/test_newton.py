@@ -248,11 +248,11 @@ def test_penultimate_features_on_the_mlp(setup):
 
 def test_invalid_parameters_raise(setup):
     with pytest.raises(ValueError, match="features"):
-        NewtonRemoval(features="pixels")
+        NewtonRemoval(features="pixels").check()
     for bad in ({"lam": 0.0}, {"sigma": -1.0}, {"epsilon": 0.0}, {"delta": 1.0},
                 {"extractor_epochs": 0.0}):
         with pytest.raises(ValueError):
-            NewtonRemoval(**bad)
+            NewtonRemoval(**bad).check()
     logistic_cfg = dataclasses.replace(
         setup.cfg, model=dataclasses.replace(setup.cfg.model, name="logistic"))
     with pytest.raises(ValueError, match="mlp"):

@@ -141,16 +141,15 @@ def test_a_client_that_never_returns_cannot_hold_the_run(tmp_path):
             "--set", f'training.step_params={{marker="{tmp_path / "once"}"}}',
             "--set", "engine.client_timeout_s=4", "--set", 'engine.on_client_failure="drop"']
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
-    t0 = time.monotonic()
+    # Without the engine watchdog the run never ends: the subprocess timeout is the bound (no
+    # wall-time assertion, which a loaded machine would break without a hang).
     run = subprocess.run([sys.executable, "-m", "fedunlearn", "run", str(ROOT / CONFIG), *sets,
                           "--out", str(out)], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=180, check=False)
-    took = time.monotonic() - t0
     assert (tmp_path / "once").exists(), "the stall never happened"
     assert run.returncode == 2, run.stderr[-2000:]
     last = run.stderr.strip().splitlines()[-1]
     assert "a client never returned" in last and f"fedunlearn resume {out}" in last, last
-    assert took < 90, f"{took:.0f} s"
     done = subprocess.run([sys.executable, "-m", "fedunlearn", "resume", str(out)], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]

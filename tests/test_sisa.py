@@ -207,7 +207,7 @@ def test_centralized_methods_are_registered():
                                  {"learning_rate": -1.0}])
 def test_sisa_rejects_bad_params(bad):
     with pytest.raises(ValueError) as err:
-        Sisa(**bad)
+        Sisa(**bad).check()
     assert "\n" not in str(err.value)
     if "shard_by" in bad:
         assert "client, random" in str(err.value)
@@ -219,7 +219,7 @@ def test_unknown_params_raise():
     with pytest.raises(TypeError):
         UNLEARNERS.get("central_retrain")(shards=3)
     with pytest.raises(ValueError):
-        CentralRetrain(variant=-1)
+        CentralRetrain(variant=-1).check()
 
 
 def test_sisa_through_the_protocol(setup):

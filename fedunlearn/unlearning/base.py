@@ -16,6 +16,9 @@ Add a method from your own module::
         setting = "federated"
         def __init__(self, strength: float = 1.0) -> None:
             self.strength = strength
+        def check(self) -> None:
+            if not self.strength > 0:
+                raise ValueError(f"strength must be > 0, got {self.strength}")
         def unlearn(self, ctx):
             ...
             return UnlearningResult(model=new_params)
@@ -113,33 +116,106 @@ class UnlearningResult:
 
 
 class Unlearner(Protocol):
-    """A removal method: ``setting`` plus :meth:`unlearn`.
+    """What every removal method has: ``setting``, ``check()`` and ``unlearn(ctx)``.
 
-    Centralized methods also define ``fit(ctx) -> self``: it learns the method's own original
-    model on the pooled data of all clients (fitted attributes end in ``_``) and is called
-    once, before the first request, outside the timed removal (``ctx.targets`` is empty there).
-    Their :class:`UnlearningResult` may carry ``predict_proba`` instead of ``model`` when the
-    method's model is not the experiment's network (an ensemble, a linear head). After
-    ``fit``, ``predict_proba_original(x)`` gives the fitted (pre-removal) model's predictions,
-    for the setting's "original" row. Each ``unlearn`` continues from the previous removal.
+    The constructor only stores hyperparameters (every one has a default); :meth:`check`
+    validates them without data and is called when the config is read, before any training;
+    :meth:`unlearn` serves one request. :class:`FederatedUnlearner` and
+    :class:`CentralizedUnlearner` add what each setting needs; :func:`protocol_gaps` lists what
+    a method lacks, and the runner refuses such a method before any work.
 
-    An optional class attribute ``exact = True`` declares that the result equals retraining
-    without the targets (retraining, SISA); the lineage log records it.
+    Optional class attributes, for both settings:
 
-    An optional class attribute ``needs_replayable_history = True`` (default ``False``)
-    declares that the method consumes stored updates or running sums as if training had been
-    plain weighted averaging, ``M_{t+1} = M_t + Σ_k w_k U_k`` (FedEraser, FedAccum,
-    distillation). Such methods are refused before training when the configured strategy is
-    declared to break that identity (server momentum, for instance); after training, a history
-    whose ``replayable()`` is false must be refused with :class:`HistoryNotReplayable` before
-    any work (FedEraser and FedAccum check it first thing in ``unlearn``).
+    - ``exact = True`` declares that the result equals retraining without the targets
+      (retraining, SISA); the lineage log records it. Centralized methods must declare it.
+    - ``needs_replayable_history = True`` declares that the method consumes stored updates or
+      running sums as if training had been plain weighted averaging,
+      ``M_{t+1} = M_t + Σ_k w_k U_k`` (FedEraser, FedAccum, distillation). Such methods are
+      refused before training when the configured strategy is declared to break that identity
+      (server momentum, for instance); after training, a history whose ``replayable()`` is
+      false must be refused with :class:`HistoryNotReplayable` before any work.
+    - ``needs_target_client = True`` declares that the method asks the forgotten clients
+      themselves for work (PGA's gradient ascent on the target's own data); every other
+      federated method must never contact a target.
     """
 
     setting: ClassVar[Setting]
 
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first bad hyperparameter; needs no data."""
+        ...
+
     def unlearn(self, ctx: UnlearningContext) -> UnlearningResult:
         """Serve one request; must not modify ``ctx.model``, ``ctx.history`` or the data."""
         ...
+
+
+class FederatedUnlearner(Unlearner, Protocol):
+    """A federated method (``setting = "federated"``).
+
+    It asks for client work only through ``ctx.federation`` and reads the server's stored
+    history through ``ctx.history``; it never touches client data (``ctx.data.server.x``, the
+    server's own unlabeled split, excepted). Its cost lands in :class:`Cost`.
+    """
+
+
+class CentralizedUnlearner(Unlearner, Protocol):
+    """A centralized method (``setting = "centralized"``), on the clients' data pooled at one
+    site (``ctx.data``).
+
+    :meth:`fit` learns the method's own original model on all the pooled data, once, before the
+    first request and outside the timed removal (``ctx.targets`` is empty there); fitted
+    attributes end in ``_``. Each :meth:`unlearn` continues from the previous removal; its
+    :class:`UnlearningResult` may carry ``predict_proba`` instead of ``model`` when the method's
+    model is not the experiment's network (an ensemble, a linear head).
+
+    Attributes
+    ----------
+    exact : bool
+        Whether the result equals retraining on the pooled data without the targets.
+    original_params_ : Params or None
+        Set by :meth:`fit`: the fitted model's parameters when it is the experiment's network,
+        else ``None`` (its predictions then identify it).
+    """
+
+    exact: ClassVar[bool]
+    original_params_: Params | None
+
+    def fit(self, ctx: UnlearningContext) -> CentralizedUnlearner:
+        """Learn the original model on every client's pooled data; return ``self``."""
+        ...
+
+    def predict_proba_original(self, x: np.ndarray) -> np.ndarray:
+        """Class probabilities of the fitted (pre-removal) model, shape ``(len(x), K)``."""
+        ...
+
+
+REQUIRED: dict[Setting, tuple[str, ...]] = {
+    "federated": ("check", "unlearn"),
+    "centralized": ("check", "unlearn", "fit", "predict_proba_original"),
+}
+"""The methods each setting's protocol requires (attributes are checked separately)."""
+
+
+def protocol_gaps(method: object) -> list[str]:
+    """What ``method`` (a class or an instance) lacks of its setting's protocol, one phrase per
+    gap; empty when it conforms. Attributes set by ``fit`` are not checked here.
+
+    >>> class Half:
+    ...     setting = "centralized"
+    ...     def unlearn(self, ctx): ...
+    >>> protocol_gaps(Half)
+    ['check()', 'fit(ctx)', 'predict_proba_original(x)', "class attribute 'exact' (bool)"]
+    """
+    setting = getattr(method, "setting", None)
+    if setting not in REQUIRED:
+        return ["class attribute 'setting' ('federated' or 'centralized')"]
+    arguments = {"check": "", "unlearn": "ctx", "fit": "ctx", "predict_proba_original": "x"}
+    gaps = [f"{name}({arguments[name]})" for name in REQUIRED[setting]
+            if not callable(getattr(method, name, None))]
+    if setting == "centralized" and not isinstance(getattr(method, "exact", None), bool):
+        gaps.append("class attribute 'exact' (bool)")
+    return gaps
 
 
 class HistoryNotReplayable(ValueError):

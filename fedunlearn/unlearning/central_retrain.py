@@ -49,18 +49,21 @@ class CentralRetrain:
     """
 
     setting: ClassVar[Setting] = "centralized"
+    exact: ClassVar[bool] = True
 
     def __init__(self, epochs: float = 20.0, learning_rate: float | None = None,
                  variant: int = 0) -> None:
-        if not epochs > 0:
-            raise ValueError(f"epochs must be > 0, got {epochs}")
-        if learning_rate is not None and not learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0 or None, got {learning_rate}")
-        if int(variant) != variant or variant < 0:
-            raise ValueError(f"variant must be an integer >= 0, got {variant}")
         self.epochs = epochs
         self.learning_rate = learning_rate
-        self.variant = int(variant)
+        self.variant = variant
+
+    def check(self) -> None:
+        if not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0 or None, got {self.learning_rate}")
+        if int(self.variant) != self.variant or self.variant < 0:
+            raise ValueError(f"variant must be an integer >= 0, got {self.variant}")
 
     def fit(self, ctx: UnlearningContext) -> CentralRetrain:
         """Train the centralized original on every client's data (``original_params_``)."""

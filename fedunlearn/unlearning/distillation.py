@@ -119,13 +119,20 @@ class Distillation:
         return UnlearningResult(model=get_params(student), cost=Cost(server_epochs=self.epochs),
                                 details=details)
 
+    def check(self) -> None:
+        """Refuse bad hyperparameters (called when the config is read)."""
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(OPTIMIZERS.unknown_message(self.optimizer))
+        if not self.temperature > 0 or self.epochs < 0 or self.batch_size < 1 \
+                or not self.learning_rate > 0:
+            raise ValueError("distillation needs temperature > 0, epochs >= 0, "
+                             "learning_rate > 0 and batch_size >= 1, got "
+                             f"{self.temperature}, {self.epochs}, {self.learning_rate}, "
+                             f"{self.batch_size}")
+
     def _check(self, ctx: UnlearningContext) -> None:
         """Refuse bad hyperparameters or a missing server split before any work."""
-        OPTIMIZERS.get(self.optimizer)  # an unknown name raises, listing the known ones
-        if not self.temperature > 0 or self.epochs < 0 or self.batch_size < 1:
-            raise ValueError("distillation needs temperature > 0, epochs >= 0 and "
-                             f"batch_size >= 1, got {self.temperature}, {self.epochs}, "
-                             f"{self.batch_size}")
+        self.check()
         if self.epochs > 0 and len(ctx.data.server.x) == 0:
             raise ValueError("distillation needs server inputs but the server split is empty; "
                              "set data.server_fraction > 0")

@@ -96,28 +96,32 @@ class NewtonRemoval:
     """
 
     setting: ClassVar[Setting] = "centralized"
+    exact: ClassVar[bool] = False  # (ε, δ)-certified, not equal to retraining
 
     def __init__(self, lam: float = 1e-3, sigma: float = 1.0, epsilon: float = 1.0,
                  delta: float = 1e-4, features: str = "raw",
                  extractor_epochs: float = 20.0) -> None:
-        if not lam > 0:
-            raise ValueError(f"lam must be > 0, got {lam}")
-        if not sigma > 0:
-            raise ValueError(f"sigma must be > 0, got {sigma}")
-        if not epsilon > 0:
-            raise ValueError(f"epsilon must be > 0, got {epsilon}")
-        if not 0 < delta < 1:
-            raise ValueError(f"delta must be in (0, 1), got {delta}")
-        if features not in FEATURES:
-            raise ValueError(f"features must be one of {', '.join(FEATURES)}, got {features!r}")
-        if not extractor_epochs > 0:
-            raise ValueError(f"extractor_epochs must be > 0, got {extractor_epochs}")
         self.lam = lam
         self.sigma = sigma
         self.epsilon = epsilon
         self.delta = delta
         self.features = features
         self.extractor_epochs = extractor_epochs
+
+    def check(self) -> None:
+        if not self.lam > 0:
+            raise ValueError(f"lam must be > 0, got {self.lam}")
+        if not self.sigma > 0:
+            raise ValueError(f"sigma must be > 0, got {self.sigma}")
+        if not self.epsilon > 0:
+            raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+        if self.features not in FEATURES:
+            raise ValueError(f"features must be one of {', '.join(FEATURES)}, "
+                             f"got {self.features!r}")
+        if not self.extractor_epochs > 0:
+            raise ValueError(f"extractor_epochs must be > 0, got {self.extractor_epochs}")
 
     def _feature_map(self, ctx: UnlearningContext, seed: int) -> Callable[[np.ndarray], np.ndarray]:
         if self.features == "raw":
@@ -146,6 +150,7 @@ class NewtonRemoval:
         self.model_.fit(self.feature_map_(x), y, num_classes=ctx.data.num_classes)
         self.original_ = self.model_.frozen()
         self.removed_: set[int] = set()
+        self.original_params_ = None  # a linear model on features, not the network
         return self
 
     def predict_proba_original(self, x: np.ndarray) -> np.ndarray:

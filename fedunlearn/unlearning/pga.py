@@ -176,7 +176,7 @@ class PGA:
     """
 
     setting: ClassVar[Setting] = "federated"
-    asks_targets: ClassVar[bool] = True
+    needs_target_client: ClassVar[bool] = True
     """The forgotten clients are asked for work (the ascent, on their own data); they never
     train in the ordinary sense (the conformance suite checks both)."""
 

@@ -37,9 +37,11 @@ class Retrain:
     setting: ClassVar[Setting] = "federated"
 
     def __init__(self, variant: int = 0) -> None:
-        if variant < 0:
-            raise ValueError(f"variant must be >= 0, got {variant}")
         self.variant = variant
+
+    def check(self) -> None:
+        if int(self.variant) != self.variant or self.variant < 0:
+            raise ValueError(f"variant must be an integer >= 0, got {self.variant}")
 
     def unlearn(self, ctx: UnlearningContext) -> UnlearningResult:
         """Run FedAvg from the initial model with every removed client left out."""

@@ -43,6 +43,7 @@ from fedunlearn.unlearning.base import (
     Unlearner,
     UnlearningContext,
     UnlearningResult,
+    protocol_gaps,
     setting_of,
 )
 
@@ -126,12 +127,18 @@ def _create(cfg: Config, name: str, **forced: Any) -> Unlearner:
                           f"{unknown}; accepted: {', '.join(accepted) or 'none'}")
     try:
         method = factory(**{**params, **forced})
-        check = getattr(method, "check", None)
-        if callable(check):  # hyperparameter checks that need no data run before any work
-            check()
-        return method
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"config key 'unlearning.params.{name}': {exc}") from None
+    gaps = protocol_gaps(method)
+    if gaps:
+        raise ConfigError(f"unlearning method '{name}' ({type(method).__name__}) does not "
+                          f"implement the {setting_of(method)} protocol of "
+                          f"fedunlearn.unlearning.base: it lacks {', '.join(gaps)}")
+    try:
+        method.check()  # hyperparameter checks that need no data run before any work
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config key 'unlearning.params.{name}': {exc}") from None
+    return method
 
 
 def _check_config(cfg: Config, name: str, method: Unlearner) -> None:
@@ -154,8 +161,6 @@ def build_methods(cfg: Config) -> list[Method]:
         role = "reference" if name in EXACT else "method"
         method = _create(cfg, name)
         _check_config(cfg, name, method)
-        if setting_of(method) == "centralized" and not hasattr(method, "fit"):
-            raise ConfigError(f"unlearning method '{name}' is centralized but has no fit(ctx)")
         out.append(Method(name, method, role))
         if role == "reference" and cfg.verification.noise_floor:
             out.append(Method(name + NOISE_SUFFIX, _create(cfg, name, variant=1), "noise_floor"))
@@ -346,7 +351,7 @@ def _fit_centralized(methods: list[Method], ctx: UnlearningContext, lineage: Lin
 
 
 def _fitted_hash(m: Method, ctx: UnlearningContext) -> str:
-    params = getattr(m.method, "original_params_", None)
+    params = m.method.original_params_  # type: ignore[attr-defined]
     if params is not None:
         return params_hash(params)
     proba = m.method.predict_proba_original(ctx.data.test.x)  # type: ignore[attr-defined]
@@ -379,7 +384,7 @@ def _originals(methods: list[Method], trained: Params, targets: tuple[int, ...],
     central = next((m for m in methods if m.role == "reference" and m.setting == "centralized"),
                    None)
     if central is not None:
-        params = getattr(central.method, "original_params_", None)
+        params = central.method.original_params_  # type: ignore[attr-defined]
         outputs = verifier.outputs(central.method.predict_proba_original)  # type: ignore[attr-defined]
         out.append(_blank_answer("original", "centralized", targets, outputs, params,
                                  _model_hash(params, outputs)))

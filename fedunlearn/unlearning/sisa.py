@@ -479,17 +479,20 @@ class Sisa:
     def __init__(self, shards: int = 5, slices: int = 4, epochs: float = 20.0,
                  shard_by: str = "client", aggregate: str = "vote",
                  learning_rate: float | None = None) -> None:
-        _check_layout(shards, slices, epochs, aggregate)
-        if shard_by not in SHARD_BY:
-            raise ValueError(f"shard_by must be one of {', '.join(SHARD_BY)}; got {shard_by!r}")
-        if learning_rate is not None and not learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0 or None, got {learning_rate}")
         self.shards = shards
         self.slices = slices
         self.epochs = epochs
         self.shard_by = shard_by
         self.aggregate = aggregate
         self.learning_rate = learning_rate
+
+    def check(self) -> None:
+        _check_layout(self.shards, self.slices, self.epochs, self.aggregate)
+        if self.shard_by not in SHARD_BY:
+            raise ValueError(f"shard_by must be one of {', '.join(SHARD_BY)}; "
+                             f"got {self.shard_by!r}")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0 or None, got {self.learning_rate}")
 
     def fit(self, ctx: UnlearningContext) -> Sisa:
         """Fit the ensemble on every client's data (ids are positions in the pooled data)."""
@@ -503,6 +506,7 @@ class Sisa:
                            groups=groups if self.shard_by == "client" else None)
         self.client_ids_ = [np.flatnonzero(groups == k) for k in range(len(ctx.data.clients))]
         self.original_ = self.ensemble_.predictor()
+        self.original_params_ = None  # an ensemble: its predictions identify it
         return self
 
     def predict_proba_original(self, x: np.ndarray) -> np.ndarray:
