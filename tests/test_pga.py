@@ -101,12 +101,14 @@ def test_ascent_raises_the_loss_stays_in_the_ball_and_stops_below_threshold():
     distance would exceed the radius) and an early stop that never fires."""
     model, x, y = _toy()
     start = [p.detach().clone() for p in model.parameters()]
-    before = float(torch.nn.functional.cross_entropy(model(torch.from_numpy(x)),
-                                                     torch.from_numpy(y)))
+    with torch.no_grad():
+        before = float(torch.nn.functional.cross_entropy(model(torch.from_numpy(x)),
+                                                         torch.from_numpy(y)))
     stats = projected_ascent(model, x, y, Ascent(epochs=50, batch_size=16, learning_rate=0.5,
                                                  radius=2.0, threshold=0.2), seed=1)
-    after = float(torch.nn.functional.cross_entropy(model(torch.from_numpy(x)),
-                                                    torch.from_numpy(y)))
+    with torch.no_grad():
+        after = float(torch.nn.functional.cross_entropy(model(torch.from_numpy(x)),
+                                                        torch.from_numpy(y)))
     dist = math.sqrt(sum(float(torch.sum((p - s) ** 2))
                          for p, s in zip(model.parameters(), start, strict=True)))
     assert after > before + 1.0
