@@ -46,6 +46,7 @@ class Spy:
         self.inner = inner
         self.num_clients = inner.num_clients
         self.trained: list[int] = []
+        self.asked: list[tuple[str, list[int]]] = []  # tasks other than training (PGA's ascent)
 
     @property
     def messages_sent(self) -> int:
@@ -61,7 +62,11 @@ class Spy:
                                  start=start)
 
     def train_clients(self, model, clients: Sequence[int], **kw):
-        self.trained += list(clients)
+        task = kw.get("task", "train")
+        if task == "train":
+            self.trained += list(clients)
+        else:
+            self.asked.append((task, list(clients)))
         return self.inner.train_clients(model, clients, **kw)
 
     def __getattr__(self, name):  # any further port member a method uses
@@ -127,9 +132,13 @@ def test_federated_method_serves_a_request(name, trained):
     assert max_abs_diff(run.final, before) == 0.0
     assert sorted((p.name, p.stat().st_size) for p in store.path.rglob("*")) == files_before
     HistoryStore.open(store.path)
-    # the target is asked for work only by a method that declares it needs the target
-    if not getattr(method, "needs_target_client", False):
-        assert TARGET not in spy.trained, f"'{name}' contacted the client it forgets"
+    # the target never trains; only a method declaring it needs the target may send it
+    # another task (PGA's ascent on its own data), and that task goes to the targets only
+    assert TARGET not in spy.trained, f"'{name}' had the client it forgets train"
+    if getattr(method, "needs_target_client", False):
+        assert spy.asked and all(clients == [TARGET] for _, clients in spy.asked), spy.asked
+    else:
+        assert not spy.asked, f"'{name}' contacted the client it forgets"
     assert setup.evaluator()(result.model)["accuracy"] > 0.5
 
 

@@ -15,7 +15,7 @@ import time
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedunlearn.federation.local import client_train, device, model_for, runtime
+from fedunlearn.federation.local import client_work, device, model_for, runtime
 from fedunlearn.federation.messages import (
     ARRAYS,
     CONFIG,
@@ -23,7 +23,10 @@ from fedunlearn.federation.messages import (
     METRICS,
     NUM_EXAMPLES,
     PARTITION,
+    TASK,
+    TASK_PREFIX,
     from_record,
+    task_params_of,
     to_record,
 )
 from fedunlearn.params import set_params
@@ -50,18 +53,23 @@ def train(msg: Message, context: Context) -> Message:
     """Train locally from the received model; reply with the new model and example count.
 
     Config keys: ``job`` (experiment JSON), ``server-round``; optional ``epochs`` (overrides
-    ``training.local_epochs``, e.g. FedEraser's calibration) and ``tag`` (seed purpose).
+    ``training.local_epochs``, e.g. FedEraser's calibration), ``tag`` (seed purpose) and
+    ``task`` with its ``task.<name>`` parameters (another client job than training, e.g.
+    PGA's ``"ascent"``; its stats are replied as ``task.<stat>`` metrics).
     """
     t0 = time.perf_counter()
     config = msg.content[CONFIG]
     pid = _partition(context)
     epochs = float(config["epochs"]) if "epochs" in config else None
-    params, n, stats = client_train(str(config[JOB]), from_record(msg.content[ARRAYS]), pid,
-                                    server_round=int(config.get("server-round", 0)),
-                                    tag=int(config.get("tag", 0)), epochs=epochs)
+    task = str(config.get(TASK, "train"))
+    params, n, stats = client_work(str(config[JOB]), from_record(msg.content[ARRAYS]), pid,
+                                   server_round=int(config.get("server-round", 0)),
+                                   tag=int(config.get("tag", 0)), epochs=epochs, task=task,
+                                   task_params=task_params_of(config))
+    extra = {} if task == "train" else {TASK_PREFIX + k: float(v) for k, v in stats.items()}
     metrics = MetricRecord({PARTITION: pid, NUM_EXAMPLES: n, "train-loss": stats["loss"],
                             "train-steps": stats["steps"],
-                            "train-seconds": time.perf_counter() - t0})
+                            "train-seconds": time.perf_counter() - t0, **extra})
     return Message(RecordDict({ARRAYS: to_record(params), METRICS: metrics}), reply_to=msg)
 
 

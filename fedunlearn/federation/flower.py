@@ -20,7 +20,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -42,9 +42,12 @@ from fedunlearn.federation.messages import (
     JOB,
     METRICS,
     NUM_EXAMPLES,
+    TASK,
+    TASK_PREFIX,
     array_bytes,
     from_record,
     job_json,
+    task_stats,
     to_record,
 )
 from fedunlearn.federation.port import ClientResult, RoundListener, TrainingRun
@@ -175,12 +178,21 @@ class FlowerFederation:
         return run
 
     def train_clients(self, model: Params, clients: Sequence[int], *, epochs: float,
-                      server_round: int, tag: int) -> dict[int, ClientResult]:
+                      server_round: int, tag: int, task: str = "train",
+                      task_params: Mapping[str, float] | None = None
+                      ) -> dict[int, ClientResult]:
         """Send a train message to each client and collect their models (failed clients are
-        asked again ``client_retries`` times, then missing under ``"drop"``)."""
+        asked again ``client_retries`` times, then missing under ``"drop"``).
+
+        A ``task`` other than ``"train"`` travels in the ConfigRecord as ``task`` with its
+        ``task_params`` as ``task.<name>`` floats; the client's stats come back in its
+        MetricRecord as ``task.<stat>``."""
+        extra: dict[str, Any] = {"server-round": int(server_round)}
+        if task != "train":
+            extra[TASK] = task
+            extra.update({TASK_PREFIX + k: float(v) for k, v in (task_params or {}).items()})
         content = RecordDict({ARRAYS: to_record(model),
-                              CONFIG: self._config(epochs=float(epochs), tag=int(tag),
-                                                   **{"server-round": int(server_round)})})
+                              CONFIG: self._config(epochs=float(epochs), tag=int(tag), **extra)})
 
         def attempt(cs: list[int]) -> Screened:
             msgs = [Message(content, dst_node_id=self.node_of[c],
@@ -191,7 +203,8 @@ class FlowerFederation:
         ok, failed = with_retries(attempt, clients, self.policy.retries)
         self.policy.settle(failed, ok, server_round=server_round)
         return {pid: ClientResult(model=from_record(msg.content[ARRAYS]),
-                                  num_examples=int(msg.content[METRICS][NUM_EXAMPLES]))
+                                  num_examples=int(msg.content[METRICS][NUM_EXAMPLES]),
+                                  stats=task_stats(msg.content[METRICS]))
                 for pid, msg in sorted(ok.items())}
 
 

@@ -23,7 +23,7 @@ from fedunlearn.federation.faults import (
     nonfinite,
     with_retries,
 )
-from fedunlearn.federation.local import client_train, runtime
+from fedunlearn.federation.local import client_work, runtime
 from fedunlearn.federation.messages import job_json
 from fedunlearn.federation.port import ClientResult, RoundListener, RoundReport, TrainingRun
 from fedunlearn.federation.tracking import Evaluator, FedAvgTracker
@@ -97,13 +97,17 @@ class InProcessFederation:
         return run
 
     def train_clients(self, model: Params, clients: Sequence[int], *, epochs: float,
-                      server_round: int, tag: int) -> dict[int, ClientResult]:
-        """Train each client in turn (failed clients are missing under ``"drop"``)."""
+                      server_round: int, tag: int, task: str = "train",
+                      task_params: Mapping[str, float] | None = None
+                      ) -> dict[int, ClientResult]:
+        """Run ``task`` on each client in turn (failed clients are missing under ``"drop"``)."""
         return self._train(model, clients, epochs=epochs, server_round=server_round,
-                           tag=tag)[0]
+                           tag=tag, task=task, task_params=task_params)[0]
 
     def _train(self, model: Params, clients: Sequence[int], *, epochs: float,
-               server_round: int, tag: int) -> tuple[dict[int, ClientResult], list[Failure]]:
+               server_round: int, tag: int, task: str = "train",
+               task_params: Mapping[str, float] | None = None
+               ) -> tuple[dict[int, ClientResult], list[Failure]]:
         """Train ``clients`` with retries, then apply the fault policy."""
 
         def attempt(cs: list[int]) -> tuple[dict[int, ClientResult], dict[int, str]]:
@@ -112,8 +116,10 @@ class InProcessFederation:
             failed: dict[int, str] = {}
             for c in cs:
                 try:
-                    params, n, _ = client_train(self.job, model, c, server_round=server_round,
-                                                tag=tag, epochs=epochs)
+                    params, n, stats = client_work(self.job, model, c,
+                                                   server_round=server_round, tag=tag,
+                                                   epochs=epochs, task=task,
+                                                   task_params=task_params)
                 except Exception as exc:  # noqa: BLE001 - a client error, as Flower reports it
                     failed[c] = error_reason(f"{type(exc).__name__}: {exc}")
                     continue
@@ -121,7 +127,8 @@ class InProcessFederation:
                 if nonfinite(params):
                     failed[c] = "non-finite"
                 else:
-                    ok[c] = ClientResult(model=params, num_examples=n)
+                    ok[c] = ClientResult(model=params, num_examples=n,
+                                         stats=stats if task != "train" else {})
             return ok, failed
 
         ok, failed = with_retries(attempt, clients, self.policy.retries)

@@ -1,17 +1,20 @@
 """What one client does, independent of the engine that delivers the request.
 
-Both the Flower ClientApp and the in-process federation call :func:`client_train`, so the two
-engines do bit-for-bit the same work.
+Both the Flower ClientApp and the in-process federation call :func:`client_work` (local
+training, :func:`client_train`, or another task of :data:`TASKS`), so the two engines do
+bit-for-bit the same work.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from fedunlearn.ascent import Ascent, projected_ascent
 from fedunlearn.config import Config, from_dict
 from fedunlearn.data.federated import FederatedData, build_federated_data
 from fedunlearn.extensions import load_extensions
@@ -83,3 +86,55 @@ def client_train(job: str, params: Params, client: int, *, server_round: int, ta
     stats = train(model, local.x, local.y, local_training(cfg, epochs), seed=seed,
                   device=device(cfg))
     return get_params(model), len(local), stats
+
+
+TASKS = ("train", "ascent")
+"""Client jobs a training request may carry: ``"train"`` (local training, the default) and
+``"ascent"`` (projected gradient ascent, the client side of PGA unlearning)."""
+
+ASCENT_PARAMS = ("radius", "threshold", "learning_rate")
+"""The ``task_params`` of ``"ascent"`` (floats); its epochs are the request's ``epochs``."""
+
+
+def client_ascent(job: str, params: Params, client: int, *, server_round: int, tag: int,
+                  epochs: float, radius: float, threshold: float,
+                  learning_rate: float) -> tuple[Params, int, dict[str, float]]:
+    """Client ``client`` runs :func:`~fedunlearn.ascent.projected_ascent` on its own data from
+    ``params`` (the ball's centre); returns (new params, #examples, stats)."""
+    cfg, data = runtime(job)
+    model = model_for(job, cfg, data)
+    set_params(model, params)
+    local = data.clients[client]
+    spec = Ascent(epochs=epochs, batch_size=cfg.training.batch_size,
+                  learning_rate=learning_rate, radius=radius, threshold=threshold)
+    stats = projected_ascent(model, local.x, local.y, spec,
+                             seed=derive_seed(cfg.seed, server_round, client, tag),
+                             device=device(cfg))
+    return get_params(model), len(local), stats
+
+
+def client_work(job: str, params: Params, client: int, *, server_round: int, tag: int = 0,
+                epochs: float | None = None, task: str = "train",
+                task_params: Mapping[str, float] | None = None
+                ) -> tuple[Params, int, dict[str, float]]:
+    """Run ``task`` (one of :data:`TASKS`) for ``client``; returns (params, #examples, stats).
+
+    Raises
+    ------
+    ValueError
+        For an unknown task, or ``task_params`` that do not fit it.
+    """
+    given = dict(task_params or {})
+    if task == "train":
+        if given:
+            raise ValueError(f"task 'train' takes no task_params, got {sorted(given)}")
+        return client_train(job, params, client, server_round=server_round, tag=tag,
+                            epochs=epochs)
+    if task == "ascent":
+        if sorted(given) != sorted(ASCENT_PARAMS) or epochs is None:
+            raise ValueError(f"task 'ascent' needs epochs and task_params "
+                             f"{', '.join(ASCENT_PARAMS)}; got epochs={epochs}, "
+                             f"task_params {sorted(given)}")
+        return client_ascent(job, params, client, server_round=server_round, tag=tag,
+                             epochs=float(epochs), **{k: float(v) for k, v in given.items()})
+    raise ValueError(f"unknown client task {task!r}; known: {', '.join(TASKS)}")

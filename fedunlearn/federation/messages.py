@@ -21,6 +21,10 @@ METRICS = "metrics"
 JOB = "job"
 PARTITION = "partition-id"
 NUM_EXAMPLES = "num-examples"
+TASK = "task"
+TASK_PREFIX = "task."
+"""A client task's parameters travel as ``task.<name>`` config entries, its stats as
+``task.<stat>`` metrics."""
 
 
 def to_record(params: Mapping[str, np.ndarray]) -> ArrayRecord:
@@ -42,3 +46,15 @@ def array_bytes(content: RecordDict) -> int:
 def job_json(cfg: Config) -> str:
     """The config as compact JSON, the job description every client receives."""
     return json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+def task_params_of(config: Mapping[str, object]) -> dict[str, float]:
+    """The ``task.<name>`` entries of a train message's config, as ``{name: float}``."""
+    return {k[len(TASK_PREFIX):]: float(v)  # type: ignore[arg-type]
+            for k, v in config.items() if k.startswith(TASK_PREFIX)}
+
+
+def task_stats(metrics: Mapping[str, object]) -> dict[str, float]:
+    """The ``task.<stat>`` entries of a train reply's metrics, as ``{stat: float}``."""
+    return {k[len(TASK_PREFIX):]: float(v)  # type: ignore[arg-type]
+            for k, v in metrics.items() if k.startswith(TASK_PREFIX)}

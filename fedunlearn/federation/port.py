@@ -9,7 +9,7 @@ the baseline of the engine benchmark.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -89,10 +89,16 @@ class RoundListener(Protocol):
 
 @dataclass(frozen=True)
 class ClientResult:
-    """A client's answer to a training request."""
+    """A client's answer to a training request.
+
+    ``stats`` holds what the client reported about a task other than plain training (for
+    ``"ascent"``: ``steps``, ``epochs``, ``stopped_early``, ``accuracy``, ``distance``; see
+    :func:`fedunlearn.ascent.projected_ascent`); empty for training.
+    """
 
     model: Params
     num_examples: int
+    stats: Mapping[str, float] = field(default_factory=dict)
 
 
 class Federation(Protocol):
@@ -119,9 +125,16 @@ class Federation(Protocol):
         ...
 
     def train_clients(self, model: Params, clients: Sequence[int], *, epochs: float,
-                      server_round: int, tag: int) -> dict[int, ClientResult]:
+                      server_round: int, tag: int, task: str = "train",
+                      task_params: Mapping[str, float] | None = None
+                      ) -> dict[int, ClientResult]:
         """Have ``clients`` train ``epochs`` local epochs from ``model``; seeds derive from
         ``(seed, server_round, client, tag)``.
+
+        ``task`` selects the client job (:data:`fedunlearn.federation.local.TASKS`): local
+        training by default, or ``"ascent"``, projected gradient ascent on the client's own
+        data within an L2 ball around ``model`` (PGA unlearning), whose ``task_params`` are
+        ``radius``, ``threshold`` and ``learning_rate`` (floats).
 
         A client that fails (see :mod:`fedunlearn.federation.faults`) raises
         :class:`~fedunlearn.federation.faults.ClientFailure` under ``on_client_failure =

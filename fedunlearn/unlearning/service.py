@@ -141,6 +141,18 @@ def _create(cfg: Config, name: str, **forced: Any) -> Unlearner:
     return method
 
 
+def _check_config(cfg: Config, name: str, method: Unlearner) -> None:
+    """A configured method's optional ``check_config(cfg)``: checks that need the rest of the
+    config (the requests, the purge level), run before any work; ``ValueError`` becomes a
+    one-line :class:`ConfigError`."""
+    check = getattr(method, "check_config", None)
+    if callable(check):
+        try:
+            check(cfg)
+        except ValueError as exc:
+            raise ConfigError(f"config key 'unlearning.methods' ({name}): {exc}") from None
+
+
 def build_methods(cfg: Config) -> list[Method]:
     """Instantiate every configured method (and each setting's references); unknown names or
     parameters are ConfigErrors raised before any work."""
@@ -148,6 +160,7 @@ def build_methods(cfg: Config) -> list[Method]:
     for name in method_order(cfg):
         role = "reference" if name in EXACT else "method"
         method = _create(cfg, name)
+        _check_config(cfg, name, method)
         out.append(Method(name, method, role))
         if role == "reference" and cfg.verification.noise_floor:
             out.append(Method(name + NOISE_SUFFIX, _create(cfg, name, variant=1), "noise_floor"))

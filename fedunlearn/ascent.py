@@ -1,0 +1,139 @@
+"""Projected gradient ascent on one client's data: the client side of PGA unlearning.
+
+Halimi, Kadhe, Rawat and Baracaldo, 2022, "Federated Unlearning: How to Efficiently Erase a
+Client in FL?" (arXiv:2207.05521). The client to be forgotten *maximises* its own empirical
+loss, starting from a reference model ``w_ref`` it received, and after every step projects the
+model back onto the L2 ball ``{w : ‖w − w_ref‖ ≤ δ}``, so the ascent cannot run off to an
+arbitrary (useless) model. It stops early as soon as the model's accuracy on the client's own
+data falls below a threshold ``τ``.
+
+The loop is engine-independent: the Flower ClientApp and the in-process federation both run it
+through :func:`fedunlearn.federation.local.client_ascent`, so both do bit-for-bit the same work.
+The projection (:func:`project_onto_ball_`) is pure math on tensors and unit-tested by hand.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Ascent:
+    """Hyperparameters of one projected gradient ascent run.
+
+    Attributes
+    ----------
+    epochs : float
+        Largest number of passes over the local data (the ascent may stop earlier).
+    batch_size : int
+    learning_rate : float
+        Plain SGD step size (no momentum, no weight decay), applied to ``+∇ loss``.
+    radius : float
+        ``δ``: the model stays within L2 distance ``δ`` of the model it started from (all
+        trainable parameters taken together). ``inf`` disables the projection.
+    threshold : float
+        ``τ``: stop as soon as the accuracy on the local data is below it (checked before
+        every step, so a model already below ``τ`` takes no step).
+    """
+
+    epochs: float
+    batch_size: int
+    learning_rate: float
+    radius: float
+    threshold: float
+
+
+def project_onto_ball_(tensors: Sequence[torch.Tensor], center: Sequence[torch.Tensor],
+                       radius: float) -> float:
+    """Project ``tensors`` (in place) onto ``{w : ‖w − center‖₂ ≤ radius}``.
+
+    The norm is taken over all tensors together (one ball in the whole parameter space). A
+    point outside moves along the segment to the centre, ``w ← c + (w − c) · radius / ‖w − c‖``;
+    a point inside is left untouched. Returns the scale applied to ``w − c`` (1.0 when inside).
+
+    >>> w, c = [torch.tensor([3.0, 4.0])], [torch.zeros(2)]
+    >>> project_onto_ball_(w, c, 2.5), w[0].tolist()
+    (0.5, [1.5, 2.0])
+    """
+    if radius < 0:
+        raise ValueError(f"the ball's radius must be >= 0, got {radius}")
+    with torch.no_grad():
+        sq = sum(float(torch.sum((w.double() - c.double()) ** 2))
+                 for w, c in zip(tensors, center, strict=True))
+        dist = math.sqrt(sq)
+        if dist <= radius:
+            return 1.0
+        scale = radius / dist
+        for w, c in zip(tensors, center, strict=True):
+            w.copy_(c + (w - c) * scale)
+    return scale
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    acc = float((model(x).argmax(1) == y).double().mean())
+    model.train()
+    return acc
+
+
+def projected_ascent(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: Ascent, *,
+                     seed: int, device: str = "cpu") -> dict[str, float]:
+    """Run projected gradient ascent on ``(x, y)`` in place; return what happened.
+
+    Each step: mini-batch (shuffled from a generator seeded with ``seed``), ``w ← w + η ∇ CE``,
+    then :func:`project_onto_ball_` around the starting model. Before every step the accuracy
+    on all of ``(x, y)`` is checked against ``spec.threshold``.
+
+    Returns
+    -------
+    dict
+        ``steps`` taken, ``epochs`` done (steps / batches per epoch), ``stopped_early`` (1.0 if
+        the threshold stopped it), ``accuracy`` on ``(x, y)`` at the end, ``distance`` from the
+        start at the end, and ``loss`` (mean batch loss over the steps, 0 without steps).
+    """
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    center = [p.detach().clone() for p in params]
+    opt = torch.optim.SGD(params, lr=spec.learning_rate)
+    xt = torch.from_numpy(x).to(device)
+    yt = torch.from_numpy(y).to(device)
+    n = len(xt)
+    gen = torch.Generator().manual_seed(seed)
+    batches_per_epoch = max(1, -(-n // spec.batch_size))
+    total = round(spec.epochs * batches_per_epoch) if n > 0 else 0
+    losses: list[float] = []
+    stopped = False
+    done = 0
+    while done < total and not stopped:
+        perm = torch.randperm(n, generator=gen)
+        for b in range(batches_per_epoch):
+            if done >= total:
+                break
+            if _accuracy(model, xt, yt) < spec.threshold:
+                stopped = True
+                break
+            idx = perm[b * spec.batch_size:(b + 1) * spec.batch_size].to(device)
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(xt[idx]), yt[idx])
+            (-loss).backward()  # ascent: descend on the negated loss
+            opt.step()
+            if math.isfinite(spec.radius):
+                project_onto_ball_(params, center, spec.radius)
+            losses.append(float(loss.detach()))
+            done += 1
+    with torch.no_grad():
+        distance = math.sqrt(sum(float(torch.sum((p.double() - c.double()) ** 2))
+                                 for p, c in zip(params, center, strict=True)))
+    final_accuracy = _accuracy(model, xt, yt) if n > 0 else float("nan")
+    model.to("cpu")
+    return {"steps": float(done), "epochs": done / batches_per_epoch,
+            "stopped_early": float(stopped), "accuracy": final_accuracy,
+            "distance": distance, "loss": float(np.mean(losses)) if losses else 0.0}

@@ -1,0 +1,194 @@
+"""NoT (Khalil et al., CVPR 2025): layer grouping and negation by hand, the fine-tuning rounds,
+and a band against retraining.
+
+Each test names the bug it guards against; each was seen to fail with that bug planted by hand
+in a copy of the repository (see the report of issue 12).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedunlearn.config import Config, ConfigError, load_config
+from fedunlearn.evaluation.metrics import accuracy, attack_success_rate
+from fedunlearn.experiment import Setup, prepare, train_federation
+from fedunlearn.federation.inprocess import InProcessFederation
+from fedunlearn.history import HistoryStore
+from fedunlearn.params import Params
+from fedunlearn.unlearning import UNLEARNERS
+from fedunlearn.unlearning.base import UnlearningContext
+from fedunlearn.unlearning.negation import NoT, layer_groups, negate_layers
+from fedunlearn.unlearning.retrain import Retrain
+from fedunlearn.unlearning.service import _create
+
+TARGET = 0
+
+
+def max_diff(a: Params, b: Params) -> float:
+    assert sorted(a) == sorted(b)
+    return max(float(np.max(np.abs(np.asarray(a[k], np.float64) - b[k]))) for k in a)
+
+
+# ------------------------------------------------------------------------ pure math by hand
+MLP_NAMES = ["1.weight", "1.bias", "3.weight", "3.bias", "5.weight", "5.bias"]
+
+
+def test_layer_groups_follow_the_modules_in_order():
+    assert layer_groups(MLP_NAMES) == [["1.weight", "1.bias"], ["3.weight", "3.bias"],
+                                       ["5.weight", "5.bias"]]
+    assert layer_groups(["a.b.weight", "a.b.bias", "c.weight"]) == [["a.b.weight", "a.b.bias"],
+                                                                   ["c.weight"]]
+
+
+def test_negate_layers_flips_exactly_the_chosen_layers_sign():
+    """Catches a negation of the wrong layer, of the weights only (bias kept), or in place."""
+    params = {n: np.arange(1, 5, dtype=np.float32).reshape(2, 2) + i
+              for i, n in enumerate(MLP_NAMES)}
+    params["count"] = np.array(3, np.int64)
+    groups = layer_groups(MLP_NAMES)
+    out = negate_layers(params, groups, [0])
+    assert out["1.weight"].tolist() == [[-1.0, -2.0], [-3.0, -4.0]]
+    assert out["1.bias"].tolist() == [[-2.0, -3.0], [-4.0, -5.0]]
+    for n in MLP_NAMES[2:]:
+        assert out[n].tolist() == params[n].tolist()
+    assert out["count"] == 3 and params["1.weight"][0, 0] == 1.0  # input untouched
+    last = negate_layers(params, groups, [-1])
+    assert last["5.weight"].tolist() == (-params["5.weight"]).tolist()
+    assert last["1.weight"].tolist() == params["1.weight"].tolist()
+
+
+def test_negate_layers_refuses_bad_indices():
+    groups = layer_groups(MLP_NAMES)
+    with pytest.raises(ValueError, match="3 parameterised layers"):
+        negate_layers({}, groups, [3])
+    with pytest.raises(ValueError, match="twice"):
+        negate_layers({}, groups, [0, -3])
+
+
+def test_registered_and_bad_hyperparameters_are_one_line_config_errors():
+    assert UNLEARNERS.get("not") is NoT
+    for value, word in [("{layers = []}", "layers"), ("{layers = [0, 0]}", "twice"),
+                        ("{layers = 1}", "layers"), ("{rounds = -1}", "rounds"),
+                        ("{epochs = 0}", "epochs")]:
+        cfg = load_config(None, ["unlearning.methods=[\"retrain\", \"not\"]",
+                                 "unlearning.params.not=" + value])
+        with pytest.raises(ConfigError) as err:
+            _create(cfg, "not")
+        assert word in str(err.value) and "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------ a small federation
+SMALL = ["data.source=\"digits\"", "data.num_clients=5", "data.partition=\"iid\"",
+         "data.test_fraction=0.2", "data.server_fraction=0.0",
+         f"backdoor.clients=[{TARGET}]", "backdoor.fraction=0.8", "backdoor.target_class=0",
+         "backdoor.trigger_size=2", "model.name=\"mlp\"", "training.rounds=10",
+         "training.local_epochs=2", "training.batch_size=16", "training.learning_rate=0.3",
+         "training.momentum=0.5", "history.retention_interval=1"]
+
+
+@dataclass
+class Trained:
+    cfg: Config
+    setup: Setup
+    fed: InProcessFederation
+    store: HistoryStore
+    final: Params
+
+    def context(self, federation: object | None = None) -> UnlearningContext:
+        return UnlearningContext(
+            cfg=self.cfg, targets=(TARGET,), removed=frozenset({TARGET}), model=self.final,
+            initial=self.setup.initial, history=self.store,
+            federation=self.fed if federation is None else federation,  # type: ignore[arg-type]
+            data=self.setup.data, build_model=self.setup.build_model, seed=123)
+
+    def figures(self, params: Params) -> tuple[float, float]:
+        """(backdoor ASR on the triggered test set, clean test accuracy)."""
+        data = self.setup.data
+        predict = self.setup.predictor()(params)
+        assert data.triggered_test is not None
+        return (attack_success_rate(np.asarray(predict(data.triggered_test.x)),
+                                    self.cfg.backdoor.target_class),
+                accuracy(np.asarray(predict(data.test.x)), np.asarray(data.test.y)))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    cfg = load_config(None, SMALL)
+    setup = prepare(cfg)
+    fed = InProcessFederation(cfg, setup.evaluator())
+    path: Path = tmp_path_factory.mktemp("not") / "h"
+    store = HistoryStore.create(path, retention_interval=1)
+    run = train_federation(fed, setup, store, progress=False)
+    return Trained(cfg, setup, fed, store, run.final)
+
+
+class NoHistory:
+    """A history that only tells how many rounds were recorded (NoT reads nothing else)."""
+
+    def __init__(self, store: HistoryStore) -> None:
+        self.store = store
+
+    def rounds(self) -> list[int]:
+        return self.store.rounds()
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"NoT read the stored history ({name})")
+
+
+def test_zero_rounds_is_the_negated_model_and_reads_no_history(trained: Trained):
+    """Catches a NoT that negates nothing (or another layer) or consumes stored updates."""
+    ctx = trained.context()
+    ctx = UnlearningContext(**{**ctx.__dict__, "history": NoHistory(trained.store)})
+    result = NoT(rounds=0).unlearn(ctx)
+    assert result.model is not None
+    expected = dict(trained.final)
+    expected["1.weight"] = -trained.final["1.weight"]
+    expected["1.bias"] = -trained.final["1.bias"]
+    assert max_diff(result.model, expected) == 0.0
+    assert result.cost.messages_sent == 0 and result.details["negated"] == ["1.weight",
+                                                                            "1.bias"]
+
+
+def test_fine_tuning_rounds_are_fedavg_of_the_remaining_clients_only(
+        trained: Trained, monkeypatch: pytest.MonkeyPatch):
+    """Catches the target taking part in the fine-tuning, or an unweighted average: one round
+    by hand is ``w + Σ_k n_k/Σn (w_k − w)`` over the clients the port was asked for."""
+    calls: list[tuple[list[int], Params, dict]] = []
+    real = trained.fed.train_clients
+
+    def spy(model, clients, **kw):
+        out = real(model, clients, **kw)
+        calls.append((list(clients), {k: v.copy() for k, v in model.items()}, out))
+        return out
+
+    monkeypatch.setattr(trained.fed, "train_clients", spy)
+    result = NoT(rounds=1).unlearn(trained.context())
+    assert len(calls) == 1
+    clients, start, out = calls[0]
+    assert clients == [1, 2, 3, 4]
+    total = sum(out[k].num_examples for k in clients)
+    expected = {n: np.asarray(v, np.float64) for n, v in start.items()}
+    for k in clients:
+        for n in expected:
+            expected[n] += out[k].num_examples / total * (out[k].model[n] - start[n])
+    assert result.model is not None and max_diff(result.model, expected) <= 1e-5
+    assert result.cost.rounds == 1 and result.cost.messages_sent == 4
+    assert result.cost.client_epochs == 4 * 2
+
+
+# ------------------------------------------------------------------------ band vs retraining
+def test_not_forgets_the_backdoor_within_bands_of_retraining(trained: Trained):
+    """Catches NoT without the negation (fine-tuning the trained model alone keeps the
+    backdoor: ASR far above retraining's)."""
+    ctx = trained.context()
+    original = trained.figures(trained.final)
+    retrain = trained.figures(Retrain().unlearn(ctx).model)
+    negated = trained.figures(NoT().unlearn(ctx).model)
+    table = f"original {original}, retrain {retrain}, not {negated} (asr, acc)"
+    assert original[0] >= 0.5 and retrain[0] <= 0.05, table  # the setting is meaningful
+    assert negated[0] <= retrain[0] + 0.10, table
+    assert negated[1] >= retrain[1] - 0.10, table
