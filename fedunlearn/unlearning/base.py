@@ -134,6 +134,9 @@ class Unlearner(Protocol):
       refused before training when the configured strategy is declared to break that identity
       (server momentum, for instance); after training, a history whose ``replayable()`` is
       false must be refused with :class:`HistoryNotReplayable` before any work.
+    - ``check_config(cfg)``, a method, checks what depends on the rest of the config (PGA
+      refuses a strict purge followed by a later request, whose reference model the purge
+      deletes); it runs with :meth:`check`, before any training, and raises ``ValueError``.
     - ``needs_target_client = True`` declares that the method asks the forgotten clients
       themselves for work (PGA's gradient ascent on the target's own data); every other
       federated method must never contact a target.
