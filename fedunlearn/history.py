@@ -60,6 +60,8 @@ write) are reported with a warning and ignored.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import io
 import json
@@ -69,7 +71,8 @@ import re
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,15 +144,20 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a synced temp file in the same directory and a rename."""
+def _atomic_write(path: Path, data: bytes, *, sync: bool = True) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory and a rename.
+
+    With ``sync`` (default) the file and the rename are made durable before returning; without
+    it the caller must make them durable (:func:`_sync_paths`) before anything refers to them.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as exc:  # a full disk or a file-size limit: name the file
         Path(tmp).unlink(missing_ok=True)
@@ -157,14 +165,56 @@ def _atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    try:  # make the rename itself durable; not every platform lets us open a directory
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+    if sync:
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make renames in ``directory`` durable; not every platform lets us open a directory."""
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _syncfs() -> Callable[[int], int] | None:
+    """Linux's ``syncfs(fd)`` (flush one file system), or None where libc lacks it."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.syncfs  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNCFS = _syncfs()
+
+
+def _sync_paths(root: Path, paths: Iterable[Path]) -> None:
+    """Make files written with ``sync=False`` under ``root``, and their renames, durable.
+
+    A round writes a few hundred files at 1,000 clients; one fsync per file and per rename
+    cost about 0.6 s a round on this machine's disk. ``syncfs`` on the store's file system
+    flushes them all at once (Linux); elsewhere every file and directory is fsynced.
+    """
+    paths = list(paths)
+    if not paths:
+        return
+    if _SYNCFS is not None:
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            if _SYNCFS(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    for p in paths:
+        with open(p, "rb") as fh:
+            os.fsync(fh.fileno())
+    for d in sorted({p.parent for p in paths}):
+        _fsync_dir(d)
 
 
 atomic_write = _atomic_write  # public: checkpoint files use the same durable write
@@ -207,6 +257,9 @@ class HistoryStore:
     def __init__(self, path: Path, manifest: dict, *, verify: bool = False) -> None:
         self.path = path
         self._m = manifest
+        self._pending: list[Path] = []  # files written since the last commit
+        self._deleter: ThreadPoolExecutor | None = None
+        self._deletions: list[Future[None]] = []
         self._check_layout()
         for rel in sorted(manifest["files"]) if verify else ():
             self._read(rel)
@@ -398,7 +451,7 @@ class HistoryStore:
         self._records[round], self._purged_in[round] = record, set()
         self._sums.update(new_sums)
         self._expected = (round, expected)
-        self._unlink(stale)
+        self._unlink_later(stale)
 
     def record_final(self, model: Mapping[str, np.ndarray]) -> None:
         """Record the global model after the last round (once, after at least one round)."""
@@ -414,6 +467,7 @@ class HistoryStore:
             {k: v.astype(np.float32) if _is_float(v) else v for k, v in model.items()}))
         m["final"] = "final.npz"
         self._commit(m)
+        self.flush_deletions()  # training is over: leave no stale file behind
         self._expected = None
 
     # ---------------------------------------------------------------- queries
@@ -561,6 +615,7 @@ class HistoryStore:
         if unknown := [k for k in ids if k not in seen]:
             raise HistoryError(f"cannot purge clients {unknown}: they never took part in this "
                                f"history; known clients are {self.clients()}")
+        self.flush_deletions()
         before = self.bytes_used()
         self._recover()
         todo = [k for k in ids if k not in self._m["purged"]]
@@ -653,11 +708,16 @@ class HistoryStore:
 
     # ---------------------------------------------------------------- internals
     def _write(self, m: dict, rel: str, data: bytes) -> None:
-        _atomic_write(self.path / rel, data)
+        """Write a file the next :meth:`_commit` will list (made durable by that commit)."""
+        _atomic_write(self.path / rel, data, sync=False)
+        self._pending.append(self.path / rel)
         m["files"][rel] = {"sha256": _sha256(data), "bytes": len(data)}
 
     def _commit(self, m: dict) -> None:
-        _atomic_write(self.path / MANIFEST, json.dumps(m, indent=1).encode())
+        """Make every pending file durable, then replace the manifest (durably) with ``m``."""
+        _sync_paths(self.path, self._pending)
+        self._pending = []
+        _atomic_write(self.path / MANIFEST, json.dumps(m, separators=(",", ":")).encode())
         self._m = m
 
     def _read(self, rel: str) -> bytes:
@@ -743,8 +803,28 @@ class HistoryStore:
         for rel in rels:
             _remove(self.path / rel)
 
+    def _unlink_later(self, rels: list[str]) -> None:
+        """Delete files the committed manifest no longer lists, off the round's critical path.
+
+        At 1,000 clients a round replaces about a hundred running-sum files, and deleting the
+        old ones cost more than writing the new ones on this machine's disk. The files are
+        unlisted already, so a crash before they go only leaves garbage, which
+        :meth:`_sweep_leftovers` removes (for a purged client: on the next open or purge).
+        """
+        if self._deleter is None:
+            self._deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="history-rm")
+        self._deletions.append(self._deleter.submit(self._unlink, rels))
+
+    def flush_deletions(self) -> None:
+        """Wait until every deferred deletion is done (re-raising its error, if any)."""
+        pending, self._deletions = self._deletions, []
+        for future in pending:
+            future.result()
+
     def unlisted_files(self) -> list[str]:
-        """Files in the store's directory that ``manifest.json`` does not list, sorted."""
+        """Files in the store's directory that ``manifest.json`` does not list, sorted (after
+        the deferred deletions are done)."""
+        self.flush_deletions()
         listed = set(self._m["files"]) | {MANIFEST, JOURNAL}
         return sorted(rel for f in self.path.rglob("*")
                       if f.is_file() and (rel := f.relative_to(self.path).as_posix()) not in listed)

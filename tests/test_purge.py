@@ -283,16 +283,16 @@ def inject(monkeypatch: pytest.MonkeyPatch, k: int, *, after: bool) -> list[str]
     calls: list[str] = []
     real_write, real_remove = history_module._atomic_write, history_module._remove
 
-    def step(real: Callable, path: Path, *args: object) -> None:
+    def step(real: Callable, path: Path, *args: object, **kw: object) -> None:
         calls.append(f"{real.__name__} {path.name}")
         if len(calls) == k and not after:
             raise Crash(calls[-1])
-        real(path, *args)
+        real(path, *args, **kw)
         if len(calls) == k:
             raise Crash(calls[-1])
 
     monkeypatch.setattr(history_module, "_atomic_write",
-                        lambda path, data: step(real_write, path, data))
+                        lambda path, data, **kw: step(real_write, path, data, **kw))
     monkeypatch.setattr(history_module, "_remove", lambda path: step(real_remove, path))
     return calls
 
