@@ -1,7 +1,7 @@
 """Removal methods: one protocol (:mod:`.base`), one file per method, one registry.
 
 Importing this package registers the built-in methods: ``retrain`` (the reference),
-``federaser``, ``fedaccum`` and ``distillation`` (federated); ``central_retrain`` (the
+``federaser``, ``fedaccum``, ``fedrecover`` and ``distillation`` (federated); ``central_retrain`` (the
 centralized reference), ``sisa`` and ``sisa_random`` (centralized).
 """
 
@@ -9,6 +9,7 @@ from fedunlearn.unlearning import (  # noqa: F401  (registration)
     central_retrain,
     distillation,
     federaser,
+    fedrecover,
     newton,
     retrain,
     sisa,

@@ -162,6 +162,19 @@ class HistoryReplay:
         """
         return Step(list(rnd.stored))
 
+    def first_step(self, ctx: UnlearningContext, model: Params, rnd: RoundUpdates) -> Step:
+        """The updates of the first retained round: the stored ones, at no cost (``M_1`` holds
+        nothing of the removed clients)."""
+        return Step(list(rnd.stored))
+
+    def replay_round(self, ctx: UnlearningContext, t: int, clients: tuple[int, ...],
+                     weights: tuple[float, ...]) -> RoundUpdates:
+        """Round ``t`` as the replay sees it: its remaining participants ``clients`` with their
+        renormalised FedAvg ``weights`` and their updates stored in ``ctx.history``. A method
+        replaying another record (FedRecover's recovered trajectory) overrides it; the round
+        it returns may hold fewer clients (weights renormalised over them), or none."""
+        return RoundUpdates(t, clients, weights, tuple(ctx.history.update(t, k) for k in clients))
+
     def details(self) -> dict[str, Any]:
         """Method-specific entries of the result's ``details``."""
         return {}
@@ -194,10 +207,12 @@ class HistoryReplay:
                                                     keep=lambda k: k not in ctx.removed)
             if not clients:
                 continue
-            rnd = RoundUpdates(t, clients, weights,
-                               tuple(history.update(t, k) for k in clients))
+            rnd = self.replay_round(ctx, t, clients, weights)
+            if not rnd.clients:
+                continue
+            weights = rnd.weights
             if t == retained[0]:
-                step = Step(list(rnd.stored))
+                step = self.first_step(ctx, model, rnd)
             else:
                 step = self.step(ctx, model, rnd)
                 cost = _add(cost, step.cost)
