@@ -58,14 +58,25 @@ class Spy:
         return self.inner.train_clients(model, clients, **kw)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    cfg = small_config(*UNLEARN_CFG)
+def _trained(tmp_path_factory, retention_interval: int):
+    cfg = small_config(*UNLEARN_CFG, f"history.retention_interval={retention_interval}")
     setup = prepare(cfg)
     fed = InProcessFederation(cfg, setup.evaluator())
-    store = HistoryStore.create(tmp_path_factory.mktemp("u") / "history", retention_interval=2)
+    store = HistoryStore.create(tmp_path_factory.mktemp("u") / "history",
+                                retention_interval=retention_interval)
     run = train_federation(fed, setup, store, progress=False)
     return cfg, setup, fed, store, run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return _trained(tmp_path_factory, 2)
+
+
+@pytest.fixture(scope="module")
+def trained_every_round(tmp_path_factory):
+    """For the methods that need every round retained (``needs_every_round``: FedRecover)."""
+    return _trained(tmp_path_factory, 1)
 
 
 def context(trained, targets=(1,), federation=None) -> UnlearningContext:
@@ -80,11 +91,13 @@ FEDERATED = [n for n in UNLEARNERS.names() if UNLEARNERS.get(n).setting == "fede
 
 
 def test_every_built_in_federated_method_is_registered():
-    assert {"retrain", "federaser", "fedaccum", "distillation"} <= set(FEDERATED)
+    assert {"retrain", "federaser", "fedaccum", "fedrecover", "distillation"} <= set(FEDERATED)
 
 
 @pytest.mark.parametrize("name", FEDERATED)
-def test_protocol_conformance(name, trained):
+def test_protocol_conformance(name, request):
+    every = getattr(UNLEARNERS.get(name), "needs_every_round", False)
+    trained = request.getfixturevalue("trained_every_round" if every else "trained")
     _, setup, fed, store, run = trained
     before = {k: v.copy() for k, v in run.final.items()}
     files_before = sorted((p.name, p.stat().st_size) for p in store.path.rglob("*"))
