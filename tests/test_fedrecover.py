@@ -20,7 +20,7 @@ docstrings say which breakage each one caught.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,6 +122,15 @@ def test_lbfgs_reproduces_the_hessian_of_a_quadratic_on_the_span_of_its_pairs() 
     np.testing.assert_allclose(lbfgs_hvp(full, h @ full, v), h @ v, rtol=1e-8, atol=1e-8)
 
 
+def test_fedrecover_doctests() -> None:
+    import doctest
+
+    from fedunlearn.unlearning import fedrecover
+
+    failed, attempted = doctest.testmod(fedrecover)
+    assert attempted >= 1 and failed == 0
+
+
 def test_lbfgs_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError, match="lbfgs_hvp needs"):
         lbfgs_hvp(np.zeros((3, 0)), np.zeros((3, 0)), np.zeros(3))
@@ -148,6 +157,10 @@ def linear_update(k: int, model: Params) -> Params:
 
 def participants(t: int) -> list[int]:
     return [0, 1, 2] if t == 4 else [0, 1, 2, 3]  # client 3 sits out round 4
+
+
+def late_participants(t: int) -> list[int]:
+    return [1, 2, 3] if t < 3 else participants(t)  # client 0 joins in round 3
 
 
 def fedavg_step(model: Params, clients: Sequence[int]) -> Params:
@@ -181,14 +194,14 @@ class LinearFederation:
                 for k in clients}
 
 
-@pytest.fixture(scope="module")
-def linear(tmp_path_factory: pytest.TempPathFactory) -> tuple[HistoryStore, Params]:
-    """A history of ROUNDS rounds of the linear clients, all four taking part."""
-    store = HistoryStore.create(tmp_path_factory.mktemp("linear") / "h", retention_interval=1)
+def linear_history(path: Path, parts: Callable[[int], list[int]]) -> tuple[HistoryStore,
+                                                                          Params]:
+    """A history of ROUNDS rounds of the linear clients, ``parts(t)`` taking part in round t."""
+    store = HistoryStore.create(path, retention_interval=1)
     initial = {n: np.full(shape, 0.5, np.float32) for n, shape in SCHEMA.items()}
     model = initial
     for t in range(1, ROUNDS + 1):
-        ks = participants(t)
+        ks = parts(t)
         total = sum(COUNTS[k] for k in ks)
         store.record_round(t, global_model=model, participants=ks,
                            num_examples=[COUNTS[k] for k in ks],
@@ -199,6 +212,11 @@ def linear(tmp_path_factory: pytest.TempPathFactory) -> tuple[HistoryStore, Para
     return store, initial
 
 
+@pytest.fixture(scope="module")
+def linear(tmp_path_factory: pytest.TempPathFactory) -> tuple[HistoryStore, Params]:
+    return linear_history(tmp_path_factory.mktemp("linear") / "h", participants)
+
+
 def linear_context(store: HistoryStore, initial: Params, fed: object) -> UnlearningContext:
     return UnlearningContext(cfg=small_config(), targets=(REMOVED,),
                              removed=frozenset({REMOVED}), model={}, initial=initial,
@@ -206,11 +224,12 @@ def linear_context(store: HistoryStore, initial: Params, fed: object) -> Unlearn
                              build_model=lambda: None, seed=1)
 
 
-def linear_oracle(initial: Params) -> Params:
+def linear_oracle(initial: Params,
+                  parts: Callable[[int], list[int]] = participants) -> Params:
     """Retraining without client 0, iterated by hand in float64."""
     model = {n: np.asarray(v, np.float64) for n, v in initial.items()}
     for t in range(1, ROUNDS + 1):
-        model = fedavg_step(model, [k for k in participants(t) if k != REMOVED])
+        model = fedavg_step(model, [k for k in parts(t) if k != REMOVED])
     return model
 
 
@@ -271,6 +290,27 @@ def test_the_schedule_of_exact_rounds(linear: tuple[HistoryStore, Params]) -> No
                      "5": "correction", "6": "estimated", "7": "final", "8": "final"}
     assert result.model is not None
     assert max_diff(result.model, linear_oracle(initial)) <= 1e-5
+
+
+def test_rounds_before_the_target_joined_replay_the_stored_updates(tmp_path: Path) -> None:
+    """Client 0 joins in round 3 (t_u = 3): rounds 1-3 start from training's own models, so
+    their stored updates are exact and free; the warm-up (T_w = 2) is rounds 3-4, so round 4
+    asks clients 1 and 2 (client 3 sits it out) and round 5 asks client 3 alone, which has no
+    pair yet; rounds 6-8 are estimated and the recovery equals the oracle.
+
+    Caught: the schedule counted from round 1 regardless of t_u (round 2 asked)."""
+    store, initial = linear_history(tmp_path / "h", late_participants)
+    fed = LinearFederation()
+    result = FedRecover(warmup_rounds=2, correction_interval=0, final_rounds=0,
+                        track_accuracy=False).unlearn(linear_context(store, initial, fed))
+    assert fed.calls == [(4, (1, 2)), (5, (3,))]
+    assert result.details["first_affected_round"] == 3
+    assert result.details["round_modes"] == {"1": "stored", "2": "stored", "3": "stored",
+                                             "4": "warmup", "5": "no_pairs", "6": "estimated",
+                                             "7": "estimated", "8": "estimated"}
+    assert result.details["no_pair_clients"] == {"5": [3]}
+    assert result.model is not None
+    assert max_diff(result.model, linear_oracle(initial, late_participants)) <= 1e-5
 
 
 # ------------------------------------------------------------------ a real federation

@@ -17,17 +17,21 @@ step). In round ``t`` each remaining participant ``k``'s update is either
   integrated Hessian (:func:`lbfgs_hvp`) built from the client's latest ``buffer_size`` pairs
   ``(Δw, Δg) = (ŵ_t − w̄_t, exact update − stored update)`` of earlier exact rounds.
 
-Exact updates are asked for in the first ``warmup_rounds`` rounds (warm-up, ``T_w``), every
-``correction_interval`` rounds after it (periodic correction, ``T_c``: rounds ``T_w + T_c``,
-``T_w + 2T_c``, ...), in the last ``final_rounds`` rounds (final tuning, ``T_f``), from a client
-whose estimate is **abnormal** — some coordinate's magnitude above ``abnormal_threshold`` (``τ``;
-the paper's test ``‖ĝ_k^t‖_∞ > τ``, in the units of our updates, see below) — and from a client
-without any pair yet. Round 1 starts from ``ŵ_1 = w̄_1``, so its stored updates are the exact
-ones (same model, same client seeds): they are used as they are, at no cost, and round 1 counts
-towards the warm-up. Every exact update adds a pair to its client's buffer (the paper collects
+Up to ``t_u``, the first round a removed client took part in, the recovery passes through the
+models training had (``ŵ_t = w̄_t``: the same participants, weights and model), so the stored
+updates of those rounds are the exact ones (same model, same client seeds, up to the float
+rounding of the replay and of ``history.dtype``): they are used as they are, at no cost. From
+``t_u`` on, exact updates are asked for in the first ``warmup_rounds`` rounds (warm-up, ``T_w``:
+rounds ``t_u .. t_u + T_w − 1``, round ``t_u`` itself free), every ``correction_interval``
+rounds after it (periodic correction, ``T_c``: rounds ``t_u − 1 + T_w + T_c``, ``+ 2T_c``,
+...), in the last ``final_rounds`` rounds (final tuning, ``T_f``), from a client whose estimate
+is **abnormal** — some coordinate's magnitude above ``abnormal_threshold`` (``τ``; the paper's
+test ``‖ĝ_k^t‖_∞ > τ``, in the units of our updates, see below) — and from a client without any
+pair yet. With ``t_u = 1`` (a target in round 1) this is the paper's schedule counted from
+round 1. Every exact update adds a pair to its client's buffer (the paper collects
 them in warm-up and correction rounds; an abnormality fix is an exact update too, and its pair
 is the freshest curvature there is). A pair is skipped unless ``Δwᵀ y > 1e-10 ‖Δw‖‖y‖`` (the
-usual L-BFGS curvature safeguard, ``y`` below); round 1's pairs (``Δw = 0``) always are.
+usual L-BFGS curvature safeguard, ``y`` below); rounds up to ``t_u`` (``Δw ≈ 0``) give none.
 
 Sign convention: the paper's update ``g`` moves the model by ``−η g`` (a gradient); ours,
 ``U = client model − global model``, moves it by ``+U``. The pairs therefore use
@@ -186,6 +190,7 @@ class _Recovery:
     """The working state of one request (reset at every :meth:`FedRecover.unlearn`)."""
 
     last_round: int
+    start: int
     keys: list[str]
     previous: Trajectory | None
     rounds: dict[int, RecoveredRound] = field(default_factory=dict)
@@ -205,7 +210,9 @@ class FedRecover(HistoryReplay):
     Parameters
     ----------
     warmup_rounds : int, optional
-        ``T_w``: rounds ``1..T_w`` use exact updates (default 5; round 1's are the stored ones).
+        ``T_w``: the rounds ``t_u .. t_u + T_w − 1`` use exact updates, ``t_u`` being the first
+        round a removed client took part in (default 5; round ``t_u``'s, and every earlier
+        round's, are the stored ones: see the module docstring).
     correction_interval : int, optional
         ``T_c``: after the warm-up, every ``T_c``-th round uses exact updates (default 10;
         0 disables periodic correction).
@@ -286,6 +293,7 @@ class FedRecover(HistoryReplay):
                 "use history.purge = \"updates\", nothing was changed")
         rounds = history.rounds()
         self._run = _Recovery(last_round=rounds[-1] if rounds else 0,
+                              start=_first_affected(history, previous, ctx.removed),
                               keys=float_keys(ctx.initial), previous=previous)
         try:
             result = super().unlearn(ctx)
@@ -329,7 +337,9 @@ class FedRecover(HistoryReplay):
         those of clients without pairs) replaced by exact updates."""
         run = self._state()
         t = rnd.round
-        planned = self._planned(t, run.last_round)
+        if t <= run.start:  # training's own model: the stored updates are the exact ones
+            return self.first_step(ctx, model, rnd)
+        planned = self._planned(t, run)
         reference = self._reference(ctx, t)
         dw = _flat(model, run.keys) - _flat(reference, run.keys)
         estimates: dict[int, Params] = {}
@@ -381,6 +391,7 @@ class FedRecover(HistoryReplay):
             "abnormal_threshold": self.abnormal_threshold,
             "replayed_from": "original history" if run.previous is None
             else "recovered trajectory of the previous request",
+            "first_affected_round": run.start,
             "rounds_exact": sum(m not in ("estimated", "stored") for m in modes),
             "rounds_estimated": modes.count("estimated"),
             "rounds_abnormal": len(run.abnormal),
@@ -398,13 +409,14 @@ class FedRecover(HistoryReplay):
             raise RuntimeError("FedRecover's replay hooks run only inside unlearn()")
         return self._run
 
-    def _planned(self, t: int, last: int) -> str | None:
+    def _planned(self, t: int, run: _Recovery) -> str | None:
         """Why round ``t`` is exact by schedule (warm-up, correction, final), or ``None``."""
-        if t <= self.warmup_rounds:
+        k = t - run.start + 1  # the round of the recovery proper, 1 at t_u
+        if k <= self.warmup_rounds:
             return "warmup"
-        if t > last - self.final_rounds:
+        if t > run.last_round - self.final_rounds:
             return "final"
-        if self.correction_interval and (t - self.warmup_rounds) % self.correction_interval == 0:
+        if self.correction_interval and (k - self.warmup_rounds) % self.correction_interval == 0:
             return "correction"
         return None
 
@@ -423,6 +435,24 @@ class FedRecover(HistoryReplay):
             return
         run.buffers.setdefault(k, deque(maxlen=self.buffer_size)).append((dw.copy(), y))
         run.pairs_kept += 1
+
+
+def _first_affected(history: HistoryStore, previous: Trajectory | None,
+                    removed: frozenset[int]) -> int:
+    """``t_u``: the first round in which a client removed since the replayed record took part
+    (the record being ``previous`` or, without it, the store's original rounds); the last
+    round + 1 if none did."""
+    rounds = history.rounds()
+    newly = set(removed) - (set(previous.removed) if previous is not None else set())
+    for t in rounds:
+        if previous is None:
+            took_part = set(history.round_record(t).participants)
+        else:
+            old = previous.rounds.get(t)
+            took_part = set(old.round.clients) if old is not None else set()
+        if took_part & newly:
+            return t
+    return (rounds[-1] if rounds else 0) + 1
 
 
 def _stored_global(history: HistoryStore, t: int) -> Params:
