@@ -325,7 +325,8 @@ class FedRecover(HistoryReplay):
         return old.round.only(set(clients))
 
     def first_step(self, ctx: UnlearningContext, model: Params, rnd: RoundUpdates) -> Step:
-        """Round 1: ``ŵ_1 = w̄_1``, so the stored updates are the exact ones (no message)."""
+        """A round up to ``t_u`` (round 1 always): ``ŵ_t = w̄_t``, so the stored updates are
+        the exact ones; replayed as they are, no message, no pair."""
         step = super().first_step(ctx, model, rnd)
         run = self._state()
         run.modes[rnd.round] = "stored"
