@@ -79,7 +79,9 @@ def spd(n: int, rng: np.random.Generator) -> np.ndarray:
 @pytest.mark.parametrize("m", [1, 2, 4])
 def test_lbfgs_equals_dense_bfgs_recursion(m: int) -> None:
     """The compact representation against m dense BFGS updates (the slow, obvious oracle),
-    on pairs that are not from a quadratic (y = H s + noise, sᵀy > 0)."""
+    on pairs that are not from a quadratic (y = H s + noise, sᵀy > 0).
+
+    Caught: σ = yᵀy / sᵀy, L taken from the upper triangle, D's sign, the correction's sign."""
     rng = np.random.default_rng(m)
     n = 7
     h = spd(n, rng)
@@ -106,7 +108,10 @@ def conjugate_steps(h: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarr
 
 def test_lbfgs_reproduces_the_hessian_of_a_quadratic_on_the_span_of_its_pairs() -> None:
     """Pairs from a quadratic (y_i = H s_i, H-conjugate steps): B v = H v for every v in the
-    span of the steps; with as many steps as dimensions, B = H everywhere."""
+    span of the steps; with as many steps as dimensions, B = H everywhere. (With steps that
+    are not conjugate, BFGS keeps only the newest secant equation: no such claim holds.)
+
+    Caught: D's sign, the correction's sign (σ and L cancel out with conjugate steps)."""
     rng = np.random.default_rng(0)
     n = 6
     h = spd(n, rng)
@@ -237,9 +242,10 @@ def test_estimates_are_exact_on_linear_clients(linear: tuple[HistoryStore, Param
     """Rounds 3..8 estimated (T_w = 2, no correction, no final tuning): the recovery equals
     retraining by hand, and only round 2 sent messages.
 
-    Caught: the Hessian term dropped (ĝ = ḡ), its sign flipped, w̄_{t+1} used for w̄_t, pairs
-    with y = +ΔU (all skipped by the curvature test: every round then asks for exact updates),
-    the periodic schedule ignoring correction_interval = 0."""
+    Caught: the Hessian term dropped (ĝ = ḡ) or its sign flipped, w̄_{t−1} used for w̄_t,
+    pairs with y = +ΔU (all skipped by the curvature test: every round then asks for exact
+    updates), messages counted for estimated clients too, weights not renormalised, the
+    compact form's D with the wrong sign."""
     store, initial = linear
     oracle = linear_oracle(initial)
     fed = LinearFederation()
@@ -261,8 +267,9 @@ def test_abnormal_estimates_are_replaced_by_exact_updates(
     """τ below every estimate's largest coordinate: each estimated round asks its clients for
     exact updates (counted), and the recovery still equals the oracle.
 
-    Caught: the threshold compared with the stored update instead of the estimate; abnormal
-    clients not asked (estimate kept)."""
+    Caught: abnormal estimates kept (the check skipped). Not caught here: the threshold
+    applied to the stored update instead of the estimate (τ is below both); the band tests
+    catch that one (the recovery diverges to NaN client models)."""
     store, initial = linear
     fed = LinearFederation()
     method = FedRecover(warmup_rounds=2, correction_interval=0, final_rounds=0,
@@ -279,7 +286,9 @@ def test_abnormal_estimates_are_replaced_by_exact_updates(
 
 
 def test_the_schedule_of_exact_rounds(linear: tuple[HistoryStore, Params]) -> None:
-    """T_w = 2, T_c = 3, T_f = 2 over 8 rounds: warm-up 2, correction 5, final 7 and 8."""
+    """T_w = 2, T_c = 3, T_f = 2 over 8 rounds: warm-up 2, correction 5, final 7 and 8.
+
+    Caught: no correction rounds, no final rounds (and the estimate mutants above)."""
     store, initial = linear
     fed = LinearFederation()
     result = FedRecover(warmup_rounds=2, correction_interval=3, final_rounds=2,
@@ -349,8 +358,8 @@ def test_all_rounds_exact_equals_retraining(tmp_path: Path) -> None:
     stored rounds' participants minus client 0 and their renormalised weights: retraining's
     model (federated, in-process), up to float32 rounding; it saves round 1's messages only.
 
-    Caught: exact updates trained with another seed tag or round number than training's;
-    weights not renormalised (unequal Dirichlet clients); removed client not left out."""
+    Caught: exact updates trained with another seed tag than training's; weights not
+    renormalised (unequal Dirichlet clients)."""
     tr = train(tmp_path / "h", *EXACT)
     rounds_with_0 = [t for t in tr.store.rounds() if 0 in tr.store.participants(t)]
     assert rounds_with_0 and any(0 not in tr.store.participants(t) for t in tr.store.rounds())
@@ -421,7 +430,8 @@ def test_two_requests_with_a_strict_purge_replay_the_recovered_trajectory(
     refuses the purged store in one line.
 
     Caught: the trajectory not kept (the second request reads the deleted global models and
-    stops), the trajectory's removed set ignored (client 1's recovered updates replayed)."""
+    stops); client 1's recovered updates replayed in the second request; round 1 missing from
+    the trajectory; exact updates with another seed tag; messages counted for estimates."""
     template = train(tmp_path / "template", *SEQUENTIAL)
     assert 0 in template.store.participants(1)
     rows = {}
@@ -522,7 +532,10 @@ def test_recovery_is_within_bands_of_retraining(backdoored: dict[str, Figures],
 
     Measured (seed 0): floor 0.0298; defaults 0.0194, ASR 0.006, 24 of 60 messages; short
     corrections 0.0537, ASR 0.009, 21 messages. Caught: the short schedule without its
-    correction rounds (ASR 0.195); the Hessian term dropped there (KL 0.107)."""
+    correction rounds (ASR 0.195); the Hessian term dropped there (KL 0.107) or its sign
+    flipped; σ = yᵀy / sᵀy instead of the paper's sᵀy / sᵀs; the abnormality check skipped or
+    applied to the stored update (the recovery diverges: clients return NaN models, the
+    fixture stops with ClientFailure)."""
     ref, got = backdoored["retrain"], backdoored[name]
     floor = kl_divergence(ref.test, backdoored["retrain_seed2"].test)
     kl = kl_divergence(ref.test, got.test)
@@ -538,7 +551,8 @@ def test_defaults_track_retraining_closer_than_the_original(
     retraining's own parameters: ‖θ − θ_retrain‖ ≤ 0.75 ‖θ_original − θ_retrain‖.
 
     Measured (seed 0): 2.51 against the original's 4.99 (0.50×). Caught: the Hessian term
-    dropped (estimates = stored updates): 5.10 (1.02×)."""
+    dropped (estimates = stored updates): 5.10 (1.02×); w̄_{t−1} used for w̄_t; exact updates
+    with another seed tag."""
     ref = backdoored["retrain"].params
     assert distance(backdoored["fedrecover"].params, ref) \
         <= 0.75 * distance(backdoored["original"].params, ref)
