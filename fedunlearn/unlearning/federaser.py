@@ -136,7 +136,9 @@ class Step:
 
 
 class HistoryReplay:
-    """The replay loop shared by FedAccum and FedEraser; subclasses override :meth:`step`.
+    """The replay loop shared by FedAccum, FedEraser and FedRecover; subclasses override
+    :meth:`step` (and, to replay another record than the store's or to act in the first
+    retained round, :meth:`replay_round` and :meth:`first_step`).
 
     The loop starts from ``ctx.initial`` and, for every retained round with remaining
     participants, adds ``Σ_k w̃_k Ũ_k`` where ``Ũ_k`` comes from :meth:`step` (the stored
