@@ -124,7 +124,9 @@ def prepare(cfg: Config) -> Setup:
 
 def check_replayable(cfg: Config) -> None:
     """Refuse a strategy declared to break ``M_{t+1} = M_t + Σ_k w_k U_k`` when removal
-    requests go to methods that need that identity (``needs_replayable_history``).
+    requests go to methods that need that identity (``needs_replayable_history``), and a
+    retention interval other than 1 for methods that need every round (``needs_every_round``,
+    FedRecover).
 
     A strategy that declares nothing passes here; the history store checks every round as it
     records it, and those methods refuse a history that broke the identity.
@@ -137,8 +139,16 @@ def check_replayable(cfg: Config) -> None:
     from fedunlearn.unlearning.service import factory_of
 
     t = cfg.training
-    if not cfg.unlearning.requests or keeps_history_identity(t.strategy, t.strategy_params) \
-            is not False:
+    if not cfg.unlearning.requests:
+        return
+    every = [n for n in cfg.unlearning.methods
+             if getattr(factory_of(n), "needs_every_round", False)]
+    if every and cfg.history.retention_interval != 1:
+        raise ConfigError(
+            f"config key 'history.retention_interval' = {cfg.history.retention_interval}, but "
+            f"{', '.join(every)} needs the global model and every client's update of every "
+            "round; set history.retention_interval = 1 or drop it from unlearning.methods")
+    if keeps_history_identity(t.strategy, t.strategy_params) is not False:
         return
     needy = [n for n in cfg.unlearning.methods
              if getattr(factory_of(n), "needs_replayable_history", False)]

@@ -136,7 +136,9 @@ class Step:
 
 
 class HistoryReplay:
-    """The replay loop shared by FedAccum and FedEraser; subclasses override :meth:`step`.
+    """The replay loop shared by FedAccum, FedEraser and FedRecover; subclasses override
+    :meth:`step` (and, to replay another record than the store's or to act in the first
+    retained round, :meth:`replay_round` and :meth:`first_step`).
 
     The loop starts from ``ctx.initial`` and, for every retained round with remaining
     participants, adds ``Σ_k w̃_k Ũ_k`` where ``Ũ_k`` comes from :meth:`step` (the stored
@@ -161,6 +163,19 @@ class HistoryReplay:
         The base replay (FedAccum) returns the stored updates at no cost.
         """
         return Step(list(rnd.stored))
+
+    def first_step(self, ctx: UnlearningContext, model: Params, rnd: RoundUpdates) -> Step:
+        """The updates of the first retained round: the stored ones, at no cost (``M_1`` holds
+        nothing of the removed clients)."""
+        return Step(list(rnd.stored))
+
+    def replay_round(self, ctx: UnlearningContext, t: int, clients: tuple[int, ...],
+                     weights: tuple[float, ...]) -> RoundUpdates:
+        """Round ``t`` as the replay sees it: its remaining participants ``clients`` with their
+        renormalised FedAvg ``weights`` and their updates stored in ``ctx.history``. A method
+        replaying another record (FedRecover's recovered trajectory) overrides it; the round
+        it returns may hold fewer clients (weights renormalised over them), or none."""
+        return RoundUpdates(t, clients, weights, tuple(ctx.history.update(t, k) for k in clients))
 
     def details(self) -> dict[str, Any]:
         """Method-specific entries of the result's ``details``."""
@@ -194,10 +209,12 @@ class HistoryReplay:
                                                     keep=lambda k: k not in ctx.removed)
             if not clients:
                 continue
-            rnd = RoundUpdates(t, clients, weights,
-                               tuple(history.update(t, k) for k in clients))
+            rnd = self.replay_round(ctx, t, clients, weights)
+            if not rnd.clients:
+                continue
+            weights = rnd.weights
             if t == retained[0]:
-                step = Step(list(rnd.stored))
+                step = self.first_step(ctx, model, rnd)
             else:
                 step = self.step(ctx, model, rnd)
                 cost = _add(cost, step.cost)

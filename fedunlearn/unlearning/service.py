@@ -12,7 +12,8 @@ false``) at the level ``history.purge``: ``"strict"`` (default) also deletes the
 from the targets' first round on and the final model, so nothing left re-solves their updates;
 ``"updates"`` deletes only their updates and running sums. Later requests need no stored global
 model: the history replays start from ``initial`` and the remaining clients' stored updates,
-distillation subtracts the next targets' running sums from the model it left. The lineage log
+distillation subtracts the next targets' running sums from the model it left, FedRecover
+replays the trajectory it recovered for the previous request. The lineage log
 records the request, each resulting model and the purge (level, files and bytes removed, and
 the first round whose global model is gone).
 """
