@@ -20,6 +20,13 @@ def get_params(model: nn.Module) -> Params:
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
 
+def buffer_names(model: nn.Module) -> frozenset[str]:
+    """State-dict names of ``model``'s buffers (e.g. BatchNorm's running statistics), as
+    opposed to its trainable parameters."""
+    params = {name for name, _ in model.named_parameters()}
+    return frozenset(k for k in model.state_dict() if k not in params)
+
+
 def set_params(model: nn.Module, params: Mapping[str, np.ndarray]) -> None:
     """Load ``params`` into ``model`` (strict: names and shapes must match)."""
     state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in params.items()}

@@ -16,7 +16,13 @@ client work and shows what calibration buys.
 
 Non-float arrays (e.g. BatchNorm's integer ``num_batches_tracked``) carry no updates; the
 reconstruction copies them from the model being rebuilt (that is, from ``M_1``) in every step,
-explicitly, via :func:`~fedunlearn.aggregation.apply_update`.
+explicitly, via :func:`~fedunlearn.aggregation.apply_update` (training keeps them at ``M_1``'s
+value too, see :func:`~fedunlearn.aggregation.keep_non_float`). Float buffers (BatchNorm's
+running mean and variance) are replayed like parameters, but FedEraser does not calibrate
+them: a calibrated round takes their fresh update ``Û_k`` as it is (so the rebuilt statistics
+are the FedAvg mean of the statistics the calibrating clients measured on the reconstructed
+model) and leaves them out of the norms that scale the parameters; stretching a statistic by
+``‖U‖/‖Û‖`` could make a variance negative.
 
 A client that fails its calibration request (no reply within ``engine.client_timeout_s``, an
 error, or a model with NaN/Inf; see :mod:`fedunlearn.federation.faults`) stops the removal with
@@ -56,7 +62,7 @@ from typing import Any, ClassVar
 
 from fedunlearn.aggregation import apply_update, difference, l2_norm, weighted_sum
 from fedunlearn.history import IDENTITY_RTOL, HistoryStore
-from fedunlearn.params import Params, set_params
+from fedunlearn.params import Params, buffer_names, is_float, set_params
 from fedunlearn.seeding import derive_seed
 from fedunlearn.training import evaluate
 from fedunlearn.unlearning.base import (
@@ -126,6 +132,9 @@ class Step:
     round : RoundUpdates or None
         The round the updates are aligned with, when the step dropped clients from the one it
         was given (failed calibration under ``on_client_failure = "drop"``); ``None``: the same.
+    uncalibrated : frozenset of str
+        Arrays taken from the fresh updates as they are (the model's buffers), left out of the
+        calibration norms and of the diagnostics.
     """
 
     updates: list[Params]
@@ -133,6 +142,7 @@ class Step:
     fresh: list[Params] | None = None
     norm_scope: str = "model"
     round: RoundUpdates | None = None
+    uncalibrated: frozenset[str] = frozenset()
 
 
 class HistoryReplay:
@@ -241,10 +251,11 @@ def round_diagnostics(rnd: RoundUpdates, step: Step) -> dict[str, Any]:
     if step.fresh is None:
         return entry
     pairs = list(zip(rnd.stored, step.fresh, strict=True))
-    whole = [calibration_stats(u, f)["model"] for u, f in pairs]
+    skip = step.uncalibrated
+    whole = [calibration_stats(u, f, uncalibrated=skip)["model"] for u, f in pairs]
     entry.update(weighted_mean_stats(whole, rnd.weights).as_dict())
     if step.norm_scope == "layer":
-        per = [calibration_stats(u, f, scope="layer") for u, f in pairs]
+        per = [calibration_stats(u, f, scope="layer", uncalibrated=skip) for u, f in pairs]
         entry["layers"] = {name: weighted_mean_stats([p[name] for p in per],
                                                      rnd.weights).as_dict() for name in per[0]}
     return entry
@@ -269,6 +280,16 @@ class _TestAccuracy:
         acc = float(evaluate(self.net, test.x, test.y)["accuracy"])
         self.seconds += time.perf_counter() - t0
         return acc
+
+
+def _buffers(ctx: UnlearningContext) -> frozenset[str]:
+    """The architecture's buffer names, asked of ``ctx.build_model()`` only when the model holds
+    a non-float entry, as every BatchNorm layer tracking statistics does
+    (``num_batches_tracked``); a model of float arrays only is taken to have no buffers that
+    change in training, and is not built."""
+    if all(is_float(v) for v in ctx.initial.values()):
+        return frozenset()
+    return buffer_names(ctx.build_model())
 
 
 def _add(a: Cost, b: Cost) -> Cost:
@@ -333,11 +354,12 @@ class FedEraser(HistoryReplay):
                                                server_round=rnd.round, tag=tag)
         kept = rnd if len(results) == n else rnd.only(results)  # clients dropped on failure
         fresh = [difference(results[k].model, model) for k in kept.clients]
-        updates = [calibrate(stored, f, scope=self.norm_scope)
+        buffers = _buffers(ctx)  # statistics: taken fresh, not calibrated
+        updates = [calibrate(stored, f, scope=self.norm_scope, uncalibrated=buffers)
                    for stored, f in zip(kept.stored, fresh, strict=True)]
         return Step(updates, Cost(client_epochs=n * epochs, rounds=1, messages_sent=n),
                     fresh=fresh, norm_scope=self.norm_scope,
-                    round=kept if kept is not rnd else None)
+                    round=kept if kept is not rnd else None, uncalibrated=buffers)
 
     def details(self) -> dict[str, Any]:
         return {"r": self.r, "norm_scope": self.norm_scope}
