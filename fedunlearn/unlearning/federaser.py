@@ -17,10 +17,11 @@ client work and shows what calibration buys.
 Non-float arrays (e.g. BatchNorm's integer ``num_batches_tracked``) carry no updates; the
 reconstruction copies them from the model being rebuilt (that is, from ``M_1``) in every step,
 explicitly, via :func:`~fedunlearn.aggregation.apply_update` (training keeps them at ``M_1``'s
-value too, see :func:`~fedunlearn.aggregation.keep_non_float`). Float buffers (BatchNorm's
-running mean and variance) are replayed like parameters, but FedEraser does not calibrate
-them: a calibrated round takes their fresh update ``Û_k`` as it is (so the rebuilt statistics
-are the FedAvg mean of the statistics the calibrating clients measured on the reconstructed
+value too, see :func:`~fedunlearn.aggregation.keep_non_float`). Float buffers (the running
+mean and variance of torch's normalisation layers, named ``*.running_mean`` / ``*.running_var``,
+:data:`~fedunlearn.params.RUNNING_STATS`) are replayed like parameters, but FedEraser does not
+calibrate them: a calibrated round takes their fresh update ``Û_k`` as it is (so the rebuilt
+statistics are the FedAvg mean of those the calibrating clients measured on the reconstructed
 model) and leaves them out of the norms that scale the parameters; stretching a statistic by
 ``‖U‖/‖Û‖`` could make a variance negative.
 
@@ -62,7 +63,7 @@ from typing import Any, ClassVar
 
 from fedunlearn.aggregation import apply_update, difference, l2_norm, weighted_sum
 from fedunlearn.history import IDENTITY_RTOL, HistoryStore
-from fedunlearn.params import Params, buffer_names, is_float, set_params
+from fedunlearn.params import Params, running_stat_names, set_params
 from fedunlearn.seeding import derive_seed
 from fedunlearn.training import evaluate
 from fedunlearn.unlearning.base import (
@@ -282,16 +283,6 @@ class _TestAccuracy:
         return acc
 
 
-def _buffers(ctx: UnlearningContext) -> frozenset[str]:
-    """The architecture's buffer names, asked of ``ctx.build_model()`` only when the model holds
-    a non-float entry, as every BatchNorm layer tracking statistics does
-    (``num_batches_tracked``); a model of float arrays only is taken to have no buffers that
-    change in training, and is not built."""
-    if all(is_float(v) for v in ctx.initial.values()):
-        return frozenset()
-    return buffer_names(ctx.build_model())
-
-
 def _add(a: Cost, b: Cost) -> Cost:
     return Cost(client_epochs=a.client_epochs + b.client_epochs, rounds=a.rounds + b.rounds,
                 messages_sent=a.messages_sent + b.messages_sent,
@@ -354,7 +345,7 @@ class FedEraser(HistoryReplay):
                                                server_round=rnd.round, tag=tag)
         kept = rnd if len(results) == n else rnd.only(results)  # clients dropped on failure
         fresh = [difference(results[k].model, model) for k in kept.clients]
-        buffers = _buffers(ctx)  # statistics: taken fresh, not calibrated
+        buffers = running_stat_names(model)  # statistics: taken fresh, not calibrated
         updates = [calibrate(stored, f, scope=self.norm_scope, uncalibrated=buffers)
                    for stored, f in zip(kept.stored, fresh, strict=True)]
         return Step(updates, Cost(client_epochs=n * epochs, rounds=1, messages_sent=n),
