@@ -110,7 +110,10 @@ def ray_head() -> Iterator[tuple[str, Path, dict[str, float]]]:
 @pytest.mark.flower
 def test_experiment_runs_on_a_ray_cluster_started_here(ray_head, tmp_path):
     address, head_dir, timings = ray_head
-    cfg = small_config(f'engine.address="{address}"', "training.sample_fraction=0.75")
+    # ResNet-20 with BatchNorm: Flower's own FedAvg aggregates the running statistics and
+    # the integer counters, so this also checks the Flower path keeps them as the README says
+    cfg = small_config(f'engine.address="{address}"', "training.sample_fraction=0.75",
+                       'model.name="resnet20"', 'model.params={norm="batch"}')
     t0 = time.monotonic()
     results = run_experiment(cfg, tmp_path / "run", quiet=True)
     timings["experiment_s"] = time.monotonic() - t0
@@ -120,7 +123,12 @@ def test_experiment_runs_on_a_ray_cluster_started_here(ray_head, tmp_path):
     setup = prepare(cfg)
     local = train_federation(InProcessFederation(cfg, setup.evaluator()), setup,
                              HistoryStore.create(tmp_path / "local"), progress=False)
-    assert max_abs_diff(local.final, store.final_model()) == 0.0
+    final = store.final_model()
+    assert max_abs_diff(local.final, final) == 0.0
+    assert store.replayable()  # M_{t+1} = M_t + sum w U held in every round
+    counters = [k for k in final if k.endswith("num_batches_tracked")]
+    assert len(counters) == 19 and all(final[k].dtype.kind == "i" and final[k] == 0
+                                       for k in counters)
     # the clients ran in this head's workers: its session logs name Flower's client actors
     logs = list(head_dir.glob("session_*/logs/worker-*"))
     assert logs, f"no worker logs under {head_dir}"
