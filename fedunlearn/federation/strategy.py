@@ -7,6 +7,9 @@
   client replays exactly the original sampling minus that client;
 * orders replies by partition id before aggregation, so a fixed seed gives a bit-identical
   model whatever order Ray returns them in;
+* keeps integer buffers (BatchNorm's ``num_batches_tracked``) out of the aggregation: the wrapped
+  strategy averages every array, and the new global model takes them back from the model the
+  round started from (:func:`~fedunlearn.aggregation.keep_non_float`), with their dtype;
 * reports every round (global model it started from, participants, example counts, FedAvg
   weights, each participant's returned model) to a callback — the history store listens there;
 * screens every reply before the wrapped strategy sees it (:mod:`fedunlearn.federation.faults`):
