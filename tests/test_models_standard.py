@@ -154,3 +154,15 @@ def test_models_train_and_evaluate_on_cuda(name):
     on_gpu = evaluate(model, x, y, device="cuda")
     on_cpu = evaluate(model, x, y, device="cpu")
     assert abs(on_gpu["loss"] - on_cpu["loss"]) < 1e-3
+
+
+@pytest.mark.parametrize(("path", "model"), [("simulations/mnist5k_lenet5.toml", "lenet5"),
+                                             ("simulations/mnist5k_mcmahan.toml", "mcmahan_cnn")])
+def test_documented_mnist5k_configs_parse_and_name_their_model(path, model):
+    from pathlib import Path
+
+    from fedunlearn.config import load_config
+
+    cfg = load_config(Path(__file__).parent.parent / path, [])
+    assert cfg.model.name == model and cfg.data.source == "mnist_5k"
+    assert cfg.unlearning.requests == []
