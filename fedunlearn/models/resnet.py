@@ -9,9 +9,10 @@ and where a stage halves the map and doubles the filters, subsampling by 2 with 
 extra channels, so they add no parameters (0.27 M in all, as the paper's Table 6 lists).
 
 Normalisation, after every convolution as in the paper: **GroupNorm** by default (Wu and He,
-ECCV 2018), ``groups = 2`` as Hsieh, Phanishayee, Mutlu and Gibbons (ICML 2020, "The Non-IID
-Data Quagmire of Decentralized Machine Learning") use it in federated training. It keeps no
-running statistics, so the model's state is its parameters only. ``norm = "batch"`` gives the
+ECCV 2018), which Hsieh, Phanishayee, Mutlu and Gibbons (ICML 2020, "The Non-IID Data Quagmire
+of Decentralized Machine Learning") propose in place of BatchNorm for training on non-IID
+partitions; ``groups = 2`` by default. It keeps no running statistics, so the model's state is
+its parameters only. ``norm = "batch"`` gives the
 paper's BatchNorm, whose running mean and variance are float buffers and
 ``num_batches_tracked`` an integer one; see "BatchNorm buffers" in the README for how the
 history store, FedAvg and FedEraser treat them. GroupNorm and BatchNorm have the same number
