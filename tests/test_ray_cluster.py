@@ -4,7 +4,8 @@ The test starts ``ray start --head --block`` in a new process group with its own
 port, runs a small experiment with ``engine.address`` pointing at it, checks the result against
 the in-process federation (identical work, so the identical model) and that the clients ran in
 that head's workers, then stops exactly the head it started: SIGTERM to its process group,
-SIGKILL after a bounded wait. It never runs ``ray stop`` (which would stop every local Ray).
+SIGKILL after a bounded wait. Every wait is bounded (start 90 s, stop 30 + 10 s, and a watchdog
+kills the head after 600 s). It never runs ``ray stop`` (which would stop every local Ray).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +32,9 @@ from fedunlearn.runner import run_experiment
 
 START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 30.0
+HARD_LIMIT_S = 600.0
+"""Past this, a watchdog SIGKILLs the head's process group, so a hung run fails instead of
+waiting forever (the driver's Ray calls error out once the head is gone)."""
 
 
 def free_port() -> int:
@@ -72,6 +77,11 @@ def stop_group(proc: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> Non
         proc.wait(timeout=5)
 
 
+def _kill_group(pgid: int) -> None:
+    if group_alive(pgid):
+        os.killpg(pgid, signal.SIGKILL)
+
+
 @pytest.fixture
 def ray_head() -> Iterator[tuple[str, Path, dict[str, float]]]:
     """A two-CPU Ray head on 127.0.0.1; yields (address, its temp dir, timings)."""
@@ -89,6 +99,9 @@ def ray_head() -> Iterator[tuple[str, Path, dict[str, float]]]:
          "--disable-usage-stats", "--block"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     timings: dict[str, float] = {}
+    watchdog = threading.Timer(HARD_LIMIT_S, _kill_group, args=(proc.pid,))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         while not listening(port):
             if proc.poll() is not None or time.monotonic() - t0 > START_TIMEOUT_S:
@@ -98,6 +111,7 @@ def ray_head() -> Iterator[tuple[str, Path, dict[str, float]]]:
         timings["head_start_s"] = time.monotonic() - t0
         yield f"127.0.0.1:{port}", tmp, timings
     finally:
+        watchdog.cancel()
         t1 = time.monotonic()
         stop_group(proc)
         timings["head_stop_s"] = time.monotonic() - t1
