@@ -3,7 +3,8 @@
 FedAvg (McMahan et al., AISTATS 2017, "Communication-Efficient Learning of Deep Networks from
 Decentralized Data"): ``M_{t+1} = M_t + sum_k w_k U_k`` with ``w_k = n_k / sum_j n_j``.
 Only floating arrays carry updates; integer buffers (e.g. BatchNorm's ``num_batches_tracked``)
-are left as they are in the base model, explicitly.
+are left as they are in the base model, explicitly: :func:`keep_non_float` puts them back after an
+aggregation that averaged them (Flower's ``FedAvg`` averages every array it is given).
 """
 
 from __future__ import annotations
@@ -54,6 +55,25 @@ def apply_update(base: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray
         else:
             out[k] = v.copy()
     return out
+
+
+def keep_non_float(aggregated: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> Params:
+    """``aggregated`` with every non-float array of ``base`` copied back from ``base``.
+
+    Flower's ``FedAvg`` averages every array of the replies, so an integer buffer (BatchNorm's
+    ``num_batches_tracked``) comes back as the float64 mean of the clients' counters, and the
+    next global model would change dtype. fedunlearn keeps integer buffers out of aggregation:
+    the new global model takes them, value and dtype, from the model the round started from, so
+    ``M_{t+1} = M_t + sum_k w_k U_k`` holds for every entry (integer entries have ``U = 0``).
+    Float arrays, BatchNorm's running means and variances included, are averaged.
+
+    >>> out = keep_non_float({"w": np.array([0.5]), "n": np.array(3.5)},
+    ...                      {"w": np.array([0.0]), "n": np.array(2)})
+    >>> out["w"].tolist(), int(out["n"]), out["n"].dtype.kind
+    ([0.5], 2, 'i')
+    """
+    return {k: base[k].copy() if k in base and not is_float(np.asarray(base[k])) else v
+            for k, v in aggregated.items()}
 
 
 def l2_norm(params: Mapping[str, np.ndarray]) -> float:

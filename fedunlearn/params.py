@@ -20,6 +20,27 @@ def get_params(model: nn.Module) -> Params:
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
 
+def buffer_names(model: nn.Module) -> frozenset[str]:
+    """State-dict names of ``model``'s buffers (e.g. BatchNorm's running statistics), as
+    opposed to its trainable parameters."""
+    params = {name for name, _ in model.named_parameters()}
+    return frozenset(k for k in model.state_dict() if k not in params)
+
+
+RUNNING_STATS = ("running_mean", "running_var")
+"""Last name component of the running statistics of torch's normalisation layers (BatchNorm,
+and InstanceNorm with ``track_running_stats``): float buffers measured, not trained."""
+
+
+def running_stat_names(params: Mapping[str, np.ndarray]) -> frozenset[str]:
+    """Names of the entries of ``params`` that are normalisation running statistics.
+
+    >>> sorted(running_stat_names({"bn.weight": 0, "bn.running_mean": 0, "bn.running_var": 0}))
+    ['bn.running_mean', 'bn.running_var']
+    """
+    return frozenset(k for k in params if k.rsplit(".", 1)[-1] in RUNNING_STATS)
+
+
 def set_params(model: nn.Module, params: Mapping[str, np.ndarray]) -> None:
     """Load ``params`` into ``model`` (strict: names and shapes must match)."""
     state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in params.items()}

@@ -21,7 +21,7 @@ def test_models_map_images_to_logits(name, shape):
 
 
 def test_registry_lists_models_and_rejects_duplicates():
-    assert MODELS.names() == ["cnn", "logistic", "mlp"]
+    assert MODELS.names() == ["cnn", "lenet5", "logistic", "mcmahan_cnn", "mlp", "resnet20"]
     with pytest.raises(ValueError, match="already registered"):
         MODELS.add("mlp", lambda *a: None)
 

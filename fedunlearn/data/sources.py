@@ -319,14 +319,25 @@ def hf_to_arrays(
     return ArrayDataset(x, labels, num_classes, name)
 
 
+def fetch_hub(hub_id: str) -> datasets.DatasetDict:
+    """Every split of the Hub dataset ``hub_id`` (downloaded, or read from the HF cache).
+
+    The one step of the Hub sources that touches the network; everything after it (decoding,
+    scaling, pooling the splits, partitioning) is the same for any ``DatasetDict`` of the same
+    columns, which is how the tests run the Hub sources offline (they replace this function).
+    """
+    import datasets
+
+    return datasets.load_dataset(hub_id)
+
+
 def _load_hub(
     name: str, hub_id: str, image_key: str, label_key: str, num_classes: int
 ) -> ArrayDataset:
-    """Download ``hub_id`` and pool all its splits into one :class:`ArrayDataset`."""
-    import datasets
-
+    """Fetch ``hub_id`` (:func:`fetch_hub`) and pool all its splits into one
+    :class:`ArrayDataset`, in split order."""
     try:
-        splits = datasets.load_dataset(hub_id)
+        splits = fetch_hub(hub_id)
     except Exception as err:  # any failure to reach or read the Hub is reported the same way
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
         detail = f"{type(err).__name__}: {first_line}" if first_line else type(err).__name__

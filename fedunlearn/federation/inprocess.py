@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedunlearn.aggregation import fedavg_weights
+from fedunlearn.aggregation import fedavg_weights, keep_non_float
 from fedunlearn.config import Config
 from fedunlearn.federation.faults import (
     Failure,
@@ -90,7 +90,8 @@ class InProcessFederation:
                     server_round=r, global_model=model, participants=tuple(done),
                     num_examples=counts, weights=tuple(fedavg_weights(counts)),
                     client_models={p: results[p].model for p in done}))
-                model = flower_average([results[p].model for p in done], counts)
+                model = keep_non_float(flower_average([results[p].model for p in done],
+                                                      counts), model)
             tracker.evaluated(r, model)
         run = tracker.finish(model, sent)
         run.bytes_exchanged = exchanged

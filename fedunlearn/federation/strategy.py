@@ -7,6 +7,9 @@
   client replays exactly the original sampling minus that client;
 * orders replies by partition id before aggregation, so a fixed seed gives a bit-identical
   model whatever order Ray returns them in;
+* keeps integer buffers (BatchNorm's ``num_batches_tracked``) out of the aggregation: the wrapped
+  strategy averages every array, and the new global model takes them back from the model the
+  round started from (:func:`~fedunlearn.aggregation.keep_non_float`), with their dtype;
 * reports every round (global model it started from, participants, example counts, FedAvg
   weights, each participant's returned model) to a callback — the history store listens there;
 * screens every reply before the wrapped strategy sees it (:mod:`fedunlearn.federation.faults`):
@@ -41,7 +44,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM, FedProx, Strategy
 
-from fedunlearn.aggregation import fedavg_weights
+from fedunlearn.aggregation import fedavg_weights, keep_non_float
 from fedunlearn.federation.faults import (
     Failure,
     FaultPolicy,
@@ -56,6 +59,7 @@ from fedunlearn.federation.messages import (
     PARTITION,
     array_bytes,
     from_record,
+    to_record,
 )
 from fedunlearn.federation.port import RoundReport
 from fedunlearn.params import Params
@@ -303,7 +307,9 @@ class RecordingStrategy(Strategy):
                                   first=first)
         self._settle(failed, ok, server_round, "train")
         ordered = [ok[p] for p in sorted(ok)]
-        result = self.inner.aggregate_train(server_round, ordered)
+        arrays, metrics = self.inner.aggregate_train(server_round, ordered)
+        if arrays is not None:  # integer buffers are not averaged: they stay as in M_t
+            arrays = to_record(keep_non_float(from_record(arrays), self._global))
         self.client_seconds += [float(m.content[METRICS].get("train-seconds", 0.0))
                                 for m in ordered]
         if ordered:
@@ -314,7 +320,7 @@ class RecordingStrategy(Strategy):
                 num_examples=counts, weights=tuple(fedavg_weights(counts)),
                 client_models={p: from_record(m.content[ARRAYS]) for p, m in zip(pids, ordered,
                                                                                   strict=True)}))
-        return result
+        return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

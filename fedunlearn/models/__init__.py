@@ -1,79 +1,23 @@
-"""Model registry: small networks and the multinomial logistic model.
+"""Models: the registry and every registered network.
+
+===============  ==========================================================  ==============
+name             what                                                        module
+===============  ==========================================================  ==============
+``mlp``          multi-layer perceptron                                      :mod:`.small`
+``cnn``          two 3x3 conv blocks, global pooling                         :mod:`.small`
+``logistic``     multinomial logistic regression (the Newton step's model)   :mod:`.small`
+``lenet5``       LeNet-5 (LeCun et al. 1998)                                 :mod:`.lenet`
+``mcmahan_cnn``  the FedAvg paper's MNIST CNN (McMahan et al. 2017)          :mod:`.mcmahan`
+``resnet20``     CIFAR ResNet-20 (He et al. 2016), GroupNorm or BatchNorm    :mod:`.resnet`
+===============  ==========================================================  ==============
 
 Every builder takes ``input_shape`` (without the batch axis) and ``num_classes`` and returns an
-``torch.nn.Module``. Users add their own with ``MODELS.register("name")``.
+``torch.nn.Module``; :func:`build_model` builds one by name with seeded initial weights. Users
+add their own with ``MODELS.register("name")``.
 """
 
-from __future__ import annotations
+from fedunlearn.models import lenet, mcmahan, resnet, small  # noqa: F401 - registers the models
+from fedunlearn.models.registry import MODELS, ModelBuilder, build_model, reinitialise
+from fedunlearn.models.small import cnn, logistic, mlp
 
-import math
-from collections.abc import Callable
-
-import torch
-from torch import nn
-
-from fedunlearn.registry import Registry
-
-ModelBuilder = Callable[..., nn.Module]
-MODELS: Registry[ModelBuilder] = Registry("model")
-
-
-@MODELS.register("mlp")
-def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...] = (64, 64)) -> nn.Module:
-    """Multi-layer perceptron with ReLU; the last hidden layer gives the penultimate features."""
-    layers: list[nn.Module] = [nn.Flatten()]
-    width = math.prod(input_shape)
-    for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
-        width = h
-    layers.append(nn.Linear(width, num_classes))
-    return nn.Sequential(*layers)
-
-
-@MODELS.register("cnn")
-def cnn(input_shape: tuple[int, ...], num_classes: int, channels: tuple[int, int] = (16, 32)) -> nn.Module:
-    """Two 3x3 conv blocks (the second pooled when the image allows), global pooling, a linear head.
-
-    Works on 8x8 (digits) as well as 28x28 (MNIST) and 32x32 (CIFAR-10) inputs.
-    """
-    if len(input_shape) != 3:
-        raise ValueError(f"model 'cnn' needs image inputs (C, H, W), got shape {input_shape}; "
-                         "use model.name = 'mlp' or 'logistic' for tabular data")
-    c_in, height, _ = input_shape
-    c1, c2 = channels
-    pool_first = height >= 16
-    return nn.Sequential(
-        nn.Conv2d(c_in, c1, 3, padding=1), nn.ReLU(),
-        nn.MaxPool2d(2) if pool_first else nn.Identity(),
-        nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-        nn.Linear(c2 * 4, num_classes),
-    )
-
-
-@MODELS.register("logistic")
-def logistic(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Multinomial logistic regression (one linear layer on flattened inputs)."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
-
-
-def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, seed: int,
-                **params: object) -> nn.Module:
-    """Build a registered model with deterministic initial weights drawn from ``seed``."""
-    builder = MODELS.get(name)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return builder(tuple(input_shape), num_classes, **params)
-
-
-def reinitialise(model: nn.Module, seed: int) -> nn.Module:
-    """Draw fresh initial weights for ``model`` in place from ``seed`` (``reset_parameters`` of
-    every submodule that has one), leaving the global torch generator untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for module in model.modules():
-            reset = getattr(module, "reset_parameters", None)
-            if callable(reset):
-                reset()
-    return model
+__all__ = ["MODELS", "ModelBuilder", "build_model", "cnn", "logistic", "mlp", "reinitialise"]

@@ -14,7 +14,7 @@ stretches the fresh step) and the cosine between them (whether both point the sa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,8 @@ def _norm(arrays: Sequence[np.ndarray]) -> float:
 
 
 def calibrate(stored: Mapping[str, np.ndarray], fresh: Mapping[str, np.ndarray], *,
-              scope: str = "model", eps: float = 1e-12) -> Params:
+              scope: str = "model", eps: float = 1e-12,
+              uncalibrated: Collection[str] = ()) -> Params:
     """FedEraser's calibrated update ``Ũ = ‖U‖ · Û / ‖Û‖`` (Liu et al., IWQoS 2021).
 
     Parameters
@@ -48,6 +49,11 @@ def calibrate(stored: Mapping[str, np.ndarray], fresh: Mapping[str, np.ndarray],
     eps : float, optional
         A fresh norm at or below ``eps`` (default ``1e-12``) gives a zero update: without a
         direction there is nothing to scale.
+    uncalibrated : collection of str, optional
+        Array names taken from ``Û`` as they are and left out of every norm (default none).
+        FedEraser passes the model's buffers: BatchNorm's running mean and variance are
+        statistics measured on the reconstructed model, not optimisation steps, and a
+        stretched step could turn a variance negative.
 
     Returns
     -------
@@ -67,9 +73,11 @@ def calibrate(stored: Mapping[str, np.ndarray], fresh: Mapping[str, np.ndarray],
     {'a': [3.0, 0.0], 'b': [4.0]}
     >>> {k: v.tolist() for k, v in calibrate(U, fresh, scope="layer").items()}
     {'a': [4.0, 0.0], 'b': [3.0]}
+    >>> {k: v.tolist() for k, v in calibrate(U, fresh, uncalibrated=["b"]).items()}
+    {'a': [4.0, 0.0], 'b': [0.800000011920929]}
     """
-    u, d, groups = _grouped(stored, fresh, scope)
-    out: Params = {}
+    u, d, groups = _grouped(stored, fresh, scope, uncalibrated)
+    out: Params = {k: d[k].astype(np.float32) for k in d if k in uncalibrated}
     for name, stats in _stats(u, d, groups, eps).items():
         for k in groups[name]:
             out[k] = (stats.ratio * d[k]).astype(np.float32)
@@ -77,8 +85,10 @@ def calibrate(stored: Mapping[str, np.ndarray], fresh: Mapping[str, np.ndarray],
 
 
 def _grouped(stored: Mapping[str, np.ndarray], fresh: Mapping[str, np.ndarray], scope: str,
+             uncalibrated: Collection[str] = (),
              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, list[str]]]:
-    """The float arrays of both updates as float64, and the norm groups of ``scope``."""
+    """The float arrays of both updates as float64, and the norm groups of ``scope`` (without
+    the ``uncalibrated`` names)."""
     if scope not in NORM_SCOPES:
         raise ValueError(f"unknown norm scope {scope!r}; known: {', '.join(NORM_SCOPES)}")
     names = [k for k, v in fresh.items() if is_float(np.asarray(v))]
@@ -88,7 +98,8 @@ def _grouped(stored: Mapping[str, np.ndarray], fresh: Mapping[str, np.ndarray], 
                          f"vs {sorted(names)}); pass updates of the same model")
     u = {k: np.asarray(stored[k], np.float64) for k in names}
     d = {k: np.asarray(fresh[k], np.float64) for k in names}
-    groups = {"model": names} if scope == "model" else {k: [k] for k in names}
+    scaled = [k for k in names if k not in uncalibrated]
+    groups = {"model": scaled} if scope == "model" else {k: [k] for k in scaled}
     return u, d, groups
 
 
@@ -121,7 +132,8 @@ class CalibrationStats:
 
 
 def calibration_stats(stored: Mapping[str, np.ndarray], fresh: Mapping[str, np.ndarray], *,
-                      scope: str = "model", eps: float = 1e-12) -> dict[str, CalibrationStats]:
+                      scope: str = "model", eps: float = 1e-12,
+                      uncalibrated: Collection[str] = ()) -> dict[str, CalibrationStats]:
     """Norms, ratio and cosine of ``U`` and ``Û`` per norm group of :func:`calibrate`.
 
     Parameters
@@ -134,6 +146,8 @@ def calibration_stats(stored: Mapping[str, np.ndarray], fresh: Mapping[str, np.n
         :func:`calibrate` applies to that group.
     eps : float, optional
         Norms at or below ``eps`` (default ``1e-12``) count as zero.
+    uncalibrated : collection of str, optional
+        Names left out, as in :func:`calibrate`.
 
     Returns
     -------
@@ -153,7 +167,7 @@ def calibration_stats(stored: Mapping[str, np.ndarray], fresh: Mapping[str, np.n
     >>> {k: (s.ratio, s.cosine) for k, s in calibration_stats(U, fresh, scope="layer").items()}
     {'a': (4.0, 1.0), 'b': (0.0, 0.0)}
     """
-    return _stats(*_grouped(stored, fresh, scope), eps)
+    return _stats(*_grouped(stored, fresh, scope, uncalibrated), eps)
 
 
 def _stats(u: Mapping[str, np.ndarray], d: Mapping[str, np.ndarray],

@@ -16,7 +16,14 @@ client work and shows what calibration buys.
 
 Non-float arrays (e.g. BatchNorm's integer ``num_batches_tracked``) carry no updates; the
 reconstruction copies them from the model being rebuilt (that is, from ``M_1``) in every step,
-explicitly, via :func:`~fedunlearn.aggregation.apply_update`.
+explicitly, via :func:`~fedunlearn.aggregation.apply_update` (training keeps them at ``M_1``'s
+value too, see :func:`~fedunlearn.aggregation.keep_non_float`). Float buffers (the running
+mean and variance of torch's normalisation layers, named ``*.running_mean`` / ``*.running_var``,
+:data:`~fedunlearn.params.RUNNING_STATS`) are replayed like parameters, but FedEraser does not
+calibrate them: a calibrated round takes their fresh update ``Û_k`` as it is (so the rebuilt
+statistics are the FedAvg mean of those the calibrating clients measured on the reconstructed
+model) and leaves them out of the norms that scale the parameters; stretching a statistic by
+``‖U‖/‖Û‖`` could make a variance negative.
 
 A client that fails its calibration request (no reply within ``engine.client_timeout_s``, an
 error, or a model with NaN/Inf; see :mod:`fedunlearn.federation.faults`) stops the removal with
@@ -56,7 +63,7 @@ from typing import Any, ClassVar
 
 from fedunlearn.aggregation import apply_update, difference, l2_norm, weighted_sum
 from fedunlearn.history import IDENTITY_RTOL, HistoryStore
-from fedunlearn.params import Params, set_params
+from fedunlearn.params import Params, running_stat_names, set_params
 from fedunlearn.seeding import derive_seed
 from fedunlearn.training import evaluate
 from fedunlearn.unlearning.base import (
@@ -126,6 +133,9 @@ class Step:
     round : RoundUpdates or None
         The round the updates are aligned with, when the step dropped clients from the one it
         was given (failed calibration under ``on_client_failure = "drop"``); ``None``: the same.
+    uncalibrated : frozenset of str
+        Arrays taken from the fresh updates as they are (the model's buffers), left out of the
+        calibration norms and of the diagnostics.
     """
 
     updates: list[Params]
@@ -133,6 +143,7 @@ class Step:
     fresh: list[Params] | None = None
     norm_scope: str = "model"
     round: RoundUpdates | None = None
+    uncalibrated: frozenset[str] = frozenset()
 
 
 class HistoryReplay:
@@ -258,10 +269,11 @@ def round_diagnostics(rnd: RoundUpdates, step: Step) -> dict[str, Any]:
     if step.fresh is None:
         return entry
     pairs = list(zip(rnd.stored, step.fresh, strict=True))
-    whole = [calibration_stats(u, f)["model"] for u, f in pairs]
+    skip = step.uncalibrated
+    whole = [calibration_stats(u, f, uncalibrated=skip)["model"] for u, f in pairs]
     entry.update(weighted_mean_stats(whole, rnd.weights).as_dict())
     if step.norm_scope == "layer":
-        per = [calibration_stats(u, f, scope="layer") for u, f in pairs]
+        per = [calibration_stats(u, f, scope="layer", uncalibrated=skip) for u, f in pairs]
         entry["layers"] = {name: weighted_mean_stats([p[name] for p in per],
                                                      rnd.weights).as_dict() for name in per[0]}
     return entry
@@ -350,11 +362,12 @@ class FedEraser(HistoryReplay):
                                                server_round=rnd.round, tag=tag)
         kept = rnd if len(results) == n else rnd.only(results)  # clients dropped on failure
         fresh = [difference(results[k].model, model) for k in kept.clients]
-        updates = [calibrate(stored, f, scope=self.norm_scope)
+        buffers = running_stat_names(model)  # statistics: taken fresh, not calibrated
+        updates = [calibrate(stored, f, scope=self.norm_scope, uncalibrated=buffers)
                    for stored, f in zip(kept.stored, fresh, strict=True)]
         return Step(updates, Cost(client_epochs=n * epochs, rounds=1, messages_sent=n),
                     fresh=fresh, norm_scope=self.norm_scope,
-                    round=kept if kept is not rnd else None)
+                    round=kept if kept is not rnd else None, uncalibrated=buffers)
 
     def details(self) -> dict[str, Any]:
         return {"r": self.r, "norm_scope": self.norm_scope}
