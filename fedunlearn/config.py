@@ -360,8 +360,10 @@ class VerificationSection:
         fits its two-parameter scale (default 2,000; the rest of the test split otherwise).
     shadow_samples : int
         Training samples per shadow model: a seeded random half of the shadows' pool, cut to
-        at most this many (default 4,000). Bounds the shadows' cost at ``mia_shadows ×
-        shadow_epochs × shadow_samples`` sample-epochs whatever the federation's size.
+        at most this many (default 1,000). Bounds the shadows' cost at ``mia_shadows ×
+        shadow_epochs × shadow_samples`` sample-epochs whatever the federation's size (80,000
+        at the defaults, below the 180,000 of retraining in ``simulations/scale_1000.toml``;
+        digits' halves of about 560 samples are not cut).
     """
 
     noise_floor: bool = True
@@ -370,7 +372,7 @@ class VerificationSection:
     alpha: float = 0.01
     max_members: int = 1000
     max_population: int = 2000
-    shadow_samples: int = 4000
+    shadow_samples: int = 1000
 
     def __post_init__(self) -> None:
         _check(self.mia_shadows >= 0, "verification.mia_shadows", "must be >= 0")

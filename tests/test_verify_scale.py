@@ -312,3 +312,16 @@ def test_a_budget_that_does_not_bind_changes_nothing(trained):
 def test_bad_budget_is_refused(bad):
     with pytest.raises(ValueError, match="max_steps"):
         Distillation(max_steps=bad).check()
+
+
+def test_capped_run_labels_its_batches_like_the_full_run(trained):
+    """Under a binding cap the teacher labels each drawn batch instead of the whole split: one
+    epoch run both ways (epochs=1 uncapped; epochs=2 capped at one epoch's steps, same seeded
+    shuffle) gives the same student."""
+    ctx = _context(trained)
+    per_epoch = -(-len(ctx.data.server.x) // 8)
+    full = Distillation(epochs=1, batch_size=8, max_steps=None).unlearn(ctx).model
+    capped = Distillation(epochs=2, batch_size=8, max_steps=per_epoch).unlearn(ctx).model
+    assert full is not None and capped is not None
+    for k in full:
+        np.testing.assert_allclose(capped[k], full[k], rtol=1e-5, atol=1e-6)

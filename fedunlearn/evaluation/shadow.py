@@ -42,8 +42,8 @@ def shadow_sample(n: int, shadow: int, *, seed: int, max_samples: int | None = N
 def shadow_sample_size(n: int, max_samples: int | None = None) -> int:
     """Samples each shadow trains on from a pool of ``n``: ``min(n // 2, max_samples)``.
 
-    >>> shadow_sample_size(89_000, 4000), shadow_sample_size(1100, 4000)
-    (4000, 550)
+    >>> shadow_sample_size(89_000, 1000), shadow_sample_size(1100, 1000)
+    (1000, 550)
     """
     return n // 2 if max_samples is None else min(n // 2, max_samples)
 

@@ -478,7 +478,7 @@ def write_metrics_csv(path: Path, results: Mapping[str, Any]) -> None:
 def verification_line(results: Mapping[str, Any], request: int) -> str | None:
     """One line on what verifying request ``request`` cost, beside the retraining it judges.
 
-    ``"verification 9.80 s vs retraining 35.20 s (shadows 7.10 s: 4 × 4000 of 89500 samples;
+    ``"verification 9.80 s vs retraining 35.20 s (shadows 7.10 s: 4 × 1000 of 89510 samples;
     members 90 of 90, non-members 90, population 2000 of 25510)"``; summed over seeds and
     serving passes. None when the run file has no ``verification`` block (older runs).
     """
