@@ -216,6 +216,7 @@ def test_verification_cost_and_sizes_are_reported_per_request(served):
         assert e["sizes"]["members"] == e["sizes"]["nonmembers"] == 15
         assert e["sizes"]["population"] == 25 and e["sizes"]["shadow_pool"] == pool
         assert e["shadows"] == 2 and e["shadow_train_samples"] == 40
+        assert e["shadow_threads"] == 1  # engine.num_cpus, as every client
         assert e["wall_s"] >= e["shadow_s"] >= 0
     # one set of shadows, trained for the first request, reused by the second
     assert [e["shadows_trained"] for e in v] == [True, False]
@@ -325,3 +326,23 @@ def test_capped_run_labels_its_batches_like_the_full_run(trained):
     assert full is not None and capped is not None
     for k in full:
         np.testing.assert_allclose(capped[k], full[k], rtol=1e-5, atol=1e-6)
+
+
+def test_shadows_run_with_their_thread_count_and_restore_the_callers(data, monkeypatch):
+    cfg = small_config(*FIVE)
+    setup = prepare(cfg)
+    seen: list[int] = []
+    real_train = shadow_module.train
+
+    def spy(model, x, y, spec, *, seed):
+        seen.append(torch.get_num_threads())
+        return real_train(model, x, y, spec, seed=seed)
+
+    monkeypatch.setattr(shadow_module, "train", spy)
+    before = torch.get_num_threads()
+    want = 2 if before == 1 else 1
+    bank = ShadowModels(setup.build_model, local_training(cfg, 1.0), num_shadows=2, seed=1,
+                        max_samples=20, threads=want)
+    pool = data.pooled(exclude={0})
+    bank(pool.x, pool.y, data.test.x[:5], data.test.y[:5])
+    assert seen == [want, want] and torch.get_num_threads() == before

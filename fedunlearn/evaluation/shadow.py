@@ -8,13 +8,24 @@ Cost. Each shadow trains on a seeded random half of the pool, cut to at most ``m
 samples, so the shadows cost at most ``num_shadows × epochs × max_samples`` sample-epochs
 however large the federation is. :class:`ShadowModels` keeps the trained models, so one set of
 shadows answers every method and every request whose queries lie outside its pool.
+
+Threads. The shadows are small models trained in small batches; torch's intra-op threads only
+add synchronisation there. Measured on a shared 2-core machine, one 20-epoch shadow of the
+``simulations/scale_1000.toml`` MLP on 1,000 samples took 6.5 s with torch's default 2 threads
+and 0.75 s with 1, so :class:`ShadowModels` trains with ``threads`` torch threads (the service
+passes ``engine.num_cpus``, as each client gets) and restores the caller's setting afterwards.
+A fork-started process pool of 2 ran 4 such shadows in 2.9 s against 7.7 s one after another
+(``scripts/bench_shadow_parallel.py``), but forking the Flower driver, which runs Ray's and
+gRPC's threads, is unsafe, and a spawned pool pays torch's import per worker (seconds) for
+shadows that now take about a second each: not used.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -64,6 +75,9 @@ class ShadowModels:
         ``derive_seed(seed, s, 2)``; the global torch generator is left untouched.
     max_samples : int or None
         Cap on each shadow's training samples (default None: half the pool).
+    threads : int or None
+        Torch intra-op threads while training and querying (default None: leave the
+        process's setting).
 
     Attributes
     ----------
@@ -78,12 +92,14 @@ class ShadowModels:
     """
 
     def __init__(self, build_model: Callable[[], torch.nn.Module], spec: LocalTraining, *,
-                 num_shadows: int, seed: int, max_samples: int | None = None) -> None:
+                 num_shadows: int, seed: int, max_samples: int | None = None,
+                 threads: int | None = None) -> None:
         self.build_model = build_model
         self.spec = spec
         self.num_shadows = num_shadows
         self.seed = seed
         self.max_samples = max_samples
+        self.threads = threads
 
     def fit(self, pool_x: np.ndarray, pool_y: np.ndarray) -> ShadowModels:
         """Train every shadow on its sample of the pool."""
@@ -91,12 +107,14 @@ class ShadowModels:
         n = len(pool_x)
         self.models_ = []
         self.train_samples_ = 0
-        for s in range(self.num_shadows):
-            idx = shadow_sample(n, s, seed=self.seed, max_samples=self.max_samples)
-            model = reinitialise(self.build_model(), derive_seed(self.seed, s, 1))
-            train(model, pool_x[idx], pool_y[idx], self.spec, seed=derive_seed(self.seed, s, 2))
-            self.models_.append(model)
-            self.train_samples_ = len(idx)
+        with torch_threads(self.threads):
+            for s in range(self.num_shadows):
+                idx = shadow_sample(n, s, seed=self.seed, max_samples=self.max_samples)
+                model = reinitialise(self.build_model(), derive_seed(self.seed, s, 1))
+                train(model, pool_x[idx], pool_y[idx], self.spec,
+                      seed=derive_seed(self.seed, s, 2))
+                self.models_.append(model)
+                self.train_samples_ = len(idx)
         self.pool_size_ = n
         self.fingerprint_ = pool_fingerprint(pool_x, pool_y)
         self.fit_seconds_ = time.perf_counter() - t0
@@ -106,8 +124,9 @@ class ShadowModels:
     def confidences(self, queries_x: np.ndarray, queries_y: np.ndarray) -> np.ndarray:
         """``phi`` of every shadow on the queries, shape ``(num_shadows, n_queries)``, float64."""
         rows = np.empty((len(self.models_), len(queries_x)), dtype=np.float64)
-        for s, model in enumerate(self.models_):
-            rows[s] = logit_confidence(predict_proba(model, queries_x), queries_y)
+        with torch_threads(self.threads):
+            for s, model in enumerate(self.models_):
+                rows[s] = logit_confidence(predict_proba(model, queries_x), queries_y)
         return rows
 
     def __call__(self, pool_x: np.ndarray, pool_y: np.ndarray, queries_x: np.ndarray,
@@ -117,6 +136,18 @@ class ShadowModels:
         if getattr(self, "fingerprint_", None) != pool_fingerprint(pool_x, pool_y):
             self.fit(pool_x, pool_y)
         return self.confidences(queries_x, queries_y)
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` torch intra-op threads (None: unchanged), then restore."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(max(1, threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def pool_fingerprint(x: np.ndarray, y: np.ndarray) -> str:

@@ -218,7 +218,7 @@ class Served:
     verification: list[dict[str, Any]] = field(default_factory=list)
     """Per request: ``request``, ``clients``, ``setting``, ``wall_s`` (all verification work of
     the request), ``shadow_s`` (of it, training or querying the shadows), ``shadows`` (how
-    many), ``shadows_trained`` (false when the seed's shadows were reused), ``shadow_train_samples``
+    many), ``shadow_threads`` (torch threads they ran with), ``shadows_trained`` (false when the seed's shadows were reused), ``shadow_train_samples``
     (per shadow) and ``sizes`` (:attr:`RequestVerifier.sizes`)."""
 
 
@@ -322,6 +322,7 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
             "request": i, "clients": list(targets), "setting": "+".join(sorted(settings)),
             "wall_s": verify_s, "shadow_s": verifier.shadow_seconds,
             "shadows": 0 if shadows is None else shadows.num_shadows,
+            "shadow_threads": None if shadows is None else shadows.threads,
             "shadows_trained": getattr(shadows, "fits_", 0) > fits,
             "shadow_train_samples": 0 if shadows is None else shadow_sample_size(
                 sizes["shadow_pool"], v.shadow_samples),
@@ -383,7 +384,8 @@ def _shadow_models(cfg: Config, build_model: Callable[[], Any]) -> ShadowModels 
         return None
     return ShadowModels(build_model, local_training(cfg, v.shadow_epochs),
                         num_shadows=v.mia_shadows, seed=derive_seed(cfg.seed, 0x5AD0),
-                        max_samples=v.shadow_samples)
+                        max_samples=v.shadow_samples,
+                        threads=max(1, int(cfg.engine.num_cpus)))
 
 
 def _originals(methods: list[Method], trained: Params, targets: tuple[int, ...],
