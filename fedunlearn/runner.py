@@ -44,6 +44,7 @@ from fedunlearn.reporting import (
     training_block,
     training_summary,
     verdict_table,
+    verification_summary,
     write_json,
     write_report,
 )
@@ -66,6 +67,7 @@ class SeedRun:
     training: dict[str, Any] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
     purges: list[dict[str, Any]] = field(default_factory=list)
+    verification: list[dict[str, Any]] = field(default_factory=list)
     history_bytes_after_purge: int | None = None
     shadow_cache: dict[int, Any] = field(default_factory=dict)
     start: Checkpoint | None = None  # resume training from this round
@@ -94,6 +96,7 @@ class SeedRun:
             self.training, self.rows = saved["training"], saved["rows"]
             self.purges = saved["purges"]
             self.history_bytes_after_purge = saved["history_bytes_after_purge"]
+            self.verification = saved.get("verification", [])
             self.served = True
             return
         if (self.out / TRAINING_FILE).exists():
@@ -136,12 +139,14 @@ class SeedRun:
                                 shadow_cache=self.shadow_cache,
                                 stream=None if quiet else sys.stderr)
         self.rows += [{"seed": self.seed, **dataclasses.asdict(r)} for r in served.rows]
+        self.verification += [{"seed": self.seed, **v} for v in served.verification]
         if setting == "federated":
             self.purges = served.purges
             self.history_bytes_after_purge = self.store.bytes_used()
             write_state(self.out / SERVED_FILE, {
                 "training": self.training, "rows": self.rows, "purges": self.purges,
-                "history_bytes_after_purge": self.history_bytes_after_purge})
+                "history_bytes_after_purge": self.history_bytes_after_purge,
+                "verification": self.verification})
 
 
 @contextmanager
@@ -201,6 +206,8 @@ def run_experiment(cfg: Config, out: Path, *, quiet: bool = False, command: str 
         if "unlearning" in results:
             print(comparison_table(results["unlearning"], results.get("summary")))
             print(verdict_table(results["summary"]))
+            if (cost := verification_summary(results)) is not None:
+                print(cost)
         print(f"report         {written['report']}")
     return results
 
@@ -241,6 +248,19 @@ def _centralized(runs: list[SeedRun], cfg: Config, *, quiet: bool) -> None:
             interrupt.check()
 
 
+def verification_block(requests: list[dict[str, Any]],
+                       rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``results["verification"]``: the cost of verifying, apart from the methods' own.
+
+    ``requests`` (one entry per seed, request and serving pass, see
+    :attr:`fedunlearn.unlearning.service.Served.verification`), ``total_s`` (their sum) and
+    ``retrain_s`` (the wall time of the retrainings being judged, reference rows summed over
+    seeds and requests, for comparison).
+    """
+    return {"requests": requests, "total_s": sum(v["wall_s"] for v in requests),
+            "retrain_s": sum(r["wall_s"] for r in rows if r.get("role") == "reference")}
+
+
 def _results(cfg: Config, runs: list[SeedRun], out: Path) -> dict[str, Any]:
     first = runs[0]
     results: dict[str, Any] = {**stamp(first.cfg), "config": cfg.to_dict(),
@@ -255,4 +275,6 @@ def _results(cfg: Config, runs: list[SeedRun], out: Path) -> dict[str, Any]:
         results["purges"] = first.purges
         results["history_bytes_after_purge"] = first.history_bytes_after_purge
         results["summary"] = summarize(rows, alpha=cfg.verification.alpha)
+        results["verification"] = verification_block(
+            [v for r in runs for v in r.verification], rows)
     return results

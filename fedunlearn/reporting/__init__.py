@@ -39,6 +39,8 @@ from fedunlearn.reporting.tables import (
     request_label,
     trigger_verdict,
     verdict_table,
+    verification_line,
+    verification_summary,
     write_metrics_csv,
 )
 
@@ -68,6 +70,8 @@ __all__ = [
     "training_summary",
     "trigger_verdict",
     "verdict_table",
+    "verification_line",
+    "verification_summary",
     "write_json",
     "write_metrics_csv",
     "write_report",

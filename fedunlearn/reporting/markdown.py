@@ -34,6 +34,7 @@ from fedunlearn.reporting.tables import (
     _verdict_columns,
     display_rows,
     trigger_verdict,
+    verification_line,
     write_metrics_csv,
 )
 
@@ -81,7 +82,7 @@ def report_markdown(results: Mapping[str, Any]) -> str:
     parts = [_md_header(results), _md_training(results), _md_seeds(results)]
     for i, (clients, group) in enumerate(_request_groups(rows)):
         parts.append(_md_request(i, clients, group, show_setting=show_setting,
-                                 backdoor=backdoor))
+                                 backdoor=backdoor, verification=verification_line(results, i)))
     parts += [_GUIDE, _md_plots(bool(rows), bool(replay_rows(results)))]
     return "\n\n".join(p for p in parts if p) + "\n"
 
@@ -151,7 +152,7 @@ def _md_training(results: Mapping[str, Any]) -> str:
 
 
 def _md_request(index: int, clients: list[int], rows: list[dict[str, Any]], *,
-                show_setting: bool, backdoor: bool) -> str:
+                show_setting: bool, backdoor: bool, verification: str | None = None) -> str:
     refs = ", ".join(f"`{r['method']}`" for r in _by_role(rows, "reference").values())
     return "\n\n".join([
         f"## Request {index}: forget clients {clients}",
@@ -163,6 +164,9 @@ def _md_request(index: int, clients: list[int], rows: list[dict[str, Any]], *,
         _md_distances(rows, show_setting),
         "### Cost",
         _md_table(_cost_columns(show_setting), [r for r in rows if r["role"] != "original"]),
+        *([(f"Cost of this verification: {verification}. The verification's samples are "
+            "bounded by `[verification]` `max_members`, `max_population` and "
+            "`shadow_samples`.")] if verification else []),
     ])
 
 

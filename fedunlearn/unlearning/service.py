@@ -16,6 +16,12 @@ distillation subtracts the next targets' running sums from the model it left, Fe
 replays the trajectory it recovered for the previous request. The lineage log
 records the request, each resulting model and the purge (level, files and bytes removed, and
 the first round whose global model is gone).
+
+Verification is timed apart from the methods: per request, the wall time of building the
+verifier, predicting every model on the verification splits, training (or reusing) the shadow
+models and computing the metrics, with the sample sizes used (``Served.verification``). One set
+of shadow models is trained per seed, on a bounded sample of the clients outside every request
+(so no request's members are in it), and serves every method and request.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import Any, TextIO
 
 from fedunlearn.config import Config, ConfigError
 from fedunlearn.data.federated import FederatedData
-from fedunlearn.evaluation.shadow import shadow_logit_confidences
+from fedunlearn.evaluation.shadow import ShadowModels, shadow_sample_size
 from fedunlearn.evaluation.verify import Outputs, RequestVerifier
 from fedunlearn.federation.local import local_training
 from fedunlearn.federation.port import Federation
@@ -228,6 +234,11 @@ class Served:
 
     rows: list[Row]
     purges: list[dict[str, Any]]
+    verification: list[dict[str, Any]] = field(default_factory=list)
+    """Per request: ``request``, ``clients``, ``setting``, ``wall_s`` (all verification work of
+    the request), ``shadow_s`` (of it, training or querying the shadows), ``shadows`` (how
+    many), ``shadow_threads`` (torch threads they ran with), ``shadows_trained`` (false when the seed's shadows were reused), ``shadow_train_samples``
+    (per shadow) and ``sizes`` (:attr:`RequestVerifier.sizes`)."""
 
 
 @dataclass
@@ -237,6 +248,7 @@ class _Answer:
     row: Row
     outputs: Outputs
     params: Params | None
+    verify_s: float = 0.0
 
 
 def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial: Params,
@@ -270,21 +282,29 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
                                  seed=derive_seed(cfg.seed, 0xA11, request))
 
     fit_wall = _fit_centralized(methods, context((), frozenset(), trained, -1), lineage, stream)
-    shadows = _shadow_fn(cfg, build_model)
+    shadows = _shadow_models(cfg, build_model)
+    requested = {c for r in cfg.unlearning.requests for c in r}
+    shadow_pool = data.pooled(exclude=requested) if shadows is not None else None
+    v = cfg.verification
     current = {m.name: trained for m in methods}
     removed: frozenset[int] = frozenset()
     rows: list[Row] = []
     purges: list[dict[str, Any]] = []
+    verification: list[dict[str, Any]] = []
     for i, request in enumerate(cfg.unlearning.requests):
         targets = tuple(sorted(request))
         removed = removed | set(targets)
         if federated:
             lineage.append("request", request=i, clients=list(targets))
+        t_verify = time.perf_counter()
+        cached = shadow_cache.get(i)
         verifier = RequestVerifier(data, targets=targets, removed=removed,
-                                   target_class=target_class, alpha=cfg.verification.alpha,
+                                   target_class=target_class, alpha=v.alpha,
                                    shadows=shadows, seed=derive_seed(cfg.seed, 0x3E7, i),
-                                   shadow_phi=shadow_cache.get(i))
+                                   shadow_phi=cached, max_members=v.max_members,
+                                   max_population=v.max_population, shadow_pool=shadow_pool)
         answers = _originals(methods, trained, targets, verifier, predictor, federated)
+        verify_s = time.perf_counter() - t_verify
         reference_wall: dict[str, float] = {}
         for m in methods:
             ctx = context(targets, removed, current[m.name], i)
@@ -310,9 +330,26 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
             _say(stream, f"[unlearn] request {i} {list(targets)}  {m.name:<22} {wall:7.2f}s  "
                  f"test {answer.row.metrics['test_accuracy']:.3f}  "
                  f"forget {answer.row.metrics['forget_accuracy']:.3f}")
+        t_verify = time.perf_counter()
+        fits = getattr(shadows, "fits_", 0)
         rows += _with_distances(answers, verifier)
         if verifier.shadow_phi is not None:
             shadow_cache[i] = verifier.shadow_phi
+        verify_s += time.perf_counter() - t_verify + sum(a.verify_s for a in answers)
+        sizes = verifier.sizes
+        verification.append({
+            "request": i, "clients": list(targets), "setting": "+".join(sorted(settings)),
+            "wall_s": verify_s, "shadow_s": verifier.shadow_seconds,
+            "shadows": 0 if shadows is None else shadows.num_shadows,
+            "shadow_threads": None if shadows is None else shadows.threads,
+            "shadows_trained": getattr(shadows, "fits_", 0) > fits,
+            "shadow_train_samples": 0 if shadows is None else shadow_sample_size(
+                sizes["shadow_pool"], v.shadow_samples),
+            "sizes": sizes})
+        _say(stream, f"[verify] request {i} {list(targets)}  {verify_s:7.2f}s  (shadows "
+             f"{verifier.shadow_seconds:.2f}s; members {verifier.sizes['members']} of "
+             f"{verifier.sizes['members_available']}, population "
+             f"{verifier.sizes['population']})")
         if federated and cfg.unlearning.purge:
             files_before = _files(store)
             freed = store.purge_clients(targets, level=cfg.history.purge)
@@ -326,7 +363,7 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
                  f"{purge['files_removed']} files, {freed} bytes"
                  + (f"; global models from round {cut} on and the final model deleted"
                     if cut is not None else "; global models kept (re-solvable)"))
-    return Served(rows=rows, purges=purges)
+    return Served(rows=rows, purges=purges, verification=verification)
 
 
 def _traffic(federation: Federation | None) -> tuple[int, int]:
@@ -359,17 +396,15 @@ def _fitted_hash(m: Method, ctx: UnlearningContext) -> str:
     return params_hash({"test_proba": proba})
 
 
-def _shadow_fn(cfg: Config, build_model: Callable[[], Any]) -> Callable | None:
+def _shadow_models(cfg: Config, build_model: Callable[[], Any]) -> ShadowModels | None:
+    """The seed's shadow models (trained on first use, then kept), or None without LiRA."""
     v = cfg.verification
     if v.mia_shadows == 0:
         return None
-    spec = local_training(cfg, v.shadow_epochs)
-
-    def shadows(pool_x: Any, pool_y: Any, query_x: Any, query_y: Any) -> Any:
-        return shadow_logit_confidences(build_model, spec, pool_x, pool_y, query_x, query_y,
-                                        num_shadows=v.mia_shadows,
-                                        seed=derive_seed(cfg.seed, 0x5AD0))
-    return shadows
+    return ShadowModels(build_model, local_training(cfg, v.shadow_epochs),
+                        num_shadows=v.mia_shadows, seed=derive_seed(cfg.seed, 0x5AD0),
+                        max_samples=v.shadow_samples,
+                        threads=max(1, int(cfg.engine.num_cpus)))
 
 
 def _originals(methods: list[Method], trained: Params, targets: tuple[int, ...],
@@ -409,13 +444,15 @@ def _answer(m: Method, result: UnlearningResult, targets: tuple[int, ...], wall:
     else:
         raise RuntimeError(f"method '{m.name}' returned neither a model nor a predictor")
     c = result.cost
+    t0 = time.perf_counter()
     outputs = verifier.outputs(predict)
+    accuracies = verifier.basic_accuracies(outputs)
+    verify_s = time.perf_counter() - t0
     row = Row(list(targets), m.name, m.setting, m.role, wall,
               (reference_wall / wall) if reference_wall and wall > 0 else None,
               c.client_epochs, c.rounds, sent, exchanged, c.sample_epochs, c.server_epochs,
-              verifier.basic_accuracies(outputs),
-              _model_hash(result.model, outputs), details=dict(result.details))
-    return _Answer(row, outputs, result.model)
+              accuracies, _model_hash(result.model, outputs), details=dict(result.details))
+    return _Answer(row, outputs, result.model, verify_s)
 
 
 def _model_hash(params: Params | None, outputs: Outputs) -> str:
