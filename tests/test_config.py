@@ -43,7 +43,7 @@ def test_bad_values_name_the_key(override, needle):
 
 
 @pytest.mark.parametrize(("override", "needle"), [
-    ("model.name=\"resnet\"", "'model.name' = 'resnet' is unknown; known: cnn, logistic, mlp"),
+    ("model.name=\"resnet\"", "'model.name' = 'resnet' is unknown; known: cnn, lenet5, logistic, mcmahan_cnn, mlp, resnet20"),
     ("data.source=\"imagenet\"", "'data.source' = 'imagenet' is unknown"),
     ("training.strategy=\"fedfoo\"", "known: fedavg, fedavgm, fedprox"),
     ("training.step=\"nope\"", "'training.step'"),

@@ -147,9 +147,9 @@ class Distillation:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(OPTIMIZERS.unknown_message(self.optimizer))
         if not self.temperature > 0 or self.epochs < 0 or self.batch_size < 1 \
-                or not self.learning_rate > 0:
+                or not self.learning_rate >= 0:
             raise ValueError("distillation needs temperature > 0, epochs >= 0, "
-                             "learning_rate > 0 and batch_size >= 1, got "
+                             "learning_rate >= 0 and batch_size >= 1, got "
                              f"{self.temperature}, {self.epochs}, {self.learning_rate}, "
                              f"{self.batch_size}")
         if self.max_steps is not None and (isinstance(self.max_steps, bool)
