@@ -25,3 +25,13 @@ def max_abs_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     """Largest absolute difference between two parameter mappings with the same keys."""
     assert list(a) == list(b)
     return max(float(np.max(np.abs(np.asarray(a[k], np.float64) - b[k]))) for k in a)
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
+                                  items: list[pytest.Item]) -> None:
+    """Run the modules with Flower tests first (whole modules, so module fixtures are built
+    once): they are the long ones, and with pytest-xdist a long test started last sets the
+    wall time. Order within a module is kept."""
+    heavy = {item.module.__name__ for item in items  # type: ignore[attr-defined]
+             if item.get_closest_marker("flower") is not None}
+    items.sort(key=lambda item: item.module.__name__ not in heavy)  # type: ignore[attr-defined]

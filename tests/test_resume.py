@@ -59,19 +59,18 @@ def _overrides() -> list[str]:
     return [a for s in SETTINGS for a in ("--set", s)]
 
 
-def _reference_hash() -> str:
+def _reference_hash(where: Path) -> str:
     """The uninterrupted run's final model, from the in-process twin (identical work; the
     Flower/in-process equality is tested in test_seeds.py)."""
     cfg = load_config(ROOT / CONFIG, SETTINGS)
     setup = prepare(cfg)
     fed = InProcessFederation(cfg, setup.evaluator())
-    store = HistoryStore.create(Path(os.environ.get("TMPDIR", "/tmp")) /
-                                f"ref-{os.getpid()}-{time.time_ns()}",
-                                retention_interval=cfg.history.retention_interval,
+    store = HistoryStore.create(where / "reference-history", retention_interval=cfg.history.retention_interval,
                                 update_dtype=cfg.history.dtype)
     return params_hash(train_federation(fed, setup, store, progress=False).final)
 
 
+@pytest.mark.flower
 def test_sigint_then_kill9_then_resume_gives_the_uninterrupted_model(tmp_path):
     out = tmp_path / "run"
     proc = _start(out, "run", CONFIG, *_overrides(), "--out", str(out))
@@ -99,7 +98,7 @@ def test_sigint_then_kill9_then_resume_gives_the_uninterrupted_model(tmp_path):
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     final = HistoryStore.open(out / "history").final_model()
-    assert params_hash(final) == _reference_hash()
+    assert params_hash(final) == _reference_hash(tmp_path)
     assert not (out / CHECKPOINT_META).exists()
     events = [e["event"] for e in LineageLog(out).read()]
     assert events.count("resume") == 2
@@ -130,6 +129,7 @@ def stall_forever(model, x, y, ctx, marker=""):
 '''
 
 
+@pytest.mark.flower
 def test_a_client_that_never_returns_cannot_hold_the_run(tmp_path):
     """Dropped after client_timeout_s, the stalled client still blocks Flower's shutdown; the
     engine watchdog stops Ray in bounded time, says where the work is, and resume finishes."""
