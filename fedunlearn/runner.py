@@ -225,7 +225,7 @@ def _federated(runs: list[SeedRun], cfg: Config, out: Path, *, quiet: bool) -> N
                 print(f"[seed] {run.seed} ({runs.index(run) + 1} of {len(runs)})",
                       file=sys.stderr, flush=True)
             seed_everything(run.seed)
-            fed = connect(run.cfg, run.setup.evaluator())
+            fed = connect(run.cfg, run.setup.evaluator(), run.setup.data)
             if run.final is None:
                 run.train(fed, quiet=quiet)
             interrupt.check()
