@@ -48,6 +48,7 @@ from fedunlearn.reporting import (
     write_json,
     write_report,
 )
+from fedunlearn.schema import Role
 from fedunlearn.seeding import seed_everything
 from fedunlearn.unlearning.service import serve_requests, settings_in
 
@@ -258,7 +259,7 @@ def verification_block(requests: list[dict[str, Any]],
     seeds and requests, for comparison).
     """
     return {"requests": requests, "total_s": sum(v["wall_s"] for v in requests),
-            "retrain_s": sum(r["wall_s"] for r in rows if r.get("role") == "reference")}
+            "retrain_s": sum(r["wall_s"] for r in rows if r.get("role") == Role.REFERENCE)}
 
 
 def _results(cfg: Config, runs: list[SeedRun], out: Path) -> dict[str, Any]:

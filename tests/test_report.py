@@ -284,3 +284,20 @@ def test_comparison_table_groups_requests_and_settings(central_results: dict[str
     keys = [tuple(line.split()[:2]) for line in lines]
     assert keys == sorted(keys, key=lambda k: (k[0] != "0", k[1] != "federated"))
     assert "active" in lines[0] and "no" in lines[1].split()
+
+
+def test_the_schema_is_defined_once() -> None:
+    """Rows, roles and keys come from fedunlearn.schema; the report modules re-export them."""
+    from dataclasses import fields
+
+    from fedunlearn import schema
+    from fedunlearn.evaluation import verify
+    from fedunlearn.reporting import tables
+    from fedunlearn.unlearning import service
+
+    assert service.Row is schema.Row and tables.METRIC_KEYS is schema.METRIC_KEYS
+    assert verify.MIA_KEYS is schema.MIA_KEYS and tables.ROLES == tuple(schema.Role)
+    row_fields = [f.name for f in fields(schema.Row)]
+    # every cost column of metrics.csv is a field of a row, every metric key is unique
+    assert set(schema.COST_KEYS) <= set(row_fields)
+    assert len(set(schema.METRIC_KEYS)) == len(schema.METRIC_KEYS)

@@ -23,6 +23,7 @@ from fedunlearn.evaluation.verdicts import (
     margin_of,
     t_interval,
 )
+from fedunlearn.schema import Role
 
 COST_FIGURES: tuple[str, ...] = (
     "wall_s", "speedup_vs_retrain", "client_epochs", "rounds", "messages_sent",
@@ -94,7 +95,7 @@ def summarize(rows: Sequence[Mapping[str, Any]], *, alpha: float = 0.01) -> list
         groups.setdefault(_key(r), []).append(r)
     role_rows: dict[tuple[tuple[int, ...], str, str], dict[int, Mapping[str, Any]]] = {}
     for (request, setting, _), members in groups.items():
-        for role in ("reference", "noise_floor"):
+        for role in (Role.REFERENCE, Role.NOISE_FLOOR):
             chosen = [r for r in members if r.get("role") == role]
             if chosen:
                 role_rows.setdefault((request, setting, role), {}).update(_by_seed(chosen))
@@ -110,9 +111,9 @@ def summarize(rows: Sequence[Mapping[str, Any]], *, alpha: float = 0.01) -> list
             "costs": {k: describe([_number(r.get(k)) for r in members]) for k in COST_FIGURES},
             "verdicts": {}, "notes": sorted({n for r in members for n in r.get("notes") or []}),
         }
-        if entry["role"] == "method":
-            ref = role_rows.get((request, setting, "reference"), {})
-            floor = role_rows.get((request, setting, "noise_floor"), {})
+        if entry["role"] == Role.METHOD:
+            ref = role_rows.get((request, setting, Role.REFERENCE), {})
+            floor = role_rows.get((request, setting, Role.NOISE_FLOOR), {})
             mine = _by_seed(members)
             entry["verdicts"] = {c.name: judge(c, mine, ref, floor, alpha=alpha)
                                  for c in CRITERIA}

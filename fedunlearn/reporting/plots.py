@@ -19,6 +19,7 @@ from fedunlearn.reporting.tables import (
     _settings,
     _value,
 )
+from fedunlearn.schema import Role
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -130,7 +131,7 @@ def _bar_panel(ax: Axes, rows: list[dict[str, Any]], key: str, *, title: str,
     ax.set_ylim(0.0, 1.2)
     ax.set_yticks([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.grid(axis="y", alpha=0.3)
-    for setting, ref in _by_role(rows, "reference").items():
+    for setting, ref in _by_role(rows, Role.REFERENCE).items():
         v = _metric(ref, key)
         if v is not None:
             ax.axhline(v, ls="--", lw=1.2, color=_style(setting)[0])
@@ -169,7 +170,7 @@ def plot_fidelity_speedup(results: Mapping[str, Any], path: Path) -> Figure:
     fig = _figure(10.5, 6.0)
     ax = fig.subplots()
     points = _fidelity_points(rows)
-    floors = {s: v for s, r in _by_role(rows, "noise_floor").items()
+    floors = {s: v for s, r in _by_role(rows, Role.NOISE_FLOOR).items()
               if (v := _metric(r, "kl_forget")) is not None}
     _scatter_methods(ax, points)
     _noise_floor_lines(ax, floors)
@@ -188,7 +189,7 @@ def _fidelity_points(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], f
     out = []
     for r in rows:
         x, y = _value(r.get("speedup_vs_retrain")), _metric(r, "kl_forget")
-        if r["role"] == "method" and x is not None and x > 0 and y is not None:
+        if r["role"] == Role.METHOD and x is not None and x > 0 and y is not None:
             out.append((r, x, y))
     return out
 
@@ -304,7 +305,7 @@ def plot_replay_trajectory(results: Mapping[str, Any], path: Path) -> Figure:
     acc_ax.plot([r.get("round") for r in train],
                 [math.nan if (v := _value(r.get("test_accuracy"))) is None else v for r in train],
                 color="black", lw=1.5, label="original training")
-    retrain = next((r for r in (results.get("unlearning") or []) if r.get("role") == "reference"
+    retrain = next((r for r in (results.get("unlearning") or []) if r.get("role") == Role.REFERENCE
                     and r.get("setting", "federated") == "federated"), None)
     if retrain is not None and (v := _value((retrain.get("metrics") or {})
                                            .get("test_accuracy"))) is not None:

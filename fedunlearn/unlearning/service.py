@@ -43,6 +43,7 @@ from fedunlearn.federation.port import Federation
 from fedunlearn.history import HistoryStore
 from fedunlearn.lineage import LineageLog, params_hash
 from fedunlearn.params import Params
+from fedunlearn.schema import NOISE_SUFFIX, REFERENCE, SETTINGS, Role, Row
 from fedunlearn.seeding import derive_seed
 from fedunlearn.unlearning.base import (
     UNLEARNERS,
@@ -54,10 +55,6 @@ from fedunlearn.unlearning.base import (
     setting_of,
 )
 
-REFERENCE = {"federated": "retrain", "centralized": "central_retrain"}
-"""The reference (exact retraining) of each setting."""
-SETTINGS = tuple(REFERENCE)
-NOISE_SUFFIX = "_seed2"
 EXACT = frozenset(REFERENCE.values())
 
 
@@ -165,12 +162,12 @@ def build_methods(cfg: Config) -> list[Method]:
     parameters are ConfigErrors raised before any work."""
     out: list[Method] = []
     for name in method_order(cfg):
-        role = "reference" if name in EXACT else "method"
+        role = Role.REFERENCE if name in EXACT else Role.METHOD
         method = _create(cfg, name)
         _check_config(cfg, name, method)
         out.append(Method(name, method, role))
-        if role == "reference" and cfg.verification.noise_floor:
-            out.append(Method(name + NOISE_SUFFIX, _create(cfg, name, variant=1), "noise_floor"))
+        if role == Role.REFERENCE and cfg.verification.noise_floor:
+            out.append(Method(name + NOISE_SUFFIX, _create(cfg, name, variant=1), Role.NOISE_FLOOR))
     for name in sorted(set(cfg.unlearning.params) - {m.name for m in out}):
         # parameters kept for a method not run this time (e.g. after --set unlearning.methods)
         # are still checked, so a typo in them is caught now rather than on the next run
@@ -205,27 +202,6 @@ def check_replayable_history(methods: list[Method], store: HistoryStore) -> None
             f"rounds {rounds[:5]}{' ...' if len(rounds) > 5 else ''} (a server-side optimiser "
             f"such as momentum), so {', '.join(needy)} cannot use it; train with fedavg or "
             "fedprox, or drop those methods")
-
-
-@dataclass
-class Row:
-    """One line of the comparison table."""
-
-    request: list[int]
-    method: str
-    setting: str
-    role: str
-    wall_s: float
-    speedup_vs_retrain: float | None
-    client_epochs: float
-    rounds: int
-    messages_sent: int
-    bytes_exchanged: int
-    sample_epochs: float
-    server_epochs: float
-    metrics: dict[str, Any]
-    model_hash: str
-    details: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -313,7 +289,7 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
             result = m.method.unlearn(ctx)
             wall = time.perf_counter() - t0
             after = _traffic(federation)
-            if m.role == "reference":
+            if m.role == Role.REFERENCE:
                 reference_wall[m.setting] = wall
             answer = _answer(m, result, targets, wall, reference_wall.get(m.setting),
                              after[0] - sent, after[1] - exchanged, verifier, predictor)
@@ -324,8 +300,8 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
                 current[m.name] = result.model
             lineage.append("model", kind="unlearned", method=m.name, request=i,
                            model_hash=answer.row.model_hash,
-                           exact=bool(getattr(m.method, "exact", m.role != "method")),
-                           derived_from=None if m.role != "method" else params_hash(ctx.model),
+                           exact=bool(getattr(m.method, "exact", m.role != Role.METHOD)),
+                           derived_from=None if m.role != Role.METHOD else params_hash(ctx.model),
                            trained_with=sorted(everyone - removed), forgot=sorted(removed))
             _say(stream, f"[unlearn] request {i} {list(targets)}  {m.name:<22} {wall:7.2f}s  "
                  f"test {answer.row.metrics['test_accuracy']:.3f}  "
@@ -414,22 +390,22 @@ def _originals(methods: list[Method], trained: Params, targets: tuple[int, ...],
     model fitted on all the pooled data."""
     out = []
     if federated:
-        out.append(_blank_answer("original", "federated", targets,
+        out.append(_blank_answer(Role.ORIGINAL, "federated", targets,
                                  verifier.outputs(predictor(trained)), trained,
                                  params_hash(trained)))
-    central = next((m for m in methods if m.role == "reference" and m.setting == "centralized"),
+    central = next((m for m in methods if m.role == Role.REFERENCE and m.setting == "centralized"),
                    None)
     if central is not None:
         params = central.method.original_params_  # type: ignore[attr-defined]
         outputs = verifier.outputs(central.method.predict_proba_original)  # type: ignore[attr-defined]
-        out.append(_blank_answer("original", "centralized", targets, outputs, params,
+        out.append(_blank_answer(Role.ORIGINAL, "centralized", targets, outputs, params,
                                  _model_hash(params, outputs)))
     return out
 
 
 def _blank_answer(method: str, setting: str, targets: tuple[int, ...], outputs: Outputs,
                   params: Params | None, model_hash: str) -> _Answer:
-    row = Row(list(targets), method, setting, "original", 0.0, None, 0.0, 0, 0, 0, 0.0, 0.0,
+    row = Row(list(targets), method, setting, Role.ORIGINAL, 0.0, None, 0.0, 0, 0, 0, 0.0, 0.0,
               {}, model_hash)
     return _Answer(row, outputs, params)
 
@@ -463,7 +439,7 @@ def _model_hash(params: Params | None, outputs: Outputs) -> str:
 
 def _with_distances(answers: list[_Answer], verifier: RequestVerifier) -> list[Row]:
     """Fill every row's metrics, with distances to its setting's reference."""
-    refs = {a.row.setting: a for a in answers if a.row.role == "reference"}
+    refs = {a.row.setting: a for a in answers if a.row.role == Role.REFERENCE}
     rows = []
     for a in answers:
         ref = refs.get(a.row.setting)
