@@ -248,7 +248,6 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
         check_replayable_history(methods, store)
     shadow_cache = {} if shadow_cache is None else shadow_cache
     target_class = cfg.backdoor.target_class if cfg.backdoor.clients else None
-    everyone = set(range(cfg.data.num_clients))
 
     def context(targets: tuple[int, ...], removed: frozenset[int], model: Params,
                 request: int) -> UnlearningContext:
@@ -284,62 +283,87 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
         reference_wall: dict[str, float] = {}
         for m in methods:
             ctx = context(targets, removed, current[m.name], i)
-            sent, exchanged = _traffic(federation)
-            t0 = time.perf_counter()
-            result = m.method.unlearn(ctx)
-            wall = time.perf_counter() - t0
-            after = _traffic(federation)
-            if m.role == Role.REFERENCE:
-                reference_wall[m.setting] = wall
-            answer = _answer(m, result, targets, wall, reference_wall.get(m.setting),
-                             after[0] - sent, after[1] - exchanged, verifier, predictor)
+            answer, result = _serve(m, ctx, i, reference_wall, verifier, predictor, lineage,
+                                    stream)
             if m.name in fit_wall:
                 answer.row.details["fit_wall_s"] = fit_wall[m.name]
             answers.append(answer)
             if result.model is not None:
                 current[m.name] = result.model
-            lineage.append("model", kind="unlearned", method=m.name, request=i,
-                           model_hash=answer.row.model_hash,
-                           exact=bool(getattr(m.method, "exact", m.role != Role.METHOD)),
-                           derived_from=None if m.role != Role.METHOD else params_hash(ctx.model),
-                           trained_with=sorted(everyone - removed), forgot=sorted(removed))
-            _say(stream, f"[unlearn] request {i} {list(targets)}  {m.name:<22} {wall:7.2f}s  "
-                 f"test {answer.row.metrics['test_accuracy']:.3f}  "
-                 f"forget {answer.row.metrics['forget_accuracy']:.3f}")
         t_verify = time.perf_counter()
         fits = getattr(shadows, "fits_", 0)
         rows += _with_distances(answers, verifier)
         if verifier.shadow_phi is not None:
             shadow_cache[i] = verifier.shadow_phi
         verify_s += time.perf_counter() - t_verify + sum(a.verify_s for a in answers)
-        sizes = verifier.sizes
-        verification.append({
-            "request": i, "clients": list(targets), "setting": "+".join(sorted(settings)),
-            "wall_s": verify_s, "shadow_s": verifier.shadow_seconds,
+        verification.append(_verification_entry(
+            i, targets, settings, verify_s, verifier, shadows,
+            trained_now=getattr(shadows, "fits_", 0) > fits,
+            shadow_samples=v.shadow_samples, stream=stream))
+        if federated and cfg.unlearning.purge:
+            purges.append(_purge(store, i, targets, cfg.history.purge, lineage, stream))
+    return Served(rows=rows, purges=purges, verification=verification)
+
+
+def _serve(m: Method, ctx: UnlearningContext, request: int, reference_wall: dict[str, float],
+           verifier: RequestVerifier, predictor: Callable[[Params], Callable],
+           lineage: LineageLog, stream: TextIO | None) -> tuple[_Answer, UnlearningResult]:
+    """One method serves one request: timed, its traffic counted, logged in the lineage."""
+    sent, exchanged = _traffic(ctx.federation)
+    t0 = time.perf_counter()
+    result = m.method.unlearn(ctx)
+    wall = time.perf_counter() - t0
+    after = _traffic(ctx.federation)
+    if m.role == Role.REFERENCE:
+        reference_wall[m.setting] = wall
+    answer = _answer(m, result, ctx.targets, wall, reference_wall.get(m.setting),
+                     after[0] - sent, after[1] - exchanged, verifier, predictor)
+    everyone = set(range(ctx.cfg.data.num_clients))
+    lineage.append("model", kind="unlearned", method=m.name, request=request,
+                   model_hash=answer.row.model_hash,
+                   exact=bool(getattr(m.method, "exact", m.role != Role.METHOD)),
+                   derived_from=None if m.role != Role.METHOD else params_hash(ctx.model),
+                   trained_with=sorted(everyone - ctx.removed), forgot=sorted(ctx.removed))
+    _say(stream, f"[unlearn] request {request} {list(ctx.targets)}  {m.name:<22} {wall:7.2f}s  "
+         f"test {answer.row.metrics['test_accuracy']:.3f}  "
+         f"forget {answer.row.metrics['forget_accuracy']:.3f}")
+    return answer, result
+
+
+def _verification_entry(request: int, targets: tuple[int, ...], settings: Collection[str],
+                        wall_s: float, verifier: RequestVerifier, shadows: Any, *,
+                        trained_now: bool, shadow_samples: int,
+                        stream: TextIO | None) -> dict[str, Any]:
+    """What verifying one request cost, for ``results.json`` (and one progress line)."""
+    sizes = verifier.sizes
+    _say(stream, f"[verify] request {request} {list(targets)}  {wall_s:7.2f}s  (shadows "
+         f"{verifier.shadow_seconds:.2f}s; members {sizes['members']} of "
+         f"{sizes['members_available']}, population {sizes['population']})")
+    return {"request": request, "clients": list(targets), "setting": "+".join(sorted(settings)),
+            "wall_s": wall_s, "shadow_s": verifier.shadow_seconds,
             "shadows": 0 if shadows is None else shadows.num_shadows,
             "shadow_threads": None if shadows is None else shadows.threads,
-            "shadows_trained": getattr(shadows, "fits_", 0) > fits,
+            "shadows_trained": trained_now,
             "shadow_train_samples": 0 if shadows is None else shadow_sample_size(
-                sizes["shadow_pool"], v.shadow_samples),
-            "sizes": sizes})
-        _say(stream, f"[verify] request {i} {list(targets)}  {verify_s:7.2f}s  (shadows "
-             f"{verifier.shadow_seconds:.2f}s; members {verifier.sizes['members']} of "
-             f"{verifier.sizes['members_available']}, population "
-             f"{verifier.sizes['population']})")
-        if federated and cfg.unlearning.purge:
-            files_before = _files(store)
-            freed = store.purge_clients(targets, level=cfg.history.purge)
-            purge = {"request": i, "clients": list(targets), "level": cfg.history.purge,
-                     "bytes_freed": freed, "files_removed": files_before - _files(store),
-                     "globals_deleted_from": store.globals_deleted_from()}
-            purges.append(purge)
-            lineage.append("purge", **purge)
-            cut = purge["globals_deleted_from"]
-            _say(stream, f"[purge] request {i} {list(targets)}  {cfg.history.purge}: "
-                 f"{purge['files_removed']} files, {freed} bytes"
-                 + (f"; global models from round {cut} on and the final model deleted"
-                    if cut is not None else "; global models kept (re-solvable)"))
-    return Served(rows=rows, purges=purges, verification=verification)
+                sizes["shadow_pool"], shadow_samples),
+            "sizes": sizes}
+
+
+def _purge(store: HistoryStore, request: int, targets: tuple[int, ...], level: str,
+           lineage: LineageLog, stream: TextIO | None) -> dict[str, Any]:
+    """Purge the request's clients from the history store at ``level``; log what went."""
+    files_before = _files(store)
+    freed = store.purge_clients(targets, level=level)
+    purge = {"request": request, "clients": list(targets), "level": level,
+             "bytes_freed": freed, "files_removed": files_before - _files(store),
+             "globals_deleted_from": store.globals_deleted_from()}
+    lineage.append("purge", **purge)
+    cut = purge["globals_deleted_from"]
+    _say(stream, f"[purge] request {request} {list(targets)}  {level}: "
+         f"{purge['files_removed']} files, {freed} bytes"
+         + (f"; global models from round {cut} on and the final model deleted"
+            if cut is not None else "; global models kept (re-solvable)"))
+    return purge
 
 
 def _traffic(federation: Federation | None) -> tuple[int, int]:
