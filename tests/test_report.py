@@ -338,3 +338,26 @@ def test_replay_plot_of_one_kind(tmp_path: Path, results: dict[str, Any], kind: 
     assert cos_label == f"cosine(stored, {word}) (dotted)"
     assert got_title == title
     assert f"federaser ‖stored‖/‖{word}‖" in labels
+
+
+def test_replay_plot_leaves_methods_without_a_fresh_step_off_the_right(
+        tmp_path: Path, results: dict[str, Any]) -> None:
+    """FedAccum replays stored updates: no ratio to plot, so no legend entry on the right,
+    and a run with only such replays says so there."""
+    from fedunlearn.reporting import plot_replay_trajectory
+
+    both = _with_replay(results, {"federaser": "calibration", "fedaccum": None})
+    for r in both["unlearning"]:
+        if r["method"] == "fedaccum":
+            r["details"]["replay_summary"]["mean_ratio"] = None
+            for step in r["details"]["replay"]:
+                step["ratio"] = step["cosine"] = None
+    _, _, _, labels = _replay_texts(tmp_path, both)
+    assert not [x for x in labels if x.startswith("fedaccum")]
+    assert "federaser ‖stored‖/‖calibration‖" in labels
+    only = copy.deepcopy(both)
+    only["unlearning"] = [r for r in only["unlearning"] if r["method"] != "federaser"]
+    fig = plot_replay_trajectory(only, tmp_path / "only.png")
+    notes = [t.get_text() for t in fig.axes[1].texts]
+    assert notes == ["no fresh step to compare (stored updates replayed as they are)"]
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()][-1] == "fedaccum replay"

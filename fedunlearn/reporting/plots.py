@@ -325,10 +325,14 @@ def plot_replay_trajectory(results: Mapping[str, Any], path: Path) -> Figure:
 
         acc_ax.plot(x, series("test_accuracy"), color=colour, marker="o", ms=3,
                     label=f"{r['method']} replay")
-        word = FRESH_KINDS.get(fresh_kind(r) or "", "fresh")
+        kind = fresh_kind(r)
+        if kind is None:  # no fresh step (FedAccum): nothing to compare on the right
+            continue
+        word = FRESH_KINDS[kind]
         ratio_ax.plot(x, series("ratio"), color=colour, marker="o", ms=3,
                       label=f"{r['method']} ‖stored‖/‖{word}‖")
-        cos_ax.plot(x, series("cosine"), color=colour, ls=":",
+        # markers too: FedRecover has a fresh step only in its exact rounds, often isolated
+        cos_ax.plot(x, series("cosine"), color=colour, ls=":", marker="x", ms=4,
                     label=f"{r['method']} cos(stored, {word})")
     acc_ax.set_ylim(0.0, 1.05)
     acc_ax.set_xlabel("round")
@@ -348,6 +352,8 @@ def plot_replay_trajectory(results: Mapping[str, Any], path: Path) -> Figure:
                            word, "Stored update against the fresh one (legend: which)"))
     if not rows:
         _note(acc_ax, "no history-replay method in this run")
+    elif not kinds:
+        _note(ratio_ax, "no fresh step to compare (stored updates replayed as they are)")
     handles = ratio_ax.get_legend_handles_labels()
     extra = cos_ax.get_legend_handles_labels()
     if handles[0] or extra[0]:
