@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedunlearn.evaluation.summary import FRESH_KINDS, fresh_kind
 from fedunlearn.reporting.tables import (
     NOISE_FLOOR_LABEL,
     _by_role,
@@ -286,8 +287,10 @@ def plot_replay_trajectory(results: Mapping[str, Any], path: Path) -> Figure:
     ----------
     results : mapping
         A run's ``results.json``; reads ``training.rounds`` and the ``details.replay`` of
-        FedEraser-like rows (per replayed round: ``test_accuracy``, ``ratio`` =
-        ‖stored update‖ / ‖fresh calibration update‖, ``cosine``).
+        history-replay rows (per replayed round: ``test_accuracy``, ``ratio`` =
+        ‖stored update‖ / ‖fresh update‖, ``cosine``), the fresh update being what the row's
+        ``details.replay_summary.fresh_kind`` says: FedEraser's calibration update, or
+        FedRecover's exact update (:func:`~fedunlearn.evaluation.summary.fresh_kind`).
     path : Path
         Where the PNG goes (120 dpi).
 
@@ -295,10 +298,12 @@ def plot_replay_trajectory(results: Mapping[str, Any], path: Path) -> Figure:
     -------
     matplotlib.figure.Figure
         Left: test accuracy of the reconstructed model per replayed round, the original
-        training curve, and retraining's final accuracy (dashed). Right: the calibration's
-        stretch ratio (log scale) and cosine per round.
+        training curve, and retraining's final accuracy (dashed). Right: the ratio (log scale)
+        and cosine per round of the stored update against the fresh one, labelled per method
+        with what the fresh update is.
     """
     rows = replay_rows(results)
+    kinds = {k for r in rows if (k := fresh_kind(r)) is not None}
     fig = _figure(12.0, 4.8)
     acc_ax, ratio_ax = fig.subplots(1, 2)
     train = (results.get("training") or {}).get("rounds") or []
@@ -321,9 +326,15 @@ def plot_replay_trajectory(results: Mapping[str, Any], path: Path) -> Figure:
 
         acc_ax.plot(x, series("test_accuracy"), color=colour, marker="o", ms=3,
                     label=f"{r['method']} replay")
+        kind = fresh_kind(r)
+        if kind is None:  # no fresh step (FedAccum): nothing to compare on the right
+            continue
+        word = FRESH_KINDS[kind]
         ratio_ax.plot(x, series("ratio"), color=colour, marker="o", ms=3,
-                      label=f"{r['method']} ‖U‖/‖Û‖")
-        cos_ax.plot(x, series("cosine"), color=colour, ls=":", label=f"{r['method']} cos")
+                      label=f"{r['method']} ‖stored‖/‖{word}‖")
+        # markers too: FedRecover has a fresh step only in its exact rounds, often isolated
+        cos_ax.plot(x, series("cosine"), color=colour, ls=":", marker="x", ms=4,
+                    label=f"{r['method']} cos(stored, {word})")
     acc_ax.set_ylim(0.0, 1.05)
     acc_ax.set_xlabel("round")
     acc_ax.set_ylabel("test accuracy (fraction)")
@@ -333,12 +344,17 @@ def plot_replay_trajectory(results: Mapping[str, Any], path: Path) -> Figure:
     ratio_ax.set_yscale("log")
     ratio_ax.axhline(1.0, color="gray", lw=0.8)
     ratio_ax.set_xlabel("round")
-    ratio_ax.set_ylabel("stored / calibration update norm (log)")
+    word = FRESH_KINDS[next(iter(kinds))] if len(kinds) == 1 else "fresh"
+    ratio_ax.set_ylabel(f"stored / {word} update norm (log)")
     cos_ax.set_ylim(-1.05, 1.05)
-    cos_ax.set_ylabel("cosine(stored, calibration) (dotted)")
-    ratio_ax.set_title("How far calibration stretches the fresh step")
+    cos_ax.set_ylabel(f"cosine(stored, {word}) (dotted)")
+    ratio_ax.set_title({"calibration": "How far calibration stretches the fresh step",
+                        "exact": "Stored updates against the exact ones"}.get(
+                           word, "Stored update against the fresh one (legend: which)"))
     if not rows:
         _note(acc_ax, "no history-replay method in this run")
+    elif not kinds:
+        _note(ratio_ax, "no fresh step to compare (stored updates replayed as they are)")
     handles = ratio_ax.get_legend_handles_labels()
     extra = cos_ax.get_legend_handles_labels()
     if handles[0] or extra[0]:
