@@ -141,7 +141,11 @@ def load_checkpoint(seed_dir: Path) -> Checkpoint | None:
     if not meta_path.exists():
         return None
     meta = read_json(meta_path)
-    data = (Path(seed_dir) / CHECKPOINT_ARRAYS).read_bytes()
+    arrays_path = Path(seed_dir) / CHECKPOINT_ARRAYS
+    if not arrays_path.exists():
+        raise ResumeError(f"'{arrays_path}' is missing although {CHECKPOINT_META} lists it; the "
+                          "checkpoint is incomplete, rerun into a new --out")
+    data = arrays_path.read_bytes()
     if hashlib.sha256(data).hexdigest() != meta["sha256"]:
         raise ResumeError(f"'{seed_dir / CHECKPOINT_ARRAYS}' does not match its checksum in "
                           f"{CHECKPOINT_META}; the checkpoint is damaged")

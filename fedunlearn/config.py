@@ -344,7 +344,7 @@ class VerificationSection:
         retraining is reported beside the distance between two retrainings (default true).
     mia_shadows : int
         Shadow models for the offline LiRA membership attack (default 4; 0 disables LiRA and
-        keeps the loss-threshold attack only).
+        keeps the loss-threshold attack only; 1 is refused, a distribution needs two).
     shadow_epochs : float
         Epochs each shadow model trains on its half of the remaining clients' pooled data
         (default 20).
@@ -375,7 +375,9 @@ class VerificationSection:
     shadow_samples: int = 1000
 
     def __post_init__(self) -> None:
-        _check(self.mia_shadows >= 0, "verification.mia_shadows", "must be >= 0")
+        _check(self.mia_shadows == 0 or self.mia_shadows >= 2, "verification.mia_shadows",
+               "must be 0 (no LiRA) or >= 2 (LiRA fits a distribution to the shadows' "
+               "confidences)")
         _check(self.shadow_epochs > 0, "verification.shadow_epochs", "must be > 0")
         _check(0 < self.alpha < 1, "verification.alpha", "must be in (0, 1)")
         _check(self.max_members >= 1, "verification.max_members", "must be >= 1")

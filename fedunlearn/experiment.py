@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
+import torch
+
 from fedunlearn.aggregation import difference
 from fedunlearn.checkpoint import Checkpoint, Checkpointer
 from fedunlearn.config import Config, ConfigError
@@ -116,10 +119,32 @@ def prepare(cfg: Config) -> Setup:
     try:
         model = build_model(cfg.model.name, data.input_shape, data.num_classes, seed=cfg.seed,
                             **cfg.model.params)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"config [model]: {exc}") from None
+        sample = next(d.x[:2] for d in data.clients if len(d))
+        with torch.no_grad():  # the model must take the data (shapes, channel counts)
+            model.eval()(torch.from_numpy(np.asarray(sample, np.float32)))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"config [model] ({cfg.model.name}, params {dict(cfg.model.params)}) "
+                          f"does not fit the data: {reason}") from None
+    _check_methods_against_model(cfg, model)
     _check_requests_against_sampling(cfg)
     return Setup(cfg=cfg, data=data, initial=get_params(model))
+
+
+def _check_methods_against_model(cfg: Config, model: Any) -> None:
+    """Run each configured method's optional ``check_model(net)`` on the experiment's network
+    (NoT's layer indices, for instance), before any training."""
+    from fedunlearn.unlearning.service import build_methods
+
+    if not cfg.unlearning.requests:
+        return
+    for m in build_methods(cfg):
+        check = getattr(m.method, "check_model", None)
+        if callable(check):
+            try:
+                check(model)
+            except ValueError as exc:
+                raise ConfigError(f"config key 'unlearning.params.{m.name}': {exc}") from None
 
 
 def check_replayable(cfg: Config) -> None:

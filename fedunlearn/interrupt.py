@@ -100,12 +100,29 @@ def stoppable(farewell: Callable[[], str], *, grace_s: float = 8.0) -> Iterator[
         threading.Thread(target=watchdog, daemon=True).start()
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    _active[0] = handler
     try:
         yield
     finally:
         done.set()
+        _active[0] = None
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+_active: list[Callable[[int, object], None] | None] = [None]
+
+
+def reclaim() -> None:
+    """Install the active run's handler again for SIGINT and SIGTERM.
+
+    ``ray.init`` installs Ray's own (native) SIGTERM handler in the driver, which aborts the
+    process with a stack dump instead of stopping the run cleanly; call this after it.
+    """
+    handler = _active[0]
+    if handler is not None and threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, handler)
 
 
 def reset() -> None:

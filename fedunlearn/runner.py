@@ -21,6 +21,7 @@ from typing import Any
 
 from fedunlearn import interrupt
 from fedunlearn.checkpoint import (
+    CHECKPOINT_META,
     SERVED_FILE,
     TRAINING_FILE,
     Checkpoint,
@@ -113,6 +114,13 @@ class SeedRun:
             self.final = self.store.final_model()
             return
         self.start = load_checkpoint(self.out)
+        if self.start is None and self.store.rounds():
+            # killed before the first checkpoint, or the checkpoint was removed: training is
+            # redone from round 1 and every stored round is checked against its redone twin
+            print(f"[resume] seed {self.seed}: no checkpoint ({CHECKPOINT_META}); training "
+                  f"restarts from round 1 and the {len(self.store.rounds())} stored rounds are "
+                  "checked against the redone ones", file=sys.stderr, flush=True)
+            self.lineage.append("resume", round=0)
 
     def train(self, fed: FlowerFederation, *, quiet: bool) -> None:
         if self.store is None:

@@ -204,7 +204,11 @@ class _NoSetting:
     def unlearn(self, ctx): ...
 
 
-BROKEN = [(_NoUnlearn, "unlearn(ctx)"), (_NoCheck, "check()"),
+class _UnknownSetting(_NoSetting):
+    setting = "quantum"
+
+
+BROKEN = [(_NoUnlearn, "unlearn(ctx)"), (_NoCheck, "check()"), (_UnknownSetting, "'setting'"),
           (_CentralWithoutFit, "fit(ctx)"), (_CentralWithoutExact, "'exact'"),
           (_NoSetting, "'setting'")]
 

@@ -1,6 +1,7 @@
 """Interruption and resume, through the real CLI in a subprocess (Flower + Ray).
 
-One run is stopped with SIGINT during training, resumed, killed with SIGKILL (the whole
+One run is stopped with SIGINT during training, resumed, stopped with SIGTERM, resumed, killed
+with SIGKILL (the whole
 process group, as ``kill -9`` of a job would), and resumed again. Its final model must be
 bit-identical to an uninterrupted run of the same seed; SIGINT must end the run within 10 s
 with every process it started gone and a last line that says how to resume.
@@ -89,6 +90,15 @@ def test_sigint_then_kill9_then_resume_gives_the_uninterrupted_model(tmp_path):
     store = HistoryStore.open(out / "history")  # consistent after the stop
     assert max(store.rounds()) >= stopped_at
 
+    # SIGTERM (a job scheduler's stop) ends it the same way; Ray's own native SIGTERM handler,
+    # installed by ray.init, used to abort the driver with a stack dump (exit 134)
+    proc = _start(out, "resume", str(out))
+    stopped_at = _wait_round(out, stopped_at + 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].endswith(f"fedunlearn resume {out}"), err[-500:]
+
     proc = _start(out, "resume", str(out))
     _wait_round(out, stopped_at + 5, proc)
     os.killpg(proc.pid, signal.SIGKILL)  # kill -9 of the whole job
@@ -101,7 +111,7 @@ def test_sigint_then_kill9_then_resume_gives_the_uninterrupted_model(tmp_path):
     assert params_hash(final) == _reference_hash(tmp_path)
     assert not (out / CHECKPOINT_META).exists()
     events = [e["event"] for e in LineageLog(out).read()]
-    assert events.count("resume") == 2
+    assert events.count("resume") == 3
     rounds = [e["round"] for e in LineageLog(out).read() if e["event"] == "round"]
     assert sorted(set(rounds)) == list(range(1, 41))
     again = subprocess.run([sys.executable, "-m", "fedunlearn", "resume", str(out)], cwd=ROOT,

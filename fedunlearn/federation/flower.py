@@ -319,12 +319,14 @@ def start_ray(cfg: Config, *, timeout_s: float | None = None) -> float:
     except Exception as exc:  # noqa: BLE001 - Ray raises bare Exceptions here
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if gave_up.is_set():
-            reason = f"no answer within engine.startup_timeout_s = {limit:g} s"
+            reason = (f"no answer within engine.startup_timeout_s = {limit:g} s; raise it if "
+                      "the machine is slow")
         if not cfg.engine.address:  # a failed local start leaves its GCS and raylet behind
             interrupt.kill_descendants()
         raise EngineStartError(f"{where} could not start ({reason}); {hint}") from None
     finally:
         done.set()
+    interrupt.reclaim()  # Ray's native SIGTERM handler would abort the run: ours stops it
     return time.perf_counter() - t0
 
 

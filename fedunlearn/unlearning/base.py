@@ -28,6 +28,7 @@ and list the module in ``[experiment] extensions``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
@@ -140,6 +141,9 @@ class Unlearner(Protocol):
     - ``check_config(cfg)``, a method, checks what depends on the rest of the config (PGA
       refuses a strict purge followed by a later request, whose reference model the purge
       deletes); it runs with :meth:`check`, before any training, and raises ``ValueError``.
+    - ``check_model(net)``, a method, checks the hyperparameters against the experiment's
+      network (NoT's layer indices); it runs once the data and the initial model are built,
+      before any training, and raises ``ValueError``.
     - ``needs_target_client = True`` declares that the method asks the forgotten clients
       themselves for work (PGA's gradient ascent on the target's own data); every other
       federated method must never contact a target.
@@ -230,6 +234,16 @@ class HistoryNotReplayable(ValueError):
 
 
 UNLEARNERS: Registry[Callable[..., Unlearner]] = Registry("unlearning method")
+
+
+def finite_positive(value: object) -> bool:
+    """True for a real number that is finite and ``> 0`` (not a bool, a string, NaN or inf).
+
+    >>> [finite_positive(v) for v in (0.5, 2, 0, float("inf"), float("nan"), "1", True)]
+    [True, True, False, False, False, False, False]
+    """
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
 
 
 def setting_of(method: object) -> Setting:

@@ -155,8 +155,9 @@ class Distillation:
         if self.max_steps is not None and (isinstance(self.max_steps, bool)
                                            or not isinstance(self.max_steps, int)
                                            or self.max_steps < 1):
-            raise ValueError(f"distillation needs max_steps >= 1 (an integer; None lifts the "
-                             f"cap), got {self.max_steps!r}")
+            raise ValueError(f"distillation needs max_steps >= 1 (an integer; a value above "
+                             f"epochs × the server split's batches sets no cap), got "
+                             f"{self.max_steps!r}")
 
     def _check(self, ctx: UnlearningContext) -> None:
         """Refuse bad hyperparameters or a missing server split before any work."""

@@ -21,12 +21,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from fedunlearn.params import Params
+from fedunlearn.params import Params, get_params
 from fedunlearn.unlearning.base import (
     UNLEARNERS,
     Setting,
     UnlearningContext,
     UnlearningResult,
+    finite_positive,
 )
 from fedunlearn.unlearning.finetune import remaining_rounds
 
@@ -125,8 +126,13 @@ class NoT:
             raise ValueError(f"NoT's layers {layers} name a layer twice")
         if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or self.rounds < 0:
             raise ValueError(f"NoT's rounds must be an integer >= 0, got {self.rounds!r}")
-        if self.epochs is not None and not self.epochs > 0:
-            raise ValueError(f"NoT's epochs must be > 0, got {self.epochs}")
+        if self.epochs is not None and not finite_positive(self.epochs):
+            raise ValueError(f"NoT's epochs must be a finite number > 0, got {self.epochs!r}")
+
+    def check_model(self, net: Any) -> None:
+        """Refuse, before training, layer indices the experiment's network does not have."""
+        groups = layer_groups([n for n, p in net.named_parameters() if p.requires_grad])
+        negate_layers(get_params(net), groups, list(self.layers))  # raises ValueError
 
     def unlearn(self, ctx: UnlearningContext) -> UnlearningResult:
         """Negate, then fine-tune with the remaining clients; reads no history but round

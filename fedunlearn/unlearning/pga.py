@@ -59,6 +59,7 @@ from fedunlearn.unlearning.base import (
     Setting,
     UnlearningContext,
     UnlearningResult,
+    finite_positive,
 )
 from fedunlearn.unlearning.calibration import renormalised_weights
 from fedunlearn.unlearning.finetune import remaining_rounds
@@ -192,19 +193,20 @@ class PGA:
 
     def check(self) -> None:
         """Refuse bad hyperparameters (one line each) before any work."""
-        if not self.radius_fraction > 0:
-            raise ValueError(f"PGA's radius_fraction must be > 0, got {self.radius_fraction}")
-        if self.threshold is not None and not 0 <= self.threshold <= 1:
-            raise ValueError(f"PGA's threshold must be in [0, 1] (an accuracy), got "
-                             f"{self.threshold}")
-        if not self.epochs > 0:
-            raise ValueError(f"PGA's epochs must be > 0, got {self.epochs}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"PGA's learning_rate must be > 0, got {self.learning_rate}")
+        for key in ("radius_fraction", "epochs", "learning_rate"):
+            if not finite_positive(getattr(self, key)):
+                raise ValueError(f"PGA's {key} must be a finite number > 0, got "
+                                 f"{getattr(self, key)!r}")
+        if self.threshold is not None and not (
+                isinstance(self.threshold, int | float) and not isinstance(self.threshold, bool)
+                and 0 <= self.threshold <= 1):
+            raise ValueError(f"PGA's threshold must be a number in [0, 1] (an accuracy), got "
+                             f"{self.threshold!r}")
         if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or self.rounds < 0:
             raise ValueError(f"PGA's rounds must be an integer >= 0, got {self.rounds!r}")
-        if self.post_epochs is not None and not self.post_epochs > 0:
-            raise ValueError(f"PGA's post_epochs must be > 0, got {self.post_epochs}")
+        if self.post_epochs is not None and not finite_positive(self.post_epochs):
+            raise ValueError(f"PGA's post_epochs must be a finite number > 0, got "
+                             f"{self.post_epochs!r}")
 
     def check_config(self, cfg: Config) -> None:
         """Refuse, before any work, a run whose strict purge would delete the global model a

@@ -100,6 +100,8 @@ def method_order(cfg: Config) -> list[str]:
     names = list(cfg.unlearning.methods)
     for name in names:
         _check_name("unlearning.methods", name)
+        if setting_of(factory_of(name)) not in REFERENCE:  # it would never run, silently
+            raise _protocol_error(name, factory_of(name))
     order: list[str] = []
     for setting, ref in REFERENCE.items():
         members = [n for n in names if setting_of(factory_of(n)) == setting and n != ref]
@@ -121,6 +123,32 @@ def _check_name(key: str, name: str) -> None:
                           "':'; use letters, digits and _.+- (e.g. 'federaser:r1')")
 
 
+def _protocol_error(name: str, method: object) -> ConfigError:
+    cls = method if isinstance(method, type) else type(method)
+    setting = getattr(method, "setting", None)
+    which = f"the {setting} protocol" if setting in REFERENCE else "a protocol"
+    declared = "" if setting in REFERENCE or setting is None else f" (it declares {setting!r})"
+    return ConfigError(f"unlearning method '{name}' ({cls.__name__}) does not implement {which} "
+                       f"of fedunlearn.unlearning.base: it lacks "
+                       f"{', '.join(protocol_gaps(method))}{declared}")
+
+
+def _check_types(name: str, factory: Callable[..., Any], params: dict[str, Any]) -> None:
+    """A value of the wrong kind for its default (a string or a list for a number, anything
+    but true/false for a flag) is named here, before the method's own range checks."""
+    defaults = {p.name: p.default for p in inspect.signature(factory).parameters.values()}
+    for key, value in params.items():
+        default = defaults.get(key)
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"config key 'unlearning.params.{name}.{key}' must be true or "
+                                  f"false, got {value!r}")
+        elif isinstance(default, int | float) and (
+                isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ConfigError(f"config key 'unlearning.params.{name}.{key}' must be a number "
+                              f"(default {default!r}), got {value!r}")
+
+
 def _create(cfg: Config, name: str, **forced: Any) -> Unlearner:
     factory = factory_of(name)
     params = dict(cfg.unlearning.params.get(name, {}))
@@ -129,15 +157,13 @@ def _create(cfg: Config, name: str, **forced: Any) -> Unlearner:
     if unknown:
         raise ConfigError(f"config key 'unlearning.params.{name}' has unknown parameters "
                           f"{unknown}; accepted: {', '.join(accepted) or 'none'}")
+    _check_types(name, factory, params)
     try:
         method = factory(**{**params, **forced})
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"config key 'unlearning.params.{name}': {exc}") from None
-    gaps = protocol_gaps(method)
-    if gaps:
-        raise ConfigError(f"unlearning method '{name}' ({type(method).__name__}) does not "
-                          f"implement the {setting_of(method)} protocol of "
-                          f"fedunlearn.unlearning.base: it lacks {', '.join(gaps)}")
+    if protocol_gaps(method):
+        raise _protocol_error(name, method)
     try:
         method.check()  # hyperparameter checks that need no data run before any work
     except (TypeError, ValueError) as exc:
