@@ -217,9 +217,14 @@ class EngineSection:
         local Ray instance (default).
     pull_interval : float
         Seconds between the server's polls for replies (Flower's default is 0.1).
+    fast_dispatch : bool
+        Replace the engine's message sweep (Flower's: every 0.1 s, one scan of the messages in
+        flight per node) by one pass over the messages in flight every ``dispatch_interval``
+        seconds (``federation/dispatch.py``; default true). Measured in
+        ``benchmarks/scale.json``: see the README's *Engine benchmark*.
     dispatch_interval : float
-        Seconds between the engine's sweeps for new messages to hand to Ray actors
-        (Flower's built-in value is 0.1; see ``federation/dispatch.py``).
+        Seconds between the fast sweeps (with ``fast_dispatch``; Flower's own loop always
+        sleeps 0.1 s).
     verbose : bool
         Show Flower's and Ray's own logs (default false).
     client_timeout_s : float
@@ -246,6 +251,7 @@ class EngineSection:
     num_gpus: float = 0.0
     address: str = ""
     pull_interval: float = 0.01
+    fast_dispatch: bool = True
     dispatch_interval: float = 0.02
     verbose: bool = False
     client_timeout_s: float = 120.0
