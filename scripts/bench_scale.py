@@ -301,6 +301,26 @@ def run_backdoor(fast: str, repeats: int) -> dict[str, Any]:
     return out
 
 
+def run_startup(arg: str, repeats: int) -> dict[str, Any]:
+    """Engine start-up and 3 FedAvg rounds at ``N`` nodes (``arg`` = ``"N:true"`` or
+    ``"N:false"``, the ``engine.fast_dispatch`` setting)."""
+    from fedunlearn.config import load_config
+    from fedunlearn.experiment import prepare
+    from fedunlearn.federation.flower import run_on_flower
+    from fedunlearn.seeding import seed_everything
+
+    n, fast = arg.split(":")
+    cfg = load_config(ROOT / SCALE, [f"data.num_clients={n}", "training.rounds=3",
+                                     "unlearning.requests=[]", f"engine.fast_dispatch={fast}"])
+    seed_everything(cfg.seed)
+    setup = prepare(cfg)
+    marks = Marks()
+    t0 = time.perf_counter()
+    run = run_on_flower(cfg, lambda fed: fed.fedavg(setup.initial), setup.evaluator())
+    return {"clients": int(n), "fast_dispatch": fast == "true", "startup": marks.startup(),
+            "round_s": [r.wall_s for r in run.rounds], "total_s": time.perf_counter() - t0}
+
+
 def run_history(dtype: str, repeats: int, rounds: int = 200, clients: int = 1000,
                 per_round: int = 100) -> dict[str, Any]:
     """Commit ``rounds`` rounds of random scale-MLP updates; time each ``record_round``."""
@@ -343,7 +363,7 @@ def run_history(dtype: str, repeats: int, rounds: int = 200, clients: int = 1000
 
 
 CHILDREN = {"case": run_case, "quickstart": run_quickstart, "backdoor": run_backdoor,
-            "history": run_history}
+            "history": run_history, "startup": run_startup}
 
 
 # ---------------------------------------------------------------- parent
@@ -351,7 +371,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/scale.json")
-    ap.add_argument("--parts", default="scale,dispatch,history")
+    ap.add_argument("--parts", default="history,scale,startup,dispatch",
+                    help="comma-separated; a subset updates those parts of an existing --out")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -366,7 +387,10 @@ def main() -> int:
     from fedunlearn.reporting import stamp
 
     parts = args.parts.split(",")
-    out: dict[str, Any] = {**stamp(load_config(ROOT / SCALE, [])), "benchmark": "scale",
+    out: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() and set(
+        parts) != {"history", "scale", "startup", "dispatch"} else {}
+    out.setdefault("parts_run", []).append({"parts": parts, "load_start": load()})
+    out |= {**stamp(load_config(ROOT / SCALE, [])), "benchmark": "scale",
                            "repeats": args.repeats, "cpus": os.cpu_count(),
                            "load_start": load()}
     t_all = time.perf_counter()
@@ -376,6 +400,10 @@ def main() -> int:
     if "scale" in parts:
         out["scale"] = {name: child("case", name, 1) for name in CASES}
         _save(args.out, out)
+    if "startup" in parts:
+        out["startup"] = {f"{n} nodes, fast_dispatch={f}": child("startup", f"{n}:{f}", 1)
+                          for n in (10, 1000) for f in ("true", "false")}
+        _save(args.out, out)
     if "dispatch" in parts:
         disp: dict[str, Any] = {}
         for fast in ("true", "false"):
@@ -383,6 +411,7 @@ def main() -> int:
             disp[f"fast_dispatch={fast}"] = {
                 "quickstart": qs, "backdoor_digits": child("backdoor", fast, args.repeats)}
         out["dispatch"] = disp
+    out["parts_run"][-1]["wall_s"] = time.perf_counter() - t_all
     out["summary"] = summary(out)
     out["load_end"] = load()
     out["wall_s"] = time.perf_counter() - t_all
@@ -458,6 +487,17 @@ def table(out: dict[str, Any]) -> str:
         row("history after training (MB)", lambda c: c["history_bytes"] / 1e6)
         row("load average before/after",
             lambda c: f"{c['load_before'][0]:.1f}/{c['load_after'][0]:.1f}", "{}")
+    if "startup" in out:
+        lines.append("")
+        lines.append("| start-up | Ray | discovery | engine start-up | rounds (s) | load |")
+        lines.append("| --- | ---: | ---: | ---: | --- | --- |")
+        for key, r in out["startup"].items():
+            st = r["startup"]
+            disc = st["discovery_wait_nodes_s"] + st["discovery_query_s"]
+            lines.append(f"| {key} | {st['ray_init_s']:.1f} | {disc:.1f} | "
+                         f"{st['engine_startup_s']:.1f} | "
+                         f"{', '.join(f'{x:.2f}' for x in r['round_s'])} | "
+                         f"{r['load_before'][0]:.1f}/{r['load_after'][0]:.1f} |")
     if "history" in out:
         lines.append("")
         for d, h in out["history"].items():
