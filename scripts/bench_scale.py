@@ -200,7 +200,7 @@ def run_case(name: str) -> dict[str, Any]:
     # the client to forget: the first one sampled in round 2 (takes part, backdoored)
     target = sample_participants(cfg.seed, 2, cfg.data.num_clients,
                                  cfg.training.sample_fraction)[0]
-    overrides += [f"backdoor.clients=[{target}]", f"unlearning.requests=[[{target}]]"]
+    overrides = [*overrides, f"backdoor.clients=[{target}]", f"unlearning.requests=[[{target}]]"]
     cfg = load_config(ROOT / path, overrides)
     marks = Marks()
     with tempfile.TemporaryDirectory() as tmp:
