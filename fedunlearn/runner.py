@@ -48,6 +48,7 @@ from fedunlearn.reporting import (
     write_json,
     write_report,
 )
+from fedunlearn.schema import Role
 from fedunlearn.seeding import seed_everything
 from fedunlearn.unlearning.service import serve_requests, settings_in
 
@@ -225,7 +226,7 @@ def _federated(runs: list[SeedRun], cfg: Config, out: Path, *, quiet: bool) -> N
                 print(f"[seed] {run.seed} ({runs.index(run) + 1} of {len(runs)})",
                       file=sys.stderr, flush=True)
             seed_everything(run.seed)
-            fed = connect(run.cfg, run.setup.evaluator())
+            fed = connect(run.cfg, run.setup.evaluator(), run.setup.data)
             if run.final is None:
                 run.train(fed, quiet=quiet)
             interrupt.check()
@@ -258,7 +259,7 @@ def verification_block(requests: list[dict[str, Any]],
     seeds and requests, for comparison).
     """
     return {"requests": requests, "total_s": sum(v["wall_s"] for v in requests),
-            "retrain_s": sum(r["wall_s"] for r in rows if r.get("role") == "reference")}
+            "retrain_s": sum(r["wall_s"] for r in rows if r.get("role") == Role.REFERENCE)}
 
 
 def _results(cfg: Config, runs: list[SeedRun], out: Path) -> dict[str, Any]:

@@ -446,7 +446,8 @@ def test_replay_diagnostics_match_hand_computed_values(tmp_path: Path, scope: st
         "ratio": pytest.approx(3.875), "cosine": pytest.approx(0.2)}
     assert result.details["replay_summary"] == {
         "calibrated_rounds": 1, "mean_ratio": pytest.approx(3.875),
-        "mean_cosine": pytest.approx(0.2), "final_test_accuracy": None, "accuracy_seconds": 0.0}
+        "mean_cosine": pytest.approx(0.2), "final_test_accuracy": None, "accuracy_seconds": 0.0,
+        "fresh_kind": "calibration"}
     if scope == "model":
         assert "layers" not in second
         # calibrated: 0.75 * 5 * (1, 0 | 0) + 0.25 * 0.5 * (0, -4 | 0) = (3.75, -0.5 | 0)

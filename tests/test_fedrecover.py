@@ -301,6 +301,45 @@ def test_the_schedule_of_exact_rounds(linear: tuple[HistoryStore, Params]) -> No
     assert max_diff(result.model, linear_oracle(initial)) <= 1e-5
 
 
+def test_replay_diagnostics_compare_the_stored_update_with_the_exact_one(
+        linear: tuple[HistoryStore, Params]) -> None:
+    """In an exact round, ``ratio`` and ``cosine`` are ‖ḡ‖ / ‖g_exact‖ and cos(ḡ, g_exact):
+    the stored update from training's model against the exact one from the recovered model,
+    computed here by hand (float64, weights renormalised over the remaining clients), and the
+    summary says so (``fresh_kind = "exact"``, which the notes and plots read).
+
+    Caught: the fresh step reported as the estimate (or the stored update itself: ratio 1,
+    cosine 1), the weights not renormalised, ``fresh_kind`` left at the base class's."""
+    store, initial = linear
+    fed = LinearFederation()
+    result = FedRecover(warmup_rounds=3, correction_interval=0, final_rounds=0,
+                        track_accuracy=False).unlearn(linear_context(store, initial, fed))
+    assert [t for t, _ in fed.calls] == [2, 3]
+    # the recovered models by hand: round 1 replays the stored updates, 2 and 3 are exact
+    recovered = {1: {n: np.asarray(v, np.float64) for n, v in initial.items()}}
+    for t in (1, 2):
+        recovered[t + 1] = fedavg_step(recovered[t], [k for k in participants(t) if k != REMOVED])
+    by_round = {e["round"]: e for e in result.details["replay"]}
+    assert by_round[1]["ratio"] is None and by_round[4]["ratio"] is None  # stored, estimated
+    for t in (2, 3):
+        clients = [k for k in participants(t) if k != REMOVED]
+        total = sum(COUNTS[k] for k in clients)
+        ratio = cosine = 0.0
+        for k in clients:
+            stored = np.concatenate([np.asarray(v, np.float64).ravel() for v in
+                                     store.update(t, k).values()])
+            exact = np.concatenate([np.asarray(v, np.float64).ravel() for v in
+                                    linear_update(k, recovered[t]).values()])
+            w = COUNTS[k] / total
+            ratio += w * np.linalg.norm(stored) / np.linalg.norm(exact)
+            cosine += w * stored @ exact / (np.linalg.norm(stored) * np.linalg.norm(exact))
+        assert by_round[t]["ratio"] == pytest.approx(ratio, rel=1e-4)
+        assert by_round[t]["cosine"] == pytest.approx(cosine, rel=1e-4)
+        assert abs(by_round[t]["ratio"] - 1.0) > 1e-3  # the two updates do differ
+    summary = result.details["replay_summary"]
+    assert summary["fresh_kind"] == "exact" and summary["calibrated_rounds"] == 2
+
+
 def test_rounds_before_the_target_joined_replay_the_stored_updates(tmp_path: Path) -> None:
     """Client 0 joins in round 3 (t_u = 3): rounds 1-3 start from training's own models, so
     their stored updates are exact and free; the warm-up (T_w = 2) is rounds 3-4, so round 4

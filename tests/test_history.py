@@ -420,3 +420,62 @@ def test_identity_deviation_doctest() -> None:
 
     failed, attempted = doctest.testmod(history)
     assert attempted >= 1 and failed == 0
+
+
+FSIZE_SCRIPT = '''
+import resource, sys
+import numpy as np
+from fedunlearn.history import HistoryStore
+store = HistoryStore.create(sys.argv[1], retention_interval=1)
+small = {"w": np.zeros(4, np.float32)}
+store.record_round(1, global_model=small, participants=[0], num_examples=[1], weights=[1.0],
+                   updates={0: {"w": np.ones(4, np.float32)}})
+resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024,) * 2)  # a file-size limit, as `ulimit -f`
+big = {"w": np.zeros(4, np.float32) + 1}
+try:
+    store.record_round(2, global_model=big, participants=[0], num_examples=[1], weights=[1.0],
+                       updates={0: {"w": np.random.default_rng(0).random(4).astype(np.float32)
+                                    + np.zeros(4, np.float32)}})
+    wide = {"w": np.zeros(20_000, np.float32)}
+    store2 = HistoryStore.create(sys.argv[1] + "-wide", retention_interval=1)
+    store2.record_round(1, global_model=wide, participants=[0], num_examples=[1],
+                        weights=[1.0], updates={0: {"w": np.ones(20_000, np.float32)}})
+    print("NO ERROR")
+except OSError as exc:
+    print("OSERROR", exc.errno, exc.filename)
+'''
+
+
+def test_a_file_size_limit_names_the_file_and_keeps_the_store(tmp_path):
+    """A write past the file-size limit (or a full disk) raises OSError naming the file; the
+    round is not committed and what was stored still verifies."""
+    import errno
+    import subprocess
+    import sys
+
+    path = tmp_path / "h"
+    run = subprocess.run([sys.executable, "-c", FSIZE_SCRIPT, str(path)], capture_output=True,
+                         text=True, timeout=60, check=False)
+    out = run.stdout.strip().splitlines()
+    assert out and out[-1].startswith(f"OSERROR {errno.EFBIG} "), (out, run.stderr[-2000:])
+    assert out[-1].endswith(".npz"), out  # the file it could not write
+    store = HistoryStore.open(path)  # verifies every listed file
+    assert store.rounds() == [1, 2]
+    wide = HistoryStore.open(str(path) + "-wide")
+    assert wide.rounds() == [] and not wide.unlisted_files()
+
+
+def test_the_cli_reports_a_write_failure_in_one_line(monkeypatch, capsys, tmp_path):
+    import errno
+
+    from fedunlearn import cli
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.npz"))
+
+    monkeypatch.setattr(cli, "cmd_run", full_disk)
+    code = cli.main(["run", "simulations/quickstart.toml", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert f"cannot write '{tmp_path / 'x.npz'}' (No space left on device)" in err[0]
+    assert "fedunlearn resume" in err[0]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import max_abs_diff as max_diff
 
 from fedunlearn.config import Config, ConfigError, load_config
 from fedunlearn.evaluation.metrics import accuracy, attack_success_rate
@@ -28,9 +29,6 @@ from fedunlearn.unlearning.service import _create
 TARGET = 0
 
 
-def max_diff(a: Params, b: Params) -> float:
-    assert sorted(a) == sorted(b)
-    return max(float(np.max(np.abs(np.asarray(a[k], np.float64) - b[k]))) for k in a)
 
 
 # ------------------------------------------------------------------------ pure math by hand

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import max_abs_diff as max_diff
 
 from fedunlearn.ascent import Ascent, project_onto_ball_, projected_ascent
 from fedunlearn.config import Config, ConfigError, load_config
@@ -33,9 +34,6 @@ from fedunlearn.unlearning.service import _create
 TARGET = 0
 
 
-def max_diff(a: Params, b: Params) -> float:
-    assert sorted(a) == sorted(b)
-    return max(float(np.max(np.abs(np.asarray(a[k], np.float64) - b[k]))) for k in a)
 
 
 # ------------------------------------------------------------------------ pure math by hand

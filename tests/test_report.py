@@ -284,3 +284,97 @@ def test_comparison_table_groups_requests_and_settings(central_results: dict[str
     keys = [tuple(line.split()[:2]) for line in lines]
     assert keys == sorted(keys, key=lambda k: (k[0] != "0", k[1] != "federated"))
     assert "active" in lines[0] and "no" in lines[1].split()
+
+
+def test_the_schema_is_defined_once() -> None:
+    """Rows, roles and keys come from fedunlearn.schema; the report modules re-export them."""
+    from dataclasses import fields
+
+    from fedunlearn import schema
+    from fedunlearn.evaluation import verify
+    from fedunlearn.reporting import tables
+    from fedunlearn.unlearning import service
+
+    assert service.Row is schema.Row and tables.METRIC_KEYS is schema.METRIC_KEYS
+    assert verify.MIA_KEYS is schema.MIA_KEYS and tables.ROLES == tuple(schema.Role)
+    row_fields = [f.name for f in fields(schema.Row)]
+    # every cost column of metrics.csv is a field of a row, every metric key is unique
+    assert set(schema.COST_KEYS) <= set(row_fields)
+    assert len(set(schema.METRIC_KEYS)) == len(schema.METRIC_KEYS)
+
+
+def _with_replay(results: dict[str, Any], kinds: dict[str, str | None]) -> dict[str, Any]:
+    """``results`` with replay diagnostics on the named methods (``fresh_kind`` per method;
+    ``None`` leaves the key out, as run files written before it did)."""
+    out = copy.deepcopy(results)
+    for r in out["unlearning"]:
+        if r["method"] in kinds:
+            summary: dict[str, Any] = {"mean_ratio": 2.0, "mean_cosine": 0.5}
+            if kinds[r["method"]] is not None:
+                summary["fresh_kind"] = kinds[r["method"]]
+            r["details"] = {"replay": [{"round": t, "ratio": 2.0, "cosine": 0.5,
+                                        "test_accuracy": 0.8} for t in (1, 2, 3)],
+                            "replay_summary": summary}
+    return out
+
+
+def _replay_texts(tmp_path: Path, results: dict[str, Any]) -> tuple[str, str, str, list[str]]:
+    from fedunlearn.reporting import plot_replay_trajectory
+
+    fig = plot_replay_trajectory(results, tmp_path / "replay.png")
+    assert (tmp_path / "replay.png").is_file()
+    ratio_ax, cos_ax = fig.axes[1], fig.axes[2]
+    legend = ratio_ax.get_legend()
+    labels = [t.get_text() for t in legend.get_texts()] if legend else []
+    return ratio_ax.get_ylabel(), cos_ax.get_ylabel(), ratio_ax.get_title(), labels
+
+
+def test_replay_plot_says_what_each_method_compares(tmp_path: Path,
+                                                    results: dict[str, Any]) -> None:
+    """FedEraser's ratio is against its calibration update, FedRecover's (here played by the
+    distillation row) against the exact update: the legend names each, the axes name the
+    common "fresh" update when both are on one plot."""
+    both = _with_replay(results, {"federaser": "calibration", "distillation": "exact"})
+    ylabel, cos_label, title, labels = _replay_texts(tmp_path, both)
+    assert ylabel == "stored / fresh update norm (log)"
+    assert cos_label == "cosine(stored, fresh) (dotted)"
+    assert "calibration stretches" not in title
+    assert {"federaser ‖stored‖/‖calibration‖", "distillation ‖stored‖/‖exact‖",
+            "federaser cos(stored, calibration)", "distillation cos(stored, exact)"} <= set(labels)
+
+
+@pytest.mark.parametrize(("kind", "word", "title"), [
+    ("exact", "exact", "Stored updates against the exact ones"),
+    ("calibration", "calibration", "How far calibration stretches the fresh step"),
+    (None, "calibration", "How far calibration stretches the fresh step")])
+def test_replay_plot_of_one_kind(tmp_path: Path, results: dict[str, Any], kind: str | None,
+                                 word: str, title: str) -> None:
+    ylabel, cos_label, got_title, labels = _replay_texts(
+        tmp_path, _with_replay(results, {"federaser": kind}))
+    assert ylabel == f"stored / {word} update norm (log)"
+    assert cos_label == f"cosine(stored, {word}) (dotted)"
+    assert got_title == title
+    assert f"federaser ‖stored‖/‖{word}‖" in labels
+
+
+def test_replay_plot_leaves_methods_without_a_fresh_step_off_the_right(
+        tmp_path: Path, results: dict[str, Any]) -> None:
+    """FedAccum replays stored updates: no ratio to plot, so no legend entry on the right,
+    and a run with only such replays says so there."""
+    from fedunlearn.reporting import plot_replay_trajectory
+
+    both = _with_replay(results, {"federaser": "calibration", "fedaccum": None})
+    for r in both["unlearning"]:
+        if r["method"] == "fedaccum":
+            r["details"]["replay_summary"]["mean_ratio"] = None
+            for step in r["details"]["replay"]:
+                step["ratio"] = step["cosine"] = None
+    _, _, _, labels = _replay_texts(tmp_path, both)
+    assert not [x for x in labels if x.startswith("fedaccum")]
+    assert "federaser ‖stored‖/‖calibration‖" in labels
+    only = copy.deepcopy(both)
+    only["unlearning"] = [r for r in only["unlearning"] if r["method"] != "federaser"]
+    fig = plot_replay_trajectory(only, tmp_path / "only.png")
+    notes = [t.get_text() for t in fig.axes[1].texts]
+    assert notes == ["no fresh step to compare (stored updates replayed as they are)"]
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()][-1] == "fedaccum replay"

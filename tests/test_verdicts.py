@@ -121,3 +121,57 @@ def test_kl_is_judged_against_the_noise_floor() -> None:
     assert v["diff"] == pytest.approx((0.27 + 0.23 + 0.24) / 3)
     assert v["margin"] == pytest.approx(0.03)
     assert v["verdict"] == "worse"
+
+
+def _replay_rows(kind: str | None, *, modes: dict[str, str] | None = None,
+                 method: str = "m") -> list[dict[str, Any]]:
+    """Two seeds: retraining at 0.90 / 0.94, the replay at 0.60 / 0.70 (mean gap 0.27);
+    ratio 1.2 / 1.6 and cosine 0.5 / 0.7 (means 1.4 and 0.6)."""
+    rows = []
+    for s, (ref, acc, ratio, cos) in enumerate([(0.90, 0.60, 1.2, 0.5), (0.94, 0.70, 1.6, 0.7)]):
+        summary: dict[str, Any] = {"mean_ratio": ratio, "mean_cosine": cos,
+                                   "calibrated_rounds": 3}
+        if kind is not None:
+            summary["fresh_kind"] = kind
+        row = _row(s, method, "method", test_accuracy=acc)
+        row["details"] = {"replay": [{"round": 1}], "replay_summary": summary}
+        if modes is not None:  # FedRecover's details: 40 rounds, 24 / 26 estimated, 5 / 7 fixed
+            row["details"].update(round_modes=modes, rounds_estimated=24 + 2 * s,
+                                  rounds_abnormal=5 + 2 * s)
+        rows += [_row(s, "retrain", "reference", test_accuracy=ref), row]
+    return rows
+
+
+def _note(rows: list[dict[str, Any]], method: str = "m") -> list[str]:
+    (entry,) = [e for e in summarize(rows) if e["method"] == method]
+    return entry["notes"]
+
+
+def test_replay_note_says_what_fedrecover_compares() -> None:
+    """FedRecover's ratio and cosine compare the stored update with the exact one; its note
+    must say so (with the rounds estimated), never FedEraser's "calibrated steps" wording."""
+    modes = {str(t): "estimated" for t in range(1, 41)}
+    (note,) = _note(_replay_rows("exact", modes=modes, method="fedrecover"), "fedrecover")
+    assert note == ("replay ends 0.27 below retraining (test accuracy 0.65 vs 0.92): 25 of 40 "
+                    "rounds estimated, 6 with abnormal estimates replaced; in the rounds with "
+                    "exact updates only, the stored updates are 1.4× the exact updates’ "
+                    "length, cosine 0.60 to them")
+    assert "calibrat" not in note
+
+
+@pytest.mark.parametrize("kind", ["calibration", None])
+def test_replay_note_keeps_federasers_wording(kind: str | None) -> None:
+    """FedEraser's rows (and rows written before ``fresh_kind`` existed) keep their note."""
+    (note,) = _note(_replay_rows(kind))
+    assert note == ("replay ends 0.27 below retraining (test accuracy 0.65 vs 0.92): "
+                    "calibrated steps are 1.4× the calibration’s own length, cosine 0.60 to "
+                    "the stored update")
+
+
+def test_replay_note_without_fresh_steps_says_no_calibration() -> None:
+    rows = _replay_rows(None)
+    for r in rows:
+        if r["role"] == "method":
+            r["details"]["replay_summary"].update(mean_ratio=None, mean_cosine=None)
+    assert _note(rows) == [("replay ends 0.27 below retraining (test accuracy 0.65 vs 0.92): "
+                            "no calibration (stored updates replayed as they are)")]

@@ -17,8 +17,6 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sklearn.datasets import load_breast_cancer, load_digits, make_classification
-from sklearn.preprocessing import StandardScaler
 
 from fedunlearn.data.dataset import ArrayDataset
 
@@ -95,6 +93,9 @@ def load_source(name: str, *, seed: int = 0, **params: Any) -> ArrayDataset:
 
 def _standardise(x: np.ndarray) -> np.ndarray:
     """Zero-mean, unit-variance features (fitted on the whole pool), as ``float32``."""
+    from sklearn.preprocessing import StandardScaler  # imported on use: a client process that
+    # loads the driver's data copy (fedunlearn.data.cache) never needs scikit-learn
+
     return StandardScaler().fit_transform(x).astype(np.float32)
 
 
@@ -112,6 +113,8 @@ def digits(*, seed: int = 0) -> ArrayDataset:
     ArrayDataset
         Pixel values (0..16 in the source) divided by 16.
     """
+    from sklearn.datasets import load_digits
+
     bunch = load_digits()
     x = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]
     return ArrayDataset(x, bunch.target.astype(np.int64), 10, "digits")
@@ -131,6 +134,8 @@ def breast_cancer(*, seed: int = 0) -> ArrayDataset:
     ArrayDataset
         Tabular ``(569, 30)`` features, standardised over the whole pool.
     """
+    from sklearn.datasets import load_breast_cancer
+
     bunch = load_breast_cancer()
     return ArrayDataset(_standardise(bunch.data), bunch.target.astype(np.int64), 2, "breast_cancer")
 
@@ -180,6 +185,8 @@ def synthetic(
             f"synthetic: informative={informative} must lie in {needed}..{num_features} "
             f"(2**informative >= num_classes={num_classes}, at most num_features)"
         )
+    from sklearn.datasets import make_classification
+
     x, y = make_classification(
         n_samples=num_samples,
         n_features=num_features,

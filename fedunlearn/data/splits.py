@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from fedunlearn.data.dataset import ArrayDataset
 
@@ -71,6 +70,8 @@ def _stratified(
     positions: np.ndarray, labels: np.ndarray, n_take: int, seed: int, what: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split ``positions`` into ``(kept, taken)`` with ``n_take`` taken, stratified by label."""
+    from sklearn.model_selection import train_test_split  # on use (see fedunlearn.data.cache)
+
     try:
         kept, taken = train_test_split(
             positions, test_size=n_take, random_state=seed, stratify=labels

@@ -23,6 +23,7 @@ from fedunlearn.evaluation.verdicts import (
     margin_of,
     t_interval,
 )
+from fedunlearn.schema import Role
 
 COST_FIGURES: tuple[str, ...] = (
     "wall_s", "speedup_vs_retrain", "client_epochs", "rounds", "messages_sent",
@@ -94,7 +95,7 @@ def summarize(rows: Sequence[Mapping[str, Any]], *, alpha: float = 0.01) -> list
         groups.setdefault(_key(r), []).append(r)
     role_rows: dict[tuple[tuple[int, ...], str, str], dict[int, Mapping[str, Any]]] = {}
     for (request, setting, _), members in groups.items():
-        for role in ("reference", "noise_floor"):
+        for role in (Role.REFERENCE, Role.NOISE_FLOOR):
             chosen = [r for r in members if r.get("role") == role]
             if chosen:
                 role_rows.setdefault((request, setting, role), {}).update(_by_seed(chosen))
@@ -110,9 +111,9 @@ def summarize(rows: Sequence[Mapping[str, Any]], *, alpha: float = 0.01) -> list
             "costs": {k: describe([_number(r.get(k)) for r in members]) for k in COST_FIGURES},
             "verdicts": {}, "notes": sorted({n for r in members for n in r.get("notes") or []}),
         }
-        if entry["role"] == "method":
-            ref = role_rows.get((request, setting, "reference"), {})
-            floor = role_rows.get((request, setting, "noise_floor"), {})
+        if entry["role"] == Role.METHOD:
+            ref = role_rows.get((request, setting, Role.REFERENCE), {})
+            floor = role_rows.get((request, setting, Role.NOISE_FLOOR), {})
             mine = _by_seed(members)
             entry["verdicts"] = {c.name: judge(c, mine, ref, floor, alpha=alpha)
                                  for c in CRITERIA}
@@ -127,14 +128,45 @@ FAR_BELOW = 0.05
 """A history replay whose test accuracy ends more than this below retraining's (mean over
 seeds) is flagged, with the diagnostics that explain it."""
 
+FRESH_KINDS: dict[str, str] = {"calibration": "calibration", "exact": "exact"}
+"""What a replay's fresh step can be (``details.replay_summary.fresh_kind``), and the word the
+notes and plot labels use for it. FedEraser's ``ratio`` is
+‖stored‖ / ‖calibration update‖ (the factor it stretches the fresh step by); FedRecover's is
+‖stored‖ / ‖exact update‖ in its rounds whose updates were all exact (how far the recovered
+run's updates moved from the original run's), which it does not apply to anything."""
+
+
+def fresh_kind(row: Mapping[str, Any]) -> str | None:
+    """What the replay diagnostics of ``row`` compare the stored update with: a key of
+    :data:`FRESH_KINDS`, or ``None`` (no fresh step, or no replay).
+
+    Rows written before ``fresh_kind`` existed came only from FedEraser (ratios) and FedAccum
+    (none), so a summary with a ratio and no kind reads as ``"calibration"``.
+
+    >>> fresh_kind({"details": {"replay_summary": {"mean_ratio": 2.0}}})
+    'calibration'
+    >>> fresh_kind({"details": {"replay_summary": {"mean_ratio": 1.1, "fresh_kind": "exact"}}})
+    'exact'
+    >>> fresh_kind({"details": {"replay_summary": {"mean_ratio": None}}}) is None
+    True
+    """
+    summary = (row.get("details") or {}).get("replay_summary") or {}
+    kind = summary.get("fresh_kind")
+    if kind in FRESH_KINDS:
+        return str(kind)
+    return "calibration" if _number(summary.get("mean_ratio")) is not None else None
+
 
 def replay_note(method: Mapping[int, Mapping[str, Any]],
                 reference: Mapping[int, Mapping[str, Any]]) -> str | None:
     """Why a history replay ended far below retraining, from its replay diagnostics.
 
     The figures are means over seeds of each row's ``details.replay_summary``: ``mean_ratio``
-    is ‖stored update‖ / ‖fresh calibration update‖, the factor by which FedEraser stretches
-    each calibrated step, and ``mean_cosine`` the cosine between the two.
+    is ‖stored update‖ / ‖fresh update‖ and ``mean_cosine`` the cosine between the two, the
+    fresh update being what ``fresh_kind`` says (:data:`FRESH_KINDS`). For FedEraser it is the
+    calibration update, and the ratio the factor by which FedEraser stretches each calibrated
+    step; for FedRecover the exact update from the recovered model, in the rounds whose
+    updates were all exact, and the note adds how many rounds were estimated (``details``).
 
     >>> row = {"metrics": {"test_accuracy": 0.30}, "details": {"replay_summary":
     ...        {"mean_ratio": 3.1, "mean_cosine": 0.42, "calibrated_rounds": 9}}}
@@ -142,6 +174,8 @@ def replay_note(method: Mapping[int, Mapping[str, Any]],
     'replay ends 0.56 below retraining (test accuracy 0.30 vs 0.86): calibrated steps are 3.1× the calibration’s own length, cosine 0.42 to the stored update'
     """
     gaps, ratios, cosines, accs, refs = [], [], [], [], []
+    kinds: set[str | None] = set()
+    estimated, abnormal, total = [], [], []
     for s, row in method.items():
         summary = (row.get("details") or {}).get("replay_summary")
         acc, ref = _metric(row, "test_accuracy"), _metric(reference.get(s), "test_accuracy")
@@ -150,15 +184,33 @@ def replay_note(method: Mapping[int, Mapping[str, Any]],
         gaps.append(ref - acc)
         accs.append(acc)
         refs.append(ref)
+        kinds.add(fresh_kind(row))
         if (ratio := _number(summary.get("mean_ratio"))) is not None:
             ratios.append(ratio)
         if (cos := _number(summary.get("mean_cosine"))) is not None:
             cosines.append(cos)
+        details = row.get("details") or {}
+        if (n := _number(details.get("rounds_estimated"))) is not None:
+            estimated.append(n)
+            total.append(len(details.get("round_modes") or {}))
+            abnormal.append(_number(details.get("rounds_abnormal")) or 0.0)
     if not gaps or float(np.mean(gaps)) <= FAR_BELOW:
         return None
     text = (f"replay ends {np.mean(gaps):.2f} below retraining (test accuracy "
             f"{np.mean(accs):.2f} vs {np.mean(refs):.2f})")
-    if ratios:
+    kind = kinds.pop() if len(kinds) == 1 else None
+    if kind == "exact":
+        parts = []
+        if estimated:
+            parts.append(f"{np.mean(estimated):.0f} of {np.mean(total):.0f} rounds estimated, "
+                         f"{np.mean(abnormal):.0f} with abnormal estimates replaced")
+        if ratios:
+            parts.append(f"in the rounds with exact updates only, the stored updates are "
+                         f"{np.mean(ratios):.1f}× the exact updates’ length"
+                         + (f", cosine {np.mean(cosines):.2f} to them" if cosines else ""))
+        if parts:
+            text += ": " + "; ".join(parts)
+    elif ratios:
         text += (f": calibrated steps are {np.mean(ratios):.1f}× the calibration’s own length"
                  + (f", cosine {np.mean(cosines):.2f} to the stored update" if cosines else ""))
     else:

@@ -61,35 +61,10 @@ from fedunlearn.evaluation.mia import (
     per_example_loss,
     summarize_attack,
 )
+from fedunlearn.schema import MIA_ATTACKS, MIA_KEYS, MIA_SPLITS, PAIRED_ASR_KEYS  # noqa: F401
 
 Predict = Callable[[np.ndarray], np.ndarray]
 ShadowFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-
-MIA_ATTACKS: tuple[str, ...] = ("mia_loss", "mia_lira", "mia_lira_plain")
-"""Key prefixes: the loss attack, population-calibrated offline LiRA, plain offline LiRA."""
-
-MIA_SPLITS: tuple[str, ...] = ("", "_clean", "_triggered")
-"""Key suffixes: all members against all non-members, the clean split, the triggered split."""
-
-MIA_KEYS: tuple[str, ...] = tuple(
-    key for split in MIA_SPLITS
-    for key in (*(k for attack in MIA_ATTACKS
-                  for k in (f"{attack}_auc{split}", f"{attack}_auc{split}_ci",
-                            f"{attack}_tpr_at_1fpr{split}")),
-                f"mia_members{split}", f"mia_nonmembers{split}"))
-"""Every membership-inference metric key. Per attack and split: ``<attack>_auc<split>`` (float),
-``<attack>_auc<split>_ci`` (``[low, high]``, 95 % percentile bootstrap over the members and
-the non-members resampled independently, each within its clean and triggered parts), and
-``<attack>_tpr_at_1fpr<split>`` (float); per split ``mia_members<split>`` and
-``mia_nonmembers<split>`` (int: below 100 non-members, TPR at 1 % FPR allows no false
-positive). LiRA keys appear only with shadow models, ``_triggered`` keys only with a backdoor;
-an empty split has NaN metrics."""
-
-PAIRED_ASR_KEYS: tuple[str, ...] = ("backdoor_asr_vs_retrain_p", "backdoor_discordant")
-"""McNemar's exact test of the ASR against the reference on the same triggered inputs: the
-p-value (float) and the discordant pairs ``[b, c]`` (b: only this model hits the target, c: only
-the reference does). Present when both have triggered predictions."""
-
 
 @dataclass(frozen=True)
 class Outputs:

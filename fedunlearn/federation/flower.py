@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,6 +29,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedunlearn import interrupt
 from fedunlearn.config import Config
+from fedunlearn.data import cache as data_cache
+from fedunlearn.data.federated import FederatedData, build_federated_data
 from fedunlearn.federation import dispatch
 from fedunlearn.federation.client_app import app as client_app
 from fedunlearn.federation.faults import (
@@ -121,9 +124,13 @@ class FlowerFederation:
     cfg : Config
     evaluate : callable
         Server-side evaluation of a global model.
+    data : FederatedData, optional
+        The data of ``cfg`` as the driver built it; published for the client processes on this
+        machine (:mod:`fedunlearn.data.cache`). Built here when not given.
     """
 
-    def __init__(self, grid: Grid, cfg: Config, evaluate: Evaluator) -> None:
+    def __init__(self, grid: Grid, cfg: Config, evaluate: Evaluator,
+                 data: FederatedData | None = None) -> None:
         self.grid = grid._grid if isinstance(grid, PacedGrid) else grid
         self.paced = PacedGrid(self.grid, cfg.engine.pull_interval)
         self.cfg = cfg
@@ -136,6 +143,9 @@ class FlowerFederation:
         self.timeout_s = cfg.engine.client_timeout_s
         self.node_of: dict[int, int] = {}
         self.num_examples: dict[int, int] = {}
+        if os.environ.get(data_cache.ENV):  # local client processes load this copy
+            data_cache.publish(data if data is not None else build_federated_data(cfg),
+                               self.job)
         self._discover()
 
     def _config(self, **extra: Any) -> ConfigRecord:
@@ -268,8 +278,9 @@ def run_on_flower(cfg: Config, job: Callable[[FlowerFederation], T], evaluate: E
     return run_engine(cfg, lambda connect: job(connect(cfg, evaluate)))
 
 
-Connect = Callable[[Config, Evaluator], FlowerFederation]
-"""``connect(cfg, evaluate)`` binds a :class:`FlowerFederation` for ``cfg`` to the live grid."""
+Connect = Callable[..., FlowerFederation]
+"""``connect(cfg, evaluate, data=None)`` binds a :class:`FlowerFederation` for ``cfg`` to the
+live grid (``data``: the driver's copy of ``cfg``'s data, see :class:`FlowerFederation`)."""
 
 
 SHUTDOWN_GRACE_S = 10.0
@@ -377,11 +388,12 @@ def run_engine(cfg: Config, job: Callable[[Connect], T],
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        def connect(cfg_s: Config, evaluate: Evaluator) -> FlowerFederation:
+        def connect(cfg_s: Config, evaluate: Evaluator,
+                    data: FederatedData | None = None) -> FlowerFederation:
             if cfg_s.data.num_clients != cfg.data.num_clients or cfg_s.engine != cfg.engine:
                 raise ValueError("a federation on this engine needs the engine's "
                                  "data.num_clients and [engine] settings")
-            return FlowerFederation(grid, cfg_s, evaluate)
+            return FlowerFederation(grid, cfg_s, evaluate, data=data)
 
         try:
             holder["result"] = job(connect)
@@ -394,7 +406,17 @@ def run_engine(cfg: Config, job: Callable[[Connect], T],
     _quiet(cfg.engine.verbose)
     dispatch.install(cfg.engine.dispatch_interval, enabled=cfg.engine.fast_dispatch)
     t0 = time.perf_counter()
-    holder["ray_start_s"] = start_ray(cfg)
+    # the client processes Ray starts here inherit this variable: they load the driver's copy
+    # of each job's data instead of rebuilding it (fedunlearn.data.cache)
+    copies = tempfile.TemporaryDirectory(prefix="fedunlearn-data-")
+    previous = os.environ.get(data_cache.ENV)
+    os.environ[data_cache.ENV] = copies.name
+    try:
+        holder["ray_start_s"] = start_ray(cfg)
+    except BaseException:
+        _restore_env(data_cache.ENV, previous)
+        copies.cleanup()
+        raise
     try:
         run_simulation(server_app=server_app, client_app=client_app,
                        num_supernodes=cfg.data.num_clients, backend_config=backend_config(cfg),
@@ -402,6 +424,8 @@ def run_engine(cfg: Config, job: Callable[[Connect], T],
     finally:
         ended.set()
         _stop_ray()
+        _restore_env(data_cache.ENV, previous)
+        copies.cleanup()
     holder["engine_wall_s"] = time.perf_counter() - t0
     if "error" in holder:
         raise holder["error"]
@@ -409,6 +433,13 @@ def run_engine(cfg: Config, job: Callable[[Connect], T],
         raise RuntimeError("the Flower simulation ended without a result; rerun with "
                            "--set engine.verbose=true to see Flower's log")
     return holder["result"]
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def _stop_ray() -> None:

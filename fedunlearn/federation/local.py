@@ -16,6 +16,7 @@ from torch import nn
 
 from fedunlearn.ascent import Ascent, projected_ascent
 from fedunlearn.config import Config, from_dict
+from fedunlearn.data import cache as data_cache
 from fedunlearn.data.federated import FederatedData, build_federated_data
 from fedunlearn.extensions import load_extensions
 from fedunlearn.models import build_model
@@ -26,11 +27,12 @@ from fedunlearn.training import LocalTraining, train
 
 @functools.lru_cache(maxsize=4)
 def runtime(job: str) -> tuple[Config, FederatedData]:
-    """Parse a job (config JSON) and build its data once per process."""
+    """Parse a job (config JSON) and build its data once per process (or load the copy the
+    driver published for this machine's client processes, :mod:`fedunlearn.data.cache`)."""
     cfg = from_dict(json.loads(job))
     load_extensions(cfg.experiment.extensions)
     torch.set_num_threads(max(1, int(cfg.engine.num_cpus)))
-    data = build_federated_data(cfg)
+    data = data_cache.load(job) or build_federated_data(cfg)  # the driver's copy, if any
     warm_up(cfg, data)
     return cfg, data
 

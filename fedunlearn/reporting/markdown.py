@@ -37,6 +37,7 @@ from fedunlearn.reporting.tables import (
     verification_line,
     write_metrics_csv,
 )
+from fedunlearn.schema import Role
 
 # --- report.md -------------------------------------------------------------------------------
 
@@ -153,7 +154,7 @@ def _md_training(results: Mapping[str, Any]) -> str:
 
 def _md_request(index: int, clients: list[int], rows: list[dict[str, Any]], *,
                 show_setting: bool, backdoor: bool, verification: str | None = None) -> str:
-    refs = ", ".join(f"`{r['method']}`" for r in _by_role(rows, "reference").values())
+    refs = ", ".join(f"`{r['method']}`" for r in _by_role(rows, Role.REFERENCE).values())
     return "\n\n".join([
         f"## Request {index}: forget clients {clients}",
         "### Comparison",
@@ -163,7 +164,7 @@ def _md_request(index: int, clients: list[int], rows: list[dict[str, Any]], *,
         f"Distances to the retrained model of the same setting ({refs or MISSING}).",
         _md_distances(rows, show_setting),
         "### Cost",
-        _md_table(_cost_columns(show_setting), [r for r in rows if r["role"] != "original"]),
+        _md_table(_cost_columns(show_setting), [r for r in rows if r["role"] != Role.ORIGINAL]),
         *([(f"Cost of this verification: {verification}. The verification's samples are "
             "bounded by `[verification]` `max_members`, `max_population` and "
             "`shadow_samples`.")] if verification else []),
@@ -184,7 +185,7 @@ def _vs_reference(row: dict[str, Any], refs: dict[str, dict[str, Any]], key: str
 
 def _comparison_columns(rows: list[dict[str, Any]], show_setting: bool,
                         backdoor: bool) -> list[_Column]:
-    refs = _by_role(rows, "reference")
+    refs = _by_role(rows, Role.REFERENCE)
     cols = _lead_columns(show_setting) + [
         _metric_column("test acc", "test_accuracy", ".3f"),
         _metric_column("forgotten acc", "forget_accuracy", ".3f"),
@@ -211,13 +212,13 @@ def _md_distances(rows: list[dict[str, Any]], show_setting: bool) -> str:
     lines: list[dict[str, Any]] = []
     for setting in _settings(rows):
         mine = [r for r in rows if r["setting"] == setting]
-        lines += [r for r in mine if r["role"] in ("original", "method")]
-        floor = _by_role(mine, "noise_floor").get(setting)
+        lines += [r for r in mine if r["role"] in (Role.ORIGINAL, Role.METHOD)]
+        floor = _by_role(mine, Role.NOISE_FLOOR).get(setting)
         if floor is not None:
             lines.append({**floor, "method": NOISE_FLOOR_LABEL})
     cols = _lead_columns(show_setting) + [_metric_column(h, k, ".4g") for h, k in _DISTANCES]
     table = _md_table(cols, lines)
-    if not any(r["role"] == "noise_floor" for r in rows):
+    if not any(r["role"] == Role.NOISE_FLOOR for r in rows):
         table += "\n\nNo noise floor: the second retraining was not run."
     return table
 

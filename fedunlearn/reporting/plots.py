@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedunlearn.evaluation.summary import FRESH_KINDS, fresh_kind
 from fedunlearn.reporting.tables import (
     NOISE_FLOOR_LABEL,
     _by_role,
@@ -19,6 +20,7 @@ from fedunlearn.reporting.tables import (
     _settings,
     _value,
 )
+from fedunlearn.schema import Role
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -130,7 +132,7 @@ def _bar_panel(ax: Axes, rows: list[dict[str, Any]], key: str, *, title: str,
     ax.set_ylim(0.0, 1.2)
     ax.set_yticks([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.grid(axis="y", alpha=0.3)
-    for setting, ref in _by_role(rows, "reference").items():
+    for setting, ref in _by_role(rows, Role.REFERENCE).items():
         v = _metric(ref, key)
         if v is not None:
             ax.axhline(v, ls="--", lw=1.2, color=_style(setting)[0])
@@ -169,7 +171,7 @@ def plot_fidelity_speedup(results: Mapping[str, Any], path: Path) -> Figure:
     fig = _figure(10.5, 6.0)
     ax = fig.subplots()
     points = _fidelity_points(rows)
-    floors = {s: v for s, r in _by_role(rows, "noise_floor").items()
+    floors = {s: v for s, r in _by_role(rows, Role.NOISE_FLOOR).items()
               if (v := _metric(r, "kl_forget")) is not None}
     _scatter_methods(ax, points)
     _noise_floor_lines(ax, floors)
@@ -188,7 +190,7 @@ def _fidelity_points(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], f
     out = []
     for r in rows:
         x, y = _value(r.get("speedup_vs_retrain")), _metric(r, "kl_forget")
-        if r["role"] == "method" and x is not None and x > 0 and y is not None:
+        if r["role"] == Role.METHOD and x is not None and x > 0 and y is not None:
             out.append((r, x, y))
     return out
 
@@ -285,8 +287,10 @@ def plot_replay_trajectory(results: Mapping[str, Any], path: Path) -> Figure:
     ----------
     results : mapping
         A run's ``results.json``; reads ``training.rounds`` and the ``details.replay`` of
-        FedEraser-like rows (per replayed round: ``test_accuracy``, ``ratio`` =
-        ‖stored update‖ / ‖fresh calibration update‖, ``cosine``).
+        history-replay rows (per replayed round: ``test_accuracy``, ``ratio`` =
+        ‖stored update‖ / ‖fresh update‖, ``cosine``), the fresh update being what the row's
+        ``details.replay_summary.fresh_kind`` says: FedEraser's calibration update, or
+        FedRecover's exact update (:func:`~fedunlearn.evaluation.summary.fresh_kind`).
     path : Path
         Where the PNG goes (120 dpi).
 
@@ -294,17 +298,19 @@ def plot_replay_trajectory(results: Mapping[str, Any], path: Path) -> Figure:
     -------
     matplotlib.figure.Figure
         Left: test accuracy of the reconstructed model per replayed round, the original
-        training curve, and retraining's final accuracy (dashed). Right: the calibration's
-        stretch ratio (log scale) and cosine per round.
+        training curve, and retraining's final accuracy (dashed). Right: the ratio (log scale)
+        and cosine per round of the stored update against the fresh one, labelled per method
+        with what the fresh update is.
     """
     rows = replay_rows(results)
+    kinds = {k for r in rows if (k := fresh_kind(r)) is not None}
     fig = _figure(12.0, 4.8)
     acc_ax, ratio_ax = fig.subplots(1, 2)
     train = (results.get("training") or {}).get("rounds") or []
     acc_ax.plot([r.get("round") for r in train],
                 [math.nan if (v := _value(r.get("test_accuracy"))) is None else v for r in train],
                 color="black", lw=1.5, label="original training")
-    retrain = next((r for r in (results.get("unlearning") or []) if r.get("role") == "reference"
+    retrain = next((r for r in (results.get("unlearning") or []) if r.get("role") == Role.REFERENCE
                     and r.get("setting", "federated") == "federated"), None)
     if retrain is not None and (v := _value((retrain.get("metrics") or {})
                                            .get("test_accuracy"))) is not None:
@@ -320,9 +326,15 @@ def plot_replay_trajectory(results: Mapping[str, Any], path: Path) -> Figure:
 
         acc_ax.plot(x, series("test_accuracy"), color=colour, marker="o", ms=3,
                     label=f"{r['method']} replay")
+        kind = fresh_kind(r)
+        if kind is None:  # no fresh step (FedAccum): nothing to compare on the right
+            continue
+        word = FRESH_KINDS[kind]
         ratio_ax.plot(x, series("ratio"), color=colour, marker="o", ms=3,
-                      label=f"{r['method']} ‖U‖/‖Û‖")
-        cos_ax.plot(x, series("cosine"), color=colour, ls=":", label=f"{r['method']} cos")
+                      label=f"{r['method']} ‖stored‖/‖{word}‖")
+        # markers too: FedRecover has a fresh step only in its exact rounds, often isolated
+        cos_ax.plot(x, series("cosine"), color=colour, ls=":", marker="x", ms=4,
+                    label=f"{r['method']} cos(stored, {word})")
     acc_ax.set_ylim(0.0, 1.05)
     acc_ax.set_xlabel("round")
     acc_ax.set_ylabel("test accuracy (fraction)")
@@ -332,12 +344,17 @@ def plot_replay_trajectory(results: Mapping[str, Any], path: Path) -> Figure:
     ratio_ax.set_yscale("log")
     ratio_ax.axhline(1.0, color="gray", lw=0.8)
     ratio_ax.set_xlabel("round")
-    ratio_ax.set_ylabel("stored / calibration update norm (log)")
+    word = FRESH_KINDS[next(iter(kinds))] if len(kinds) == 1 else "fresh"
+    ratio_ax.set_ylabel(f"stored / {word} update norm (log)")
     cos_ax.set_ylim(-1.05, 1.05)
-    cos_ax.set_ylabel("cosine(stored, calibration) (dotted)")
-    ratio_ax.set_title("How far calibration stretches the fresh step")
+    cos_ax.set_ylabel(f"cosine(stored, {word}) (dotted)")
+    ratio_ax.set_title({"calibration": "How far calibration stretches the fresh step",
+                        "exact": "Stored updates against the exact ones"}.get(
+                           word, "Stored update against the fresh one (legend: which)"))
     if not rows:
         _note(acc_ax, "no history-replay method in this run")
+    elif not kinds:
+        _note(ratio_ax, "no fresh step to compare (stored updates replayed as they are)")
     handles = ratio_ax.get_legend_handles_labels()
     extra = cos_ax.get_legend_handles_labels()
     if handles[0] or extra[0]:

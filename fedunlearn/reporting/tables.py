@@ -9,29 +9,20 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from fedunlearn.evaluation.verify import MIA_KEYS, PAIRED_ASR_KEYS
 from fedunlearn.reporting.files import _write_text
+from fedunlearn.schema import (
+    COST_KEYS,
+    CSV_COLUMNS,
+    METRIC_KEYS,
+    NOISE_SUFFIX,
+    REFERENCE,
+    ROLES,
+    SETTINGS,
+    Role,
+)
 
 # --- the removal comparison: rows ------------------------------------------------------------
 
-METRIC_KEYS: tuple[str, ...] = (
-    "test_accuracy", "retain_accuracy", "forget_accuracy", "backdoor_asr", "backdoor_p_value",
-    "backdoor_trigger_active", *PAIRED_ASR_KEYS, "acc_err", "acc_dis", "param_distance",
-    "kl_forget", "kl_test", "pred_diff_forget", "pred_diff_test", *MIA_KEYS)
-"""Metric keys of a comparison row, in the column order of ``metrics.csv`` (the membership
-keys are :data:`fedunlearn.evaluation.verify.MIA_KEYS`)."""
-
-COST_KEYS: tuple[str, ...] = (
-    "wall_s", "speedup_vs_retrain", "client_epochs", "rounds", "messages_sent",
-    "bytes_exchanged", "sample_epochs", "server_epochs")
-"""Cost keys of a comparison row, in the column order of ``metrics.csv``."""
-
-CSV_COLUMNS: tuple[str, ...] = ("request", "seed", "setting", "role", "method", *METRIC_KEYS,
-                                 *COST_KEYS)
-"""The header of ``metrics.csv``."""
-
-ROLES: tuple[str, ...] = ("original", "reference", "noise_floor", "method")
-SETTINGS: tuple[str, ...] = ("federated", "centralized")
 MISSING = "–"
 NOISE_FLOOR_LABEL = "noise floor (2nd retrain)"
 
@@ -63,13 +54,13 @@ def normalize_row(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _infer_role(method: str) -> str:
-    if method == "original":
-        return "original"
-    if method in ("retrain", "central_retrain"):
-        return "reference"
-    if method.endswith("retrain_seed2"):
-        return "noise_floor"
-    return "method"
+    if method == Role.ORIGINAL:  # the original model's row is named after its role
+        return Role.ORIGINAL
+    if method in REFERENCE.values():
+        return Role.REFERENCE
+    if method in {ref + NOISE_SUFFIX for ref in REFERENCE.values()}:
+        return Role.NOISE_FLOOR
+    return Role.METHOD
 
 
 def _request_clients(request: Any) -> list[int]:
@@ -489,7 +480,7 @@ def verification_line(results: Mapping[str, Any], request: int) -> str | None:
     rows = ordered_rows(results.get("unlearning") or [])
     clients = entries[0].get("clients") or []
     retrain = sum(_value(r.get("wall_s")) or 0.0 for r in rows
-                  if r["role"] == "reference" and r["request"] == list(clients))
+                  if r["role"] == Role.REFERENCE and r["request"] == list(clients))
     wall = sum(_value(v.get("wall_s")) or 0.0 for v in entries)
     shadow = sum(_value(v.get("shadow_s")) or 0.0 for v in entries)
     sizes = entries[0].get("sizes") or {}

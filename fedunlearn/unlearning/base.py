@@ -134,6 +134,9 @@ class Unlearner(Protocol):
       refused before training when the configured strategy is declared to break that identity
       (server momentum, for instance); after training, a history whose ``replayable()`` is
       false must be refused with :class:`HistoryNotReplayable` before any work.
+    - ``needs_every_round = True`` declares that the method reads the global model and every
+      participant's update of every round (FedRecover); it is refused before training unless
+      ``history.retention_interval = 1``.
     - ``check_config(cfg)``, a method, checks what depends on the rest of the config (PGA
       refuses a strict purge followed by a later request, whose reference model the purge
       deletes); it runs with :meth:`check`, before any training, and raises ``ValueError``.

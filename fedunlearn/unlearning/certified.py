@@ -421,6 +421,19 @@ class LinearOvR:
         return np.exp(log_s - logsumexp(log_s, axis=1, keepdims=True))
 
 
+def check_certified_params(*, lam: float, sigma: float, epsilon: float, delta: float) -> None:
+    """Raise ``ValueError`` naming the first of ``λ > 0``, ``σ > 0``, ``ε > 0``,
+    ``0 < δ < 1`` that fails."""
+    if not lam > 0:
+        raise ValueError(f"lam must be > 0, got {lam}")
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+
+
 @dataclass(eq=False)
 class OvRCertified:
     """K one-vs-rest certified logistic models with loss perturbation and a removal budget.
@@ -467,14 +480,8 @@ class OvRCertified:
     retrainings_: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.lam > 0:
-            raise ValueError(f"lam must be > 0, got {self.lam}")
-        if not self.sigma > 0:
-            raise ValueError(f"sigma must be > 0, got {self.sigma}")
-        if not self.epsilon > 0:
-            raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
-        if not 0 < self.delta < 1:
-            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+        check_certified_params(lam=self.lam, sigma=self.sigma, epsilon=self.epsilon,
+                               delta=self.delta)
 
     @property
     def budget(self) -> float:

@@ -51,7 +51,9 @@ the whole update the stored ``‖U_k‖`` too; with ``norm_scope = "layer"`` an 
 added (``track_accuracy``); with retention interval Δt it stands in for training's model
 after round ``t + Δt - 1``. ``details["replay_summary"]`` condenses them
 (:func:`~fedunlearn.unlearning.calibration.summarise_replay`, plus ``accuracy_seconds``, the
-evaluation time included in the method's wall time).
+evaluation time included in the method's wall time, and ``fresh_kind``, what the fresh step is:
+``"calibration"`` here; FedRecover's fresh step is the exact update from the recovered model,
+so there the ratio and cosine compare the stored update with the exact one, ``"exact"``).
 """
 
 from __future__ import annotations
@@ -164,6 +166,11 @@ class HistoryReplay:
 
     setting: ClassVar[Setting] = "federated"
     needs_replayable_history: ClassVar[bool] = True
+    fresh_kind: ClassVar[str | None] = None
+    """What :attr:`Step.fresh` holds, so the diagnostics (``details.replay_summary.fresh_kind``)
+    say what their ratio and cosine compare the stored update with: ``"calibration"``
+    (FedEraser's short calibration training), ``"exact"`` (FedRecover's exact updates from the
+    recovered model) or ``None`` (no fresh step: FedAccum)."""
 
     def __init__(self, track_accuracy: bool = True) -> None:
         self.track_accuracy = track_accuracy
@@ -238,7 +245,8 @@ class HistoryReplay:
             replay.append({**round_diagnostics(rnd, step), **extra,
                            "test_accuracy": accuracy(model) if accuracy else None})
         summary = {**summarise_replay(replay),
-                   "accuracy_seconds": accuracy.seconds if accuracy else 0.0}
+                   "accuracy_seconds": accuracy.seconds if accuracy else 0.0,
+                   "fresh_kind": self.fresh_kind}
         details = {"retained_rounds": retained, "calibrated_rounds": cost.rounds,
                    **self.details(), "replay": replay, "replay_summary": summary}
         if dropped:
@@ -339,6 +347,8 @@ class FedEraser(HistoryReplay):
     retained round and a tag derived from ``ctx.seed`` (never the training tag 0), so its
     shuffles differ from training's. Removed clients are never contacted.
     """
+
+    fresh_kind: ClassVar[str | None] = "calibration"
 
     def __init__(self, r: float = 0.5, norm_scope: str = "model",
                  track_accuracy: bool = True) -> None:

@@ -236,6 +236,11 @@ class FedRecover(HistoryReplay):
 
     needs_every_round: ClassVar[bool] = True
     """Needs the global model and every client's update of every round (``Δt = 1``)."""
+    fresh_kind: ClassVar[str | None] = "exact"
+    """The replay diagnostics' ``ratio`` and ``cosine`` compare, in the rounds whose updates
+    were all exact, the stored update ``ḡ_k^t`` with the exact one from ``ŵ_t``:
+    ``‖ḡ‖ / ‖g_exact‖`` and ``cos(ḡ, g_exact)``, how far the recovered run's updates have
+    moved from the original run's (what the estimates must bridge), not a calibration."""
 
     def __init__(self, warmup_rounds: int = 5, correction_interval: int = 10,
                  final_rounds: int = 2, buffer_size: int = 2, abnormal_threshold: float = 1.0,

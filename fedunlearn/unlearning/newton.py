@@ -33,7 +33,7 @@ from fedunlearn.unlearning.base import (
     UnlearningContext,
     UnlearningResult,
 )
-from fedunlearn.unlearning.certified import LinearOvR, OvRCertified
+from fedunlearn.unlearning.certified import LinearOvR, OvRCertified, check_certified_params
 
 FEATURES = ("raw", "penultimate")
 SEED_TAG = 0x6E77
@@ -109,14 +109,8 @@ class NewtonRemoval:
         self.extractor_epochs = extractor_epochs
 
     def check(self) -> None:
-        if not self.lam > 0:
-            raise ValueError(f"lam must be > 0, got {self.lam}")
-        if not self.sigma > 0:
-            raise ValueError(f"sigma must be > 0, got {self.sigma}")
-        if not self.epsilon > 0:
-            raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
-        if not 0 < self.delta < 1:
-            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+        check_certified_params(lam=self.lam, sigma=self.sigma, epsilon=self.epsilon,
+                               delta=self.delta)
         if self.features not in FEATURES:
             raise ValueError(f"features must be one of {', '.join(FEATURES)}, "
                              f"got {self.features!r}")

@@ -43,6 +43,7 @@ from fedunlearn.federation.port import Federation
 from fedunlearn.history import HistoryStore
 from fedunlearn.lineage import LineageLog, params_hash
 from fedunlearn.params import Params
+from fedunlearn.schema import NOISE_SUFFIX, REFERENCE, SETTINGS, Role, Row
 from fedunlearn.seeding import derive_seed
 from fedunlearn.unlearning.base import (
     UNLEARNERS,
@@ -54,10 +55,6 @@ from fedunlearn.unlearning.base import (
     setting_of,
 )
 
-REFERENCE = {"federated": "retrain", "centralized": "central_retrain"}
-"""The reference (exact retraining) of each setting."""
-SETTINGS = tuple(REFERENCE)
-NOISE_SUFFIX = "_seed2"
 EXACT = frozenset(REFERENCE.values())
 
 
@@ -165,12 +162,12 @@ def build_methods(cfg: Config) -> list[Method]:
     parameters are ConfigErrors raised before any work."""
     out: list[Method] = []
     for name in method_order(cfg):
-        role = "reference" if name in EXACT else "method"
+        role = Role.REFERENCE if name in EXACT else Role.METHOD
         method = _create(cfg, name)
         _check_config(cfg, name, method)
         out.append(Method(name, method, role))
-        if role == "reference" and cfg.verification.noise_floor:
-            out.append(Method(name + NOISE_SUFFIX, _create(cfg, name, variant=1), "noise_floor"))
+        if role == Role.REFERENCE and cfg.verification.noise_floor:
+            out.append(Method(name + NOISE_SUFFIX, _create(cfg, name, variant=1), Role.NOISE_FLOOR))
     for name in sorted(set(cfg.unlearning.params) - {m.name for m in out}):
         # parameters kept for a method not run this time (e.g. after --set unlearning.methods)
         # are still checked, so a typo in them is caught now rather than on the next run
@@ -205,27 +202,6 @@ def check_replayable_history(methods: list[Method], store: HistoryStore) -> None
             f"rounds {rounds[:5]}{' ...' if len(rounds) > 5 else ''} (a server-side optimiser "
             f"such as momentum), so {', '.join(needy)} cannot use it; train with fedavg or "
             "fedprox, or drop those methods")
-
-
-@dataclass
-class Row:
-    """One line of the comparison table."""
-
-    request: list[int]
-    method: str
-    setting: str
-    role: str
-    wall_s: float
-    speedup_vs_retrain: float | None
-    client_epochs: float
-    rounds: int
-    messages_sent: int
-    bytes_exchanged: int
-    sample_epochs: float
-    server_epochs: float
-    metrics: dict[str, Any]
-    model_hash: str
-    details: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -272,7 +248,6 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
         check_replayable_history(methods, store)
     shadow_cache = {} if shadow_cache is None else shadow_cache
     target_class = cfg.backdoor.target_class if cfg.backdoor.clients else None
-    everyone = set(range(cfg.data.num_clients))
 
     def context(targets: tuple[int, ...], removed: frozenset[int], model: Params,
                 request: int) -> UnlearningContext:
@@ -308,62 +283,87 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
         reference_wall: dict[str, float] = {}
         for m in methods:
             ctx = context(targets, removed, current[m.name], i)
-            sent, exchanged = _traffic(federation)
-            t0 = time.perf_counter()
-            result = m.method.unlearn(ctx)
-            wall = time.perf_counter() - t0
-            after = _traffic(federation)
-            if m.role == "reference":
-                reference_wall[m.setting] = wall
-            answer = _answer(m, result, targets, wall, reference_wall.get(m.setting),
-                             after[0] - sent, after[1] - exchanged, verifier, predictor)
+            answer, result = _serve(m, ctx, i, reference_wall, verifier, predictor, lineage,
+                                    stream)
             if m.name in fit_wall:
                 answer.row.details["fit_wall_s"] = fit_wall[m.name]
             answers.append(answer)
             if result.model is not None:
                 current[m.name] = result.model
-            lineage.append("model", kind="unlearned", method=m.name, request=i,
-                           model_hash=answer.row.model_hash,
-                           exact=bool(getattr(m.method, "exact", m.role != "method")),
-                           derived_from=None if m.role != "method" else params_hash(ctx.model),
-                           trained_with=sorted(everyone - removed), forgot=sorted(removed))
-            _say(stream, f"[unlearn] request {i} {list(targets)}  {m.name:<22} {wall:7.2f}s  "
-                 f"test {answer.row.metrics['test_accuracy']:.3f}  "
-                 f"forget {answer.row.metrics['forget_accuracy']:.3f}")
         t_verify = time.perf_counter()
         fits = getattr(shadows, "fits_", 0)
         rows += _with_distances(answers, verifier)
         if verifier.shadow_phi is not None:
             shadow_cache[i] = verifier.shadow_phi
         verify_s += time.perf_counter() - t_verify + sum(a.verify_s for a in answers)
-        sizes = verifier.sizes
-        verification.append({
-            "request": i, "clients": list(targets), "setting": "+".join(sorted(settings)),
-            "wall_s": verify_s, "shadow_s": verifier.shadow_seconds,
+        verification.append(_verification_entry(
+            i, targets, settings, verify_s, verifier, shadows,
+            trained_now=getattr(shadows, "fits_", 0) > fits,
+            shadow_samples=v.shadow_samples, stream=stream))
+        if federated and cfg.unlearning.purge:
+            purges.append(_purge(store, i, targets, cfg.history.purge, lineage, stream))
+    return Served(rows=rows, purges=purges, verification=verification)
+
+
+def _serve(m: Method, ctx: UnlearningContext, request: int, reference_wall: dict[str, float],
+           verifier: RequestVerifier, predictor: Callable[[Params], Callable],
+           lineage: LineageLog, stream: TextIO | None) -> tuple[_Answer, UnlearningResult]:
+    """One method serves one request: timed, its traffic counted, logged in the lineage."""
+    sent, exchanged = _traffic(ctx.federation)
+    t0 = time.perf_counter()
+    result = m.method.unlearn(ctx)
+    wall = time.perf_counter() - t0
+    after = _traffic(ctx.federation)
+    if m.role == Role.REFERENCE:
+        reference_wall[m.setting] = wall
+    answer = _answer(m, result, ctx.targets, wall, reference_wall.get(m.setting),
+                     after[0] - sent, after[1] - exchanged, verifier, predictor)
+    everyone = set(range(ctx.cfg.data.num_clients))
+    lineage.append("model", kind="unlearned", method=m.name, request=request,
+                   model_hash=answer.row.model_hash,
+                   exact=bool(getattr(m.method, "exact", m.role != Role.METHOD)),
+                   derived_from=None if m.role != Role.METHOD else params_hash(ctx.model),
+                   trained_with=sorted(everyone - ctx.removed), forgot=sorted(ctx.removed))
+    _say(stream, f"[unlearn] request {request} {list(ctx.targets)}  {m.name:<22} {wall:7.2f}s  "
+         f"test {answer.row.metrics['test_accuracy']:.3f}  "
+         f"forget {answer.row.metrics['forget_accuracy']:.3f}")
+    return answer, result
+
+
+def _verification_entry(request: int, targets: tuple[int, ...], settings: Collection[str],
+                        wall_s: float, verifier: RequestVerifier, shadows: Any, *,
+                        trained_now: bool, shadow_samples: int,
+                        stream: TextIO | None) -> dict[str, Any]:
+    """What verifying one request cost, for ``results.json`` (and one progress line)."""
+    sizes = verifier.sizes
+    _say(stream, f"[verify] request {request} {list(targets)}  {wall_s:7.2f}s  (shadows "
+         f"{verifier.shadow_seconds:.2f}s; members {sizes['members']} of "
+         f"{sizes['members_available']}, population {sizes['population']})")
+    return {"request": request, "clients": list(targets), "setting": "+".join(sorted(settings)),
+            "wall_s": wall_s, "shadow_s": verifier.shadow_seconds,
             "shadows": 0 if shadows is None else shadows.num_shadows,
             "shadow_threads": None if shadows is None else shadows.threads,
-            "shadows_trained": getattr(shadows, "fits_", 0) > fits,
+            "shadows_trained": trained_now,
             "shadow_train_samples": 0 if shadows is None else shadow_sample_size(
-                sizes["shadow_pool"], v.shadow_samples),
-            "sizes": sizes})
-        _say(stream, f"[verify] request {i} {list(targets)}  {verify_s:7.2f}s  (shadows "
-             f"{verifier.shadow_seconds:.2f}s; members {verifier.sizes['members']} of "
-             f"{verifier.sizes['members_available']}, population "
-             f"{verifier.sizes['population']})")
-        if federated and cfg.unlearning.purge:
-            files_before = _files(store)
-            freed = store.purge_clients(targets, level=cfg.history.purge)
-            purge = {"request": i, "clients": list(targets), "level": cfg.history.purge,
-                     "bytes_freed": freed, "files_removed": files_before - _files(store),
-                     "globals_deleted_from": store.globals_deleted_from()}
-            purges.append(purge)
-            lineage.append("purge", **purge)
-            cut = purge["globals_deleted_from"]
-            _say(stream, f"[purge] request {i} {list(targets)}  {cfg.history.purge}: "
-                 f"{purge['files_removed']} files, {freed} bytes"
-                 + (f"; global models from round {cut} on and the final model deleted"
-                    if cut is not None else "; global models kept (re-solvable)"))
-    return Served(rows=rows, purges=purges, verification=verification)
+                sizes["shadow_pool"], shadow_samples),
+            "sizes": sizes}
+
+
+def _purge(store: HistoryStore, request: int, targets: tuple[int, ...], level: str,
+           lineage: LineageLog, stream: TextIO | None) -> dict[str, Any]:
+    """Purge the request's clients from the history store at ``level``; log what went."""
+    files_before = _files(store)
+    freed = store.purge_clients(targets, level=level)
+    purge = {"request": request, "clients": list(targets), "level": level,
+             "bytes_freed": freed, "files_removed": files_before - _files(store),
+             "globals_deleted_from": store.globals_deleted_from()}
+    lineage.append("purge", **purge)
+    cut = purge["globals_deleted_from"]
+    _say(stream, f"[purge] request {request} {list(targets)}  {level}: "
+         f"{purge['files_removed']} files, {freed} bytes"
+         + (f"; global models from round {cut} on and the final model deleted"
+            if cut is not None else "; global models kept (re-solvable)"))
+    return purge
 
 
 def _traffic(federation: Federation | None) -> tuple[int, int]:
@@ -414,22 +414,22 @@ def _originals(methods: list[Method], trained: Params, targets: tuple[int, ...],
     model fitted on all the pooled data."""
     out = []
     if federated:
-        out.append(_blank_answer("original", "federated", targets,
+        out.append(_blank_answer(Role.ORIGINAL, "federated", targets,
                                  verifier.outputs(predictor(trained)), trained,
                                  params_hash(trained)))
-    central = next((m for m in methods if m.role == "reference" and m.setting == "centralized"),
+    central = next((m for m in methods if m.role == Role.REFERENCE and m.setting == "centralized"),
                    None)
     if central is not None:
         params = central.method.original_params_  # type: ignore[attr-defined]
         outputs = verifier.outputs(central.method.predict_proba_original)  # type: ignore[attr-defined]
-        out.append(_blank_answer("original", "centralized", targets, outputs, params,
+        out.append(_blank_answer(Role.ORIGINAL, "centralized", targets, outputs, params,
                                  _model_hash(params, outputs)))
     return out
 
 
 def _blank_answer(method: str, setting: str, targets: tuple[int, ...], outputs: Outputs,
                   params: Params | None, model_hash: str) -> _Answer:
-    row = Row(list(targets), method, setting, "original", 0.0, None, 0.0, 0, 0, 0, 0.0, 0.0,
+    row = Row(list(targets), method, setting, Role.ORIGINAL, 0.0, None, 0.0, 0, 0, 0, 0.0, 0.0,
               {}, model_hash)
     return _Answer(row, outputs, params)
 
@@ -463,7 +463,7 @@ def _model_hash(params: Params | None, outputs: Outputs) -> str:
 
 def _with_distances(answers: list[_Answer], verifier: RequestVerifier) -> list[Row]:
     """Fill every row's metrics, with distances to its setting's reference."""
-    refs = {a.row.setting: a for a in answers if a.row.role == "reference"}
+    refs = {a.row.setting: a for a in answers if a.row.role == Role.REFERENCE}
     rows = []
     for a in answers:
         ref = refs.get(a.row.setting)
