@@ -389,7 +389,10 @@ def main() -> int:
     parts = args.parts.split(",")
     out: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() and set(
         parts) != {"history", "scale", "startup", "dispatch"} else {}
-    out.setdefault("parts_run", []).append({"parts": parts, "load_start": load()})
+    from fedunlearn.provenance import git_commit
+
+    out.setdefault("parts_run", []).append({"parts": parts, "load_start": load(),
+                                            "git_commit": git_commit()})
     out |= {**stamp(load_config(ROOT / SCALE, [])), "benchmark": "scale",
                            "repeats": args.repeats, "cpus": os.cpu_count(),
                            "load_start": load()}
