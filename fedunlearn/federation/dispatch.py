@@ -1,11 +1,27 @@
-"""Tuning of Flower's Simulation Engine (flwr 1.41) for small, fast client workloads.
+"""``engine.fast_dispatch``: a faster message sweep for Flower's Simulation Engine (flwr 1.41).
 
-The engine moves messages from the link state to the Ray actors in a loop that sleeps a fixed
-0.1 s between sweeps (``vce_api.add_messages_to_queue``). With client work of a few
-milliseconds, that sleep, not the training, sets the pace of every round. :func:`install`
-replaces the loop with the same loop sleeping ``interval`` seconds instead, and touches
-nothing else. The replacement is installed only when the engine module has the expected
-function; otherwise Flower's own loop stays (and a warning says so).
+The engine hands messages from its link state to the Ray actors in a loop
+(``vce_api.add_messages_to_queue``) that, every 0.1 s, asks the link state for the next
+message of **each node in turn**. Each of those asks scans every message in flight
+(``InMemoryLinkState.get_message_ins``), so a sweep costs nodes × messages in flight, under the
+state's lock and the driver's GIL:
+
+- with client work of a few milliseconds, the 0.1 s sleep, not the training, sets the pace of
+  every round (10 clients);
+- at 1,000 nodes, node discovery puts 1,000 messages in flight: one sweep is a million checks,
+  seconds of driver CPU while the actors wait, and each training round of 100 messages pays
+  100,000 per sweep.
+
+:func:`install` (``engine.fast_dispatch = true``, the default) replaces that loop with one that
+sweeps every ``engine.dispatch_interval`` seconds and collects the undelivered messages of all
+nodes in **one pass** over the messages in flight, applying the same checks (expiry,
+federation: ``_check_stored_messages``) and marking them delivered exactly as
+``get_message_ins`` does; it changes nothing else. Measured effects are in the README
+(*Engine benchmark*) and ``benchmarks/scale.json``. It relies on the in-memory link state's
+internals (``lock``, ``message_ins_store``, ``_check_stored_messages``): on a link state
+without them it falls back to the per-node public call, and on an engine whose loop has another
+signature Flower's own loop stays (with a warning). ``fast_dispatch = false`` restores
+Flower's loop, untouched.
 """
 
 from __future__ import annotations
@@ -17,24 +33,49 @@ from queue import Queue
 from typing import Any
 
 _EXPECTED = ["state", "queue", "nodes_mapping", "f_stop"]
+_INTERNALS = ("lock", "message_ins_store", "_check_stored_messages")
 
 
-def install(interval: float) -> bool:
-    """Make the engine sweep for new messages every ``interval`` seconds; True if installed."""
+def undelivered(state: Any, nodes: dict[int, int]) -> list[Any]:
+    """Every message in flight to one of ``nodes`` not yet handed out, in the order pushed,
+    marked delivered (``get_message_ins`` of every node at once, with ``limit=None``)."""
+    from flwr.supercore.date import now
+
+    if not all(hasattr(state, a) for a in _INTERNALS):
+        return [m for n in nodes for m in state.get_message_ins(node_id=n, limit=None)]
+    with state.lock:
+        ids = [mid for mid, m in state.message_ins_store.items()
+               if m.metadata.delivered_at == "" and m.metadata.dst_node_id in nodes]
+        if not ids:
+            return []
+        state._check_stored_messages(set(ids))  # drops expired ones, as get_message_ins does
+        found = [m for mid in ids if (m := state.message_ins_store.get(mid)) is not None]
+        stamp = now().isoformat()
+        for m in found:
+            m.metadata.delivered_at = stamp
+    return found
+
+
+def install(interval: float, *, enabled: bool = True) -> bool:
+    """Sweep for new messages every ``interval`` seconds in one pass over the messages in
+    flight (``enabled``), or restore Flower's own loop (``enabled=False``); True if the fast
+    loop is in place."""
     from flwr.server.superlink.fleet.vce import vce_api
 
     original = getattr(vce_api, "_fedunlearn_original", vce_api.add_messages_to_queue)
+    if not enabled:
+        vce_api.add_messages_to_queue = original
+        return False
     if list(inspect.signature(original).parameters) != _EXPECTED:
-        warnings.warn("unexpected Flower engine internals; keeping its 0.1 s dispatch loop",
-                      stacklevel=2)
+        warnings.warn("unexpected Flower engine internals; keeping its 0.1 s dispatch loop "
+                      "(engine.fast_dispatch has no effect)", stacklevel=2)
         return False
 
     def add_messages_to_queue(state: Any, queue: Queue[Any], nodes_mapping: dict[int, int],
                               f_stop: threading.Event) -> None:
         while not f_stop.is_set():
-            for node_id in nodes_mapping:
-                for msg in state.get_message_ins(node_id=node_id, limit=1):
-                    queue.put(msg)
+            for msg in undelivered(state, nodes_mapping):
+                queue.put(msg)
             f_stop.wait(interval)
 
     vce_api._fedunlearn_original = original  # type: ignore[attr-defined]

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -71,6 +71,49 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+POLL_SHARE = 0.1
+"""At most this share of the driver's time goes to polling for replies (see :class:`PacedGrid`)."""
+
+
+class PacedGrid:
+    """A view of a Flower grid whose ``send_and_receive`` polls for replies every
+    ``pull_interval`` seconds, or less often when a poll itself takes long (everything else is
+    delegated).
+
+    Flower's in-memory grid checks every message still awaited on each poll, under the link
+    state's lock: with 1,000 messages in flight (node discovery at 1,000 nodes) a poll costs
+    milliseconds, and polling every 0.01 s holds the lock and the driver's GIL about half the
+    time, slowing the threads that hand messages to the Ray actors and store their replies.
+    Here the pause after a poll is at least ``(1 - POLL_SHARE) / POLL_SHARE`` times the poll's
+    own duration, so polling takes at most :data:`POLL_SHARE` of the driver's time.
+    """
+
+    def __init__(self, grid: Grid, pull_interval: float) -> None:
+        self._grid = grid
+        self.pull_interval = pull_interval
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> list[Message]:
+        """Push ``messages``; return the replies that arrived within ``timeout`` seconds."""
+        awaited = set(self._grid.push_messages(messages))
+        end = time.monotonic() + (timeout if timeout is not None else 0.0)
+        replies: list[Message] = []
+        factor = (1.0 - POLL_SHARE) / POLL_SHARE
+        while awaited:
+            t0 = time.perf_counter()
+            got = list(self._grid.pull_messages(awaited))
+            spent = time.perf_counter() - t0
+            replies += got
+            awaited.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not awaited or (timeout is not None and time.monotonic() >= end):
+                break
+            time.sleep(max(self.pull_interval, factor * spent))
+        return replies
+
+
 class FlowerFederation:
     """The port, implemented with Flower messages over a live ``Grid``.
 
@@ -88,7 +131,8 @@ class FlowerFederation:
 
     def __init__(self, grid: Grid, cfg: Config, evaluate: Evaluator,
                  data: FederatedData | None = None) -> None:
-        self.grid = grid
+        self.grid = grid._grid if isinstance(grid, PacedGrid) else grid
+        self.paced = PacedGrid(self.grid, cfg.engine.pull_interval)
         self.cfg = cfg
         self.evaluate = evaluate
         self.job = job_json(cfg)
@@ -97,8 +141,6 @@ class FlowerFederation:
         self.bytes_exchanged = 0
         self.policy = FaultPolicy.of(cfg.engine)
         self.timeout_s = cfg.engine.client_timeout_s
-        if hasattr(grid, "pull_interval"):  # InMemoryGrid polls every 0.1 s by default
-            grid.pull_interval = cfg.engine.pull_interval
         self.node_of: dict[int, int] = {}
         self.num_examples: dict[int, int] = {}
         if os.environ.get(data_cache.ENV):  # local client processes load this copy
@@ -114,7 +156,7 @@ class FlowerFederation:
         """Send ``messages``; return the replies that arrived within ``timeout_s`` (default
         ``engine.client_timeout_s``)."""
         self.messages_sent += len(messages)
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout_s or self.timeout_s))
+        replies = self.paced.send_and_receive(messages, timeout=timeout_s or self.timeout_s)
         self.bytes_exchanged += sum(array_bytes(m.content) for m in [*messages, *replies]
                                     if m.has_content())
         return replies
@@ -174,7 +216,8 @@ class FlowerFederation:
             tracker.evaluated(first + server_round, from_record(arrays))
             return None
 
-        result = strategy.start(grid=self.grid, initial_arrays=to_record(initial),
+        result = strategy.start(grid=self.paced,  # type: ignore[arg-type]
+                                initial_arrays=to_record(initial),
                                 num_rounds=t.rounds - first, timeout=self.timeout_s,
                                 train_config=self._config(tag=variant_tag(variant)),
                                 evaluate_config=self._config(),
@@ -363,7 +406,7 @@ def run_engine(cfg: Config, job: Callable[[Connect], T],
                              daemon=True).start()
 
     _quiet(cfg.engine.verbose)
-    dispatch.install(cfg.engine.dispatch_interval)
+    dispatch.install(cfg.engine.dispatch_interval, enabled=cfg.engine.fast_dispatch)
     t0 = time.perf_counter()
     # the client processes Ray starts here inherit this variable: they load the driver's copy
     # of each job's data instead of rebuilding it (fedunlearn.data.cache)
