@@ -251,3 +251,15 @@ def test_base_doctests():
     from fedunlearn.unlearning import base
     failed, attempted = doctest.testmod(base)
     assert attempted >= 2 and failed == 0
+
+
+def test_an_unlearn_that_returns_no_result_is_one_line(trained):
+    from fedunlearn.schema import Role
+    from fedunlearn.unlearning.service import Method, RequestError, _serve
+
+    class ReturnsNothing(_NoCheck):
+        def check(self) -> None: ...
+
+    with pytest.raises(RequestError, match="returned NoneType, not an UnlearningResult"):
+        _serve(Method("nothing", ReturnsNothing(), Role.METHOD), _context(trained, (TARGET,)),
+               0, {}, None, None, None, None)  # type: ignore[arg-type]

@@ -339,6 +339,10 @@ def _serve(m: Method, ctx: UnlearningContext, request: int, reference_wall: dict
     t0 = time.perf_counter()
     result = m.method.unlearn(ctx)
     wall = time.perf_counter() - t0
+    if not isinstance(result, UnlearningResult):
+        raise RequestError(f"unlearning method '{m.name}' returned {type(result).__name__}, "
+                           "not an UnlearningResult (fedunlearn.unlearning.base); fix its "
+                           "unlearn(ctx)")
     after = _traffic(ctx.federation)
     if m.role == Role.REFERENCE:
         reference_wall[m.setting] = wall
