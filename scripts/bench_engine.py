@@ -56,7 +56,7 @@ def main() -> int:
         return fed.fedavg(setup.initial)
 
     t1 = time.perf_counter()
-    flower_run = run_on_flower(cfg, job, setup.evaluator())
+    flower_run = run_on_flower(cfg, job, setup.evaluator(), setup.data)
     flower_total = time.perf_counter() - t1
 
     diff = max(float(np.max(np.abs(flower_run.final[k] - plain_run.final[k])))

@@ -246,7 +246,7 @@ def run_quickstart(fast: str, repeats: int) -> dict[str, Any]:
     plain_total = time.perf_counter() - t0
     marks = Marks()
     t1 = time.perf_counter()
-    run = run_on_flower(cfg, lambda fed: fed.fedavg(setup.initial), setup.evaluator())
+    run = run_on_flower(cfg, lambda fed: fed.fedavg(setup.initial), setup.evaluator(), setup.data)
     total = time.perf_counter() - t1
     diff = max(float(np.max(np.abs(run.final[k] - plain.final[k]))) for k in plain.final)
     return {"flower_total_s": total, "flower_rounds_s": run.wall_s,
@@ -291,7 +291,7 @@ def run_backdoor(fast: str, repeats: int) -> dict[str, Any]:
                 "round_s_median": statistics.median(r.wall_s for r in run.rounds),
                 "walls_s": walls}
 
-    out = run_on_flower(cfg, job, setup.evaluator())
+    out = run_on_flower(cfg, job, setup.evaluator(), setup.data)
     tmp.cleanup()
     w = out["walls_s"]
     out.update(retrain_s=statistics.median(w["retrain"]),
@@ -316,7 +316,7 @@ def run_startup(arg: str, repeats: int) -> dict[str, Any]:
     setup = prepare(cfg)
     marks = Marks()
     t0 = time.perf_counter()
-    run = run_on_flower(cfg, lambda fed: fed.fedavg(setup.initial), setup.evaluator())
+    run = run_on_flower(cfg, lambda fed: fed.fedavg(setup.initial), setup.evaluator(), setup.data)
     return {"clients": int(n), "fast_dispatch": fast == "true", "startup": marks.startup(),
             "round_s": [r.wall_s for r in run.rounds], "total_s": time.perf_counter() - t0}
 

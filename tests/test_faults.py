@@ -309,7 +309,7 @@ def test_flower_stalled_client_abort_drop_and_retry(tmp_path):
                                               setup.evaluator()), "retry")
         return out
 
-    out = run_on_flower(cfg, job, setup.evaluator())
+    out = run_on_flower(cfg, job, setup.evaluator(), setup.data)
     message, seconds = out["abort"]
     assert message.startswith("client 1 sent no reply within engine.client_timeout_s = 2 s in "
                               "round 1 (training);") and "\n" not in message

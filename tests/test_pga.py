@@ -331,7 +331,7 @@ def test_flower_and_in_process_ascent_give_the_same_model(tmp_path: Path):
                                       tag=3, task="ascent", task_params=params)
         return ascent, PGA(rounds=1).unlearn(ctx(flower))
 
-    flower_ascent, flower_pga = run_on_flower(cfg, job, setup.evaluator())
+    flower_ascent, flower_pga = run_on_flower(cfg, job, setup.evaluator(), setup.data)
     local_ascent = fed.train_clients(run.final, [TARGET, 2], epochs=1.0, server_round=4, tag=3,
                                      task="ascent", task_params=params)
     local_pga = PGA(rounds=1).unlearn(ctx(fed))

@@ -273,9 +273,13 @@ def backend_config(cfg: Config) -> dict[str, Any]:
             "init_args": init_args}
 
 
-def run_on_flower(cfg: Config, job: Callable[[FlowerFederation], T], evaluate: Evaluator) -> T:
-    """Run ``job`` inside a Flower ServerApp on the Simulation Engine; return its result."""
-    return run_engine(cfg, lambda connect: job(connect(cfg, evaluate)))
+def run_on_flower(cfg: Config, job: Callable[[FlowerFederation], T], evaluate: Evaluator,
+                  data: FederatedData | None = None) -> T:
+    """Run ``job`` inside a Flower ServerApp on the Simulation Engine; return its result.
+
+    ``data``: ``cfg``'s data as the caller built it, published for the client processes
+    (otherwise the driver builds it once more; see :class:`FlowerFederation`)."""
+    return run_engine(cfg, lambda connect: job(connect(cfg, evaluate, data)))
 
 
 Connect = Callable[..., FlowerFederation]
