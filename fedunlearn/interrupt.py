@@ -58,15 +58,19 @@ def descendants(pid: int | None = None) -> list[int]:
     return out
 
 
-def kill_descendants() -> int:
-    """SIGKILL every descendant process (Ray's); returns how many were signalled."""
-    pids = descendants()
+def kill_pids(pids: list[int]) -> int:
+    """SIGKILL each of ``pids`` (gone ones are skipped); returns how many were signalled."""
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
     return len(pids)
+
+
+def kill_descendants() -> int:
+    """SIGKILL every descendant process (Ray's); returns how many were signalled."""
+    return kill_pids(descendants())
 
 
 @contextmanager

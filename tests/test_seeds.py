@@ -4,12 +4,16 @@ and each seed's models equal to an independent in-process run of that seed alone
 from __future__ import annotations
 
 import json
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import flwr.simulation
 import pytest
 from conftest import small_config
 
+from fedunlearn import interrupt
 from fedunlearn.cli import main
 from fedunlearn.experiment import prepare
 from fedunlearn.federation.inprocess import InProcessFederation
@@ -23,13 +27,25 @@ EXTRA = ["backdoor.clients=[0]", "backdoor.fraction=0.8", "unlearning.requests=[
 
 
 @pytest.fixture(scope="module")
-def two_seeds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, int]:
+def two_seeds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, int, set[int]]:
     starts = []
+    seen: set[int] = set()  # every process below this one while the engine runs (Ray's)
     real = flwr.simulation.run_simulation
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         starts.append(1)
-        return real(*args, **kwargs)
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.1):
+                seen.update(interrupt.descendants())
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            done.set()
+            sampler.join()
 
     flwr.simulation.run_simulation = counting
     try:
@@ -38,12 +54,32 @@ def two_seeds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, int]:
         results = run_experiment(cfg, out, quiet=True)
     finally:
         flwr.simulation.run_simulation = real
-    return cfg, (out, results), len(starts)
+    return cfg, (out, results), len(starts), seen
+
+
+def _alive(pid: int) -> bool:
+    """Running (a killed process stays a zombie until reaped: it counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.flower
+def test_the_engine_leaves_no_ray_process_behind(two_seeds: Any) -> None:
+    """The engine stops its local Ray without the graceful wait (flower._stop_without_grace):
+    raylet, GCS, their agents and the client actors must all be gone, not orphaned."""
+    *_, seen = two_seeds
+    assert len(seen) >= 4, seen  # GCS, raylet, agents, actors were seen while it ran
+    deadline = time.monotonic() + 5.0
+    while (left := [p for p in seen if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in left if _alive(p)]
 
 
 @pytest.mark.flower
 def test_one_engine_serves_every_seed(two_seeds: Any) -> None:
-    _, (out, results), starts = two_seeds
+    _, (out, results), starts, _ = two_seeds
     assert starts == 1
     assert results["seeds"] == [3, 5]
     assert [p["seed"] for p in results["per_seed"]] == [3, 5]
@@ -61,7 +97,7 @@ def test_one_engine_serves_every_seed(two_seeds: Any) -> None:
 def test_each_seed_equals_an_independent_run_of_that_seed(two_seeds: Any) -> None:
     """Oracle: the trained and the retrained model of each seed equal, bit for bit, FedAvg of
     that seed alone in the in-process engine (with and without client 0)."""
-    cfg, (_, results), _ = two_seeds
+    cfg, (_, results), *_ = two_seeds
     rows = {(r["seed"], r["method"]): r for r in results["unlearning"]}
     for s in (3, 5):
         one = cfg.with_seed(s)
@@ -76,7 +112,7 @@ def test_each_seed_equals_an_independent_run_of_that_seed(two_seeds: Any) -> Non
 
 @pytest.mark.flower
 def test_summary_describes_every_seed(two_seeds: Any) -> None:
-    _, (_, results), _ = two_seeds
+    _, (_, results), *_ = two_seeds
     entry = next(e for e in results["summary"] if e["method"] == "distillation")
     values = [r["metrics"]["test_accuracy"] for r in results["unlearning"]
               if r["method"] == "distillation"]
