@@ -249,6 +249,12 @@ class EngineSection:
         Seconds for the Flower nodes to come up and answer their first query, which includes
         each client process importing torch and building its data (default 120). Node
         discovery is not subject to ``on_client_failure``: a node missing then stops the run.
+    shutdown_grace_s : float
+        Seconds the engine may take to shut down after the ServerApp has finished (default 10).
+        Flower waits for every client call still running; a client that never returns (dropped
+        or aborted on after ``client_timeout_s``) would hold the process forever, so past this
+        the run's Ray processes are stopped and the run ends with one line saying where its
+        work is (``fedunlearn resume``).
     """
 
     num_cpus: float = 1.0
@@ -262,6 +268,7 @@ class EngineSection:
     on_client_failure: str = "abort"
     client_retries: int = 0
     startup_timeout_s: float = 120.0
+    shutdown_grace_s: float = 10.0
 
     def __post_init__(self) -> None:
         _check(self.num_cpus > 0, "engine.num_cpus", "must be > 0")
@@ -272,6 +279,7 @@ class EngineSection:
         _choice("engine.on_client_failure", self.on_client_failure, ("abort", "drop"))
         _check(self.client_retries >= 0, "engine.client_retries", "must be >= 0")
         _check(self.startup_timeout_s > 0, "engine.startup_timeout_s", "must be > 0")
+        _check(self.shutdown_grace_s > 0, "engine.shutdown_grace_s", "must be > 0")
 
 
 @dataclass(frozen=True)

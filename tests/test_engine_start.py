@@ -63,8 +63,8 @@ def test_a_ray_start_past_the_timeout_is_stopped_with_one_line():
 @pytest.mark.flower
 def test_a_ray_failing_under_a_file_size_limit_is_one_line():
     script = "import resource; resource.setrlimit(resource.RLIMIT_FSIZE, (200 * 1024,) * 2)\n"
-    # Ray's own start gives up after a fixed 30 s here; engine.startup_timeout_s = 10 ends it
+    # Ray's own start gives up after a fixed 30 s here; engine.startup_timeout_s = 4 ends it
     # sooner (either way: one line, no process left)
-    run = subprocess.run([sys.executable, "-c", script + SCRIPT, "10"], cwd=ROOT,
+    run = subprocess.run([sys.executable, "-c", script + SCRIPT, "4"], cwd=ROOT,
                          capture_output=True, text=True, timeout=150, check=False)
     _one_line_and_nothing_left(run, "")

@@ -149,7 +149,8 @@ def test_a_client_that_never_returns_cannot_hold_the_run(tmp_path):
             "--set", 'experiment.extensions=["stall_ext"]',
             "--set", 'training.step="stall_forever"',
             "--set", f'training.step_params={{marker="{tmp_path / "once"}"}}',
-            "--set", "engine.client_timeout_s=4", "--set", 'engine.on_client_failure="drop"']
+            "--set", "engine.client_timeout_s=4", "--set", 'engine.on_client_failure="drop"',
+            "--set", "engine.shutdown_grace_s=2"]
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
     # Without the engine watchdog the run never ends: the subprocess timeout is the bound (no
     # wall-time assertion, which a loaded machine would break without a hang).

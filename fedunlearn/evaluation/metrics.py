@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from scipy.stats import binomtest
 
 
 def accuracy(proba: np.ndarray, y: np.ndarray) -> float:
@@ -128,6 +127,8 @@ def binomial_p_value(successes: int, trials: int, p0: float) -> float:
     >>> binomial_p_value(3, 3, 0.5)
     0.125
     """
+    from scipy.stats import binomtest  # scipy.stats takes 0.4 s to import: only when used
+
     return float(binomtest(int(successes), int(trials), p0, alternative="greater").pvalue)
 
 
@@ -165,6 +166,8 @@ def mcnemar_exact_p(b: int, c: int) -> float:
         raise ValueError(f"mcnemar_exact_p: counts must be >= 0, got b={b}, c={c}")
     if b + c == 0:
         return 1.0
+    from scipy.stats import binomtest
+
     return float(binomtest(int(b), int(b + c), 0.5, alternative="two-sided").pvalue)
 
 

@@ -287,18 +287,14 @@ Connect = Callable[..., FlowerFederation]
 live grid (``data``: the driver's copy of ``cfg``'s data, see :class:`FlowerFederation`)."""
 
 
-SHUTDOWN_GRACE_S = 10.0
-"""How long the engine may take to shut down after the ServerApp has finished."""
-
-
 def _shutdown_watchdog(ended: threading.Event, holder: dict[str, Any],
-                       on_stuck: Callable[[], str] | None) -> None:
+                       on_stuck: Callable[[], str] | None, grace_s: float) -> None:
     """Flower's engine waits for every client call still running on a Ray actor before it
     returns; a client that never returns (stalled past ``client_timeout_s`` and aborted on, or
-    dropped) would hold the process forever. After :data:`SHUTDOWN_GRACE_S` the run's Ray
-    processes are stopped and the process exits with one line: the error, or where the saved
-    work is."""
-    if ended.wait(SHUTDOWN_GRACE_S):
+    dropped) would hold the process forever. After ``grace_s`` (``engine.shutdown_grace_s``)
+    the run's Ray processes are stopped and the process exits with one line: the error, or
+    where the saved work is."""
+    if ended.wait(grace_s):
         return
     error = holder.get("error")
     if isinstance(error, interrupt.Interrupted):
@@ -313,7 +309,7 @@ def _shutdown_watchdog(ended: threading.Event, holder: dict[str, Any],
            "fedunlearn: error: the Flower engine did not shut down")
     where = on_stuck() if on_stuck is not None else ""
     line = (f"{why} (a client never returned, so the engine was stopped after "
-            f"{SHUTDOWN_GRACE_S:g} s){'; ' + where if where else ''}\n")
+            f"{grace_s:g} s){'; ' + where if where else ''}\n")
     os.write(err, line.encode())
     os._exit(2)
 
@@ -439,8 +435,8 @@ def run_engine(cfg: Config, job: Callable[[Connect], T],
         except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread below
             holder["error"] = exc
         finally:
-            threading.Thread(target=_shutdown_watchdog, args=(ended, holder, on_stuck),
-                             daemon=True).start()
+            threading.Thread(target=_shutdown_watchdog, daemon=True,
+                             args=(ended, holder, on_stuck, cfg.engine.shutdown_grace_s)).start()
 
     _quiet(cfg.engine.verbose)
     dispatch.install(cfg.engine.dispatch_interval, enabled=cfg.engine.fast_dispatch)
