@@ -1,7 +1,5 @@
 """``python -m fedunlearn`` is the ``fedunlearn`` command."""
 
-import sys
+from fedunlearn.cli import entry
 
-from fedunlearn.cli import main
-
-sys.exit(main())
+entry()

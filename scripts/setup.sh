@@ -39,3 +39,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >/dev/null || true
   echo "$want" > "$stamp"
 fi
+# fedunlearn's own modules too (every Ray worker and pytest worker imports them; with
+# PYTHONDONTWRITEBYTECODE set nothing else would write them; stale files are recompiled)
+.venv/bin/python -m compileall -q -j 0 fedunlearn >/dev/null || true
