@@ -249,6 +249,11 @@ class EngineSection:
         Seconds for the Flower nodes to come up and answer their first query, which includes
         each client process importing torch and building its data (default 120). Node
         discovery is not subject to ``on_client_failure``: a node missing then stops the run.
+    ray_num_cpus : int
+        CPUs the local Ray instance may use (default 0: all of the machine's). With
+        ``num_cpus`` per client this sets how many client processes (Ray actors) run at once,
+        e.g. 1 on a machine shared with other work. Only for a local Ray: a cluster's CPUs are
+        set where it is started (``ray start --num-cpus``).
     shutdown_grace_s : float
         Seconds the engine may take to shut down after the ServerApp has finished (default 10).
         Flower waits for every client call still running; a client that never returns (dropped
@@ -269,6 +274,7 @@ class EngineSection:
     client_retries: int = 0
     startup_timeout_s: float = 120.0
     shutdown_grace_s: float = 10.0
+    ray_num_cpus: int = 0
 
     def __post_init__(self) -> None:
         _check(self.num_cpus > 0, "engine.num_cpus", "must be > 0")
@@ -280,6 +286,13 @@ class EngineSection:
         _check(self.client_retries >= 0, "engine.client_retries", "must be >= 0")
         _check(self.startup_timeout_s > 0, "engine.startup_timeout_s", "must be > 0")
         _check(self.shutdown_grace_s > 0, "engine.shutdown_grace_s", "must be > 0")
+        _check(self.ray_num_cpus >= 0, "engine.ray_num_cpus", "must be >= 0 (0: all CPUs)")
+        _check(not self.ray_num_cpus or self.ray_num_cpus >= self.num_cpus,
+               "engine.ray_num_cpus", f"must be at least engine.num_cpus = {self.num_cpus:g} "
+               "(else no client process fits)")
+        _check(not (self.ray_num_cpus and self.address), "engine.ray_num_cpus",
+               "applies to a local Ray only; set a cluster's CPUs where it is started "
+               "(ray start --num-cpus) and leave this at 0")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,11 @@ import pytest
 from fedunlearn.config import Config, load_config
 
 SMALL = ["data.num_clients=4", "training.rounds=3", "training.local_epochs=1",
-         "training.learning_rate=0.1", "data.partition=\"iid\""]
+         "training.learning_rate=0.1", "data.partition=\"iid\"",
+         # Flower runs of these tiny federations use one client process: a second one (two
+         # pytest workers, each with its engine, on two cores) costs about 4 s per engine start
+         # in imports for rounds of milliseconds. Tests of stalls and clusters set it back.
+         "engine.ray_num_cpus=1"]
 
 
 def small_config(*extra: str) -> Config:

@@ -18,7 +18,7 @@ ALL_METRICS = {"test_accuracy", "retain_accuracy", "forget_accuracy", "backdoor_
 SMALL = ["data.num_clients=6", "training.rounds=3", "training.local_epochs=1",
          "training.learning_rate=0.1", "data.partition=\"iid\"", "backdoor.clients=[0]",
          "unlearning.requests=[[0]]", "verification.mia_shadows=2",
-         "verification.shadow_epochs=3"]
+         "verification.shadow_epochs=3", "engine.ray_num_cpus=1"]
 PARAMS = ("unlearning.params={distillation={epochs=2}, central_retrain={epochs=4}, "
           "sisa={shards=3, slices=2, epochs=4}, "
           "sisa_random={shards=3, slices=2, epochs=4}, newton={lam=0.001}}")

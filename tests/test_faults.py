@@ -283,6 +283,7 @@ def test_flower_stalled_client_abort_drop_and_retry(tmp_path):
 
     marker = tmp_path / "stalled"
     cfg = faulty_config("data.num_clients=4", "training.rounds=2", "engine.client_timeout_s=2",
+                        "engine.ray_num_cpus=0",  # two client processes: one of them stalls
                         clients=(1,), fault="stall", stall_s=STALL_S, once=str(marker))
     setup = prepare(cfg)
 

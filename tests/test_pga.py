@@ -313,7 +313,8 @@ def test_flower_and_in_process_ascent_give_the_same_model(tmp_path: Path):
     in-process model and stats; and so does a whole PGA removal."""
     from fedunlearn.federation.flower import run_on_flower
 
-    cfg = load_config(None, [*SMALL, "training.rounds=3", "engine.num_cpus=1"])
+    cfg = load_config(None, [*SMALL, "training.rounds=3", "engine.num_cpus=1",
+                             "engine.ray_num_cpus=1"])
     setup = prepare(cfg)
     fed = InProcessFederation(cfg, setup.evaluator())
     store = HistoryStore.create(tmp_path / "h")

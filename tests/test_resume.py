@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "simulations/quickstart.toml"
 SETTINGS = ["experiment.seeds=[]", "data.num_clients=4", "training.rounds=40", "training.local_epochs=1",
             "training.learning_rate=0.1", 'data.partition="iid"', "unlearning.requests=[]",
-            "verification.mia_shadows=0"]
+            "verification.mia_shadows=0", "engine.ray_num_cpus=1"]
 
 
 def _start(out: Path, *args: str) -> subprocess.Popen:
@@ -150,7 +150,8 @@ def test_a_client_that_never_returns_cannot_hold_the_run(tmp_path):
             "--set", 'training.step="stall_forever"',
             "--set", f'training.step_params={{marker="{tmp_path / "once"}"}}',
             "--set", "engine.client_timeout_s=4", "--set", 'engine.on_client_failure="drop"',
-            "--set", "engine.shutdown_grace_s=2"]
+            "--set", "engine.shutdown_grace_s=2",
+            "--set", "engine.ray_num_cpus=0"]  # two client processes: one of them stalls
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
     # Without the engine watchdog the run never ends: the subprocess timeout is the bound (no
     # wall-time assertion, which a loaded machine would break without a hang).

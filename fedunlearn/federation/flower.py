@@ -268,6 +268,8 @@ def backend_config(cfg: Config) -> dict[str, Any]:
         init_args["address"] = cfg.engine.address
     else:
         init_args["logging_level"] = logging.INFO if cfg.engine.verbose else logging.ERROR
+        if cfg.engine.ray_num_cpus:
+            init_args["num_cpus"] = cfg.engine.ray_num_cpus
     return {"client_resources": {"num_cpus": cfg.engine.num_cpus,
                                  "num_gpus": cfg.engine.num_gpus},
             "init_args": init_args}
