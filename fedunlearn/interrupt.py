@@ -38,9 +38,8 @@ def check() -> None:
 _signal_name: list[str | None] = [None]
 
 
-def descendants(pid: int | None = None) -> list[int]:
-    """Every process below ``pid`` (default: this one), read from ``/proc`` (Linux)."""
-    root = os.getpid() if pid is None else pid
+def descendants(*pids: int) -> list[int]:
+    """Every process below ``pids`` (default: this one), read from ``/proc`` once (Linux)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").glob("[0-9]*"):
         try:
@@ -50,7 +49,7 @@ def descendants(pid: int | None = None) -> list[int]:
             continue
         children.setdefault(ppid, []).append(int(entry.name))
     out: list[int] = []
-    todo = [root]
+    todo = list(pids) or [os.getpid()]
     while todo:
         for child in children.get(todo.pop(), []):
             out.append(child)

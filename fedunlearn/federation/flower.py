@@ -393,8 +393,7 @@ def _stop_without_grace() -> None:
     from ray._private import worker
 
     node = worker._global_node
-    if node is None or not hasattr(node, "kill_all_processes") or not hasattr(
-            node, "all_processes"):
+    if not (hasattr(node, "kill_all_processes") and hasattr(node, "all_processes")):
         return
     kill = type(node).kill_all_processes
 
@@ -402,8 +401,10 @@ def _stop_without_grace() -> None:
                            wait: bool = False) -> None:
         roots = [info.process.pid for infos in node.all_processes.values() for info in infos
                  if getattr(info, "process", None) is not None]
-        interrupt.kill_pids([d for pid in roots for d in interrupt.descendants(pid)])
-        kill(node, check_alive=check_alive, allow_graceful=False, wait=True)
+        interrupt.kill_pids(interrupt.descendants(*roots))
+        # no wait: Ray's own wait after SIGKILL has no bound (its comment says so); a killed
+        # process that is not yet reaped is a zombie, not a running one
+        kill(node, check_alive=check_alive, allow_graceful=False, wait=False)
 
     node.kill_all_processes = kill_all_processes
 
