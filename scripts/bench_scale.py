@@ -346,17 +346,16 @@ def run_history(dtype: str, repeats: int, rounds: int = 200, clients: int = 1000
             glob = {n: glob[n] + sum(np.float32(1.0 / per_round) * upd[c][n] for c in who)
                     for n in names}
         store.flush_deletions()
-        files = [p for p in (Path(tmp) / "h").rglob("*.npz")]
-        update_files = [p for p in files if p.name.startswith("client_")
-                        and p.parent.parent.name == "rounds"]
+        # a round's updates share one file (history format 2): its bytes per client row
+        update_files = list((Path(tmp) / "h").glob("rounds/*/updates*.npz"))
         params = sum(int(np.prod(s)) for s in shapes)
-        per_update = (statistics.median(p.stat().st_size for p in update_files)
+        per_update = (statistics.median(p.stat().st_size for p in update_files) / per_round
                       if update_files else float("nan"))
         total = store.bytes_used()
     return {"dtype": dtype, "rounds": rounds, "clients": clients, "per_round": per_round,
             "parameters": params, "commit_s_first10_median": statistics.median(times[:10]),
             "commit_s_last10_median": statistics.median(times[-10:]),
-            "commit_s_max": max(times), "update_file_bytes_median": per_update,
+            "commit_s_max": max(times), "update_bytes_median": per_update,
             "bytes_per_stored_parameter": per_update / params,
             "store_bytes": total, "store_bytes_per_update_parameter":
                 total / (rounds * per_round * params)}

@@ -72,7 +72,13 @@ def floats(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def update_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.glob("rounds/*/client_*.npz"))
+    return sum(p.stat().st_size for p in path.glob("rounds/*/updates*.npz"))
+
+
+def row_bytes(store: HistoryStore, t: int, k: int) -> list[bytes]:
+    """The raw bytes of client ``k``'s stored update in round ``t``, one string per array."""
+    ids, rows = store._round_updates(t)
+    return [np.ascontiguousarray(v[ids.index(k)]).tobytes() for v in rows.values()]
 
 
 def test_updates_and_running_sums_rebuild_the_final_model(tmp_path: Path) -> None:
@@ -117,9 +123,10 @@ def test_retention_interval_keeps_every_second_round_but_complete_sums(tmp_path:
     assert [t for t in sparse.rounds() if sparse.round_record(t).updates_retained] == [1, 3, 5]
     assert [t for t in sparse.rounds() if sparse.retains_updates(t)] == [1, 3, 5]
     for t in sparse.rounds():
-        files = sorted(p.name for p in (sparse.path / f"rounds/{t:05d}").glob("client_*.npz"))
-        expected = [f"client_{k:05d}.npz" for k in sparse.participants(t)] if t % 2 else []
-        assert files == expected
+        files = sorted(p.name for p in (sparse.path / f"rounds/{t:05d}").glob("*.npz"))
+        assert files == (["global.npz", "updates.npz"] if t % 2 else ["global.npz"])
+        if t % 2:
+            assert sparse._round_updates(t)[0] == list(sparse.participants(t))
     k = sparse.participants(2)[0]
     with pytest.raises(HistoryError, match="kept no updates"):
         sparse.update(2, k)
@@ -141,6 +148,18 @@ def test_float16_halves_update_bytes_and_stays_close(tmp_path: Path) -> None:
             assert max_diff(upd, f32.update(t, k)) <= 1e-3
     for k in f32.clients():  # sums are accumulated from the exact updates either way
         assert max_diff(f16.running_sum(k), f32.running_sum(k)) == 0.0
+
+
+def test_float16_refuses_an_update_it_cannot_hold_and_names_the_client(tmp_path: Path) -> None:
+    rounds, _ = make_run()
+    kwargs = {k: v for k, v in rounds[0].items() if k != "round"}
+    k = kwargs["participants"][1]
+    kwargs["updates"][k]["conv.bias"][0] = 1e5  # float16 tops out at 65504
+    store = HistoryStore.create(tmp_path / "h", update_dtype="float16")
+    with pytest.raises(HistoryError, match=f"update of client {k} in round 1: 'conv.bias' "
+                                           "overflows float16; use update_dtype float32"):
+        store.record_round(1, **kwargs)
+    assert store.rounds() == [] and HistoryStore.open(store.path).rounds() == []
 
 
 def test_open_returns_what_was_recorded_and_can_continue(tmp_path: Path) -> None:
@@ -180,7 +199,7 @@ def test_open_returns_what_was_recorded_and_can_continue(tmp_path: Path) -> None
 def test_open_names_a_damaged_file(tmp_path: Path, damage: str) -> None:
     store = build(tmp_path / "h")
     k = store.participants(2)[-1]
-    rel = f"rounds/00002/client_{k:05d}.npz"
+    rel = "rounds/00002/updates.npz"
     file = store.path / rel
     data = bytearray(file.read_bytes())
     if damage == "flip":
@@ -237,12 +256,16 @@ def test_purge_removes_every_trace_of_the_client_data(tmp_path: Path) -> None:
             for t in store.rounds()}
     sums = {k: store.running_sum(k) for k in store.clients() if k != 2}
     rounds_of_2 = [t for t in store.rounds() if 2 in store.participants(t)]
+    rows_of_2 = [b for t in rounds_of_2 for b in row_bytes(store, t, 2)]
     assert list(store.path.rglob("*client_00002*"))  # present before the purge
+    assert any(b in data for b in rows_of_2 for data in snapshot(store.path).values())
     used = store.bytes_used()
 
     freed = store.purge_clients([2])
     # "*00002*" would also match the round directory rounds/00002, so glob for the client name
     assert list(store.path.rglob("*client_00002*")) == []
+    assert not [rel for rel, data in snapshot(store.path).items()  # nor any of its rows
+                if any(b in data for b in rows_of_2)]
     assert freed > 0 and freed == used - store.bytes_used()
     assert store.bytes_used() == sum(map(len, snapshot(store.path).values()))
     manifest = json.loads((store.path / "manifest.json").read_text())
@@ -329,7 +352,8 @@ def test_crash_before_the_manifest_leaves_the_previous_state(
     with pytest.raises(OSError, match="power cut"):
         store.record_round(3, **{k: v for k, v in rounds[2].items() if k != "round"})
     monkeypatch.undo()
-    with pytest.warns(UserWarning, match="8 file\\(s\\) not listed in manifest.json"):
+    # global.npz, meta.json, updates.npz and three running sums
+    with pytest.warns(UserWarning, match="6 file\\(s\\) not listed in manifest.json"):
         again = HistoryStore.open(store.path)  # new files were written, under fresh names
     assert again.rounds() == store.rounds() == [1, 2]
     for k, s in sums.items():

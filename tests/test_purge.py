@@ -245,14 +245,19 @@ def _sha(data: bytes) -> str:
 def forbidden(store: HistoryStore, u: int, level: str) -> tuple[set[str], list[bytes]]:
     """sha256 of every file holding the target's contribution that ``level`` must delete, and
     raw byte strings (its largest arrays) that must not appear in any file left."""
-    rels = [f"rounds/{t:05d}/client_{u:05d}.npz" for t in store.rounds()
-            if u in store.participants(t)] + [store._m["sums"][str(u)]]
+    rounds = [t for t in store.rounds() if u in store.participants(t)]
+    rels = [rel for t in rounds if (rel := store._updates_rel(t))] + [store._m["sums"][str(u)]]
     if level == "strict":
         first = min(t for t in store.rounds() if u in store.participants(t))
         rels += [f"rounds/{t:05d}/global.npz" for t in store.rounds() if t >= first]
         rels.append("final.npz")
     blobs = []
-    for rel in rels:
+    for t in rounds:  # the target's own rows of the rounds' updates files
+        if store._updates_rel(t):
+            ids, rows = store._round_updates(t)
+            big = max(rows.values(), key=lambda a: a.nbytes)
+            blobs.append(np.ascontiguousarray(big[ids.index(u)]).tobytes()[:256])
+    for rel in rels[len(blobs):]:
         big = max(store._load(rel).values(), key=lambda a: a.nbytes)
         blobs.append(np.ascontiguousarray(big).tobytes()[:256])
     return {_sha((store.path / rel).read_bytes()) for rel in rels}, blobs
@@ -335,17 +340,17 @@ def test_open_sweeps_leftovers_of_a_purged_client_and_reports_other_files(
     u = trained.target
     store = trained.copy(tmp_path / "h")
     t = trained.first
-    leaked = (store.path / f"rounds/{t:05d}/client_{u:05d}.npz").read_bytes()
+    leaked = (store.path / f"rounds/{t:05d}/updates.npz").read_bytes()
     leaked_global = (store.path / f"rounds/{t:05d}/global.npz").read_bytes()
     store.purge_clients([u])
     # what the old purge left behind after a crash: the files, unlisted
-    (store.path / f"rounds/{t:05d}/client_{u:05d}.npz").write_bytes(leaked)
+    (store.path / f"rounds/{t:05d}/updates.npz").write_bytes(leaked)
     (store.path / f"rounds/{t:05d}/global.npz").write_bytes(leaked_global)
     (store.path / "notes.txt").write_text("mine")
     with pytest.warns(UserWarning, match="1 file\\(s\\) not listed in manifest.json, e.g. "
                                          "notes.txt"):
         again = HistoryStore.open(store.path)
-    assert not (store.path / f"rounds/{t:05d}/client_{u:05d}.npz").exists()
+    assert not (store.path / f"rounds/{t:05d}/updates.npz").exists()
     assert not (store.path / f"rounds/{t:05d}/global.npz").exists()
     assert (store.path / "notes.txt").exists() and again.unlisted_files() == ["notes.txt"]
 
@@ -398,7 +403,7 @@ EDITS = {
                             r"(lists|should be) .*0000?5"),
     "mark a client purged, files kept": (
         lambda p, m, u: _mark_purged(m, u),
-        r"marks client {u} purged but lists its file rounds/\d+/client_0000{u}.npz"),
+        r"marks client {u} purged but lists its file sums/client_0000{u}\.r\d+\.npz"),
     "change a weight": (lambda p, m, u: _change_weight(p, m),
                         r"rounds/00002/meta.json: weights \[.*\] sum to 1.05, not 1"),
 }
