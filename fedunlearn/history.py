@@ -12,7 +12,7 @@ Layout (no pickle anywhere; arrays are uncompressed ``.npz`` read with ``allow_p
     rounds/00001/meta.json         participants, num_examples, weights, purged clients
     rounds/00001/global.npz        M_1 (float arrays as float32, integer buffers as they are)
     rounds/00001/updates.npz       every participant's U_k^1 (if round 1 retains updates):
-                                   "clients" (ids, ascending) and per array a stack, one row
+                                   "#clients" (ids, ascending) and per array a stack, one row
                                    per client; after a purge, updates.p<n>.npz without them
     sums/client_00003.r00005.npz   S_3 over rounds 1..5
     final.npz                      the global model after the last round
@@ -36,7 +36,11 @@ its array names in order as ``arr_0`` and the arrays as ``arr_1``, ``arr_2``, ..
 A round's updates share one file (format version 2; version 1 kept one file per client): at
 1,000 clients a round wrote 201 files and the manifest listed every one of them, and the
 commit took 15 % of a round. Reading an update loads its round's file once (the last one read
-is kept), so replaying round by round costs one read per round.
+is kept), so replaying round by round costs one read per round; the price is memory: a read
+holds the whole round (participants × parameters × 4 bytes, e.g. 76 MiB for 40 clients of a
+500k-parameter model) where format 1 held one update. On load, the file's ids must be the
+round's unpurged participants and every array one float row per client, or the read stops with
+:class:`HistoryCorruptError` (a row off by one would otherwise give a client another's update).
 
 Purging (:meth:`HistoryStore.purge_clients`) has two levels (:data:`PURGE_LEVELS`):
 
@@ -95,6 +99,8 @@ PURGE_LEVELS = ("strict", "updates")
 """``"strict"``: also delete the global models from the targets' first round on and the final
 model; ``"updates"``: only the targets' updates and running sums (re-solvable)."""
 UPDATE_DTYPES = ("float32", "float16")
+_IDS = "#clients"
+"""Name of the client ids in a round's updates file; no model array may have it."""
 _WEIGHT_TOL = 1e-5
 IDENTITY_RTOL = 1e-4
 """Largest relative deviation from ``M_{t+1} = M_t + sum_k w_k U_k`` a round may show and still
@@ -422,6 +428,9 @@ class HistoryStore:
             raise HistoryError(f"round {round}: updates are for clients {sorted(updates)} but "
                                f"participants are {sorted(ids)}; pass one update per participant")
         model = {k: np.asarray(v) for k, v in global_model.items()}
+        if _IDS in model:
+            raise HistoryError(f"round {round}: the model has an array named {_IDS!r}, which "
+                               "the store reserves for client ids; rename it")
         schema = self._m["schema"] or [[k, list(v.shape), _is_float(v)] for k, v in model.items()]
         self._check_schema(model, schema, f"global model of round {round}")
         fkeys = [k for k, _, is_f in schema if is_f]
@@ -545,12 +554,18 @@ class HistoryStore:
             raise HistoryError(f"round {round} has no stored updates left")
         if self._rows is None or self._rows[0] != rel:
             arrays = self._load(rel)
-            ids = [int(k) for k in arrays.pop("clients", [])]
+            ids = [int(k) for k in arrays.pop(_IDS, [])]
             want = [k for k in self._records[round].participants
                     if k not in self._purged_in[round]]
             if ids != want:
                 raise HistoryCorruptError(f"{rel} in {self.path} holds the updates of clients "
                                           f"{ids}, the round's meta says {want}; the history "
+                                          "was edited or damaged, record the run again")
+            shapes = {k: (len(ids), *shape) for k, shape, is_f in self._m["schema"] if is_f}
+            if list(arrays) != list(shapes) or any(
+                    v.shape != shapes[k] or not _is_float(v) for k, v in arrays.items()):
+                raise HistoryCorruptError(f"{rel} in {self.path} does not hold one float row "
+                                          f"per client for each of {list(shapes)}; the history "
                                           "was edited or damaged, record the run again")
             self._rows = (rel, ids, arrays)
         return self._rows[1], self._rows[2]
@@ -558,7 +573,7 @@ class HistoryStore:
     def _stack(self, round: int, clients: Sequence[int],
                updates: Mapping[int, Mapping[str, np.ndarray]], keys: list[str]) -> Params:
         """One array per key with a row per client, in ``update_dtype``, and ``clients``."""
-        out: Params = {"clients": np.asarray(clients, np.int64)}
+        out: Params = {_IDS: np.asarray(clients, np.int64)}
         dtype = np.dtype(self.update_dtype)
         for key in keys:
             rows = np.stack([np.asarray(updates[k][key]) for k in clients])
@@ -703,7 +718,7 @@ class HistoryStore:
                 if new := self._updates_rel(t, set(purged)):
                     kept, rows = self._round_updates(t)
                     keep = [i for i, k in enumerate(kept) if k not in hit]
-                    metas[new] = _npz_bytes({"clients": np.asarray(kept, np.int64)[keep],
+                    metas[new] = _npz_bytes({_IDS: np.asarray(kept, np.int64)[keep],
                                              **{key: v[keep] for key, v in rows.items()}})
         gone += [m["sums"].pop(str(k)) for k in ids if str(k) in m["sums"]]
         if level == "strict":
@@ -904,7 +919,9 @@ class HistoryStore:
                 "final.npz" in name or ("global.npz" in name and (
                     m := re.fullmatch(r"rounds/(\d+)/[^/]*", rel)) and int(m[1]) >= cut))
             # an updates file may hold a purged client's row: none unlisted survives a purge
-            updates = names and re.fullmatch(r"rounds/\d+/updates(\.p\d+)?\.npz", rel)
+            # (the file itself, or the temp file of a write a crash cut short)
+            updates = names and re.fullmatch(
+                r"rounds/\d+/\.?updates(\.p\d+)?\.npz(\.[^/]*\.tmp)?", rel)
             if any(n in name for n in names) or deleted_global or updates:
                 _remove(self.path / rel)
 

@@ -3,13 +3,14 @@ reopening, corruption detection, refusal to overwrite, purging, and input valida
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fedunlearn.history import HistoryCorruptError, HistoryError, HistoryStore
+from fedunlearn.history import HistoryCorruptError, HistoryError, HistoryStore, _npz_bytes
 
 NUM_CLIENTS = 4
 NUM_ROUNDS = 5
@@ -214,6 +215,46 @@ def test_open_names_a_damaged_file(tmp_path: Path, damage: str) -> None:
     assert "\n" not in str(err.value)
     with pytest.raises(HistoryCorruptError, match=rel):  # reads re-check too
         store.update(2, k)
+
+
+def _rewrite(store: HistoryStore, rel: str, arrays: dict[str, np.ndarray]) -> None:
+    """Replace a listed file and fix its manifest entry, as an editor who knows the format."""
+    data = _npz_bytes(arrays)
+    (store.path / rel).write_bytes(data)
+    manifest = json.loads((store.path / "manifest.json").read_text())
+    manifest["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (store.path / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("edit", ["drop a row", "drop an array", "change a shape", "ints"])
+def test_an_updates_file_whose_rows_do_not_fit_is_refused(tmp_path: Path, edit: str) -> None:
+    store = build(tmp_path / "h")
+    rel = "rounds/00001/updates.npz"
+    arrays = store._load(rel)
+    ids = arrays["#clients"]
+    if edit == "drop a row":  # the ids still name every client: rows would shift silently
+        arrays["fc.weight"] = arrays["fc.weight"][1:]
+    elif edit == "drop an array":
+        del arrays["conv.bias"]
+    elif edit == "change a shape":
+        arrays["conv.weight"] = arrays["conv.weight"][..., :1]
+    else:
+        arrays["conv.bias"] = arrays["conv.bias"].astype(np.int64)
+    _rewrite(store, rel, arrays)
+    again = HistoryStore.open(store.path)
+    with pytest.raises(HistoryCorruptError, match=f"{rel} .* does not hold one float row per "
+                                                  "client") as err:
+        again.update(1, int(ids[-1]))
+    assert "\n" not in str(err.value)
+
+
+def test_a_model_array_may_not_take_the_name_of_the_client_ids(tmp_path: Path) -> None:
+    rounds, _ = make_run()
+    kwargs = {k: v for k, v in rounds[0].items() if k != "round"}
+    kwargs["global_model"] = {**kwargs["global_model"], "#clients": np.zeros(2, np.float32)}
+    store = HistoryStore.create(tmp_path / "h")
+    with pytest.raises(HistoryError, match="array named '#clients', which the store reserves"):
+        store.record_round(1, **kwargs)
 
 
 def test_open_needs_a_readable_manifest(tmp_path: Path) -> None:

@@ -345,12 +345,15 @@ def test_open_sweeps_leftovers_of_a_purged_client_and_reports_other_files(
     store.purge_clients([u])
     # what the old purge left behind after a crash: the files, unlisted
     (store.path / f"rounds/{t:05d}/updates.npz").write_bytes(leaked)
+    # and the temp file of a write that a kill cut short before its rename
+    (store.path / f"rounds/{t:05d}/.updates.npz.x1y2.tmp").write_bytes(leaked)
     (store.path / f"rounds/{t:05d}/global.npz").write_bytes(leaked_global)
     (store.path / "notes.txt").write_text("mine")
     with pytest.warns(UserWarning, match="1 file\\(s\\) not listed in manifest.json, e.g. "
                                          "notes.txt"):
         again = HistoryStore.open(store.path)
     assert not (store.path / f"rounds/{t:05d}/updates.npz").exists()
+    assert not (store.path / f"rounds/{t:05d}/.updates.npz.x1y2.tmp").exists()
     assert not (store.path / f"rounds/{t:05d}/global.npz").exists()
     assert (store.path / "notes.txt").exists() and again.unlisted_files() == ["notes.txt"]
 
