@@ -228,7 +228,8 @@ class EngineSection:
         4.2 s; 1,000 nodes start in 18-29 s instead of 43-54 s.
     dispatch_interval : float
         Seconds between the fast sweeps (with ``fast_dispatch``; Flower's own loop always
-        sleeps 0.1 s).
+        sleeps 0.1 s). A push of messages wakes the sweep at once, and a stored reply wakes
+        the server's poll, so the intervals bound the waits rather than set them.
     verbose : bool
         Show Flower's and Ray's own logs (default false).
     client_timeout_s : float

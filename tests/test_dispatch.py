@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 from flwr.server.superlink.fleet.vce import vce_api
 
 from fedunlearn.federation import dispatch
@@ -75,3 +78,73 @@ def test_fast_dispatch_makes_the_engines_queues_prompt() -> None:
     finally:
         vce_api.add_messages_to_queue = flowers
         vce_api.Queue = Queue
+
+
+def test_a_push_wakes_the_fast_sweep_at_once() -> None:
+    """With a 60 s dispatch interval, a message pushed after the first sweep is only handed to
+    the actors because the push wakes the sweep (the test waits at most 10 s for it)."""
+    from queue import Queue
+
+    flowers = getattr(vce_api, "_fedunlearn_original", vce_api.add_messages_to_queue)
+    state = _PerNodeState({})
+    queue: Queue[str] = Queue()
+    stop = threading.Event()
+    try:
+        dispatch.install(60.0, enabled=True)
+        sweep = threading.Thread(target=vce_api.add_messages_to_queue,
+                                 args=(state, queue, {1: 0}, stop), daemon=True)
+        sweep.start()
+        time.sleep(0.2)  # the first sweep has found nothing; the next is 60 s away
+        state.pending[1] = ["m"]
+        dispatch.PUSHED.set()
+        assert queue.get(timeout=10.0) == "m"
+    finally:
+        stop.set()
+        dispatch.PUSHED.set()
+        sweep.join(timeout=10.0)
+        dispatch.install(0.02, enabled=False)
+        vce_api.add_messages_to_queue = flowers
+    assert not sweep.is_alive()
+
+
+class _Grid:
+    """A grid whose reply arrives (stored by the engine's thread) 0.2 s after the push."""
+
+    def __init__(self, state: object) -> None:
+        self.state = state
+        self.ready: list[object] = []
+
+    def push_messages(self, messages: list[object]) -> list[str]:
+        def reply() -> None:
+            time.sleep(0.2)
+            self.state.store_message_res("reply")  # type: ignore[attr-defined]
+        threading.Thread(target=reply, daemon=True).start()
+        return ["id-1"]
+
+    def pull_messages(self, ids: set[str]) -> list[object]:
+        return list(self.ready)
+
+
+def test_a_stored_reply_wakes_the_servers_poll_at_once() -> None:
+    """The engine's store of a reply (wrapped by the fast sweep) wakes ``PacedGrid``, which
+    otherwise polls every ``pull_interval`` (60 s here; the test waits at most 10 s)."""
+    from types import SimpleNamespace
+
+    from fedunlearn.federation.flower import PacedGrid
+
+    grid: _Grid
+
+    def store(message: object) -> None:
+        grid.ready.append(SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id="id-1")))
+
+    state = SimpleNamespace(store_message_res=store)
+    assert dispatch.notify_replies(state) is True
+    assert dispatch.notify_replies(state) is True  # wrapped once, not twice
+    grid = _Grid(state)
+    out: list[object] = []
+    poll = threading.Thread(target=lambda: out.extend(
+        PacedGrid(grid, pull_interval=60.0).send_and_receive(["m"], timeout=120.0)),
+        daemon=True)
+    poll.start()
+    poll.join(timeout=10.0)
+    assert not poll.is_alive() and len(out) == 1

@@ -59,6 +59,37 @@ def undelivered(state: Any, nodes: dict[int, int]) -> list[Any]:
     return found
 
 
+PUSHED = threading.Event()
+"""Set by the server right after it pushes messages (:class:`~fedunlearn.federation.flower.
+PacedGrid`): the fast sweep then runs at once instead of at its next interval (on average half
+an interval, 10 ms at the default, was lost at the start of every exchange)."""
+STORED = threading.Event()
+"""Set when the engine stores a reply in the link state (:func:`notify_replies`, installed by
+the fast sweep): the server's next poll for replies runs at once instead of after
+``pull_interval``."""
+
+
+def notify_replies(state: Any) -> bool:
+    """Make ``state.store_message_res`` set :data:`STORED` after storing (once per state);
+    False if the state has no such method or does not take the wrapper."""
+    store = getattr(state, "store_message_res", None)
+    if store is None or getattr(state, "_fedunlearn_notifies", False):
+        return store is not None
+
+    def store_message_res(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return store(*args, **kwargs)
+        finally:
+            STORED.set()
+
+    try:
+        state.store_message_res = store_message_res
+        state._fedunlearn_notifies = True
+    except AttributeError:  # a state with __slots__: polling alone finds the replies
+        return False
+    return True
+
+
 class PromptQueue(Queue):  # type: ignore[type-arg]
     """A ``queue.Queue`` whose timed ``get`` waits at most :attr:`max_wait` seconds (Flower's
     engine loops ``while not f_stop.is_set(): queue.get(timeout=1.0)``; an early ``Empty`` only
@@ -90,10 +121,12 @@ def install(interval: float, *, enabled: bool = True) -> bool:
 
     def add_messages_to_queue(state: Any, queue: Queue[Any], nodes_mapping: dict[int, int],
                               f_stop: threading.Event) -> None:
+        notify_replies(state)
         while not f_stop.is_set():
             for msg in undelivered(state, nodes_mapping):
                 queue.put(msg)
-            f_stop.wait(interval)
+            PUSHED.wait(interval)  # a push wakes it: the next sweep runs at once
+            PUSHED.clear()  # cleared before that sweep, so no push is missed
 
     vce_api._fedunlearn_original = original  # type: ignore[attr-defined]
     vce_api.add_messages_to_queue = add_messages_to_queue
