@@ -409,24 +409,7 @@ class HistoryStore:
         HistoryError
             On any inconsistency; nothing is recorded then.
         """
-        self._refuse_after_strict_purge(f"record round {round}")
-        expected = len(self._m["rounds"]) + 1
-        if self._m["final"] is not None or round != expected:
-            done = "the final model is recorded" if self._m["final"] else f"next is {expected}"
-            raise HistoryError(f"cannot record round {round}: {done}; record rounds in order")
-        ids = _as_ids(participants, "participants")
-        counts = _as_ids(num_examples, "num_examples")
-        w = [float(x) for x in weights]
-        if not ids or len(set(ids)) != len(ids) or len(counts) != len(ids) or len(w) != len(ids):
-            raise HistoryError(f"round {round}: participants must be unique and non-empty, with "
-                               "one num_examples and one weight each; fix the round's inputs")
-        if not all(np.isfinite(x) and x >= 0 for x in w) or abs(sum(w) - 1.0) > _WEIGHT_TOL:
-            raise HistoryError(f"round {round}: weights must be >= 0 and sum to 1, got {w}")
-        if purged := sorted(set(ids) & set(self._m["purged"])):
-            raise HistoryError(f"round {round}: clients {purged} were purged; drop them")
-        if set(updates) != set(ids):
-            raise HistoryError(f"round {round}: updates are for clients {sorted(updates)} but "
-                               f"participants are {sorted(ids)}; pass one update per participant")
+        ids, counts, w = self._check_round(round, participants, num_examples, weights, updates)
         model = {k: np.asarray(v) for k, v in global_model.items()}
         if _IDS in model:
             raise HistoryError(f"round {round}: the model has an array named {_IDS!r}, which "
@@ -477,6 +460,30 @@ class HistoryStore:
         self._sums.update(new_sums)
         self._expected = (round, expected)
         self._unlink_later(stale)
+
+    def _check_round(self, round: int, participants: Sequence[int], num_examples: Sequence[int],
+                     weights: Sequence[float], updates: Mapping[int, object]
+                     ) -> tuple[list[int], list[int], list[float]]:
+        """The round's ids, counts and weights, after checking they may be recorded next."""
+        self._refuse_after_strict_purge(f"record round {round}")
+        expected = len(self._m["rounds"]) + 1
+        if self._m["final"] is not None or round != expected:
+            done = "the final model is recorded" if self._m["final"] else f"next is {expected}"
+            raise HistoryError(f"cannot record round {round}: {done}; record rounds in order")
+        ids = _as_ids(participants, "participants")
+        counts = _as_ids(num_examples, "num_examples")
+        w = [float(x) for x in weights]
+        if not ids or len(set(ids)) != len(ids) or len(counts) != len(ids) or len(w) != len(ids):
+            raise HistoryError(f"round {round}: participants must be unique and non-empty, with "
+                               "one num_examples and one weight each; fix the round's inputs")
+        if not all(np.isfinite(x) and x >= 0 for x in w) or abs(sum(w) - 1.0) > _WEIGHT_TOL:
+            raise HistoryError(f"round {round}: weights must be >= 0 and sum to 1, got {w}")
+        if purged := sorted(set(ids) & set(self._m["purged"])):
+            raise HistoryError(f"round {round}: clients {purged} were purged; drop them")
+        if set(updates) != set(ids):
+            raise HistoryError(f"round {round}: updates are for clients {sorted(updates)} but "
+                               f"participants are {sorted(ids)}; pass one update per participant")
+        return ids, counts, w
 
     def record_final(self, model: Mapping[str, np.ndarray]) -> None:
         """Record the global model after the last round (once, after at least one round)."""
@@ -703,23 +710,8 @@ class HistoryStore:
         gone: list[str] = []
         metas: dict[str, bytes] = {}  # new round metas and updates files without the targets
         for t, record in self._records.items():
-            hit = set(ids) & set(record.participants)
-            if not hit:
-                continue
-            purged = sorted(self._purged_in[t] | hit)
-            meta = json.loads(self._read(self._m["round_meta"][str(t)]))
-            meta["purged"] = purged
-            rel = f"rounds/{t:05d}/meta.p{len(purged)}.json"
-            metas[rel] = json.dumps(meta, indent=1).encode()
-            m["round_meta"][str(t)] = rel
-            gone.append(self._m["round_meta"][str(t)])
-            if old := self._updates_rel(t):
-                gone.append(old)
-                if new := self._updates_rel(t, set(purged)):
-                    kept, rows = self._round_updates(t)
-                    keep = [i for i, k in enumerate(kept) if k not in hit]
-                    metas[new] = _npz_bytes({_IDS: np.asarray(kept, np.int64)[keep],
-                                             **{key: v[keep] for key, v in rows.items()}})
+            if hit := set(ids) & set(record.participants):
+                m["round_meta"][str(t)] = self._purge_round(t, hit, metas, gone)
         gone += [m["sums"].pop(str(k)) for k in ids if str(k) in m["sums"]]
         if level == "strict":
             first = min(t for t, r in self._records.items() if set(ids) & set(r.participants))
@@ -745,6 +737,26 @@ class HistoryStore:
             self._sums.pop(k, None)
         self._rows = None
         self._finish_journal(journal)
+
+    def _purge_round(self, t: int, hit: set[int], write: dict[str, bytes],
+                     gone: list[str]) -> str:
+        """Round ``t`` without the clients ``hit``: add its new meta (and updates file, unless
+        no row is left) to ``write`` and the files they replace to ``gone``; return the new
+        meta's name."""
+        purged = sorted(self._purged_in[t] | hit)
+        meta = json.loads(self._read(self._m["round_meta"][str(t)]))
+        meta["purged"] = purged
+        rel = f"rounds/{t:05d}/meta.p{len(purged)}.json"
+        write[rel] = json.dumps(meta, indent=1).encode()
+        gone.append(self._m["round_meta"][str(t)])
+        if old := self._updates_rel(t):
+            gone.append(old)
+            if new := self._updates_rel(t, set(purged)):
+                kept, rows = self._round_updates(t)
+                keep = [i for i, k in enumerate(kept) if k not in hit]
+                write[new] = _npz_bytes({_IDS: np.asarray(kept, np.int64)[keep],
+                                         **{key: v[keep] for key, v in rows.items()}})
+        return rel
 
     def _finish_journal(self, journal: Mapping) -> None:
         """Delete the journal's files that the manifest no longer lists, then the journal."""
@@ -950,59 +962,77 @@ class HistoryStore:
     def _check_consistency(self) -> None:
         """What the rounds, the purged clients and the listed files say must agree; raise
         :class:`HistoryCorruptError` naming the first file that does not."""
-        m, where = self._m, MANIFEST
+        last = self._check_round_metas()
+        self._check_purged(last)
+        expected = self._needed_files(last)
+        listed = set(self._m["files"])
+        if missing := sorted(expected - listed):
+            raise self._bad(f"{MANIFEST} does not list {missing[0]}, which the recorded rounds "
+                            "need")
+        if extra := sorted(listed - expected):
+            raise self._bad(f"{MANIFEST} lists {extra[0]}, which no recorded round needs")
 
-        def bad(what: str) -> HistoryCorruptError:
-            return HistoryCorruptError(f"{what} in {self.path}; the history was edited or "
-                                       "damaged, record the run again")
+    def _bad(self, what: str) -> HistoryCorruptError:
+        return HistoryCorruptError(f"{what} in {self.path}; the history was edited or damaged, "
+                                   "record the run again")
 
-        purged = set(m["purged"])
+    def _check_round_metas(self) -> dict[int, int]:
+        """Check every round meta on its own; return each client's last round."""
         last: dict[int, int] = {}
         for t, r in self._records.items():
-            rel = m["round_meta"][str(t)]
+            rel = self._m["round_meta"][str(t)]
             n = len(r.participants)
             if r.round != t or len(set(r.participants)) != n or not n \
                     or len(r.num_examples) != n or len(r.weights) != n:
-                raise bad(f"{rel} does not describe round {t} (round number, participants, "
-                          "counts and weights must agree)")
+                raise self._bad(f"{rel} does not describe round {t} (round number, "
+                                "participants, counts and weights must agree)")
             if not all(np.isfinite(w) and w >= 0 for w in r.weights) \
                     or abs(sum(r.weights) - 1.0) > _WEIGHT_TOL:
-                raise bad(f"{rel}: weights {list(r.weights)} sum to {sum(r.weights):.6g}, not 1")
+                raise self._bad(f"{rel}: weights {list(r.weights)} sum to "
+                                f"{sum(r.weights):.6g}, not 1")
             if r.updates_retained != self.retains_updates(t):
-                raise bad(f"{rel}: updates_retained is {r.updates_retained} but the retention "
-                          f"interval is {self.retention_interval}")
+                raise self._bad(f"{rel}: updates_retained is {r.updates_retained} but the "
+                                f"retention interval is {self.retention_interval}")
             last.update({k: t for k in r.participants})
+        return last
+
+    def _check_purged(self, last: Mapping[int, int]) -> None:
+        """Purged clients took part, have no file listed, and every meta says so."""
+        m, purged = self._m, set(self._m["purged"])
         if unknown := sorted(purged - set(last)):
-            raise bad(f"{where} marks client {unknown[0]} purged, who never took part")
+            raise self._bad(f"{MANIFEST} marks client {unknown[0]} purged, who never took part")
         for rel in sorted(m["files"]):
             owner = re.search(r"client_(\d+)", rel)
             if owner and int(owner[1]) in purged:
-                raise bad(f"{where} marks client {int(owner[1])} purged but lists its file {rel}")
-        for t in self._records:
-            if self._purged_in[t] != purged & set(self._records[t].participants):
-                raise bad(f"{m['round_meta'][str(t)]} lists purged clients "
-                          f"{sorted(self._purged_in[t])}, {MANIFEST} says "
-                          f"{sorted(purged & set(self._records[t].participants))}")
-        cut = self.globals_deleted_from() or len(self._records) + 1
-        expected = set(m["round_meta"].values())
+                raise self._bad(f"{MANIFEST} marks client {int(owner[1])} purged but lists its "
+                                f"file {rel}")
         for t, r in self._records.items():
+            if self._purged_in[t] != purged & set(r.participants):
+                raise self._bad(f"{m['round_meta'][str(t)]} lists purged clients "
+                                f"{sorted(self._purged_in[t])}, {MANIFEST} says "
+                                f"{sorted(purged & set(r.participants))}")
+
+    def _needed_files(self, last: Mapping[int, int]) -> set[str]:
+        """Every file the recorded rounds need, after checking the running sums' names."""
+        m, purged = self._m, set(self._m["purged"])
+        cut = self.globals_deleted_from() or len(self._records) + 1
+        needed = set(m["round_meta"].values())
+        for t in self._records:
             if t < cut:
-                expected.add(f"rounds/{t:05d}/global.npz")
+                needed.add(f"rounds/{t:05d}/global.npz")
             if rel := self._updates_rel(t):
-                expected.add(rel)
+                needed.add(rel)
         for k, t in last.items():
-            if k not in purged:
-                expected.add(f"sums/client_{k:05d}.r{t:05d}.npz")
-                if m["sums"].get(str(k)) != f"sums/client_{k:05d}.r{t:05d}.npz":
-                    raise bad(f"{where}: the running sum of client {k} should be "
-                              f"sums/client_{k:05d}.r{t:05d}.npz (its last round is {t}), "
-                              f"found {m['sums'].get(str(k))}")
+            if k in purged:
+                continue
+            rel = f"sums/client_{k:05d}.r{t:05d}.npz"
+            needed.add(rel)
+            if m["sums"].get(str(k)) != rel:
+                raise self._bad(f"{MANIFEST}: the running sum of client {k} should be {rel} "
+                                f"(its last round is {t}), found {m['sums'].get(str(k))}")
         if extra := sorted(set(m["sums"]) - {str(k) for k in last if k not in purged}):
-            raise bad(f"{where} lists a running sum of client {extra[0]}, who is purged or "
-                      "never took part")
+            raise self._bad(f"{MANIFEST} lists a running sum of client {extra[0]}, who is "
+                            "purged or never took part")
         if m["final"] is not None:
-            expected.add(m["final"])
-        if missing := sorted(expected - set(m["files"])):
-            raise bad(f"{where} does not list {missing[0]}, which the recorded rounds need")
-        if extra := sorted(set(m["files"]) - expected):
-            raise bad(f"{where} lists {extra[0]}, which no recorded round needs")
+            needed.add(m["final"])
+        return needed
