@@ -29,7 +29,7 @@ breaks it. A round whose successor was never recorded (an unfinished store, or o
 mid-run) stays unchecked and counts as holding.
 
 Every file is written atomically (temp file, fsync, ``os.replace``) and never rewritten in
-place: a changed sum or round meta gets a new name. ``manifest.json`` is replaced last, so a
+place: a changed sum, round meta or updates file gets a new name. ``manifest.json`` is replaced last, so a
 crash leaves the previous consistent state plus, at worst, unlisted files. Each ``.npz`` holds
 its array names in order as ``arr_0`` and the arrays as ``arr_1``, ``arr_2``, ...
 
@@ -56,8 +56,8 @@ Purging (:meth:`HistoryStore.purge_clients`) has two levels (:data:`PURGE_LEVELS
 
 Round metas keep participants, counts and weights (lineage) and list the purged clients.
 A purge is journaled: ``purge-journal.json`` (written and synced first) names the clients, the
-level and every file to delete; then the new round metas are written, the manifest is
-replaced, the files are deleted and the journal removed. :meth:`HistoryStore.open` (and the
+level and every file to delete; then the new round metas and updates files are written, the
+manifest is replaced, the files are deleted and the journal removed. :meth:`HistoryStore.open` (and the
 next purge) finishes an interrupted purge from its journal, so a crash at any point leaves,
 after reopening, either no purge (the journal never reached the disk) or a complete one.
 
@@ -579,7 +579,7 @@ class HistoryStore:
 
     def _stack(self, round: int, clients: Sequence[int],
                updates: Mapping[int, Mapping[str, np.ndarray]], keys: list[str]) -> Params:
-        """One array per key with a row per client, in ``update_dtype``, and ``clients``."""
+        """One array per key with a row per client, in ``update_dtype``, and the ids."""
         out: Params = {_IDS: np.asarray(clients, np.int64)}
         dtype = np.dtype(self.update_dtype)
         for key in keys:
