@@ -148,3 +148,51 @@ def test_a_stored_reply_wakes_the_servers_poll_at_once() -> None:
     poll.start()
     poll.join(timeout=10.0)
     assert not poll.is_alive() and len(out) == 1
+
+
+def test_the_fast_sweep_notices_the_engines_stop_whatever_its_interval() -> None:
+    """A 60 s interval must not hold the engine's stop (Ctrl-C) for 60 s: the sweep looks at
+    the stop event every ``STOP_CHECK_S`` (the test waits at most 5 s)."""
+    from queue import Queue
+
+    flowers = getattr(vce_api, "_fedunlearn_original", vce_api.add_messages_to_queue)
+    stop = threading.Event()
+    try:
+        dispatch.install(60.0, enabled=True)
+        assert dispatch.PromptQueue.max_wait == dispatch.STOP_CHECK_S
+        sweep = threading.Thread(target=vce_api.add_messages_to_queue,
+                                 args=(_PerNodeState({}), Queue(), {1: 0}, stop), daemon=True)
+        sweep.start()
+        time.sleep(0.2)
+        dispatch.PUSHED.clear()
+        stop.set()  # no push: only the stop event can end the pause
+        sweep.join(timeout=5.0)
+        assert not sweep.is_alive()
+    finally:
+        stop.set()
+        dispatch.install(0.02, enabled=False)
+        vce_api.add_messages_to_queue = flowers
+
+
+class _SilentGrid:
+    """A grid whose clients never reply."""
+
+    def push_messages(self, messages: list[object]) -> list[str]:
+        return ["id-1"]
+
+    def pull_messages(self, ids: set[str]) -> list[object]:
+        return []
+
+
+def test_a_long_pull_interval_never_overruns_the_exchanges_timeout() -> None:
+    """``client_timeout_s`` holds even when ``pull_interval`` is far longer: the wait after a
+    poll ends at the exchange's deadline (0.3 s here; the test waits at most 10 s)."""
+    from fedunlearn.federation.flower import PacedGrid
+
+    out: list[list[object]] = []
+    poll = threading.Thread(target=lambda: out.append(
+        PacedGrid(_SilentGrid(), pull_interval=60.0).send_and_receive(["m"], timeout=0.3)),
+        daemon=True)
+    poll.start()
+    poll.join(timeout=10.0)
+    assert not poll.is_alive() and out == [[]]

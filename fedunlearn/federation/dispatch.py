@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import time
 import warnings
 from queue import Queue
 from typing import Any, ClassVar
@@ -67,6 +68,21 @@ STORED = threading.Event()
 """Set when the engine stores a reply in the link state (:func:`notify_replies`, installed by
 the fast sweep): the server's next poll for replies runs at once instead of after
 ``pull_interval``."""
+
+
+STOP_CHECK_S = 0.1
+"""The engine's threads look at its stop event at least this often, whatever
+``dispatch_interval`` is (a Ctrl-C then ends the engine within a fraction of a second)."""
+
+
+def pause(interval: float, f_stop: threading.Event) -> None:
+    """Wait ``interval`` seconds, or less: until a push (:data:`PUSHED`) or the engine's stop
+    (``f_stop``, looked at every :data:`STOP_CHECK_S`)."""
+    end = time.monotonic() + interval
+    while not f_stop.is_set():
+        left = end - time.monotonic()
+        if left <= 0 or PUSHED.wait(min(left, STOP_CHECK_S)):
+            return
 
 
 def notify_replies(state: Any) -> bool:
@@ -125,11 +141,11 @@ def install(interval: float, *, enabled: bool = True) -> bool:
         while not f_stop.is_set():
             for msg in undelivered(state, nodes_mapping):
                 queue.put(msg)
-            PUSHED.wait(interval)  # a push wakes it: the next sweep runs at once
+            pause(interval, f_stop)  # a push ends the pause: the next sweep runs at once
             PUSHED.clear()  # cleared before that sweep, so no push is missed
 
     vce_api._fedunlearn_original = original  # type: ignore[attr-defined]
     vce_api.add_messages_to_queue = add_messages_to_queue
-    PromptQueue.max_wait = interval
+    PromptQueue.max_wait = min(interval, STOP_CHECK_S)
     vce_api.Queue = PromptQueue  # the queues run_api creates for its threads
     return True

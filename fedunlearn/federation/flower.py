@@ -120,9 +120,12 @@ class PacedGrid:
             if not awaited or (timeout is not None and time.monotonic() >= end):
                 break
             pause = factor * spent  # keeps polling under POLL_SHARE of the driver's time
-            time.sleep(pause)
-            if pause < self.pull_interval:
-                dispatch.STORED.wait(self.pull_interval - pause)
+            wait = max(self.pull_interval, pause)
+            if timeout is not None:  # never past the exchange's deadline
+                wait = min(wait, max(0.0, end - time.monotonic()))
+            time.sleep(min(pause, wait))
+            if wait > pause:
+                dispatch.STORED.wait(wait - pause)
         return replies
 
 
