@@ -4,7 +4,9 @@ Per round ``t`` the store keeps the global model ``M_t`` the round started from,
 participants with their example counts and aggregation weights, each participant's update
 ``U_k^t = (local model) - M_t`` (only every ``retention_interval`` rounds, cast to
 ``update_dtype``), and for every client the running weighted sum ``S_k = sum_t w_k^t U_k^t``
-(updated every round, accumulated in float64, stored as float32).
+(updated every round: the stored float32 sum plus ``w_k^t U_k^t``, added in float64 and stored
+as float32 again; the store goes on from what it stored, so a store reopened mid-run gives the
+same sums, bit for bit, as one that was never closed).
 
 Layout (no pickle anywhere; arrays are uncompressed ``.npz`` read with ``allow_pickle=False``)::
 
@@ -440,10 +442,12 @@ class HistoryStore:
         for k, wk in zip(record.participants, record.weights, strict=True):
             upd = {key: np.asarray(updates[k][key]) for key in fkeys}
             old = self._sum64(k, {key: model[key].shape for key in fkeys})
-            new_sums[k] = {key: old[key] + wk * upd[key].astype(np.float64) for key in fkeys}
+            # added in float64, kept as stored (float32): a reopened store goes on exactly
+            stored = {key: (old[key] + wk * upd[key].astype(np.float64)).astype(np.float32)
+                      for key in fkeys}
+            new_sums[k] = {key: v.astype(np.float64) for key, v in stored.items()}
             rel = f"sums/client_{k:05d}.r{round:05d}.npz"
-            self._write(m, rel, _npz_bytes({key: s.astype(np.float32)
-                                            for key, s in new_sums[k].items()}))
+            self._write(m, rel, _npz_bytes(stored))
             m["sums"][str(k)] = rel
         meta = {"round": round, "participants": list(record.participants),
                 "num_examples": list(record.num_examples), "weights": list(record.weights),
