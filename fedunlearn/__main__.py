@@ -1,5 +1,5 @@
 """``python -m fedunlearn`` is the ``fedunlearn`` command."""
 
-from fedunlearn.cli import entry
+from fedunlearn.console import entry
 
 entry()

@@ -168,3 +168,17 @@ def test_a_client_that_never_returns_cannot_hold_the_run(tmp_path):
     results = json.loads((out / "results.json").read_text())
     failures = results["training"]["client_failures"]
     assert failures and failures[0]["reason"] == "timeout", failures
+
+
+def test_a_ctrl_c_while_the_command_is_still_importing_is_one_line(tmp_path: Path) -> None:
+    """SIGINT half a second after launch lands while ``fedunlearn.cli`` imports Flower and
+    torch, before any run handler exists: one line, exit code 130, no traceback, no Ray."""
+    proc = _start(tmp_path / "run", "run", CONFIG, "--out", str(tmp_path / "run"))
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().splitlines() == [
+        ("fedunlearn: interrupted (Ctrl-C) outside a run's rounds; run the command again, or "
+         "continue a run it had started with `fedunlearn resume RUN_DIR`")], err
