@@ -23,7 +23,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
 
 from fedunlearn.checkpoint import ResumeError
 from fedunlearn.config import ConfigError, load_config
@@ -175,35 +174,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     for name, path in written.items():
         print(f"{name:<15}{path}")
     return 0
-
-
-def entry() -> NoReturn:
-    """The ``fedunlearn`` console script and ``python -m fedunlearn``: :func:`main`, then
-    :func:`leave`."""
-    leave(main())
-
-
-def leave(code: int) -> NoReturn:
-    """End the process with ``code`` after what an ordinary exit does that matters here: other
-    threads finished (the history store's deferred deletions), ``atexit`` handlers run (Ray's,
-    logging's), output flushed. The interpreter's own teardown of modules and native libraries
-    is skipped: with torch and Ray loaded it took about 1.8 s per command (measured), after
-    every result was written. Falls back to ``sys.exit`` where CPython's hooks are missing."""
-    import atexit
-    import os
-    import threading
-
-    try:
-        threading._shutdown()  # type: ignore[attr-defined]  # what exit does first
-        atexit._run_exitfuncs()
-    except AttributeError:
-        sys.exit(code)
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe: nothing more to say
-            pass
-    os._exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,9 +31,9 @@ breaks it. A round whose successor was never recorded (an unfinished store, or o
 mid-run) stays unchecked and counts as holding.
 
 Every file is written atomically (temp file, fsync, ``os.replace``) and never rewritten in
-place: a changed sum, round meta or updates file gets a new name. ``manifest.json`` is replaced last, so a
-crash leaves the previous consistent state plus, at worst, unlisted files. Each ``.npz`` holds
-its array names in order as ``arr_0`` and the arrays as ``arr_1``, ``arr_2``, ...
+place: a changed sum, round meta or updates file gets a new name. ``manifest.json`` is replaced
+last, so a crash leaves the previous consistent state plus, at worst, unlisted files. Each
+``.npz`` holds its array names in order as ``arr_0`` and the arrays as ``arr_1``, ``arr_2``, ...
 
 A round's updates share one file (format version 2; version 1 kept one file per client): at
 1,000 clients a round wrote 201 files and the manifest listed every one of them, and the
@@ -59,9 +59,9 @@ Purging (:meth:`HistoryStore.purge_clients`) has two levels (:data:`PURGE_LEVELS
 Round metas keep participants, counts and weights (lineage) and list the purged clients.
 A purge is journaled: ``purge-journal.json`` (written and synced first) names the clients, the
 level and every file to delete; then the new round metas and updates files are written, the
-manifest is replaced, the files are deleted and the journal removed. :meth:`HistoryStore.open` (and the
-next purge) finishes an interrupted purge from its journal, so a crash at any point leaves,
-after reopening, either no purge (the journal never reached the disk) or a complete one.
+manifest is replaced, the files are deleted and the journal removed. :meth:`HistoryStore.open`
+(and the next purge) finishes an interrupted purge from its journal, so a crash at any point
+leaves, after reopening, either no purge (the journal never reached the disk) or a complete one.
 
 :meth:`HistoryStore.open` checks, besides every file's size and sha256, that the manifest is
 consistent (rounds ``1..n`` each with its meta, global model and retained updates; weights
@@ -244,6 +244,12 @@ def _npz_bytes(params: Mapping[str, np.ndarray]) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, np.array(list(params), dtype=np.str_), *params.values())
     return buffer.getvalue()
+
+
+def _updates_file(clients: Sequence[int], rows: Mapping[str, np.ndarray]) -> bytes:
+    """A round's updates file: the client ids (:data:`_IDS`), then ``rows`` (a stack per array,
+    one row per client, in the ids' order)."""
+    return _npz_bytes({_IDS: np.asarray(clients, np.int64), **rows})
 
 
 def _copy(manifest: dict) -> dict:
@@ -436,7 +442,7 @@ class HistoryStore:
         self._write(m, f"{rdir}/global.npz", _npz_bytes(
             {k: v.astype(np.float32) if _is_float(v) else v for k, v in model.items()}))
         if record.updates_retained:
-            self._write(m, f"{rdir}/updates.npz", _npz_bytes(self._stack(
+            self._write(m, f"{rdir}/updates.npz", _updates_file(record.participants, self._stack(
                 round, record.participants, updates, fkeys)))
         new_sums: dict[int, Params] = {}
         for k, wk in zip(record.participants, record.weights, strict=True):
@@ -583,8 +589,9 @@ class HistoryStore:
 
     def _stack(self, round: int, clients: Sequence[int],
                updates: Mapping[int, Mapping[str, np.ndarray]], keys: list[str]) -> Params:
-        """One array per key with a row per client, in ``update_dtype``, and the ids."""
-        out: Params = {_IDS: np.asarray(clients, np.int64)}
+        """One array per key with a row per client (in ``clients``' order), in
+        ``update_dtype``."""
+        out: Params = {}
         dtype = np.dtype(self.update_dtype)
         for key in keys:
             rows = np.stack([np.asarray(updates[k][key]) for k in clients])
@@ -758,8 +765,8 @@ class HistoryStore:
             if new := self._updates_rel(t, set(purged)):
                 kept, rows = self._round_updates(t)
                 keep = [i for i, k in enumerate(kept) if k not in hit]
-                write[new] = _npz_bytes({_IDS: np.asarray(kept, np.int64)[keep],
-                                         **{key: v[keep] for key, v in rows.items()}})
+                write[new] = _updates_file([kept[i] for i in keep],
+                                           {key: v[keep] for key, v in rows.items()})
         return rel
 
     def _finish_journal(self, journal: Mapping) -> None:

@@ -126,7 +126,8 @@ def test_experiment_runs_on_a_ray_cluster_started_here(ray_head, tmp_path):
     address, head_dir, timings = ray_head
     # ResNet-20 with BatchNorm: Flower's own FedAvg aggregates the running statistics and
     # the integer counters, so this also checks the Flower path keeps them as the README says
-    cfg = small_config(f'engine.address="{address}"', "engine.ray_num_cpus=0", "training.sample_fraction=0.75",
+    cfg = small_config(f'engine.address="{address}"', "engine.ray_num_cpus=0",
+                       "training.sample_fraction=0.75",
                        'model.name="resnet20"', 'model.params={norm="batch"}')
     t0 = time.monotonic()
     results = run_experiment(cfg, tmp_path / "run", quiet=True)
