@@ -87,11 +87,30 @@ def _lineage_dirs(run_dir: Path, seed: int | None) -> list[tuple[int | None, Pat
     return seeds
 
 
+def _check_client_id(run_dir: Path, client: int) -> None:
+    """Refuse a client id the run never had (its ``run.json`` gives ``data.num_clients``; a
+    run directory from before ``run.json`` existed is not checked)."""
+    from fedunlearn.checkpoint import RUN_FILE, read_json
+
+    # a seed's directory (RUN_DIR/seed-S) has its run's run.json one level up
+    path = next((d / RUN_FILE for d in (run_dir, run_dir.parent) if (d / RUN_FILE).exists()),
+                None)
+    try:
+        n = int(read_json(path)["config"]["data"]["num_clients"]) if path else None
+    except (ValueError, KeyError, TypeError):
+        n = None  # a damaged run.json does not stop a lineage question; the log answers
+    if client < 0 or (n is not None and client >= n):
+        have = f"0 to {n - 1}" if n is not None else "numbered from 0"
+        raise ConfigError(f"client {client} is not a client of the run in '{run_dir}' (its "
+                          f"clients are {have}); pass one of them to --client")
+
+
 def cmd_lineage(args: argparse.Namespace) -> int:
     import json
 
     from fedunlearn.lineage import LineageLog, client_lineage, format_client_lineage
 
+    _check_client_id(args.run_dir, args.client)
     answers = []
     for seed, run_dir in _lineage_dirs(args.run_dir, args.seed):
         log = LineageLog(run_dir)

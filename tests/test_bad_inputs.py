@@ -168,3 +168,20 @@ def test_lineage_skips_a_truncated_last_line_and_names_damage_elsewhere(tmp_path
     assert main(["lineage", str(run), "--client", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "line 1 is damaged" in err[0]
+
+
+def test_lineage_refuses_a_client_the_run_never_had(tmp_path, capsys):
+    """A client id outside the run's ``data.num_clients`` (from ``run.json``) is refused with
+    one line instead of answering "took part in rounds: none"; so is a negative id, also when
+    the question names a seed's own directory."""
+    from fedunlearn.checkpoint import write_run_file
+
+    run = _lineage_run(tmp_path)
+    write_run_file(run, {"data": {"num_clients": 2}}, "run")
+    for client, where in (("2", run), ("99", run), ("-1", run), ("5", run / "seed-0")):
+        assert main(["lineage", str(where), "--client", client]) == 2, client
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"client {client} is not a client" in err[0], err
+        assert "0 to 1" in err[0] or client == "-1", err
+    assert main(["lineage", str(run / "seed-0"), "--client", "1"]) == 0
+    assert "took part in rounds: [1]" in capsys.readouterr().out
