@@ -289,6 +289,7 @@ class HistoryStore:
         self.path = path
         self._m = manifest
         self._pending: list[Path] = []  # files written since the last commit
+        self._seen = self._manifest_stamp()  # the manifest this object read or wrote last
         self._deleter: ThreadPoolExecutor | None = None
         self._deletions: list[Future[None]] = []
         self._check_layout()
@@ -417,6 +418,7 @@ class HistoryStore:
         HistoryError
             On any inconsistency; nothing is recorded then.
         """
+        self._check_fresh()
         ids, counts, w = self._check_round(round, participants, num_examples, weights, updates)
         model = {k: np.asarray(v) for k, v in global_model.items()}
         if _IDS in model:
@@ -497,6 +499,7 @@ class HistoryStore:
 
     def record_final(self, model: Mapping[str, np.ndarray]) -> None:
         """Record the global model after the last round (once, after at least one round)."""
+        self._check_fresh()
         self._refuse_after_strict_purge("record the final model")
         if not self._m["rounds"] or self._m["final"] is not None:
             raise HistoryError("record_final needs at least one recorded round and may be "
@@ -541,6 +544,7 @@ class HistoryStore:
         HistoryError
             If the round kept no updates, or the client did not take part or was purged.
         """
+        self._check_fresh()
         record = self.round_record(round)
         if client not in record.participants:
             raise HistoryError(f"client {client} did not take part in round {round}; "
@@ -610,6 +614,7 @@ class HistoryStore:
         HistoryPurgedError
             If a strict purge deleted it (see :meth:`globals_deleted_from`).
         """
+        self._check_fresh()
         self.round_record(round)
         cut = self.globals_deleted_from()
         if cut is not None and round >= cut:
@@ -624,6 +629,7 @@ class HistoryStore:
         HistoryPurgedError
             If a strict purge deleted it.
         """
+        self._check_fresh()
         if self.globals_deleted_from() is not None:
             raise HistoryPurgedError(self._purged_message("the final model"))
         if self._m["final"] is None:
@@ -642,6 +648,7 @@ class HistoryStore:
 
     def running_sum(self, client: int) -> dict[str, np.ndarray]:
         """``sum_t w_k^t U_k^t`` of ``client`` over all recorded rounds, as float32."""
+        self._check_fresh()
         if client not in self.clients():
             why = "was purged" if client in self._m["purged"] else "never took part"
             raise HistoryError(f"client {client} {why}; known clients are {self.clients()}")
@@ -698,6 +705,7 @@ class HistoryStore:
         HistoryError
             If ``level`` is unknown or a client never took part; nothing is changed then.
         """
+        self._check_fresh()
         if level not in PURGE_LEVELS:
             raise HistoryError(f"purge level must be one of {', '.join(PURGE_LEVELS)}, "
                                f"got {level!r}")
@@ -819,8 +827,36 @@ class HistoryStore:
         """Make every pending file durable, then replace the manifest (durably) with ``m``."""
         _sync_paths(self.path, self._pending)
         self._pending = []
-        _atomic_write(self.path / MANIFEST, json.dumps(m, separators=(",", ":")).encode())
+        try:
+            _atomic_write(self.path / MANIFEST, json.dumps(m, separators=(",", ":")).encode())
+        finally:  # this object's own write, whether or not it completed, is no other's change
+            self._seen = self._manifest_stamp()
         self._m = m
+
+    def _manifest_stamp(self) -> tuple[int, int, int] | None:
+        """Inode, mtime and size of the manifest (``None`` if there is none yet); each commit
+        replaces the file, so another commit changes it."""
+        try:
+            st = (self.path / MANIFEST).stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def _check_fresh(self) -> None:
+        """Refuse to read or write through a view of the store that another store object (in
+        this process or another) has changed since: what this one holds in memory (the
+        manifest, the last round's updates, running sums) could be a purged client's, and a
+        commit from it would undo the other's changes.
+
+        Raises
+        ------
+        HistoryError
+            If the manifest on disk is not the one this object read or wrote last.
+        """
+        if self._manifest_stamp() != self._seen:
+            raise HistoryError(f"the history at {self.path} was changed by another store "
+                               "object since this one opened it (a purge or a new round); "
+                               "open it again with HistoryStore.open")
 
     def _read(self, rel: str) -> bytes:
         """Bytes of a listed file, after checking its size and sha256 against the manifest."""

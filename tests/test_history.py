@@ -548,3 +548,32 @@ def test_the_cli_reports_a_write_failure_in_one_line(monkeypatch, capsys, tmp_pa
     assert code == 2 and len(err) == 1, err
     assert f"cannot write '{tmp_path / 'x.npz'}' (No space left on device)" in err[0]
     assert "fedunlearn resume" in err[0]
+
+
+def test_a_second_store_object_refuses_to_serve_what_another_one_purged(tmp_path: Path) -> None:
+    """Two objects open on one directory: after one purges client 2, the other (which had
+    read client 2's update and running sum, so holds them in memory) refuses every read and
+    write with one line instead of answering from its stale view or committing over the
+    purge; opened again, it sees the purge."""
+    store = build(tmp_path / "h")
+    t = next(t for t in store.rounds() if 2 in store.participants(t))
+    other = HistoryStore.open(store.path)
+    assert other.update(t, 2) is not None and other.running_sum(2) is not None  # cached
+    store.purge_clients([2], level="updates")
+    last = store.rounds()[-1]
+    reads = (lambda: other.update(t, 2), lambda: other.running_sum(2),
+             lambda: other.global_model(t), lambda: other.final_model(),
+             lambda: other.purge_clients([1], level="updates"))
+    for read in reads:
+        with pytest.raises(HistoryError, match="changed by another store object"):
+            read()
+    before = snapshot(store.path)
+    with pytest.raises(HistoryError, match="open it again"):
+        other.record_round(last + 1, global_model=store.final_model(), participants=[0],
+                           num_examples=[1], weights=[1.0], updates={0: store.update(t, 0)})
+    assert snapshot(store.path) == before  # nothing written over the purge
+    again = HistoryStore.open(store.path)
+    assert again.purged() == [2]
+    with pytest.raises(HistoryError, match="purged"):
+        again.update(t, 2)
+    assert store.update(t, next(k for k in store.participants(t) if k != 2)) is not None
