@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedunlearn.registry import Registry
+
+if TYPE_CHECKING:
+    from fedunlearn.config import Config
 
 
 @dataclass
@@ -165,3 +168,22 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, *,
     p = predict_proba(model, x, device=device)
     loss = float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None))))
     return {"loss": loss, "accuracy": float(np.mean(p.argmax(1) == y))}
+
+
+# ------------------------------------------------------------ from the config
+def device_for(cfg: Config) -> str:
+    """CUDA when the config grants GPUs and one is visible, else CPU."""
+    return "cuda" if cfg.engine.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def local_training(cfg: Config, epochs: float | None = None,
+                   learning_rate: float | None = None) -> LocalTraining:
+    """The local training hyperparameters of ``cfg``; ``epochs`` and ``learning_rate``, when
+    given, override ``training.local_epochs`` and ``training.learning_rate``."""
+    t = cfg.training
+    return LocalTraining(epochs=t.local_epochs if epochs is None else epochs,
+                         batch_size=t.batch_size,
+                         learning_rate=t.learning_rate if learning_rate is None else learning_rate,
+                         optimizer=t.optimizer, momentum=t.momentum,
+                         weight_decay=t.weight_decay, step=t.step,
+                         step_params=tuple(sorted(t.step_params.items())))

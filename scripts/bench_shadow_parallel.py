@@ -24,11 +24,10 @@ import torch
 from fedunlearn.config import load_config
 from fedunlearn.evaluation.shadow import shadow_sample
 from fedunlearn.experiment import prepare
-from fedunlearn.federation.local import local_training
 from fedunlearn.models import reinitialise
 from fedunlearn.reporting import stamp, write_json
 from fedunlearn.seeding import derive_seed
-from fedunlearn.training import train
+from fedunlearn.training import local_training, train
 
 _STATE: dict = {}
 

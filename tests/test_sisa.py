@@ -10,10 +10,9 @@ from conftest import small_config
 from sklearn.datasets import load_digits
 
 from fedunlearn.experiment import prepare
-from fedunlearn.federation.local import local_training
 from fedunlearn.models import build_model
 from fedunlearn.seeding import derive_seed
-from fedunlearn.training import LocalTraining, train
+from fedunlearn.training import LocalTraining, local_training, train
 from fedunlearn.unlearning import UNLEARNERS, UnlearningContext, UnlearningResult
 from fedunlearn.unlearning.central_retrain import CentralRetrain
 from fedunlearn.unlearning.sisa import (

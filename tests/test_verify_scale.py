@@ -18,12 +18,11 @@ from fedunlearn.evaluation.shadow import ShadowModels, shadow_sample, shadow_sam
 from fedunlearn.evaluation.verify import RequestVerifier
 from fedunlearn.experiment import prepare, train_federation
 from fedunlearn.federation.inprocess import InProcessFederation
-from fedunlearn.federation.local import local_training
 from fedunlearn.history import HistoryStore
 from fedunlearn.lineage import LineageLog
 from fedunlearn.reporting import report_markdown, verification_line, verification_summary
 from fedunlearn.runner import verification_block
-from fedunlearn.training import OPTIMIZERS
+from fedunlearn.training import OPTIMIZERS, local_training
 from fedunlearn.unlearning.base import UnlearningContext
 from fedunlearn.unlearning.distillation import Distillation
 from fedunlearn.unlearning.service import serve_requests

@@ -15,7 +15,7 @@ import time
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedunlearn.federation.local import client_work, device, model_for, runtime
+from fedunlearn.federation.local import client_work, model_for, runtime
 from fedunlearn.federation.messages import (
     ARRAYS,
     CONFIG,
@@ -30,6 +30,7 @@ from fedunlearn.federation.messages import (
     to_record,
 )
 from fedunlearn.params import set_params
+from fedunlearn.training import device_for
 from fedunlearn.training import evaluate as evaluate_model
 
 app = ClientApp()
@@ -82,7 +83,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     model = model_for(job, cfg, data)
     set_params(model, from_record(msg.content[ARRAYS]))
     local = data.clients[pid]
-    res = evaluate_model(model, local.x, local.y, device=device(cfg))
+    res = evaluate_model(model, local.x, local.y, device=device_for(cfg))
     metrics = MetricRecord({PARTITION: pid, NUM_EXAMPLES: len(local),
                             "eval-loss": res["loss"], "eval-accuracy": res["accuracy"]})
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)

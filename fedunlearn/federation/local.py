@@ -22,7 +22,7 @@ from fedunlearn.extensions import load_extensions
 from fedunlearn.models import build_model
 from fedunlearn.params import Params, get_params, set_params
 from fedunlearn.seeding import derive_seed
-from fedunlearn.training import LocalTraining, train
+from fedunlearn.training import device_for, local_training, train
 
 
 @functools.lru_cache(maxsize=4)
@@ -44,7 +44,7 @@ def warm_up(cfg: Config, data: FederatedData) -> None:
                         **cfg.model.params)
     local = next(d for d in data.clients if len(d))
     n = min(len(local), cfg.training.batch_size)
-    train(model, local.x[:n], local.y[:n], local_training(cfg, 1.0), seed=0, device=device(cfg))
+    train(model, local.x[:n], local.y[:n], local_training(cfg, 1.0), seed=0, device=device_for(cfg))
 
 
 _MODELS: dict[str, nn.Module] = {}
@@ -59,24 +59,6 @@ def model_for(job: str, cfg: Config, data: FederatedData) -> nn.Module:
     return _MODELS[job]
 
 
-def device(cfg: Config) -> str:
-    """CUDA when the config grants GPUs and one is visible, else CPU."""
-    return "cuda" if cfg.engine.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-
-
-def local_training(cfg: Config, epochs: float | None = None,
-                   learning_rate: float | None = None) -> LocalTraining:
-    """The local training hyperparameters of ``cfg``; ``epochs`` and ``learning_rate``, when
-    given, override ``training.local_epochs`` and ``training.learning_rate``."""
-    t = cfg.training
-    return LocalTraining(epochs=t.local_epochs if epochs is None else epochs,
-                         batch_size=t.batch_size,
-                         learning_rate=t.learning_rate if learning_rate is None else learning_rate,
-                         optimizer=t.optimizer, momentum=t.momentum,
-                         weight_decay=t.weight_decay, step=t.step,
-                         step_params=tuple(sorted(t.step_params.items())))
-
-
 def client_train(job: str, params: Params, client: int, *, server_round: int, tag: int = 0,
                  epochs: float | None = None) -> tuple[Params, int, dict[str, float]]:
     """Client ``client`` trains from ``params``; returns (new params, #examples, stats)."""
@@ -86,7 +68,7 @@ def client_train(job: str, params: Params, client: int, *, server_round: int, ta
     local = data.clients[client]
     seed = derive_seed(cfg.seed, server_round, client, tag)
     stats = train(model, local.x, local.y, local_training(cfg, epochs), seed=seed,
-                  device=device(cfg))
+                  device=device_for(cfg))
     return get_params(model), len(local), stats
 
 
@@ -111,7 +93,7 @@ def client_ascent(job: str, params: Params, client: int, *, server_round: int, t
                   learning_rate=learning_rate, radius=radius, threshold=threshold)
     stats = projected_ascent(model, local.x, local.y, spec,
                              seed=derive_seed(cfg.seed, server_round, client, tag),
-                             device=device(cfg))
+                             device=device_for(cfg))
     return get_params(model), len(local), stats
 
 

@@ -14,12 +14,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from fedunlearn.federation.local import device as device_of
-from fedunlearn.federation.local import local_training
 from fedunlearn.models import reinitialise
 from fedunlearn.params import Params, get_params, set_params
 from fedunlearn.seeding import derive_seed
-from fedunlearn.training import predict_proba, train
+from fedunlearn.training import device_for, local_training, predict_proba, train
 from fedunlearn.unlearning.base import (
     UNLEARNERS,
     Cost,
@@ -91,6 +89,6 @@ class CentralRetrain:
         if self.variant:
             reinitialise(model, derive_seed(ctx.cfg.seed, _CENTRAL_SEED, self.variant, 1))
         train(model, x, y, spec, seed=derive_seed(ctx.cfg.seed, _CENTRAL_SEED, self.variant),
-              device=device_of(ctx.cfg))
+              device=device_for(ctx.cfg))
         self._model = model
         return get_params(model), len(y)

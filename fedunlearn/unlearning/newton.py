@@ -23,9 +23,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from fedunlearn.federation.local import local_training
 from fedunlearn.seeding import derive_seed
-from fedunlearn.training import train
+from fedunlearn.training import local_training, train
 from fedunlearn.unlearning.base import (
     UNLEARNERS,
     Cost,

@@ -38,13 +38,13 @@ from fedunlearn.config import Config, ConfigError
 from fedunlearn.data.federated import FederatedData
 from fedunlearn.evaluation.shadow import ShadowModels, shadow_sample_size
 from fedunlearn.evaluation.verify import Outputs, RequestVerifier
-from fedunlearn.federation.local import local_training
 from fedunlearn.federation.port import Federation
 from fedunlearn.history import HistoryStore
 from fedunlearn.lineage import LineageLog, params_hash
 from fedunlearn.params import Params
 from fedunlearn.schema import NOISE_SUFFIX, REFERENCE, SETTINGS, Role, Row
 from fedunlearn.seeding import derive_seed
+from fedunlearn.training import local_training
 from fedunlearn.unlearning.base import (
     UNLEARNERS,
     HistoryNotReplayable,

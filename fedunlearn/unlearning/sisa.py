@@ -30,12 +30,10 @@ import numpy as np
 from torch import nn
 
 from fedunlearn.data.federated import FederatedData
-from fedunlearn.federation.local import device as device_of
-from fedunlearn.federation.local import local_training
 from fedunlearn.models import reinitialise
 from fedunlearn.params import Params, get_params, num_bytes, set_params
 from fedunlearn.seeding import derive_seed
-from fedunlearn.training import LocalTraining, predict_proba, train
+from fedunlearn.training import LocalTraining, device_for, local_training, predict_proba, train
 from fedunlearn.unlearning.base import (
     UNLEARNERS,
     Cost,
@@ -501,7 +499,7 @@ class Sisa:
         self.ensemble_ = SisaEnsemble(
             ctx.build_model, spec, shards=self.shards, slices=self.slices, epochs=self.epochs,
             aggregate=self.aggregate, seed=derive_seed(ctx.cfg.seed, _SISA_SEED),
-            device=device_of(ctx.cfg))
+            device=device_for(ctx.cfg))
         self.ensemble_.fit(x, y, np.arange(len(y)),
                            groups=groups if self.shard_by == "client" else None)
         self.client_ids_ = [np.flatnonzero(groups == k) for k in range(len(ctx.data.clients))]
