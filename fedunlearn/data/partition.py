@@ -17,6 +17,25 @@ PARTITION_SCHEMES: tuple[str, ...] = ("iid", "dirichlet", "pathological")
 _DIRICHLET_RESEEDS = 5
 
 
+def _check_inputs(labels: np.ndarray, num_clients: int, scheme: str,
+                  min_partition_size: int) -> None:
+    """The checks every scheme shares (one ``ValueError`` line each)."""
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"labels must be a 1-D integer array, got dtype {labels.dtype} shape {labels.shape}"
+        )
+    if scheme not in PARTITION_SCHEMES:
+        raise ValueError(
+            f"unknown partition scheme '{scheme}'; allowed: {', '.join(PARTITION_SCHEMES)}"
+        )
+    if not 1 <= num_clients <= len(labels):
+        raise ValueError(
+            f"num_clients={num_clients} must lie in 1..{len(labels)} (the number of samples)"
+        )
+    if min_partition_size < 0:
+        raise ValueError(f"min_partition_size must be >= 0, got {min_partition_size}")
+
+
 def partition_indices(
     labels: np.ndarray,
     num_clients: int,
@@ -66,21 +85,7 @@ def partition_indices(
         client than the data holds.
     """
     labels = np.asarray(labels)
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(
-            f"labels must be a 1-D integer array, got dtype {labels.dtype} shape {labels.shape}"
-        )
-    if scheme not in PARTITION_SCHEMES:
-        raise ValueError(
-            f"unknown partition scheme '{scheme}'; allowed: {', '.join(PARTITION_SCHEMES)}"
-        )
-    if not 1 <= num_clients <= len(labels):
-        raise ValueError(
-            f"num_clients={num_clients} must lie in 1..{len(labels)} (the number of samples)"
-        )
-    if min_partition_size < 0:
-        raise ValueError(f"min_partition_size must be >= 0, got {min_partition_size}")
-
+    _check_inputs(labels, num_clients, scheme, min_partition_size)
     dataset = _as_hf_dataset(labels)
     if scheme == "iid":
         parts = _iid(dataset, num_clients, seed)

@@ -157,6 +157,20 @@ def fresh_kind(row: Mapping[str, Any]) -> str | None:
     return "calibration" if _number(summary.get("mean_ratio")) is not None else None
 
 
+def _exact_replay_parts(estimated: list[float], total: list[int], abnormal: list[float],
+                        ratios: list[float], cosines: list[float]) -> list[str]:
+    """The clauses of :func:`replay_note` for a replay against exact updates (FedRecover)."""
+    parts = []
+    if estimated:
+        parts.append(f"{np.mean(estimated):.0f} of {np.mean(total):.0f} rounds estimated, "
+                     f"{np.mean(abnormal):.0f} with abnormal estimates replaced")
+    if ratios:
+        parts.append(f"in the rounds with exact updates only, the stored updates are "
+                     f"{np.mean(ratios):.1f}× the exact updates’ length"
+                     + (f", cosine {np.mean(cosines):.2f} to them" if cosines else ""))
+    return parts
+
+
 def replay_note(method: Mapping[int, Mapping[str, Any]],
                 reference: Mapping[int, Mapping[str, Any]]) -> str | None:
     """Why a history replay ended far below retraining, from its replay diagnostics.
@@ -200,15 +214,7 @@ def replay_note(method: Mapping[int, Mapping[str, Any]],
             f"{np.mean(accs):.2f} vs {np.mean(refs):.2f})")
     kind = kinds.pop() if len(kinds) == 1 else None
     if kind == "exact":
-        parts = []
-        if estimated:
-            parts.append(f"{np.mean(estimated):.0f} of {np.mean(total):.0f} rounds estimated, "
-                         f"{np.mean(abnormal):.0f} with abnormal estimates replaced")
-        if ratios:
-            parts.append(f"in the rounds with exact updates only, the stored updates are "
-                         f"{np.mean(ratios):.1f}× the exact updates’ length"
-                         + (f", cosine {np.mean(cosines):.2f} to them" if cosines else ""))
-        if parts:
+        if parts := _exact_replay_parts(estimated, total, abnormal, ratios, cosines):
             text += ": " + "; ".join(parts)
     elif ratios:
         text += (f": calibrated steps are {np.mean(ratios):.1f}× the calibration’s own length"
