@@ -12,11 +12,16 @@
     history store (and a strict purge must be able to delete it).
 ``SEED_DIR/training.json``
     the seed's ``training`` block, once training has finished.
+``SEED_DIR/serving.json`` + ``serving.npz``
+    while the federated requests are being served, after each one: its rows, verification
+    and purge so far, the next request, and each method's model after the last answered
+    request (the arrays; the JSON file is written last and names their SHA-256). Deleted
+    once every request is served.
 ``SEED_DIR/served.json``
     the seed's answered requests (rows, purges), once all its federated requests are served.
 
 Resuming a seed therefore starts from the most advanced of: served (nothing to redo),
-trained (serve the requests), a round checkpoint (train the remaining rounds), nothing
+part-served (serve the remaining requests), trained (serve the requests), a round checkpoint (train the remaining rounds), nothing
 (train from round 1). Client randomness is derived from (seed, round, client), so the
 continued rounds reproduce the uninterrupted run bit for bit.
 """
@@ -42,6 +47,8 @@ CHECKPOINT_ARRAYS = "checkpoint.npz"
 CHECKPOINT_META = "checkpoint.json"
 TRAINING_FILE = "training.json"
 SERVED_FILE = "served.json"
+SERVING_FILE = "serving.json"
+SERVING_ARRAYS = "serving.npz"
 
 
 class ResumeError(ValueError):
@@ -153,3 +160,40 @@ def load_checkpoint(seed_dir: Path) -> Checkpoint | None:
         model = {name: arrays[f"a{i}"] for i, name in enumerate(meta["names"])}
     return Checkpoint(round=int(meta["round"]), model=model,
                       rounds=[RoundSummary(**r) for r in meta["rounds"]])
+
+
+# ------------------------------------------------------------------------------ requests
+
+def write_serving(seed_dir: Path, state: dict[str, Any],
+                  models: dict[str, Params]) -> None:
+    """Save a part-served federated pass: ``models`` (method name -> its model after the
+    last answered request) first, then ``state`` naming their checksum."""
+    names = [[method, key] for method, params in models.items() for key in params]
+    data = _npz({f"{m}/{k}": models[m][k] for m, k in names})
+    atomic_write(Path(seed_dir) / SERVING_ARRAYS, data)
+    write_state(Path(seed_dir) / SERVING_FILE,
+                {**state, "models": names, "sha256": hashlib.sha256(data).hexdigest()})
+
+
+def load_serving(seed_dir: Path) -> tuple[dict[str, Any], dict[str, Params]] | None:
+    """The saved part-served pass of ``seed_dir`` (state, models), or None."""
+    meta_path = Path(seed_dir) / SERVING_FILE
+    if not meta_path.exists():
+        return None
+    state = read_json(meta_path)
+    arrays_path = Path(seed_dir) / SERVING_ARRAYS
+    data = arrays_path.read_bytes() if arrays_path.exists() else b""
+    if hashlib.sha256(data).hexdigest() != state["sha256"]:
+        raise ResumeError(f"'{arrays_path}' is missing or does not match its checksum in "
+                          f"{SERVING_FILE}; rerun into a new --out")
+    models: dict[str, Params] = {}
+    with np.load(io.BytesIO(data)) as arrays:
+        for i, (method, key) in enumerate(state["models"]):
+            models.setdefault(method, {})[key] = arrays[f"a{i}"]
+    return state, models
+
+
+def clear_serving(seed_dir: Path) -> None:
+    """Every request is served: the part-served state goes."""
+    for name in (SERVING_FILE, SERVING_ARRAYS):
+        (Path(seed_dir) / name).unlink(missing_ok=True)

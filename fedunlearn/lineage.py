@@ -102,12 +102,43 @@ class LineageLog:
     truncated_tail: str | None = None
 
 
+def discarded_models(events: list[dict[str, Any]]) -> set[int]:
+    """Positions in ``events`` of the models an interrupted serving pass produced and its
+    resumption produced again: a ``resume`` event with ``request = r`` and ``setting = s``
+    discards every earlier model of setting ``s`` served for request ``r`` or later (and, for
+    ``r = 0``, the centralized methods' fits). They existed, in memory, and are kept in the
+    log; the answers are the later ones.
+
+    >>> ev = [{"event": "model", "kind": "unlearned", "request": 0, "setting": "federated"},
+    ...       {"event": "model", "kind": "unlearned", "request": 1, "setting": "federated"},
+    ...       {"event": "resume", "request": 1, "setting": "federated"},
+    ...       {"event": "model", "kind": "unlearned", "request": 1, "setting": "federated"}]
+    >>> sorted(discarded_models(ev))
+    [1]
+    """
+    out: set[int] = set()
+    for i, e in enumerate(events):
+        if e["event"] != "resume" or "request" not in e:
+            continue
+        for j in range(i):
+            m = events[j]
+            if m["event"] != "model" or m.get("setting", "federated") != e.get("setting"):
+                continue
+            if m.get("request", -1) >= e["request"] or (m["kind"] == "fitted"
+                                                        and e["request"] == 0):
+                out.add(j)
+    return out
+
+
 def client_lineage(events: list[dict[str, Any]], client: int) -> dict[str, Any]:
     """What the log says about ``client``: rounds it shaped, models trained with its data,
-    and its removal request and purge."""
+    and its removal request and purge. Models of a serving pass that was interrupted and
+    done again carry ``"discarded": true`` (:func:`discarded_models`)."""
+    dropped = discarded_models(events)
+    events = [{**e, "discarded": True} if i in dropped else e for i, e in enumerate(events)]
     rounds = [e["round"] for e in events if e["event"] == "round"
               and client in e["participants"]]
-    keys = ("model_hash", "kind", "method", "request", "round", "time", "exact")
+    keys = ("model_hash", "kind", "method", "request", "round", "time", "exact", "discarded")
     # every global model from the client's first round on carries its data
     models = [{**{k: e[k] for k in keys if k in e}, "kind": "global"} for e in events
               if e["event"] == "round" and rounds and e["round"] >= rounds[0]]
@@ -121,6 +152,9 @@ def client_lineage(events: list[dict[str, Any]], client: int) -> dict[str, Any]:
             "models_after_removal": free, "purge": purges[0] if purges else None}
 
 
+_DISCARDED = "  [discarded: its serving pass was interrupted and done again]"
+
+
 def format_client_lineage(info: dict[str, Any]) -> str:
     """Human-readable answer for the command line."""
     c = info["client"]
@@ -128,6 +162,7 @@ def format_client_lineage(info: dict[str, Any]) -> str:
     lines.append(f"models trained with client {c}'s data ({len(info['models_trained_with_data'])}):")
     lines += [f"  {m['model_hash'][:12]}  {m['kind']:<7} "
               f"{'round ' + str(m['round']) if 'round' in m else m.get('method', '')}  {m['time']}"
+              f"{_DISCARDED if m.get('discarded') else ''}"
               for m in info["models_trained_with_data"]]
     req = info["removal_request"]
     if req is None:
@@ -137,6 +172,7 @@ def format_client_lineage(info: dict[str, Any]) -> str:
                      f"(clients {req['clients']})")
         lines += [f"  served by {m.get('method')}: model {m['model_hash'][:12]} at {m['time']}"
                   f" ({'exact' if m.get('exact') else 'approximate'} removal)"
+                  f"{_DISCARDED if m.get('discarded') else ''}"
                   for m in info["models_after_removal"]]
     purge = info["purge"]
     if purge is not None:

@@ -12,6 +12,7 @@ its own ``seed-S/`` directory. One ``results.json`` holds every seed's rows (eac
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,9 +27,12 @@ from fedunlearn.checkpoint import (
     TRAINING_FILE,
     Checkpoint,
     ResumeError,
+    clear_serving,
     load_checkpoint,
+    load_serving,
     read_json,
     write_run_file,
+    write_serving,
     write_state,
 )
 from fedunlearn.config import Config
@@ -36,7 +40,7 @@ from fedunlearn.evaluation.summary import summarize
 from fedunlearn.experiment import Setup, prepare, train_federation
 from fedunlearn.federation.flower import Connect, FlowerFederation, run_engine
 from fedunlearn.federation.local import warm_up
-from fedunlearn.history import HistoryStore
+from fedunlearn.history import MANIFEST, HistoryStore
 from fedunlearn.lineage import LineageLog
 from fedunlearn.params import Params
 from fedunlearn.reporting import (
@@ -49,9 +53,9 @@ from fedunlearn.reporting import (
     write_json,
     write_report,
 )
-from fedunlearn.schema import Role
+from fedunlearn.schema import Role, Row
 from fedunlearn.seeding import seed_everything
-from fedunlearn.unlearning.service import serve_requests, settings_in
+from fedunlearn.unlearning.service import Resumption, Served, serve_requests, settings_in
 
 ENGINE = "flower-ray"
 
@@ -74,6 +78,7 @@ class SeedRun:
     shadow_cache: dict[int, Any] = field(default_factory=dict)
     start: Checkpoint | None = None  # resume training from this round
     served: bool = False  # every federated request of the seed was answered (resume)
+    resumption: Resumption | None = None  # resume the federated requests from this one
 
     @property
     def seed(self) -> int:
@@ -100,18 +105,12 @@ class SeedRun:
             self.history_bytes_after_purge = saved["history_bytes_after_purge"]
             self.verification = saved.get("verification", [])
             self.served = True
+            if "centralized" in settings_in(self.cfg):  # that pass is done again
+                self.lineage.append("resume", request=0, setting="centralized")
             return
         if (self.out / TRAINING_FILE).exists():
-            purged = [e for e in self.lineage.read() if e["event"] == "purge"]
-            if not purged and self.store.purged():  # crashed before the lineage event
-                purged = [{"clients": self.store.purged()}]
-            if purged:
-                raise ResumeError(f"seed {self.seed} was interrupted while serving its requests, "
-                                  f"after clients {purged[0]['clients']} were purged; answered "
-                                  "requests are not redone, so this seed cannot be resumed - "
-                                  "rerun it into a new --out")
             self.training = read_json(self.out / TRAINING_FILE)
-            self.final = self.store.final_model()
+            self._restore_serving()
             return
         self.start = load_checkpoint(self.out)
         if self.start is None and self.store.rounds():
@@ -121,6 +120,38 @@ class SeedRun:
                   f"restarts from round 1 and the {len(self.store.rounds())} stored rounds are "
                   "checked against the redone ones", file=sys.stderr, flush=True)
             self.lineage.append("resume", round=0)
+
+    def _restore_serving(self) -> None:
+        """Trained, interrupted while serving: go on after the last answered request (its
+        state saved by :class:`_Journal`), or from the first if none was answered.
+
+        Raises
+        ------
+        ResumeError
+            If the store was purged beyond the saved state, or a strict purge deleted the
+            trained model the remaining requests are compared against."""
+        assert self.store is not None and self.lineage is not None
+        saved = load_serving(self.out)
+        state, models = saved if saved is not None else ({"next_request": 0}, {})
+        k = int(state["next_request"])
+        answered = {c for r in self.cfg.unlearning.requests[:k] for c in r}
+        if stray := sorted(set(self.store.purged()) - answered):
+            raise ResumeError(f"seed {self.seed} was interrupted while serving its requests, "
+                              f"after clients {stray} were purged without a saved answer; "
+                              "this seed cannot be resumed - rerun it into a new --out")
+        if self.store.globals_deleted_from() is not None:
+            raise ResumeError(
+                f"seed {self.seed} was interrupted after answering {k} of its "
+                f"{len(self.cfg.unlearning.requests)} requests; their strict purge deleted the "
+                "trained model the remaining requests are measured against, so it cannot be "
+                "resumed - rerun it into a new --out (history.purge = \"updates\" keeps "
+                "such runs resumable)")
+        if saved is not None:
+            self.rows, self.verification = state["rows"], state["verification"]
+            self.purges = state["purges"]
+            self.resumption = Resumption(k, models, bool(state["pending_purge"]))
+        self.final = self.store.final_model()
+        self.lineage.append("resume", request=k, setting="federated")
 
     def train(self, fed: FlowerFederation, *, quiet: bool) -> None:
         if self.store is None:
@@ -140,22 +171,64 @@ class SeedRun:
         # model was purged has no federated one left to offer
         trained = self.final if self.final is not None else self.setup.initial
         assert setting == "centralized" or self.final is not None
+        federated = setting == "federated"
+        journal = _Journal(self) if federated else None
         served = serve_requests(self.cfg, data=self.setup.data, trained=trained,
                                 initial=self.setup.initial, store=self.store,
                                 federation=federation, lineage=self.lineage,
                                 build_model=self.setup.build_model,
                                 predictor=self.setup.predictor(), settings=(setting,),
                                 shadow_cache=self.shadow_cache,
-                                stream=None if quiet else sys.stderr)
-        self.rows += [{"seed": self.seed, **dataclasses.asdict(r)} for r in served.rows]
-        self.verification += [{"seed": self.seed, **v} for v in served.verification]
-        if setting == "federated":
-            self.purges = served.purges
-            self.history_bytes_after_purge = self.store.bytes_used()
-            write_state(self.out / SERVED_FILE, {
-                "training": self.training, "rows": self.rows, "purges": self.purges,
-                "history_bytes_after_purge": self.history_bytes_after_purge,
-                "verification": self.verification})
+                                stream=None if quiet else sys.stderr,
+                                resume=self.resumption if federated else None,
+                                journal=journal)
+        if not federated:
+            rows, verification = self._tagged(served.rows, served.verification)
+            self.rows += rows
+            self.verification += verification
+            return
+        self.history_bytes_after_purge = self.store.bytes_used()
+        write_state(self.out / SERVED_FILE, {
+            "training": self.training, "rows": self.rows, "purges": self.purges,
+            "history_bytes_after_purge": self.history_bytes_after_purge,
+            "verification": self.verification})
+        clear_serving(self.out)
+
+    def _tagged(self, rows: list[Row], verification: list[dict[str, Any]]
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Rows and verification entries as stored, each with the seed."""
+        return ([{"seed": self.seed, **dataclasses.asdict(r)} for r in rows],
+                [{"seed": self.seed, **v} for v in verification])
+
+
+class _Journal:
+    """Saves a seed's federated pass after each request (``serving.json``), so that an
+    interrupted pass goes on from the next request (:meth:`SeedRun._restore_serving`)."""
+
+    def __init__(self, run: SeedRun) -> None:
+        self.run = run
+        self.models: dict[str, Params] = dict(run.resumption.current if run.resumption
+                                              else {})
+        self.next_request = run.resumption.next_request if run.resumption else 0
+
+    def served(self, request: int, served: Served, current: dict[str, Params], *,
+               purge_pending: bool) -> None:
+        rows, verification = self.run._tagged(served.rows, served.verification)
+        self.run.rows += rows
+        self.run.verification += verification
+        self.models.update(current)
+        self.next_request = request + 1
+        self._save(pending=purge_pending)
+
+    def purged(self, request: int, purge: dict[str, Any]) -> None:
+        self.run.purges.append(purge)
+        self._save(pending=False)
+
+    def _save(self, *, pending: bool) -> None:
+        run = self.run
+        write_serving(run.out, {"next_request": self.next_request, "pending_purge": pending,
+                                "rows": run.rows, "verification": run.verification,
+                                "purges": run.purges}, self.models)
 
 
 @contextmanager
@@ -168,9 +241,30 @@ def _farewell_on_stop(out: Path) -> Iterator[None]:
 
 
 def farewell(out: Path) -> str:
-    """The last line of an interrupted run."""
+    """The last line of an interrupted run: how to resume it, or why it cannot be (a seed
+    that had answered a request under a strict purge, see :meth:`SeedRun._restore_serving`)."""
+    if _strictly_purged_midway(out):
+        return (f"interrupted: the partial run is in {out}, but a strict purge has deleted the "
+                "trained model its remaining requests are measured against, so it cannot be "
+                "resumed; rerun it into a new --out (history.purge = \"updates\" keeps such "
+                "runs resumable)")
     return (f"interrupted: the partial run is in {out} (history store consistent); continue it "
             f"with: fedunlearn resume {out}")
+
+
+def _strictly_purged_midway(out: Path) -> bool:
+    """Whether a seed of ``out`` is part-served and its history lost its global models (read
+    from the files; never raises, the farewell must always be printed)."""
+    for seed_out in (out, *sorted(out.glob("seed-*"))):
+        if (seed_out / SERVED_FILE).exists():
+            continue
+        try:
+            manifest = json.loads((seed_out / "history" / MANIFEST).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(manifest, dict) and manifest.get("globals_deleted_from") is not None:
+            return True
+    return False
 
 
 def seed_dir(out: Path, seed: int, multi: bool) -> Path:

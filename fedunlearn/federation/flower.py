@@ -254,7 +254,9 @@ class FlowerFederation:
 
         A ``task`` other than ``"train"`` travels in the ConfigRecord as ``task`` with its
         ``task_params`` as ``task.<name>`` floats; the client's stats come back in its
-        MetricRecord as ``task.<stat>``."""
+        MetricRecord as ``task.<stat>``. A requested stop (Ctrl-C) is honoured before
+        sending (:func:`fedunlearn.interrupt.check`)."""
+        interrupt.check()
         extra: dict[str, Any] = {"server-round": int(server_round)}
         if task != "train":
             extra[TASK] = task

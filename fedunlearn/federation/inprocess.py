@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedunlearn import interrupt
 from fedunlearn.aggregation import fedavg_weights, keep_non_float
 from fedunlearn.config import Config
 from fedunlearn.federation.faults import (
@@ -101,7 +102,9 @@ class InProcessFederation:
                       server_round: int, tag: int, task: str = "train",
                       task_params: Mapping[str, float] | None = None
                       ) -> dict[int, ClientResult]:
-        """Run ``task`` on each client in turn (failed clients are missing under ``"drop"``)."""
+        """Run ``task`` on each client in turn (failed clients are missing under ``"drop"``);
+        a requested stop (Ctrl-C) is honoured first, as by the Flower federation."""
+        interrupt.check()
         return self._train(model, clients, epochs=epochs, server_round=server_round,
                            tag=tag, task=task, task_params=task_params)[0]
 

@@ -32,8 +32,9 @@ import sys
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
+from fedunlearn import interrupt
 from fedunlearn.config import Config, ConfigError
 from fedunlearn.data.federated import FederatedData
 from fedunlearn.evaluation.shadow import ShadowModels, shadow_sample_size
@@ -207,10 +208,13 @@ def settings_in(cfg: Config) -> set[str]:
     return {setting_of(factory_of(name)) for name in method_order(cfg)}
 
 
-def check_requests(cfg: Config, store: HistoryStore) -> None:
-    """Every target must have taken part in training and still be in the store."""
+def check_requests(cfg: Config, store: HistoryStore, start: int = 0) -> None:
+    """Every target of request ``start`` and later (the ones still to serve) must have taken
+    part in training and still be in the store."""
     present = set(store.clients())
     for i, request in enumerate(cfg.unlearning.requests):
+        if i < start:
+            continue
         absent = sorted(set(request) - present)
         if absent:
             raise RequestError(f"request {i} asks to remove clients {absent}, which never took "
@@ -244,6 +248,30 @@ class Served:
 
 
 @dataclass
+class Resumption:
+    """Where an interrupted federated pass goes on: at request ``next_request``, each method
+    from the model it left (``current``, by method name); ``pending_purge``: the purge of
+    request ``next_request - 1`` may not have happened (it is done again, a no-op if it had)."""
+
+    next_request: int
+    current: dict[str, Params]
+    pending_purge: bool = False
+
+
+class Journal(Protocol):
+    """Told after each request of a federated pass, so that an interrupted pass can go on
+    from the next request (:class:`Resumption`; the runner writes it to disk)."""
+
+    def served(self, request: int, served: Served, current: dict[str, Params], *,
+               purge_pending: bool) -> None:
+        """Request ``request`` was answered (``served`` holds its rows and verification);
+        ``current``: each method's model after it. Called before the request's purge."""
+
+    def purged(self, request: int, purge: dict[str, Any]) -> None:
+        """The purge of request ``request`` is done (``purge``: its record)."""
+
+
+@dataclass
 class _Answer:
     """A row waiting for its metrics (which need the reference's outputs)."""
 
@@ -258,7 +286,8 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
                    build_model: Callable[[], Any], predictor: Callable[[Params], Callable],
                    stream: TextIO | None = sys.stderr,
                    settings: Collection[str] = SETTINGS,
-                   shadow_cache: dict[int, Any] | None = None) -> Served:
+                   shadow_cache: dict[int, Any] | None = None,
+                   resume: Resumption | None = None, journal: Journal | None = None) -> Served:
     """Serve ``cfg.unlearning.requests`` with every configured method; see module docstring.
 
     ``settings`` restricts the methods served: the runner serves the federated ones inside the
@@ -266,11 +295,16 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
     federation engine; its timings are not disturbed by one). The federated pass checks the
     requests and purges the history store; ``shadow_cache`` (request index -> shadow models'
     confidences) lets the second pass reuse the first pass's shadow models.
+
+    ``resume`` starts the pass at a later request (the earlier ones' rows are the caller's);
+    ``journal`` is told after each request (:class:`Journal`). A stop requested with Ctrl-C
+    (:mod:`fedunlearn.interrupt`) is honoured before each method and each exchange of client
+    work, and never between a request's answer and its purge.
     """
     methods = [m for m in build_methods(cfg) if m.setting in settings]
     federated = "federated" in settings
     if federated:
-        check_requests(cfg, store)
+        check_requests(cfg, store, 0 if resume is None else resume.next_request)
         check_replayable_history(methods, store)
     shadow_cache = {} if shadow_cache is None else shadow_cache
     target_class = cfg.backdoor.target_class if cfg.backdoor.clients else None
@@ -292,7 +326,19 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
     rows: list[Row] = []
     purges: list[dict[str, Any]] = []
     verification: list[dict[str, Any]] = []
+    purging = federated and cfg.unlearning.purge
+    start = 0 if resume is None else resume.next_request
+    if resume is not None:
+        current.update(resume.current)
+        removed = frozenset(c for r in cfg.unlearning.requests[:start] for c in r)
+        if resume.pending_purge and purging:
+            last = tuple(sorted(cfg.unlearning.requests[start - 1]))
+            purges.append(_purge(store, start - 1, last, cfg.history.purge, lineage, stream))
+            if journal is not None:
+                journal.purged(start - 1, purges[-1])
     for i, request in enumerate(cfg.unlearning.requests):
+        if i < start:
+            continue
         targets = tuple(sorted(request))
         removed = removed | set(targets)
         if federated:
@@ -308,6 +354,7 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
         verify_s = time.perf_counter() - t_verify
         reference_wall: dict[str, float] = {}
         for m in methods:
+            interrupt.check()
             ctx = context(targets, removed, current[m.name], i)
             answer, result = _serve(m, ctx, i, reference_wall, verifier, predictor, lineage,
                                     stream)
@@ -318,16 +365,25 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
                 current[m.name] = result.model
         t_verify = time.perf_counter()
         fits = getattr(shadows, "fits_", 0)
-        rows += _with_distances(answers, verifier)
+        answered = _with_distances(answers, verifier)
         if verifier.shadow_phi is not None:
             shadow_cache[i] = verifier.shadow_phi
         verify_s += time.perf_counter() - t_verify + sum(a.verify_s for a in answers)
-        verification.append(_verification_entry(
+        entry = _verification_entry(
             i, targets, settings, verify_s, verifier, shadows,
             trained_now=getattr(shadows, "fits_", 0) > fits,
-            shadow_samples=v.shadow_samples, stream=stream))
-        if federated and cfg.unlearning.purge:
+            shadow_samples=v.shadow_samples, stream=stream)
+        rows += answered
+        verification.append(entry)
+        if journal is not None:
+            journal.served(i, Served(rows=answered, purges=[], verification=[entry]),
+                           {m.name: current[m.name] for m in methods
+                            if current[m.name] is not trained},
+                           purge_pending=purging)
+        if purging:
             purges.append(_purge(store, i, targets, cfg.history.purge, lineage, stream))
+            if journal is not None:
+                journal.purged(i, purges[-1])
     return Served(rows=rows, purges=purges, verification=verification)
 
 
@@ -349,7 +405,7 @@ def _serve(m: Method, ctx: UnlearningContext, request: int, reference_wall: dict
     answer = _answer(m, result, ctx.targets, wall, reference_wall.get(m.setting),
                      after[0] - sent, after[1] - exchanged, verifier, predictor)
     everyone = set(range(ctx.cfg.data.num_clients))
-    lineage.append("model", kind="unlearned", method=m.name, request=request,
+    lineage.append("model", kind="unlearned", method=m.name, request=request, setting=m.setting,
                    model_hash=answer.row.model_hash,
                    exact=bool(getattr(m.method, "exact", m.role != Role.METHOD)),
                    derived_from=None if m.role != Role.METHOD else params_hash(ctx.model),
