@@ -363,6 +363,10 @@ class UnlearningSection:
             seen |= set(request)
         _check(len(set(self.methods)) == len(self.methods), "unlearning.methods",
                "lists a method twice")
+        for name, table in self.params.items():
+            _check(isinstance(table, dict), f"unlearning.params.{name}",
+                   f"must be a table of the method's parameters (e.g. --set "
+                   f"unlearning.params.{name}.rounds=2), got {table!r}")
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,9 @@ CASES = [
     (BD, ["--set", "unlearning.params.federaser.r=-1"], "calibration ratio r must be > 0"),
     (BD, ["--set", "unlearning.params.federaser.rr=1"], "unknown parameters ['rr']"),
     (BD, ["--set", "unlearning.params.nosuch.r=1"], "'nosuch'"),
+    (BD, ["--set", "unlearning.params.pga=5"], "'unlearning.params.pga' must be a table"),
+    (BD, ["--set", "unlearning.params.fedrecover=[[\"warmup_rounds\", 2]]"],
+     "'unlearning.params.fedrecover' must be a table"),
     # parameters of a method not run this time are still checked
     (BD, ["--set", "unlearning.methods=[\"distillation\"]",
           "--set", "unlearning.params.federaser.r=0"], "calibration ratio r must be > 0"),
