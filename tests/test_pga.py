@@ -20,6 +20,7 @@ from fedunlearn.ascent import Ascent, project_onto_ball_, projected_ascent
 from fedunlearn.config import Config, ConfigError, load_config
 from fedunlearn.evaluation.metrics import accuracy, attack_success_rate
 from fedunlearn.experiment import Setup, prepare, train_federation
+from fedunlearn.federation.faults import ClientFailure
 from fedunlearn.federation.inprocess import InProcessFederation
 from fedunlearn.federation.local import client_work
 from fedunlearn.history import HistoryPurgedError, HistoryStore
@@ -228,6 +229,16 @@ def test_pga_counts_the_targets_and_the_remaining_clients_work(trained: Trained)
     assert 0 < ascent["epochs"] <= 5 and ascent["distance"] <= result.details["radius"] * 1.0001
     assert result.cost.rounds == 3 and result.cost.messages_sent == 1 + 2 * 4
     assert result.cost.client_epochs == pytest.approx(ascent["epochs"] + 2 * 4 * 2)
+
+
+def test_an_ascent_that_overflows_is_named_as_the_ascent_in_one_line(trained: Trained):
+    """A target whose ascent returns NaN/Inf is a client failure of the ``ascent`` task, and
+    the advice names the method's learning rate, not the training's."""
+    with pytest.raises(ClientFailure, match=r"client 0 returned a model with NaN or Inf .* "
+                                            r"\(its 'ascent' task\); .*unlearning\.params\.pga\."
+                                            r"learning_rate"):
+        PGA(learning_rate=1e30, radius_fraction=1e30, rounds=0).unlearn(
+            trained.context(targets=(0,)))
 
 
 # ------------------------------------------------------------------------ band vs retraining

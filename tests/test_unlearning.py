@@ -202,3 +202,29 @@ def test_user_method_from_own_module_lands_on_the_table(trained, tmp_path, monke
     assert row.model_hash == params_hash(expected)
     assert row.messages_sent == 0 and row.speedup_vs_retrain > 1.0
     assert {"test_accuracy", "kl_forget", "acc_err", "mia_loss_auc"} <= set(row.metrics)
+
+
+@pytest.mark.parametrize(("scale", "what"), [(1e30, "predictions are NaN or Inf"),
+                                             (1e45, "model holding NaN or Inf")])
+def test_a_method_that_diverges_is_named_in_one_line_before_the_purge(
+        trained, tmp_path, monkeypatch, scale, what):
+    """A method whose model holds Inf (scale 1e45 overflows float32), or is finite but
+    overflows the forward pass (1e30), stops the serving with one line naming it, before
+    verification computes metrics on NaN and before the request's purge."""
+    (tmp_path / "my_unlearning.py").write_text(USER_METHOD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _, setup, fed, _, _ = trained
+    cfg = small_config(*UNLEARN_CFG, "experiment.extensions=[\"my_unlearning\"]",
+                       "unlearning.requests=[[1]]",
+                       "unlearning.methods=[\"retrain\", \"subtract_only\"]",
+                       f"unlearning.params={{subtract_only={{scale={scale}}}}}",
+                       "verification.noise_floor=false", "verification.mia_shadows=0")
+    prepare(cfg)
+    store = HistoryStore.create(tmp_path / "history", retention_interval=2)
+    run = train_federation(fed, setup, store, progress=False)
+    with pytest.raises(RequestError, match=f"'subtract_only' answered .*{what}.*"
+                                           r"unlearning\.params\.subtract_only"):
+        serve_requests(cfg, data=setup.data, trained=run.final, initial=setup.initial,
+                       store=store, federation=fed, lineage=LineageLog(tmp_path),
+                       build_model=setup.build_model, predictor=setup.predictor(), stream=None)
+    assert store.purged() == [] and 1 in store.clients()

@@ -150,15 +150,15 @@ class FaultPolicy:
         Raises
         ------
         ClientFailure
-            Under ``"abort"`` on any failure; under ``"drop"`` when a training request has no
-            survivor (``stage == "train"`` and ``survivors`` empty).
+            Under ``"abort"`` on any failure; under ``"drop"`` when a training request (or
+            another client task, e.g. ``"ascent"``) has no survivor.
         """
         failures = [Failure(server_round, int(c), failed[c], stage) for c in sorted(failed)]
         if not failures:
             return []
         if self.on_failure == "abort":
             raise ClientFailure(self.describe(failures[0], more=len(failures) - 1))
-        if stage == "train" and not survivors:
+        if stage != "evaluate" and not survivors:
             who = ", ".join(f"client {f.client} ({f.reason})" for f in failures)
             raise ClientFailure(f"every client of round {server_round} failed: {who}; nothing "
                                 f"can be aggregated - {self._advice(failures[0])}")
@@ -170,13 +170,17 @@ class FaultPolicy:
                 "non-finite": "returned a model with NaN or Inf values (never aggregated)"}
         did = what.get(failure.reason, f"failed ({failure.reason})")
         also = f" (and {more} more client{'s' if more > 1 else ''})" if more else ""
-        doing = "evaluation" if failure.stage == "evaluate" else "training"
+        doing = {"evaluate": "evaluation", "train": "training"}.get(
+            failure.stage, f"its '{failure.stage}' task")
         return (f"client {failure.client} {did} in round {failure.round} ({doing}){also}; "
                 f"{self._advice(failure)}")
 
     def _advice(self, failure: Failure) -> str:
+        lower = ("training.learning_rate" if failure.stage in ("train", "evaluate") else
+                 "the learning rate of the method that asked for the task (for 'ascent': "
+                 "unlearning.params.pga.learning_rate)")
         fix = {"timeout": "raise engine.client_timeout_s",
-               "non-finite": "check its data and lower training.learning_rate"
+               "non-finite": f"check its data and lower {lower}"
                }.get(failure.reason, "rerun with --set engine.verbose=true for its traceback")
         drop = ("" if self.on_failure == "drop" else
                 ", or set engine.on_client_failure=\"drop\" to go on without it")

@@ -271,7 +271,7 @@ class FlowerFederation:
                                   model=True)
 
         ok, failed = with_retries(attempt, clients, self.policy.retries)
-        self.policy.settle(failed, ok, server_round=server_round)
+        self.policy.settle(failed, ok, server_round=server_round, stage=task)
         return {pid: ClientResult(model=from_record(msg.content[ARRAYS]),
                                   num_examples=int(msg.content[METRICS][NUM_EXAMPLES]),
                                   stats=task_stats(msg.content[METRICS]))

@@ -136,4 +136,4 @@ class InProcessFederation:
             return ok, failed
 
         ok, failed = with_retries(attempt, clients, self.policy.retries)
-        return ok, self.policy.settle(failed, ok, server_round=server_round)
+        return ok, self.policy.settle(failed, ok, server_round=server_round, stage=task)

@@ -26,6 +26,7 @@ of shadow models is trained per seed, on a bounded sample of the clients outside
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 import sys
@@ -34,11 +35,14 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TextIO
 
+import numpy as np
+
 from fedunlearn import interrupt
 from fedunlearn.config import Config, ConfigError
 from fedunlearn.data.federated import FederatedData
 from fedunlearn.evaluation.shadow import ShadowModels, shadow_sample_size
 from fedunlearn.evaluation.verify import Outputs, RequestVerifier
+from fedunlearn.federation.faults import nonfinite
 from fedunlearn.federation.port import Federation
 from fedunlearn.history import HistoryStore
 from fedunlearn.lineage import LineageLog, params_hash
@@ -399,6 +403,11 @@ def _serve(m: Method, ctx: UnlearningContext, request: int, reference_wall: dict
         raise RequestError(f"unlearning method '{m.name}' returned {type(result).__name__}, "
                            "not an UnlearningResult (fedunlearn.unlearning.base); fix its "
                            "unlearn(ctx)")
+    if result.model is not None and (bad := nonfinite(result.model)):
+        raise RequestError(f"unlearning method '{m.name}' answered request {request} with a "
+                           f"model holding NaN or Inf (in {', '.join(bad[:3])}); its "
+                           f"parameters (unlearning.params.{base_name(m.name)}) make it "
+                           "diverge: use smaller steps, or leave it out")
     after = _traffic(ctx.federation)
     if m.role == Role.REFERENCE:
         reference_wall[m.setting] = wall
@@ -532,6 +541,12 @@ def _answer(m: Method, result: UnlearningResult, targets: tuple[int, ...], wall:
     c = result.cost
     t0 = time.perf_counter()
     outputs = verifier.outputs(predict)
+    arrays = (getattr(outputs, f.name) for f in dataclasses.fields(outputs))
+    if not all(np.isfinite(a).all() for a in arrays if a is not None):
+        raise RequestError(f"unlearning method '{m.name}' answered with a model whose "
+                           "predictions are NaN or Inf (its weights overflow the forward "
+                           f"pass); its parameters (unlearning.params.{base_name(m.name)}) "
+                           "make it diverge: use smaller steps, or leave it out")
     accuracies = verifier.basic_accuracies(outputs)
     verify_s = time.perf_counter() - t0
     row = Row(list(targets), m.name, m.setting, m.role, wall,
