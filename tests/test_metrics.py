@@ -480,3 +480,16 @@ def test_paired_backdoor_test_counts_discordant_pairs():
                                                         "backdoor_discordant": [0, 0]}
     with pytest.raises(ValueError, match="same triggered inputs"):
         paired_backdoor_test(method, ref[:3], 1)
+
+
+def test_kl_is_never_negative_from_rounding():
+    """Float32 softmax rows that do not sum exactly to 1 gave KL ≈ -1e-8, printed in the
+    table as a (meaningless) negative divergence; each row's KL is floored at 0, and a real
+    divergence is unchanged."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(200, 10)).astype(np.float32)
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    q = (p * np.float32(1 + 1e-7)).astype(np.float32)  # the same rows, rounded differently
+    assert kl_divergence(p, q) == 0.0
+    assert kl_divergence(np.array([[0.5, 0.5]]), np.array([[0.25, 0.75]])) == pytest.approx(
+        0.5 * np.log(2) + 0.5 * np.log(0.5 / 0.75))

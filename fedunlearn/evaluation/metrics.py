@@ -64,10 +64,14 @@ def kl_divergence(p_ref: np.ndarray, p: np.ndarray, eps: float = 1e-12) -> float
     Returns
     -------
     float
-        The mean KL in nats (NaN for 0 rows).
+        The mean KL in nats (NaN for 0 rows). A row's KL is at least 0: float32 softmax rows
+        that do not sum exactly to 1 can give a sum of about -1e-8, which is rounding, not
+        information, and is read as 0.
 
     >>> round(kl_divergence(np.array([[0.5, 0.5]]), np.array([[0.25, 0.75]])), 6)
     0.143841
+    >>> kl_divergence(np.array([[0.3, 0.7]]), np.array([[0.3, 0.70000005]]))
+    0.0
     """
     p_ref = np.asarray(p_ref, dtype=np.float64)
     p = np.asarray(p, dtype=np.float64)
@@ -75,7 +79,7 @@ def kl_divergence(p_ref: np.ndarray, p: np.ndarray, eps: float = 1e-12) -> float
         return float("nan")
     log_ratio = np.log(np.clip(p_ref, eps, 1.0)) - np.log(np.clip(p, eps, 1.0))
     terms = np.where(p_ref == 0, 0.0, p_ref * log_ratio)
-    return float(np.mean(terms.sum(axis=1)))
+    return float(np.mean(np.maximum(terms.sum(axis=1), 0.0)))
 
 
 def prediction_difference(p_a: np.ndarray, p_b: np.ndarray) -> float:
