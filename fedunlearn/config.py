@@ -575,6 +575,10 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"'{p}' is a directory, not a config file; pass a TOML config "
+                              "(see simulations/), or to look at a finished run use "
+                              "`fedunlearn report RUN_DIR`")
         if not p.is_file():
             raise ConfigError(f"config file '{p}' not found; see simulations/ for examples")
         try:

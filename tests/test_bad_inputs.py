@@ -103,6 +103,16 @@ def test_probe_of_out_leaves_nothing_behind(tmp_path, capsys, tripwire):
     assert not (tmp_path / "deep").exists()
 
 
+@pytest.mark.parametrize("command", ["run", "compare"])
+def test_a_directory_given_as_the_config_is_named_as_a_directory(command, tmp_path, capsys,
+                                                                 tripwire):
+    code = main([command, str(tmp_path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert f"'{tmp_path}' is a directory, not a config file" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture
 def tripwire(monkeypatch):
     """Fail the test if the run gets as far as starting an engine or training."""
