@@ -228,3 +228,35 @@ def test_a_method_that_diverges_is_named_in_one_line_before_the_purge(
                        store=store, federation=fed, lineage=LineageLog(tmp_path),
                        build_model=setup.build_model, predictor=setup.predictor(), stream=None)
     assert store.purged() == [] and 1 in store.clients()
+
+
+def test_lineage_names_only_the_clients_whose_data_shaped_each_answer(tmp_path):
+    """With 30 % of 8 clients per round, some clients never train; no answer may be listed as
+    trained with their data. Oracle: retraining reaches exactly the clients the seeded
+    sampler draws without the target (an independent draw); FedEraser answers from the
+    recorded training, so it holds every recorded participant but the target."""
+    cfg = small_config("data.num_clients=8", "training.rounds=3", "training.sample_fraction=0.3")
+    setup = prepare(cfg)
+    fed = InProcessFederation(cfg, setup.evaluator())
+    store = HistoryStore.create(tmp_path / "history")
+    run = train_federation(fed, setup, store, progress=False)
+    took_part = {c for t in store.rounds() for c in store.participants(t)}
+    assert len(took_part) < 8  # the case under test: some clients never trained
+    target = min(took_part)
+    cfg = small_config("data.num_clients=8", "training.rounds=3", "training.sample_fraction=0.3",
+                       f"unlearning.requests=[[{target}]]",
+                       "unlearning.methods=[\"retrain\", \"federaser\"]",
+                       "verification.noise_floor=false", "verification.mia_shadows=0")
+    lineage = LineageLog(tmp_path)
+    serve_requests(cfg, data=setup.data, trained=run.final, initial=setup.initial, store=store,
+                   federation=fed, lineage=lineage, build_model=setup.build_model,
+                   predictor=setup.predictor(), stream=None)
+    answers = {e["method"]: e["trained_with"] for e in lineage.read()
+               if e["event"] == "model" and e["kind"] == "unlearned"}
+    drawn = {c for r in range(1, 4)
+             for c in sample_participants(cfg.seed, r, 8, 0.3, {target})}
+    assert answers == {"retrain": sorted(drawn), "federaser": sorted(took_part - {target})}
+    never = sorted(set(range(8)) - took_part - drawn)
+    assert never  # a client no training and no retraining ever reached
+    for c in never:
+        assert client_lineage(lineage.read(), c)["models_trained_with_data"] == []

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -154,6 +155,7 @@ class FlowerFederation:
         self.num_clients = cfg.data.num_clients
         self.messages_sent = 0
         self.bytes_exchanged = 0
+        self.reached: Counter[int] = Counter()  # client -> training requests it received
         self.policy = FaultPolicy.of(cfg.engine)
         self.timeout_s = cfg.engine.client_timeout_s
         self.node_of: dict[int, int] = {}
@@ -243,6 +245,7 @@ class FlowerFederation:
         run = tracker.finish(final, strategy.messages_sent)
         run.client_seconds = strategy.client_seconds
         run.bytes_exchanged = strategy.bytes_exchanged
+        self.reached.update(p for summary in run.rounds for p in summary.participants)
         return run
 
     def train_clients(self, model: Params, clients: Sequence[int], *, epochs: float,
@@ -257,6 +260,7 @@ class FlowerFederation:
         MetricRecord as ``task.<stat>``. A requested stop (Ctrl-C) is honoured before
         sending (:func:`fedunlearn.interrupt.check`)."""
         interrupt.check()
+        self.reached.update(clients)
         extra: dict[str, Any] = {"server-round": int(server_round)}
         if task != "train":
             extra[TASK] = task

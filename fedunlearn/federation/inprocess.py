@@ -9,6 +9,7 @@ counts as an error reply, a model with NaN/Inf as a non-finite one (there are no
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -58,6 +59,7 @@ class InProcessFederation:
         self.num_clients = cfg.data.num_clients
         self.messages_sent = 0
         self.bytes_exchanged = 0
+        self.reached: Counter[int] = Counter()  # client -> training requests it received
         self.policy = FaultPolicy.of(cfg.engine)
         runtime(self.job)
 
@@ -96,6 +98,7 @@ class InProcessFederation:
             tracker.evaluated(r, model)
         run = tracker.finish(model, sent)
         run.bytes_exchanged = exchanged
+        self.reached.update(p for summary in run.rounds for p in summary.participants)
         return run
 
     def train_clients(self, model: Params, clients: Sequence[int], *, epochs: float,
@@ -105,6 +108,7 @@ class InProcessFederation:
         """Run ``task`` on each client in turn (failed clients are missing under ``"drop"``);
         a requested stop (Ctrl-C) is honoured first, as by the Flower federation."""
         interrupt.check()
+        self.reached.update(clients)
         return self._train(model, clients, epochs=epochs, server_round=server_round,
                            tag=tag, task=task, task_params=task_params)[0]
 

@@ -31,6 +31,7 @@ import inspect
 import re
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TextIO
@@ -396,6 +397,7 @@ def _serve(m: Method, ctx: UnlearningContext, request: int, reference_wall: dict
            lineage: LineageLog, stream: TextIO | None) -> tuple[_Answer, UnlearningResult]:
     """One method serves one request: timed, its traffic counted, logged in the lineage."""
     sent, exchanged = _traffic(ctx.federation)
+    reached = Counter(getattr(ctx.federation, "reached", ()))
     t0 = time.perf_counter()
     result = m.method.unlearn(ctx)
     wall = time.perf_counter() - t0
@@ -413,16 +415,31 @@ def _serve(m: Method, ctx: UnlearningContext, request: int, reference_wall: dict
         reference_wall[m.setting] = wall
     answer = _answer(m, result, ctx.targets, wall, reference_wall.get(m.setting),
                      after[0] - sent, after[1] - exchanged, verifier, predictor)
-    everyone = set(range(ctx.cfg.data.num_clients))
+    exact = bool(getattr(m.method, "exact", m.role != Role.METHOD))
     lineage.append("model", kind="unlearned", method=m.name, request=request, setting=m.setting,
-                   model_hash=answer.row.model_hash,
-                   exact=bool(getattr(m.method, "exact", m.role != Role.METHOD)),
+                   model_hash=answer.row.model_hash, exact=exact,
                    derived_from=None if m.role != Role.METHOD else params_hash(ctx.model),
-                   trained_with=sorted(everyone - ctx.removed), forgot=sorted(ctx.removed))
+                   trained_with=_trained_with(m, ctx, reached, exact=exact),
+                   forgot=sorted(ctx.removed))
     _say(stream, f"[unlearn] request {request} {list(ctx.targets)}  {m.name:<22} {wall:7.2f}s  "
          f"test {answer.row.metrics['test_accuracy']:.3f}  "
          f"forget {answer.row.metrics['forget_accuracy']:.3f}")
     return answer, result
+
+
+def _trained_with(m: Method, ctx: UnlearningContext, reached_before: Counter[int], *,
+                  exact: bool) -> list[int]:
+    """The clients whose data shaped ``m``'s answer: the clients its own client work reached
+    and, unless it retrained from scratch (``exact``), every client that took part in the
+    recorded training its answer derives from; the removed ones never. A centralized method
+    trains on every remaining client's data, pooled."""
+    if m.setting != "federated":
+        return sorted(set(range(ctx.cfg.data.num_clients)) - ctx.removed)
+    now = getattr(ctx.federation, "reached", Counter())
+    shaped = {c for c, n in now.items() if n > reached_before.get(c, 0)}
+    if not exact:
+        shaped |= {c for t in ctx.history.rounds() for c in ctx.history.participants(t)}
+    return sorted(shaped - ctx.removed)
 
 
 def _verification_entry(request: int, targets: tuple[int, ...], settings: Collection[str],
