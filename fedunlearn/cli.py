@@ -70,8 +70,11 @@ def _lineage_dirs(run_dir: Path, seed: int | None) -> list[tuple[int | None, Pat
     """The run directories holding a lineage log: RUN_DIR itself, or its ``seed-S/``."""
     from fedunlearn.lineage import FILENAME
 
-    if (run_dir / FILENAME).exists() and seed is None:
-        return [(None, run_dir)]
+    if (run_dir / FILENAME).exists():
+        if seed is None:
+            return [(None, run_dir)]
+        raise ConfigError(f"'{run_dir}' is a single-seed run (its lineage log is "
+                          f"'{run_dir / FILENAME}'); leave out --seed")
     seeds = sorted((int(d.name[5:]), d) for d in run_dir.glob("seed-*")
                    if d.name[5:].isdigit() and (d / FILENAME).exists())
     if seed is not None:
