@@ -73,8 +73,8 @@ def _lineage_dirs(run_dir: Path, seed: int | None) -> list[tuple[int | None, Pat
     if (run_dir / FILENAME).exists():
         if seed is None:
             return [(None, run_dir)]
-        raise ConfigError(f"'{run_dir}' is a single-seed run (its lineage log is "
-                          f"'{run_dir / FILENAME}'); leave out --seed")
+        raise ConfigError(f"'{run_dir}' holds one seed's lineage log ('{FILENAME}'): a "
+                          "single-seed run or one seed's directory; leave out --seed")
     seeds = sorted((int(d.name[5:]), d) for d in run_dir.glob("seed-*")
                    if d.name[5:].isdigit() and (d / FILENAME).exists())
     if seed is not None:

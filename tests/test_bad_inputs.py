@@ -199,4 +199,4 @@ def test_lineage_refuses_a_client_the_run_never_had(tmp_path, capsys):
     assert main(["lineage", str(run / "seed-0"), "--client", "1"]) == 0
     assert "took part in rounds: [1]" in capsys.readouterr().out
     assert main(["lineage", str(run / "seed-0"), "--client", "1", "--seed", "5"]) == 2
-    assert "single-seed run" in capsys.readouterr().err
+    assert "holds one seed's lineage log" in capsys.readouterr().err
