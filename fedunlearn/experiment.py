@@ -133,18 +133,20 @@ def prepare(cfg: Config) -> Setup:
 
 def _check_methods_against_model(cfg: Config, model: Any) -> None:
     """Run each configured method's optional ``check_model(net)`` on the experiment's network
-    (NoT's layer indices, for instance), before any training."""
-    from fedunlearn.unlearning.service import build_methods
+    (NoT's layer indices, for instance), before any training; also for the methods that have
+    parameters but are not run this time, whose other parameters are checked too."""
+    from fedunlearn.unlearning.service import build_methods, unlisted_methods
 
     if not cfg.unlearning.requests:
         return
-    for m in build_methods(cfg):
-        check = getattr(m.method, "check_model", None)
+    listed = [(m.name, m.method) for m in build_methods(cfg)]
+    for name, method in [*listed, *unlisted_methods(cfg, {n for n, _ in listed})]:
+        check = getattr(method, "check_model", None)
         if callable(check):
             try:
                 check(model)
             except ValueError as exc:
-                raise ConfigError(f"config key 'unlearning.params.{m.name}': {exc}") from None
+                raise ConfigError(f"config key 'unlearning.params.{name}': {exc}") from None
 
 
 def check_replayable(cfg: Config) -> None:

@@ -40,6 +40,8 @@ CASES = [
     (BD, ["--set", "unlearning.params.federaser.rr=1"], "unknown parameters ['rr']"),
     (BD, ["--set", "unlearning.params.nosuch.r=1"], "'nosuch'"),
     (BD, ["--set", "unlearning.params.pga=5"], "'unlearning.params.pga' must be a table"),
+    (BD, ["--set", "unlearning.methods=[\"retrain\"]", "--set", "unlearning.params.not.layers=[9]"],
+     "'unlearning.params.not'"),
     (BD, ["--set", "unlearning.params.fedrecover=[[\"warmup_rounds\", 2]]"],
      "'unlearning.params.fedrecover' must be a table"),
     # parameters of a method not run this time are still checked

@@ -200,11 +200,21 @@ def build_methods(cfg: Config) -> list[Method]:
         out.append(Method(name, method, role))
         if role == Role.REFERENCE and cfg.verification.noise_floor:
             out.append(Method(name + NOISE_SUFFIX, _create(cfg, name, variant=1), Role.NOISE_FLOOR))
-    for name in sorted(set(cfg.unlearning.params) - {m.name for m in out}):
-        # parameters kept for a method not run this time (e.g. after --set unlearning.methods)
-        # are still checked, so a typo in them is caught now rather than on the next run
+    unlisted_methods(cfg, {m.name for m in out})
+    return out
+
+
+def unlisted_methods(cfg: Config, listed: Collection[str] | None = None
+                     ) -> list[tuple[str, Unlearner]]:
+    """Instances of the methods that have parameters in ``unlearning.params`` but are not run
+    this time (e.g. after ``--set unlearning.methods``): their parameters are still checked,
+    so a typo in them is caught now rather than on the next run."""
+    if listed is None:
+        listed = {m.name for m in build_methods(cfg)}
+    out = []
+    for name in sorted(set(cfg.unlearning.params) - set(listed)):
         _check_name(f"unlearning.params.{name}", name)
-        _create(cfg, name)
+        out.append((name, _create(cfg, name)))
     return out
 
 
