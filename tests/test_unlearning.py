@@ -177,16 +177,24 @@ class SubtractOnly:
 '''
 
 
-def test_user_method_from_own_module_lands_on_the_table(trained, tmp_path, monkeypatch):
+def _user_method_config(tmp_path, monkeypatch, scale):
+    """The config running USER_METHOD (written as the user's module ``my_unlearning``) with
+    ``scale``, after checking it as `fedunlearn run` does (imports the extension, checks
+    the names)."""
     (tmp_path / "my_unlearning.py").write_text(USER_METHOD)
     monkeypatch.syspath_prepend(str(tmp_path))
-    _, setup, fed, _, _ = trained
     cfg = small_config(*UNLEARN_CFG, "experiment.extensions=[\"my_unlearning\"]",
                        "unlearning.requests=[[1]]",
                        "unlearning.methods=[\"retrain\", \"subtract_only\"]",
-                       "unlearning.params={subtract_only={scale=0.5}}",
+                       f"unlearning.params={{subtract_only={{scale={scale}}}}}",
                        "verification.noise_floor=false", "verification.mia_shadows=0")
-    prepare(cfg)  # imports the extension and checks the names, as `fedunlearn run` does
+    prepare(cfg)
+    return cfg
+
+
+def test_user_method_from_own_module_lands_on_the_table(trained, tmp_path, monkeypatch):
+    _, setup, fed, _, _ = trained
+    cfg = _user_method_config(tmp_path, monkeypatch, 0.5)
     store = HistoryStore.create(tmp_path / "history", retention_interval=2)
     run = train_federation(fed, setup, store, progress=False)
     expected = {k: v.copy() for k, v in run.final.items()}
@@ -211,15 +219,8 @@ def test_a_method_that_diverges_is_named_in_one_line_before_the_purge(
     """A method whose model holds Inf (scale 1e45 overflows float32), or is finite but
     overflows the forward pass (1e30), stops the serving with one line naming it, before
     verification computes metrics on NaN and before the request's purge."""
-    (tmp_path / "my_unlearning.py").write_text(USER_METHOD)
-    monkeypatch.syspath_prepend(str(tmp_path))
     _, setup, fed, _, _ = trained
-    cfg = small_config(*UNLEARN_CFG, "experiment.extensions=[\"my_unlearning\"]",
-                       "unlearning.requests=[[1]]",
-                       "unlearning.methods=[\"retrain\", \"subtract_only\"]",
-                       f"unlearning.params={{subtract_only={{scale={scale}}}}}",
-                       "verification.noise_floor=false", "verification.mia_shadows=0")
-    prepare(cfg)
+    cfg = _user_method_config(tmp_path, monkeypatch, scale)
     store = HistoryStore.create(tmp_path / "history", retention_interval=2)
     run = train_federation(fed, setup, store, progress=False)
     with pytest.raises(RequestError, match=f"'subtract_only' answered .*{what}.*"
