@@ -32,6 +32,7 @@ import hashlib
 import io
 import json
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,16 +182,46 @@ def load_serving(seed_dir: Path) -> tuple[dict[str, Any], dict[str, Params]] | N
     if not meta_path.exists():
         return None
     state = read_json(meta_path)
+    if why := _serving_problem(state):
+        raise ResumeError(f"'{meta_path}' is damaged ({why}); rerun into a new --out")
     arrays_path = Path(seed_dir) / SERVING_ARRAYS
-    data = arrays_path.read_bytes() if arrays_path.exists() else b""
+    try:
+        data = arrays_path.read_bytes() if arrays_path.exists() else b""
+    except OSError as exc:
+        raise ResumeError(f"'{arrays_path}' cannot be read ({exc.strerror or exc}); rerun "
+                          "into a new --out") from None
     if hashlib.sha256(data).hexdigest() != state["sha256"]:
         raise ResumeError(f"'{arrays_path}' is missing or does not match its checksum in "
                           f"{SERVING_FILE}; rerun into a new --out")
     models: dict[str, Params] = {}
-    with np.load(io.BytesIO(data)) as arrays:
-        for i, (method, key) in enumerate(state["models"]):
-            models.setdefault(method, {})[key] = arrays[f"a{i}"]
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            for i, (method, key) in enumerate(state["models"]):
+                models.setdefault(method, {})[key] = arrays[f"a{i}"]
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise ResumeError(f"'{arrays_path}' does not hold the models {SERVING_FILE} lists "
+                          f"({exc}); rerun into a new --out") from None
     return state, models
+
+
+def _serving_problem(state: Any) -> str | None:
+    """What is wrong with the shape of a ``serving.json`` (``None`` if nothing)."""
+    if not isinstance(state, dict):
+        return "not a JSON object"
+    kinds = {"next_request": int, "pending_purge": bool, "rows": list, "verification": list,
+             "purges": list, "models": list, "sha256": str}
+    for key, kind in kinds.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return f"'{key}' must be {kind.__name__}, got {value!r}"[:160]
+    if not all(isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m)
+               for m in state["models"]):
+        return "'models' must list [method, array] name pairs"
+    before = state.get("before_purge")
+    if before is not None and not (isinstance(before, dict) and all(
+            isinstance(before.get(k), int) for k in ("files", "bytes"))):
+        return "'before_purge' must hold integer 'files' and 'bytes'"
+    return None
 
 
 def clear_serving(seed_dir: Path) -> None:

@@ -153,7 +153,7 @@ def cmd_run(args: argparse.Namespace, *, compare: bool = False) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from fedunlearn.checkpoint import note_resumption, read_run_file
+    from fedunlearn.checkpoint import read_run_file
     from fedunlearn.config import from_dict
     from fedunlearn.federation.strategy import keeps_history_identity
     from fedunlearn.preflight import check_engine
@@ -170,8 +170,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         raise ConfigError(f"strategy '{t.strategy}' keeps server state between rounds that "
                           "is not checkpointed; such a run cannot be resumed")
     check_engine(cfg)
-    note_resumption(out, run)
-    run_experiment(cfg, out, command=run["command"], resume=True)
+    run_experiment(cfg, out, command=run["command"], resume=True)  # notes the resumption
     return 0
 
 

@@ -148,7 +148,7 @@ def client_lineage(events: list[dict[str, Any]], client: int) -> dict[str, Any]:
     requests = [e for e in events if e["event"] == "request" and client in e["clients"]]
     purges = [e for e in events if e["event"] == "purge" and client in e["clients"]]
     return {"client": client, "rounds": rounds, "models_trained_with_data": models,
-            "removal_request": requests[0] if requests else None,
+            "removal_request": requests[-1] if requests else None,  # a redone one is the last
             "models_after_removal": free, "purge": purges[0] if purges else None}
 
 

@@ -24,18 +24,21 @@ from fedunlearn import interrupt
 from fedunlearn.checkpoint import (
     CHECKPOINT_META,
     SERVED_FILE,
+    SERVING_FILE,
     TRAINING_FILE,
     Checkpoint,
     ResumeError,
     clear_serving,
     load_checkpoint,
     load_serving,
+    note_resumption,
     read_json,
+    read_run_file,
     write_run_file,
     write_serving,
     write_state,
 )
-from fedunlearn.config import Config
+from fedunlearn.config import Config, from_dict
 from fedunlearn.evaluation.summary import summarize
 from fedunlearn.experiment import Setup, prepare, train_federation
 from fedunlearn.federation.flower import Connect, FlowerFederation, run_engine
@@ -55,7 +58,14 @@ from fedunlearn.reporting import (
 )
 from fedunlearn.schema import Role, Row
 from fedunlearn.seeding import seed_everything
-from fedunlearn.unlearning.service import Resumption, Served, serve_requests, settings_in
+from fedunlearn.unlearning.service import (
+    Resumption,
+    Served,
+    build_methods,
+    serve_requests,
+    settings_in,
+    store_files,
+)
 
 ENGINE = "flower-ray"
 
@@ -79,6 +89,7 @@ class SeedRun:
     start: Checkpoint | None = None  # resume training from this round
     served: bool = False  # every federated request of the seed was answered (resume)
     resumption: Resumption | None = None  # resume the federated requests from this one
+    resume_event: dict[str, Any] | None = None  # for the lineage, once every seed restored
 
     @property
     def seed(self) -> int:
@@ -106,7 +117,7 @@ class SeedRun:
             self.verification = saved.get("verification", [])
             self.served = True
             if "centralized" in settings_in(self.cfg):  # that pass is done again
-                self.lineage.append("resume", request=0, setting="centralized")
+                self.resume_event = {"request": 0, "setting": "centralized"}
             return
         if (self.out / TRAINING_FILE).exists():
             self.training = read_json(self.out / TRAINING_FILE)
@@ -119,7 +130,7 @@ class SeedRun:
             print(f"[resume] seed {self.seed}: no checkpoint ({CHECKPOINT_META}); training "
                   f"restarts from round 1 and the {len(self.store.rounds())} stored rounds are "
                   "checked against the redone ones", file=sys.stderr, flush=True)
-            self.lineage.append("resume", round=0)
+            self.resume_event = {"round": 0}
 
     def _restore_serving(self) -> None:
         """Trained, interrupted while serving: go on after the last answered request (its
@@ -133,7 +144,16 @@ class SeedRun:
         assert self.store is not None and self.lineage is not None
         saved = load_serving(self.out)
         state, models = saved if saved is not None else ({"next_request": 0}, {})
-        k = int(state["next_request"])
+        k = state["next_request"]
+        if saved is not None:
+            self._check_saved(state)
+            if stateful := [m.name for m in build_methods(self.cfg)
+                            if getattr(m.method, "keeps_state_across_requests", False)]:
+                raise ResumeError(
+                    f"seed {self.seed} was interrupted after answering {k} of its "
+                    f"{len(self.cfg.unlearning.requests)} requests, and {', '.join(stateful)} "
+                    "carries what it recovered for one request into the next in memory only; "
+                    "it cannot be resumed midway - rerun it into a new --out")
         answered = {c for r in self.cfg.unlearning.requests[:k] for c in r}
         if stray := sorted(set(self.store.purged()) - answered):
             raise ResumeError(f"seed {self.seed} was interrupted while serving its requests, "
@@ -149,9 +169,26 @@ class SeedRun:
         if saved is not None:
             self.rows, self.verification = state["rows"], state["verification"]
             self.purges = state["purges"]
-            self.resumption = Resumption(k, models, bool(state["pending_purge"]))
+            self.resumption = Resumption(k, models, state["pending_purge"],
+                                         state.get("before_purge"))
         self.final = self.store.final_model()
-        self.lineage.append("resume", request=k, setting="federated")
+        self.resume_event = {"request": k, "setting": "federated"}
+
+    def _check_saved(self, state: dict[str, Any]) -> None:
+        """``serving.json`` must describe requests ``0..k-1`` of this config: their rows and,
+        when purging, their purges (the last one possibly pending)."""
+        requests = [sorted(r) for r in self.cfg.unlearning.requests]
+        k = state["next_request"]
+        done = requests[:k] if 0 <= k <= len(requests) else None
+        rows = {tuple(sorted(r.get("request", []))) for r in state["rows"]
+                if isinstance(r, dict) and r.get("setting") == "federated"}
+        purged = [sorted(p.get("clients", [])) for p in state["purges"] if isinstance(p, dict)]
+        expected = [] if not self.cfg.unlearning.purge or done is None else (
+            done[:-1] if state["pending_purge"] else done)
+        if done is None or rows != {tuple(r) for r in done} or purged != expected:
+            raise ResumeError(f"'{self.out / SERVING_FILE}' does not describe requests 0..{k - 1} "
+                              f"of this run ({len(requests)} requests); it was edited or "
+                              "damaged - rerun it into a new --out")
 
     def train(self, fed: FlowerFederation, *, quiet: bool) -> None:
         if self.store is None:
@@ -226,9 +263,15 @@ class _Journal:
 
     def _save(self, *, pending: bool) -> None:
         run = self.run
+        assert run.store is not None
+        # what the store held before a pending purge: a purge done before an interruption
+        # that came ahead of the next save is recorded from it on resume
+        before = ({"files": store_files(run.store), "bytes": run.store.bytes_used()}
+                  if pending else None)
         write_serving(run.out, {"next_request": self.next_request, "pending_purge": pending,
-                                "rows": run.rows, "verification": run.verification,
-                                "purges": run.purges}, self.models)
+                                "before_purge": before, "rows": run.rows,
+                                "verification": run.verification, "purges": run.purges},
+                      self.models)
 
 
 @contextmanager
@@ -241,30 +284,38 @@ def _farewell_on_stop(out: Path) -> Iterator[None]:
 
 
 def farewell(out: Path) -> str:
-    """The last line of an interrupted run: how to resume it, or why it cannot be (a seed
-    that had answered a request under a strict purge, see :meth:`SeedRun._restore_serving`)."""
-    if _strictly_purged_midway(out):
-        return (f"interrupted: the partial run is in {out}, but a strict purge has deleted the "
-                "trained model its remaining requests are measured against, so it cannot be "
-                "resumed; rerun it into a new --out (history.purge = \"updates\" keeps such "
-                "runs resumable)")
+    """The last line of an interrupted run: how to resume it, or why it cannot be (see
+    :meth:`SeedRun._restore_serving`)."""
+    why = _not_resumable(out)
+    if why is not None:
+        return (f"interrupted: the partial run is in {out}, but {why}, so it cannot be "
+                "resumed; rerun it into a new --out")
     return (f"interrupted: the partial run is in {out} (history store consistent); continue it "
             f"with: fedunlearn resume {out}")
 
 
-def _strictly_purged_midway(out: Path) -> bool:
-    """Whether a seed of ``out`` is part-served and its history lost its global models (read
-    from the files; never raises, the farewell must always be printed)."""
-    for seed_out in (out, *sorted(out.glob("seed-*"))):
-        if (seed_out / SERVED_FILE).exists():
-            continue
-        try:
+def _not_resumable(out: Path) -> str | None:
+    """Why a part-served seed of ``out`` cannot be resumed, read from its files (``None`` if
+    nothing stands in the way; never raises, the farewell must always be printed)."""
+    try:
+        for seed_out in (out, *sorted(out.glob("seed-*"))):
+            if (seed_out / SERVED_FILE).exists() or not (seed_out / "history").exists():
+                continue
             manifest = json.loads((seed_out / "history" / MANIFEST).read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(manifest, dict) and manifest.get("globals_deleted_from") is not None:
-            return True
-    return False
+            if manifest.get("globals_deleted_from") is not None:
+                return ("a strict purge has deleted the trained model its remaining requests "
+                        "are measured against (history.purge = \"updates\" keeps such runs "
+                        "resumable)")
+            if (seed_out / SERVING_FILE).exists() and \
+                    json.loads((seed_out / SERVING_FILE).read_text())["next_request"] > 0:
+                cfg = from_dict(read_json(out / "run.json")["config"])
+                if stateful := [m.name for m in build_methods(cfg)
+                                if getattr(m.method, "keeps_state_across_requests", False)]:
+                    return (f"{', '.join(stateful)} carries what it recovered for one request "
+                            "into the next in memory only")
+    except Exception:  # noqa: BLE001 - a farewell never fails; resume will say what is wrong
+        return None
+    return None
 
 
 def seed_dir(out: Path, seed: int, multi: bool) -> Path:
@@ -295,6 +346,11 @@ def run_experiment(cfg: Config, out: Path, *, quiet: bool = False, command: str 
     if resume:
         for run in runs:
             run.restore()
+        # every seed passed its checks: only now is the resumption recorded
+        note_resumption(out, read_run_file(out))
+        for run in runs:
+            if run.resume_event is not None and run.lineage is not None:
+                run.lineage.append("resume", **run.resume_event)
     else:
         write_run_file(out, cfg.to_dict(), command)
     interrupt.reset()

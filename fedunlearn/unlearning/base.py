@@ -147,6 +147,10 @@ class Unlearner(Protocol):
     - ``needs_target_client = True`` declares that the method asks the forgotten clients
       themselves for work (PGA's gradient ascent on the target's own data); every other
       federated method must never contact a target.
+    - ``keeps_state_across_requests = True`` declares that the method carries, in memory,
+      what it computed for one request into the next beyond the model it returned
+      (FedRecover's recovered trajectory). A run with it cannot be resumed after a stop
+      between its requests (only its models are saved); ``resume`` refuses in one line.
     """
 
     setting: ClassVar[Setting]

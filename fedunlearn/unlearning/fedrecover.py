@@ -235,6 +235,8 @@ class FedRecover(HistoryReplay):
     """
 
     needs_every_round: ClassVar[bool] = True
+    keeps_state_across_requests: ClassVar[bool] = True
+    """``trajectory_`` serves the next request (see the module docstring); it is not saved."""
     """Needs the global model and every client's update of every round (``Δt = 1``)."""
     fresh_kind: ClassVar[str | None] = "exact"
     """The replay diagnostics' ``ratio`` and ``cosine`` compare, in the rounds whose updates

@@ -271,6 +271,8 @@ class Resumption:
     next_request: int
     current: dict[str, Params]
     pending_purge: bool = False
+    before_purge: dict[str, int] | None = None
+    """``files`` and ``bytes`` of the store before the pending purge (see :func:`_purge`)."""
 
 
 class Journal(Protocol):
@@ -348,7 +350,8 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
         removed = frozenset(c for r in cfg.unlearning.requests[:start] for c in r)
         if resume.pending_purge and purging:
             last = tuple(sorted(cfg.unlearning.requests[start - 1]))
-            purges.append(_purge(store, start - 1, last, cfg.history.purge, lineage, stream))
+            purges.append(_purge(store, start - 1, last, cfg.history.purge, lineage, stream,
+                                 before=resume.before_purge))
             if journal is not None:
                 journal.purged(start - 1, purges[-1])
     for i, request in enumerate(cfg.unlearning.requests):
@@ -472,17 +475,28 @@ def _verification_entry(request: int, targets: tuple[int, ...], settings: Collec
 
 
 def _purge(store: HistoryStore, request: int, targets: tuple[int, ...], level: str,
-           lineage: LineageLog, stream: TextIO | None) -> dict[str, Any]:
-    """Purge the request's clients from the history store at ``level``; log what went."""
-    files_before = _files(store)
-    freed = store.purge_clients(targets, level=level)
+           lineage: LineageLog, stream: TextIO | None, *,
+           before: dict[str, int] | None = None) -> dict[str, Any]:
+    """Purge the request's clients from the history store at ``level``; log what went.
+
+    ``before`` (a resumed pending purge: the store's ``files`` and ``bytes`` when the request
+    was answered): if the purge had already happened before the interruption, it is recorded
+    from those figures (and logged, unless the lineage already has it), not as a no-op."""
+    done = before is not None and set(targets) <= set(store.purged())
+    files_before = before["files"] if done and before else store_files(store)
+    bytes_before = before["bytes"] if done and before else store.bytes_used()
+    if not done:
+        store.purge_clients(targets, level=level)
     purge = {"request": request, "clients": list(targets), "level": level,
-             "bytes_freed": freed, "files_removed": files_before - _files(store),
+             "bytes_freed": bytes_before - store.bytes_used(),
+             "files_removed": files_before - store_files(store),
              "globals_deleted_from": store.globals_deleted_from()}
-    lineage.append("purge", **purge)
+    if not (done and any(e["event"] == "purge" and e.get("clients") == list(targets)
+                         for e in lineage.read())):
+        lineage.append("purge", **purge)
     cut = purge["globals_deleted_from"]
     _say(stream, f"[purge] request {request} {list(targets)}  {level}: "
-         f"{purge['files_removed']} files, {freed} bytes"
+         f"{purge['files_removed']} files, {purge['bytes_freed']} bytes"
          + (f"; global models from round {cut} on and the final model deleted"
             if cut is not None else "; global models kept (re-solvable)"))
     return purge
@@ -602,7 +616,8 @@ def _with_distances(answers: list[_Answer], verifier: RequestVerifier) -> list[R
     return rows
 
 
-def _files(store: HistoryStore) -> int:
+def store_files(store: HistoryStore) -> int:
+    """Files under the store's directory (what a purge's ``files_removed`` counts)."""
     return sum(1 for p in store.path.rglob("*") if p.is_file())
 
 
