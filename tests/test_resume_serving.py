@@ -24,7 +24,18 @@ from conftest import small_config
 
 from fedunlearn import interrupt
 from fedunlearn import runner as runner_module
-from fedunlearn.checkpoint import SERVED_FILE, SERVING_FILE, ResumeError
+from fedunlearn.checkpoint import (
+    SERVED_FILE,
+    SERVING_FILE,
+    TRAINING_FILE,
+    ResumeError,
+    write_run_file,
+    write_serving,
+    write_state,
+)
+from fedunlearn.experiment import prepare, train_federation
+from fedunlearn.federation.inprocess import InProcessFederation
+from fedunlearn.history import HistoryStore
 from fedunlearn.lineage import LineageLog, client_lineage
 from fedunlearn.runner import farewell, run_experiment
 from fedunlearn.unlearning.federaser import FedEraser
@@ -101,20 +112,6 @@ def test_a_run_stopped_while_serving_goes_on_from_the_next_request(
         ("retrain", True), ("retrain", False), ("federaser", False), ("distillation", False)]
 
 
-@pytest.mark.flower
-def test_a_strict_purge_midway_makes_the_stop_final_and_says_so(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = small_config(*EXTRA, 'history.purge="strict"')
-    out = tmp_path / "run"
-    with monkeypatch.context() as m:
-        _stop_in_second_request(m)
-        with pytest.raises(interrupt.Interrupted):
-            run_experiment(cfg, out, quiet=True)
-    assert "cannot be resumed" in farewell(out) and "fedunlearn resume" not in farewell(out)
-    with pytest.raises(ResumeError, match="strict purge deleted the trained model"):
-        run_experiment(cfg, out, quiet=True, resume=True)
-
-
 def _damaged_copies_are_refused_untouched(cfg: Any, out: Path, tmp_path: Path) -> None:
     """An edited ``serving.json`` (valid JSON, wrong shape, or describing other requests) is
     one ResumeError before anything is written: ``run.json`` and the lineage log unchanged."""
@@ -135,21 +132,44 @@ def _damaged_copies_are_refused_untouched(cfg: Any, out: Path, tmp_path: Path) -
         assert {f: (copy / f).read_bytes() for f in before} == before, name
 
 
-@pytest.mark.flower
-def test_a_method_that_carries_state_between_requests_makes_a_midway_stop_final(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """FedRecover replays the trajectory it recovered for request 0 when it serves request 1,
-    and keeps it in memory only: resuming midway would answer request 1 from the original
-    history instead. The last line and ``resume`` say so, and ``resume`` changes nothing."""
-    cfg = small_config(EXTRA[0], 'unlearning.methods=["retrain","fedrecover","federaser"]',
-                       *EXTRA[2:], 'history.purge="updates"', "history.retention_interval=1")
+def _stopped_after_request_0(out: Path, *extra: str) -> Any:
+    """A run directory as a stop in request 1 leaves it, built without an engine: trained in
+    process (the Flower twin), request 0 answered (its saved state) and purged at the
+    config's level. Returns the config."""
+    cfg = small_config(*EXTRA, *extra)
+    setup = prepare(cfg)
+    write_run_file(out, cfg.to_dict(), "run")
+    store = HistoryStore.create(out / "history",
+                                retention_interval=cfg.history.retention_interval)
+    run = train_federation(InProcessFederation(cfg, setup.evaluator()), setup, store,
+                           progress=False)
+    write_state(out / TRAINING_FILE, {"rounds": len(run.rounds)})
+    store.purge_clients([0], level=cfg.history.purge)
+    rows = [{"seed": cfg.seed, "request": [0], "setting": "federated", "method": m}
+            for m in ("original", "retrain")]
+    write_serving(out, {"next_request": 1, "pending_purge": False, "before_purge": None,
+                        "rows": rows, "verification": [], "purges": [{"clients": [0]}]},
+                  {"retrain": run.final})
+    LineageLog(out).append("request", request=0, clients=[0])
+    return cfg
+
+
+@pytest.mark.parametrize(("extra", "why"), [
+    (('history.purge="strict"',), "strict purge"),
+    (('unlearning.methods=["retrain","fedrecover"]', "history.retention_interval=1",
+      'history.purge="updates"'), "fedrecover carries what it recovered")])
+def test_a_stop_that_cannot_be_resumed_says_so_and_resume_changes_nothing(
+        tmp_path: Path, extra: tuple[str, ...], why: str) -> None:
+    """Two stops after request 0's purge are final: under a strict purge (the trained model
+    the remaining requests are measured against is gone), and with FedRecover (it replays
+    the trajectory it recovered for request 0, kept in memory only; resuming would answer
+    request 1 from the original history). The last line says so instead of "resume", and
+    ``resume`` refuses in one line before writing anything (run.json, the lineage)."""
     out = tmp_path / "run"
-    with monkeypatch.context() as m:
-        _stop_in_second_request(m)
-        with pytest.raises(interrupt.Interrupted):
-            run_experiment(cfg, out, quiet=True)
-    assert "fedrecover carries what it recovered" in farewell(out)
+    cfg = _stopped_after_request_0(out, *extra)
+    assert why in farewell(out) and "cannot be resumed" in farewell(out)
+    assert "fedunlearn resume" not in farewell(out)
     before = {f: (out / f).read_bytes() for f in ("run.json", "lineage.jsonl")}
-    with pytest.raises(ResumeError, match="fedrecover carries what it recovered"):
+    with pytest.raises(ResumeError, match=why):
         run_experiment(cfg, out, quiet=True, resume=True)
     assert {f: (out / f).read_bytes() for f in before} == before
