@@ -14,9 +14,10 @@
     the seed's ``training`` block, once training has finished.
 ``SEED_DIR/serving.json`` + ``serving.npz``
     while the federated requests are being served, after each one: its rows, verification
-    and purge so far, the next request, and each method's model after the last answered
-    request (the arrays; the JSON file is written last and names their SHA-256). Deleted
-    once every request is served.
+    and purge so far, the next request, each method's model after the last answered request
+    and what a method carries into the next one (FedRecover's trajectory) (the arrays; the
+    JSON file is written last and names their SHA-256). Deleted once every request is
+    served.
 ``SEED_DIR/served.json``
     the seed's answered requests (rows, purges), once all its federated requests are served.
 
@@ -217,6 +218,8 @@ def _serving_problem(state: Any) -> str | None:
     if not all(isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m)
                for m in state["models"]):
         return "'models' must list [method, array] name pairs"
+    if not isinstance(state.get("states", {}), dict):
+        return "'states' must be an object"
     before = state.get("before_purge")
     if before is not None and not (isinstance(before, dict) and all(
             isinstance(before.get(k), int) for k in ("files", "bytes"))):

@@ -62,12 +62,14 @@ from fedunlearn.unlearning.service import (
     Resumption,
     Served,
     build_methods,
+    resumable,
     serve_requests,
     settings_in,
     store_files,
 )
 
 ENGINE = "flower-ray"
+STATE_PREFIX = "#state:"  # serving.npz: a method's carried state, beside the methods' models
 
 
 @dataclass
@@ -148,7 +150,7 @@ class SeedRun:
         if saved is not None:
             self._check_saved(state)
             if stateful := [m.name for m in build_methods(self.cfg)
-                            if getattr(m.method, "keeps_state_across_requests", False)]:
+                            if not resumable(m.method)]:
                 raise ResumeError(
                     f"seed {self.seed} was interrupted after answering {k} of its "
                     f"{len(self.cfg.unlearning.requests)} requests, and {', '.join(stateful)} "
@@ -169,8 +171,10 @@ class SeedRun:
         if saved is not None:
             self.rows, self.verification = state["rows"], state["verification"]
             self.purges = state["purges"]
+            states = {name: (meta, models.pop(STATE_PREFIX + name, {}))
+                      for name, meta in state.get("states", {}).items()}
             self.resumption = Resumption(k, models, state["pending_purge"],
-                                         state.get("before_purge"))
+                                         state.get("before_purge"), states)
         self.final = self.store.final_model()
         self.resume_event = {"request": k, "setting": "federated"}
 
@@ -244,16 +248,19 @@ class _Journal:
 
     def __init__(self, run: SeedRun) -> None:
         self.run = run
-        self.models: dict[str, Params] = dict(run.resumption.current if run.resumption
-                                              else {})
-        self.next_request = run.resumption.next_request if run.resumption else 0
+        resumed = run.resumption
+        self.models: dict[str, Params] = dict(resumed.current if resumed else {})
+        self.states = dict(resumed.states if resumed else {})
+        self.next_request = resumed.next_request if resumed else 0
 
     def served(self, request: int, served: Served, current: dict[str, Params], *,
-               purge_pending: bool) -> None:
+               purge_pending: bool,
+               states: dict[str, tuple[dict[str, Any], dict[str, Any]]]) -> None:
         rows, verification = self.run._tagged(served.rows, served.verification)
         self.run.rows += rows
         self.run.verification += verification
         self.models.update(current)
+        self.states = dict(states)
         self.next_request = request + 1
         self._save(pending=purge_pending)
 
@@ -268,10 +275,13 @@ class _Journal:
         # that came ahead of the next save is recorded from it on resume
         before = ({"files": store_files(run.store), "bytes": run.store.bytes_used()}
                   if pending else None)
+        arrays = {**self.models, **{STATE_PREFIX + name: a
+                                     for name, (_, a) in self.states.items()}}
         write_serving(run.out, {"next_request": self.next_request, "pending_purge": pending,
                                 "before_purge": before, "rows": run.rows,
-                                "verification": run.verification, "purges": run.purges},
-                      self.models)
+                                "verification": run.verification, "purges": run.purges,
+                                "states": {name: m for name, (m, _) in self.states.items()}},
+                      arrays)
 
 
 @contextmanager
@@ -309,8 +319,7 @@ def _not_resumable(out: Path) -> str | None:
             if (seed_out / SERVING_FILE).exists() and \
                     json.loads((seed_out / SERVING_FILE).read_text())["next_request"] > 0:
                 cfg = from_dict(read_json(out / "run.json")["config"])
-                if stateful := [m.name for m in build_methods(cfg)
-                                if getattr(m.method, "keeps_state_across_requests", False)]:
+                if stateful := [m.name for m in build_methods(cfg) if not resumable(m.method)]:
                     return (f"{', '.join(stateful)} carries what it recovered for one request "
                             "into the next in memory only")
     except Exception:  # noqa: BLE001 - a farewell never fails; resume will say what is wrong

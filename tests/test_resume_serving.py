@@ -39,11 +39,13 @@ from fedunlearn.history import HistoryStore
 from fedunlearn.lineage import LineageLog, client_lineage
 from fedunlearn.runner import farewell, run_experiment
 from fedunlearn.unlearning.federaser import FedEraser
+from fedunlearn.unlearning.fedrecover import FedRecover
 
-# distillation goes on from the model it left after request 0, so a resumption that lost
-# that model gives another answer to request 1 (FedEraser and retraining start afresh)
+# distillation goes on from the model it left after request 0, and FedRecover replays the
+# trajectory it recovered for request 0, so a resumption that lost either gives another answer
+# to request 1 (FedEraser and retraining start afresh)
 EXTRA = ("unlearning.requests=[[0],[1]]",
-         'unlearning.methods=["retrain","federaser","distillation"]',
+         'unlearning.methods=["retrain","federaser","fedrecover","distillation"]',
          "unlearning.purge=true", "verification.mia_shadows=0",
          "verification.noise_floor=false")
 
@@ -62,7 +64,8 @@ def _stop_in_second_request(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _answers(results: dict[str, Any]) -> list[tuple[Any, ...]]:
     return [(r["request"], r["method"], r["model_hash"],
-             json.dumps(r["metrics"], sort_keys=True)) for r in results["unlearning"]]
+             json.dumps(r["metrics"], sort_keys=True),
+             (r.get("details") or {}).get("replayed_from")) for r in results["unlearning"]]
 
 
 @pytest.mark.flower
@@ -109,7 +112,8 @@ def test_a_run_stopped_while_serving_goes_on_from_the_next_request(
     served = client_lineage(events, 1)["models_after_removal"]
     # the stop came before FedEraser answered: the first attempt left its retraining only
     assert [(m["method"], bool(m.get("discarded"))) for m in served] == [
-        ("retrain", True), ("retrain", False), ("federaser", False), ("distillation", False)]
+        ("retrain", True), ("retrain", False), ("federaser", False), ("fedrecover", False),
+        ("distillation", False)]
 
 
 def _damaged_copies_are_refused_untouched(cfg: Any, out: Path, tmp_path: Path) -> None:
@@ -156,15 +160,19 @@ def _stopped_after_request_0(out: Path, *extra: str) -> Any:
 
 @pytest.mark.parametrize(("extra", "why"), [
     (('history.purge="strict"',), "strict purge"),
-    (('unlearning.methods=["retrain","fedrecover"]', "history.retention_interval=1",
-      'history.purge="updates"'), "fedrecover carries what it recovered")])
+    (('unlearning.methods=["retrain","fedrecover"]', 'history.purge="updates"'),
+     "fedrecover carries what it recovered")])
 def test_a_stop_that_cannot_be_resumed_says_so_and_resume_changes_nothing(
-        tmp_path: Path, extra: tuple[str, ...], why: str) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: tuple[str, ...],
+        why: str) -> None:
     """Two stops after request 0's purge are final: under a strict purge (the trained model
-    the remaining requests are measured against is gone), and with FedRecover (it replays
-    the trajectory it recovered for request 0, kept in memory only; resuming would answer
-    request 1 from the original history). The last line says so instead of "resume", and
-    ``resume`` refuses in one line before writing anything (run.json, the lineage)."""
+    the remaining requests are measured against is gone), and with a method that carries
+    state into the next request but cannot save it (FedRecover without its state_arrays:
+    resuming would answer request 1 from the original history). The last line says so
+    instead of "resume", and ``resume`` refuses in one line before writing anything
+    (run.json, the lineage)."""
+    if "fedrecover" in why:
+        monkeypatch.delattr(FedRecover, "state_arrays")
     out = tmp_path / "run"
     cfg = _stopped_after_request_0(out, *extra)
     assert why in farewell(out) and "cannot be resumed" in farewell(out)

@@ -149,8 +149,10 @@ class Unlearner(Protocol):
       federated method must never contact a target.
     - ``keeps_state_across_requests = True`` declares that the method carries, in memory,
       what it computed for one request into the next beyond the model it returned
-      (FedRecover's recovered trajectory). A run with it cannot be resumed after a stop
-      between its requests (only its models are saved); ``resume`` refuses in one line.
+      (FedRecover's recovered trajectory). With ``state_arrays() -> (meta, arrays)`` (meta
+      JSON-able, arrays named NumPy arrays) and ``load_state(meta, arrays, *, store)`` it is
+      saved after each request and restored when a stopped run resumes; without them such a
+      run cannot be resumed between requests, and ``resume`` refuses in one line.
     """
 
     setting: ClassVar[Setting]

@@ -236,7 +236,8 @@ class FedRecover(HistoryReplay):
 
     needs_every_round: ClassVar[bool] = True
     keeps_state_across_requests: ClassVar[bool] = True
-    """``trajectory_`` serves the next request (see the module docstring); it is not saved."""
+    """``trajectory_`` serves the next request (see the module docstring); a run saves it
+    between requests with :meth:`state_arrays` and restores it with :meth:`load_state`."""
     """Needs the global model and every client's update of every round (``Δt = 1``)."""
     fresh_kind: ClassVar[str | None] = "exact"
     """The replay diagnostics' ``ratio`` and ``cosine`` compare, in the rounds whose updates
@@ -310,6 +311,45 @@ class FedRecover(HistoryReplay):
         finally:
             self._run = None
         return result
+
+    def state_arrays(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """``trajectory_`` as JSON-able ``meta`` and named arrays (for a resumable run).
+
+        >>> m, a = FedRecover().state_arrays()
+        >>> m, a
+        ({'trajectory': None}, {})
+        """
+        t = self.trajectory_
+        if t is None:
+            return {"trajectory": None}, {}
+        rounds: dict[str, Any] = {}
+        arrays: dict[str, np.ndarray] = {}
+        for r, rec in t.rounds.items():
+            rounds[str(r)] = {"round": rec.round.round, "clients": list(rec.round.clients),
+                              "weights": list(rec.round.weights), "model": list(rec.model),
+                              "stored": [list(u) for u in rec.round.stored]}
+            arrays.update({f"{r}/m/{k}": v for k, v in rec.model.items()})
+            for i, u in enumerate(rec.round.stored):
+                arrays.update({f"{r}/u{i}/{k}": v for k, v in u.items()})
+        return {"trajectory": {"removed": sorted(t.removed), "rounds": rounds}}, arrays
+
+    def load_state(self, meta: dict[str, Any], arrays: dict[str, np.ndarray], *,
+                   store: str) -> None:
+        """Restore ``trajectory_`` from :meth:`state_arrays`' output, as recovered on the
+        history store at ``store``."""
+        t = meta.get("trajectory")
+        if t is None:
+            self.trajectory_ = None
+            return
+        rounds = {}
+        for r, info in t["rounds"].items():
+            stored = tuple({k: arrays[f"{r}/u{i}/{k}"] for k in keys}
+                           for i, keys in enumerate(info["stored"]))
+            rounds[int(r)] = RecoveredRound(
+                {k: arrays[f"{r}/m/{k}"] for k in info["model"]},
+                RoundUpdates(int(info["round"]), tuple(int(c) for c in info["clients"]),
+                             tuple(float(w) for w in info["weights"]), stored))
+        self.trajectory_ = Trajectory(store, frozenset(int(c) for c in t["removed"]), rounds)
 
     def _previous(self, ctx: UnlearningContext) -> Trajectory | None:
         """The trajectory of this method's previous request on the same store, if it removed

@@ -273,6 +273,24 @@ class Resumption:
     pending_purge: bool = False
     before_purge: dict[str, int] | None = None
     """``files`` and ``bytes`` of the store before the pending purge (see :func:`_purge`)."""
+    states: dict[str, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=dict)
+    """Method name -> what it carries into the next request (:func:`carried_state`)."""
+
+
+def resumable(method: object) -> bool:
+    """Whether a run with ``method`` can be resumed between requests: it carries nothing
+    into the next request, or it can save and restore what it carries
+    (``keeps_state_across_requests`` with ``state_arrays`` and ``load_state``)."""
+    return not getattr(method, "keeps_state_across_requests", False) or (
+        callable(getattr(method, "state_arrays", None))
+        and callable(getattr(method, "load_state", None)))
+
+
+def carried_state(methods: list[Method]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """What each method that carries state into the next request would carry now."""
+    return {m.name: m.method.state_arrays() for m in methods  # type: ignore[attr-defined]
+            if getattr(m.method, "keeps_state_across_requests", False)
+            and callable(getattr(m.method, "state_arrays", None))}
 
 
 class Journal(Protocol):
@@ -280,9 +298,11 @@ class Journal(Protocol):
     from the next request (:class:`Resumption`; the runner writes it to disk)."""
 
     def served(self, request: int, served: Served, current: dict[str, Params], *,
-               purge_pending: bool) -> None:
+               purge_pending: bool,
+               states: dict[str, tuple[dict[str, Any], dict[str, Any]]]) -> None:
         """Request ``request`` was answered (``served`` holds its rows and verification);
-        ``current``: each method's model after it. Called before the request's purge."""
+        ``current``: each method's model after it; ``states``: what the methods carry into
+        the next request (:func:`carried_state`). Called before the request's purge."""
 
     def purged(self, request: int, purge: dict[str, Any]) -> None:
         """The purge of request ``request`` is done (``purge``: its record)."""
@@ -347,6 +367,10 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
     start = 0 if resume is None else resume.next_request
     if resume is not None:
         current.update(resume.current)
+        for m in methods:
+            if m.name in resume.states:
+                meta, arrays = resume.states[m.name]
+                m.method.load_state(meta, arrays, store=str(store.path))  # type: ignore[attr-defined]
         removed = frozenset(c for r in cfg.unlearning.requests[:start] for c in r)
         if resume.pending_purge and purging:
             last = tuple(sorted(cfg.unlearning.requests[start - 1]))
@@ -397,7 +421,7 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
             journal.served(i, Served(rows=answered, purges=[], verification=[entry]),
                            {m.name: current[m.name] for m in methods
                             if current[m.name] is not trained},
-                           purge_pending=purging)
+                           purge_pending=purging, states=carried_state(methods))
         if purging:
             purges.append(_purge(store, i, targets, cfg.history.purge, lineage, stream))
             if journal is not None:
