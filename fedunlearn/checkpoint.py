@@ -167,14 +167,20 @@ def load_checkpoint(seed_dir: Path) -> Checkpoint | None:
 # ------------------------------------------------------------------------------ requests
 
 def write_serving(seed_dir: Path, state: dict[str, Any],
-                  models: dict[str, Params]) -> None:
+                  models: dict[str, Params] | None, *,
+                  arrays: dict[str, Any] | None = None) -> dict[str, Any]:
     """Save a part-served federated pass: ``models`` (method name -> its model after the
-    last answered request) first, then ``state`` naming their checksum."""
-    names = [[method, key] for method, params in models.items() for key in params]
-    data = _npz({f"{m}/{k}": models[m][k] for m, k in names})
-    atomic_write(Path(seed_dir) / SERVING_ARRAYS, data)
-    write_state(Path(seed_dir) / SERVING_FILE,
-                {**state, "models": names, "sha256": hashlib.sha256(data).hexdigest()})
+    last answered request) first, then ``state`` naming their checksum. Returns what names
+    the arrays written; pass it back as ``arrays`` with ``models=None`` when only ``state``
+    changed (the arrays on disk are kept)."""
+    if models is not None:
+        names = [[method, key] for method, params in models.items() for key in params]
+        data = _npz({f"{m}/{k}": models[m][k] for m, k in names})
+        atomic_write(Path(seed_dir) / SERVING_ARRAYS, data)
+        arrays = {"models": names, "sha256": hashlib.sha256(data).hexdigest()}
+    assert arrays is not None, "write_serving needs models, or the arrays already written"
+    write_state(Path(seed_dir) / SERVING_FILE, {**state, **arrays})
+    return arrays
 
 
 def load_serving(seed_dir: Path) -> tuple[dict[str, Any], dict[str, Params]] | None:

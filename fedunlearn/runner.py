@@ -149,25 +149,15 @@ class SeedRun:
         k = state["next_request"]
         if saved is not None:
             self._check_saved(state)
-            if stateful := [m.name for m in build_methods(self.cfg)
-                            if not resumable(m.method)]:
-                raise ResumeError(
-                    f"seed {self.seed} was interrupted after answering {k} of its "
-                    f"{len(self.cfg.unlearning.requests)} requests, and {', '.join(stateful)} "
-                    "carries what it recovered for one request into the next in memory only; "
-                    "it cannot be resumed midway - rerun it into a new --out")
+            if why := _stateful_reason(self.cfg):
+                raise self._final_stop(k, why)
         answered = {c for r in self.cfg.unlearning.requests[:k] for c in r}
         if stray := sorted(set(self.store.purged()) - answered):
             raise ResumeError(f"seed {self.seed} was interrupted while serving its requests, "
                               f"after clients {stray} were purged without a saved answer; "
                               "this seed cannot be resumed - rerun it into a new --out")
         if self.store.globals_deleted_from() is not None:
-            raise ResumeError(
-                f"seed {self.seed} was interrupted after answering {k} of its "
-                f"{len(self.cfg.unlearning.requests)} requests; their strict purge deleted the "
-                "trained model the remaining requests are measured against, so it cannot be "
-                "resumed - rerun it into a new --out (history.purge = \"updates\" keeps "
-                "such runs resumable)")
+            raise self._final_stop(k, _STRICT_REASON)
         if saved is not None:
             self.rows, self.verification = state["rows"], state["verification"]
             self.purges = state["purges"]
@@ -177,6 +167,11 @@ class SeedRun:
                                          state.get("before_purge"), states)
         self.final = self.store.final_model()
         self.resume_event = {"request": k, "setting": "federated"}
+
+    def _final_stop(self, k: int, why: str) -> ResumeError:
+        return ResumeError(f"seed {self.seed} was interrupted after answering {k} of its "
+                           f"{len(self.cfg.unlearning.requests)} requests, but {why}, so it "
+                           "cannot be resumed - rerun it into a new --out")
 
     def _check_saved(self, state: dict[str, Any]) -> None:
         """``serving.json`` must describe requests ``0..k-1`` of this config: their rows and,
@@ -252,6 +247,7 @@ class _Journal:
         self.models: dict[str, Params] = dict(resumed.current if resumed else {})
         self.states = dict(resumed.states if resumed else {})
         self.next_request = resumed.next_request if resumed else 0
+        self.arrays: dict[str, Any] | None = None  # the arrays this journal last wrote
 
     def served(self, request: int, served: Served, current: dict[str, Params], *,
                purge_pending: bool,
@@ -262,11 +258,12 @@ class _Journal:
         self.models.update(current)
         self.states = dict(states)
         self.next_request = request + 1
+        self.arrays = None  # new models to write
         self._save(pending=purge_pending)
 
     def purged(self, request: int, purge: dict[str, Any]) -> None:
         self.run.purges.append(purge)
-        self._save(pending=False)
+        self._save(pending=False)  # the arrays of the answer it follows are kept
 
     def _save(self, *, pending: bool) -> None:
         run = self.run
@@ -275,13 +272,14 @@ class _Journal:
         # that came ahead of the next save is recorded from it on resume
         before = ({"files": store_files(run.store), "bytes": run.store.bytes_used()}
                   if pending else None)
-        arrays = {**self.models, **{STATE_PREFIX + name: a
-                                     for name, (_, a) in self.states.items()}}
-        write_serving(run.out, {"next_request": self.next_request, "pending_purge": pending,
-                                "before_purge": before, "rows": run.rows,
-                                "verification": run.verification, "purges": run.purges,
-                                "states": {name: m for name, (m, _) in self.states.items()}},
-                      arrays)
+        models = None if self.arrays is not None else {
+            **self.models, **{STATE_PREFIX + name: a for name, (_, a) in self.states.items()}}
+        self.arrays = write_serving(
+            run.out, {"next_request": self.next_request, "pending_purge": pending,
+                      "before_purge": before, "rows": run.rows, "verification": run.verification,
+                      "purges": run.purges,
+                      "states": {name: m for name, (m, _) in self.states.items()}},
+            models, arrays=self.arrays)
 
 
 @contextmanager
@@ -304,6 +302,19 @@ def farewell(out: Path) -> str:
             f"with: fedunlearn resume {out}")
 
 
+_STRICT_REASON = ("a strict purge deleted the trained model its remaining requests are "
+                  "measured against (history.purge = \"updates\" keeps such runs resumable)")
+
+
+def _stateful_reason(cfg: Config) -> str | None:
+    """Why a run of ``cfg`` stopped between requests cannot go on: its methods that carry
+    state into the next request and cannot save it (:func:`resumable`); ``None`` if none."""
+    if stateful := [m.name for m in build_methods(cfg) if not resumable(m.method)]:
+        return (f"{', '.join(stateful)} carries what it recovered for one request into the "
+                "next in memory only")
+    return None
+
+
 def _not_resumable(out: Path) -> str | None:
     """Why a part-served seed of ``out`` cannot be resumed, read from its files (``None`` if
     nothing stands in the way; never raises, the farewell must always be printed)."""
@@ -313,15 +324,11 @@ def _not_resumable(out: Path) -> str | None:
                 continue
             manifest = json.loads((seed_out / "history" / MANIFEST).read_text())
             if manifest.get("globals_deleted_from") is not None:
-                return ("a strict purge has deleted the trained model its remaining requests "
-                        "are measured against (history.purge = \"updates\" keeps such runs "
-                        "resumable)")
+                return _STRICT_REASON
             if (seed_out / SERVING_FILE).exists() and \
-                    json.loads((seed_out / SERVING_FILE).read_text())["next_request"] > 0:
-                cfg = from_dict(read_json(out / "run.json")["config"])
-                if stateful := [m.name for m in build_methods(cfg) if not resumable(m.method)]:
-                    return (f"{', '.join(stateful)} carries what it recovered for one request "
-                            "into the next in memory only")
+                    json.loads((seed_out / SERVING_FILE).read_text())["next_request"] > 0 and \
+                    (why := _stateful_reason(from_dict(read_json(out / "run.json")["config"]))):
+                return why
     except Exception:  # noqa: BLE001 - a farewell never fails; resume will say what is wrong
         return None
     return None

@@ -204,13 +204,11 @@ def build_methods(cfg: Config) -> list[Method]:
     return out
 
 
-def unlisted_methods(cfg: Config, listed: Collection[str] | None = None
-                     ) -> list[tuple[str, Unlearner]]:
-    """Instances of the methods that have parameters in ``unlearning.params`` but are not run
-    this time (e.g. after ``--set unlearning.methods``): their parameters are still checked,
-    so a typo in them is caught now rather than on the next run."""
-    if listed is None:
-        listed = {m.name for m in build_methods(cfg)}
+def unlisted_methods(cfg: Config, listed: Collection[str]) -> list[tuple[str, Unlearner]]:
+    """Instances of the methods that have parameters in ``unlearning.params`` but are not in
+    ``listed`` (the ones run this time, e.g. after ``--set unlearning.methods``): their
+    parameters are still checked, so a typo in them is caught now rather than on the next
+    run."""
     out = []
     for name in sorted(set(cfg.unlearning.params) - set(listed)):
         _check_name(f"unlearning.params.{name}", name)
@@ -507,9 +505,10 @@ def _purge(store: HistoryStore, request: int, targets: tuple[int, ...], level: s
     was answered): if the purge had already happened before the interruption, it is recorded
     from those figures (and logged, unless the lineage already has it), not as a no-op."""
     done = before is not None and set(targets) <= set(store.purged())
-    files_before = before["files"] if done and before else store_files(store)
-    bytes_before = before["bytes"] if done and before else store.bytes_used()
-    if not done:
+    if before is not None and done:
+        files_before, bytes_before = before["files"], before["bytes"]
+    else:
+        files_before, bytes_before = store_files(store), store.bytes_used()
         store.purge_clients(targets, level=level)
     purge = {"request": request, "clients": list(targets), "level": level,
              "bytes_freed": bytes_before - store.bytes_used(),
