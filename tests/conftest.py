@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
 from fedunlearn.config import Config, load_config
+from fedunlearn.data.sources import SOURCES
+from fedunlearn.federation.strategy import STRATEGIES
+from fedunlearn.models.registry import MODELS
+from fedunlearn.training import OPTIMIZERS, TRAIN_STEPS
+from fedunlearn.unlearning.base import UNLEARNERS
 
 SMALL = ["data.num_clients=4", "training.rounds=3", "training.local_epochs=1",
          "training.learning_rate=0.1", "data.partition=\"iid\"",
@@ -13,6 +20,26 @@ SMALL = ["data.num_clients=4", "training.rounds=3", "training.local_epochs=1",
          # pytest workers, each with its engine, on two cores) costs about 4 s per engine start
          # in imports for rounds of milliseconds. Tests of stalls and clusters set it back.
          "engine.ray_num_cpus=1"]
+
+
+@pytest.fixture(autouse=True)
+def _no_registration_outlives_its_test(tmp_path_factory: pytest.TempPathFactory):
+    """A test's extension modules register names process-wide: drop what they added (and the
+    modules, so a later test importing a module of the same name gets its own), so that no
+    test sees another's names, whatever the order pytest or its workers run them in."""
+    tables = [SOURCES, *(r._items for r in (STRATEGIES, MODELS, OPTIMIZERS, TRAIN_STEPS,
+                                            UNLEARNERS))]
+    before = [set(t) for t in tables]
+    modules = set(sys.modules)
+    yield
+    for table, names in zip(tables, before):
+        for name in set(table) - names:
+            if not getattr(table[name], "__module__", "").startswith("fedunlearn."):
+                del table[name]
+    temp = str(tmp_path_factory.getbasetemp())
+    for name in set(sys.modules) - modules:
+        if str(getattr(sys.modules[name], "__file__", None) or "").startswith(temp):
+            del sys.modules[name]
 
 
 def small_config(*extra: str) -> Config:
