@@ -26,6 +26,7 @@ from pathlib import Path
 
 from fedunlearn.checkpoint import ResumeError
 from fedunlearn.config import ConfigError, load_config
+from fedunlearn.evaluation.shadow import ShadowDiverged
 from fedunlearn.federation.faults import ClientFailure
 from fedunlearn.federation.flower import EngineStartError
 from fedunlearn.history import HistoryError
@@ -193,7 +194,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         if results.get("summary"):
             print(verdict_table(results["summary"]))
     for name, path in written.items():
-        print(f"{name:<15}{path}")
+        print(f"{name:<15} {path}")
     return 0
 
 
@@ -211,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_report(args)
         if args.command == "lineage":
             return cmd_lineage(args)
-    except (ConfigError, HistoryError, LineageError, RequestError, ResumeError,
+    except (ConfigError, HistoryError, LineageError, RequestError, ResumeError, ShadowDiverged,
             HistoryNotReplayable, ClientFailure, EngineStartError) as exc:
         print(f"fedunlearn: error: {exc}", file=sys.stderr)
         return 2

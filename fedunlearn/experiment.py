@@ -6,6 +6,7 @@ runs FedAvg through the federation port with the history store and progress disp
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 import time
@@ -22,7 +23,7 @@ from fedunlearn.checkpoint import Checkpoint, Checkpointer
 from fedunlearn.config import Config, ConfigError
 from fedunlearn.data.federated import FederatedData, build_federated_data
 from fedunlearn.data.sources import SOURCES
-from fedunlearn.extensions import load_extensions
+from fedunlearn.extensions import describe_failure, load_extensions
 from fedunlearn.federation.port import Federation, RoundReport, RoundSummary, TrainingRun
 from fedunlearn.history import HistoryError, HistoryStore
 from fedunlearn.lineage import LineageLog, params_hash
@@ -49,20 +50,75 @@ def validate_names(cfg: Config) -> None:
     _resolve(TRAIN_STEPS, "training.step", cfg.training.step)  # type: ignore[arg-type]
     _resolve(OPTIMIZERS, "training.optimizer", cfg.training.optimizer)  # type: ignore[arg-type]
     _resolve(STRATEGIES, "training.strategy", cfg.training.strategy)  # type: ignore[arg-type]
-    flwr_log = logging.getLogger("flwr")
-    level = flwr_log.level
-    flwr_log.setLevel(logging.ERROR)  # Flower's construction warnings belong to the run
-    try:  # build the strategy once, so bad strategy_params stop before any work
-        STRATEGIES.get(cfg.training.strategy)(evaluate_fraction=cfg.training.evaluate_fraction,
-                                              **cfg.training.strategy_params)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"config key 'training.strategy_params': {exc}") from None
-    finally:
-        flwr_log.setLevel(level)
+    _check_step_params(cfg)
+    _check_strategy(cfg)
     if cfg.unlearning.requests:
         from fedunlearn.unlearning.service import build_methods
 
         build_methods(cfg)
+
+
+def _check_step_params(cfg: Config) -> None:
+    """``training.step_params`` must be keywords the train step takes (its first four
+    positional parameters are ``model, x, y, ctx``)."""
+    step, name = TRAIN_STEPS.get(cfg.training.step), cfg.training.step
+    try:
+        signature = inspect.signature(step)
+    except ValueError:  # no signature to read (a builtin): the warm-up batch will tell
+        return
+    try:
+        signature.bind(None, None, None, None)
+    except TypeError as exc:
+        raise ConfigError(f"train step '{name}' is called as step(model, x, y, ctx, "
+                          f"**training.step_params) and does not take that ({exc}); fix its "
+                          "signature") from None
+    try:
+        signature.bind(None, None, None, None, **cfg.training.step_params)
+    except TypeError as exc:
+        raise ConfigError(f"config key 'training.step_params' = {dict(cfg.training.step_params)} "
+                          f"does not fit train step '{name}' ({exc})") from None
+
+
+def _check_strategy(cfg: Config) -> None:
+    """Build the strategy once, so a bad factory or bad strategy_params stop before any work;
+    it must be a Flower ``Strategy`` that trains every node it is offered (fedunlearn samples
+    each round's participants itself)."""
+    from flwr.serverapp.strategy import Strategy
+
+    from fedunlearn.federation.strategy import STRATEGIES
+
+    name = cfg.training.strategy
+    flwr_log = logging.getLogger("flwr")
+    level = flwr_log.level
+    flwr_log.setLevel(logging.ERROR)  # Flower's construction warnings belong to the run
+    try:
+        strategy = STRATEGIES.get(name)(evaluate_fraction=cfg.training.evaluate_fraction,
+                                        **cfg.training.strategy_params)
+    except (TypeError, ValueError) as exc:
+        try:  # the factory's own signature, or the parameters given to it?
+            inspect.signature(STRATEGIES.get(name)).bind(evaluate_fraction=0.0)
+        except TypeError:
+            raise ConfigError(f"strategy '{name}': its factory is called as factory("
+                              "evaluate_fraction=..., **training.strategy_params) and does not "
+                              "take that; define it as def factory(evaluate_fraction=0.0, "
+                              "**params)") from None
+        except ValueError:  # no signature to read
+            pass
+        raise ConfigError(f"config key 'training.strategy_params': {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a user's factory: its error, in one line
+        raise ConfigError(f"strategy '{name}' could not be built: {describe_failure(exc)}; "
+                          "fix its factory") from None
+    finally:
+        flwr_log.setLevel(level)
+    if not isinstance(strategy, Strategy):
+        raise ConfigError(f"strategy '{name}': its factory returned {type(strategy).__name__}, "
+                          "not a flwr.serverapp.strategy.Strategy; return one (e.g. FedAvg)")
+    fraction = getattr(strategy, "fraction_train", 1.0)
+    if fraction != 1.0:
+        raise ConfigError(f"strategy '{name}' has fraction_train = {fraction}: fedunlearn "
+                          "samples each round's participants itself (training.sample_fraction), "
+                          "so the strategy must train every node offered; set "
+                          "fraction_train=1.0 in its factory")
 
 
 @dataclass
@@ -112,23 +168,58 @@ def prepare(cfg: Config) -> Setup:
         raise
     except ValueError as exc:
         raise ConfigError(f"config [data]: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a source failing (a user's, a download)
+        raise ConfigError(f"config [data]: source '{cfg.data.source}' failed: "
+                          f"{describe_failure(exc)}") from None
     empty = [k for k, d in enumerate(data.clients) if len(d) == 0]
     if empty:
         raise ConfigError(f"clients {empty} received no data; lower data.num_clients or raise "
                           "data.alpha")
+    model = _checked_model(cfg, data)
+    _check_methods_against_model(cfg, model)
+    _check_requests_against_sampling(cfg)
+    _check_local_training(cfg, data)
+    return Setup(cfg=cfg, data=data, initial=get_params(model))
+
+
+def _checked_model(cfg: Config, data: FederatedData) -> torch.nn.Module:
+    """The experiment's initial network, checked against the data: a ``torch.nn.Module`` with
+    trainable parameters that maps a batch to one score per class."""
     try:
         model = build_model(cfg.model.name, data.input_shape, data.num_classes, seed=cfg.seed,
                             **cfg.model.params)
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"its builder returned {type(model).__name__}, not a "
+                            "torch.nn.Module")
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError("it has no trainable parameters")
         sample = next(d.x[:2] for d in data.clients if len(d))
         with torch.no_grad():  # the model must take the data (shapes, channel counts)
-            model.eval()(torch.from_numpy(np.asarray(sample, np.float32)))
-    except (TypeError, ValueError, RuntimeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            out = model.eval()(torch.from_numpy(np.asarray(sample, np.float32)))
+        shape = tuple(getattr(out, "shape", ()))
+        if shape != (len(sample), data.num_classes):
+            raise ValueError(f"it maps {len(sample)} samples to "
+                             f"{shape or type(out).__name__}, not to "
+                             f"({len(sample)}, {data.num_classes}): one score per class of the "
+                             f"data's {data.num_classes}")
+    except Exception as exc:  # noqa: BLE001 - a builder or forward failing, in one line
         raise ConfigError(f"config [model] ({cfg.model.name}, params {dict(cfg.model.params)}) "
-                          f"does not fit the data: {reason}") from None
-    _check_methods_against_model(cfg, model)
-    _check_requests_against_sampling(cfg)
-    return Setup(cfg=cfg, data=data, initial=get_params(model))
+                          f"does not fit the data: {describe_failure(exc)}") from None
+    return model
+
+
+def _check_local_training(cfg: Config, data: FederatedData) -> None:
+    """One training step on one batch, as every client takes them (train step, optimizer,
+    model), before any work; it also pays torch's one-off start-up in this process."""
+    from fedunlearn.federation.local import warm_up
+
+    t = cfg.training
+    try:
+        warm_up(cfg, data)
+    except Exception as exc:  # noqa: BLE001 - a user's step or optimizer, in one line
+        raise ConfigError(f"config [training] (step '{t.step}', optimizer '{t.optimizer}', "
+                          f"model '{cfg.model.name}') fails on one batch before any round: "
+                          f"{describe_failure(exc)}") from None
 
 
 def _check_methods_against_model(cfg: Config, model: Any) -> None:

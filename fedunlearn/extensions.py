@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import traceback
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,3 +28,40 @@ def load_extensions(modules: Iterable[str]) -> None:
         except ModuleNotFoundError as exc:
             raise ConfigError(f"extension module '{name}' could not be imported ({exc}); "
                               "check experiment.extensions and PYTHONPATH") from None
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the user's module: its error, in one line
+            sys.modules.pop(name, None)
+            raise ConfigError(f"extension module '{name}' failed while being imported: "
+                              f"{describe_failure(exc)}; fix it and run again") from None
+
+
+def describe_failure(exc: BaseException) -> str:
+    """``"TypeError: <first line> (at my_ext.py:7 in my_step)"``: an exception in one line,
+    located at the innermost frame outside fedunlearn and the installed packages (the user's
+    code), if the traceback passes through any; the type and message alone otherwise.
+
+    >>> describe_failure(ValueError("bad" + chr(10) + "value"))
+    'ValueError: bad'
+    """
+    text = str(exc).strip()
+    if isinstance(exc, SyntaxError) and exc.filename:  # where the parser stopped
+        where = f" (at {Path(exc.filename).name}:{exc.lineno})"
+        return f"SyntaxError: {exc.msg}{where}"
+    first = text.splitlines()[0] if text else ""
+    where = ""
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if _is_user_file(frame.filename):
+            where = f" (at {Path(frame.filename).name}:{frame.lineno} in {frame.name})"
+            break
+    return f"{type(exc).__name__}: {first}{where}" if first else f"{type(exc).__name__}{where}"
+
+
+_PACKAGE = str(Path(__file__).resolve().parent)
+
+
+def _is_user_file(filename: str) -> bool:
+    """A file of neither fedunlearn, nor an installed package, nor the standard library."""
+    path = str(Path(filename).resolve()) if not filename.startswith("<") else filename
+    return not (path.startswith((_PACKAGE, "<", sys.base_prefix, sys.prefix))
+                or "site-packages" in path)

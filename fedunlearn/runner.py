@@ -42,7 +42,6 @@ from fedunlearn.config import Config, from_dict
 from fedunlearn.evaluation.summary import summarize
 from fedunlearn.experiment import Setup, prepare, train_federation
 from fedunlearn.federation.flower import Connect, FlowerFederation, run_engine
-from fedunlearn.federation.local import warm_up
 from fedunlearn.history import MANIFEST, HistoryStore
 from fedunlearn.lineage import LineageLog
 from fedunlearn.params import Params
@@ -408,8 +407,7 @@ def _federated(runs: list[SeedRun], cfg: Config, out: Path, *, quiet: bool) -> N
                 run.serve(fed, "federated", quiet=quiet)
             interrupt.check()
 
-    seed_everything(todo[0].seed)
-    warm_up(todo[0].cfg, todo[0].setup.data)  # torch's one-off start-up, as in every client
+    seed_everything(todo[0].seed)  # (torch's one-off start-up was paid by prepare's warm-up)
     run_engine(runs[0].cfg, job, on_stuck=lambda: (
         f"the work done so far is in {out}; `fedunlearn resume {out}` continues it"))
 

@@ -57,6 +57,9 @@ def cross_entropy_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 def proximal_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext,
                   mu: float = 0.01) -> torch.Tensor:
     """FedProx's local objective (Li et al., MLSys 2020): CE + (mu/2)·||w - w_global||²."""
+    if not mu >= 0:
+        raise ValueError(f"the proximal step needs mu >= 0 (a pull towards the global model), "
+                         f"got training.step_params.mu = {mu}")
     prox = sum(torch.sum((p - g) ** 2) for p, g in zip(model.parameters(), ctx.global_params,
                                                        strict=True))
     return F.cross_entropy(model(x), y) + 0.5 * mu * prox
@@ -96,6 +99,13 @@ class LocalTraining:
     weight_decay: float = 0.0
     step: str = "cross_entropy"
     step_params: tuple[tuple[str, Any], ...] = ()
+
+
+def _shape_of(value: Any) -> str:
+    """``"a tensor of shape (32,)"`` or the type's name, for messages."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
 
 
 def make_optimizer(model: nn.Module, spec: LocalTraining) -> torch.optim.Optimizer:
@@ -138,6 +148,10 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: LocalTraining, *
             xb, yb = xt[idx].to(device), yt[idx].to(device)
             opt.zero_grad(set_to_none=True)
             loss = step_fn(model, xb, yb, ctx, **step_params)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise TypeError(f"train step '{spec.step}' returned "
+                                f"{_shape_of(loss)}; it must return the batch's loss as a "
+                                "one-element tensor (e.g. F.cross_entropy(model(x), y))")
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))

@@ -15,6 +15,15 @@ FC = "simulations/federated_vs_centralized.toml"
 
 # (config, extra CLI arguments, a fragment the one-line message must contain)
 CASES = [
+    (QS, ["--set", "unlearning.methods=[\"retrain\", \"newton\"]", "--set",
+          "unlearning.params.newton.features=\"penultimate\"", "--set", "model.name=\"cnn\""],
+     "newton's features = 'penultimate' needs model.name = 'mlp', got 'cnn'"),
+    (QS, ["--set", "unlearning.methods=[\"retrain\", \"sisa\"]", "--set",
+          "unlearning.params.sisa.shards=20"], "20 shards by client need at least as many"),
+    (QS, ["--set", "unlearning.methods=[\"retrain\", \"sisa_random\"]", "--set",
+          "unlearning.params.sisa_random.shard_by=\"client\""], "sisa_random shards at random"),
+    (QS, ["--set", "training.strategy=\"fedprox\"", "--set",
+          "training.strategy_params={proximal_mu=-1.0}"], "proximal_mu must be >= 0"),
     (QS, ["--set", "training.roundz=2"], "unknown config key 'training.roundz'"),
     (QS, ["--set", "trainig.rounds=2"], "unknown config section '[trainig]'"),
     (QS, ["--set", "training.rounds=\"many\""], "must be of type int"),
@@ -119,12 +128,13 @@ def test_a_directory_given_as_the_config_is_named_as_a_directory(command, tmp_pa
 def tripwire(monkeypatch):
     """Fail the test if the run gets as far as starting an engine or training."""
     from fedunlearn import runner
+    from fedunlearn.federation import local
 
     def no_work(*args, **kwargs):
         pytest.fail("validation must stop the run before any engine or training start")
 
     monkeypatch.setattr(runner, "run_engine", no_work)
-    monkeypatch.setattr(runner, "warm_up", no_work)
+    monkeypatch.setattr(local, "warm_up", no_work)
 
 
 @pytest.mark.parametrize(("config", "args", "needle"), CASES,
@@ -202,3 +212,87 @@ def test_lineage_refuses_a_client_the_run_never_had(tmp_path, capsys):
     assert "took part in rounds: [1]" in capsys.readouterr().out
     assert main(["lineage", str(run / "seed-0"), "--client", "1", "--seed", "5"]) == 2
     assert "holds one seed's lineage log" in capsys.readouterr().err
+
+
+EXT_HEAD = '''
+import numpy as np
+import torch
+from torch import nn
+import torch.nn.functional as F
+from fedunlearn.data import ArrayDataset, register_source
+from fedunlearn.federation.strategy import STRATEGIES
+from fedunlearn.models import MODELS
+from fedunlearn.training import TRAIN_STEPS
+from flwr.serverapp.strategy import FedAvg
+'''
+
+# (the body of the user's module ``ext_bad``, the run's --set values, what the line must say)
+EXT_CASES = [
+    ("def broken(:\n", [], "'ext_bad' failed while being imported: SyntaxError"),
+    ("raise RuntimeError('no licence')\n", [],
+     "'ext_bad' failed while being imported: RuntimeError: no licence (at ext_bad.py:11"),
+    ("@TRAIN_STEPS.register('cross_entropy')\ndef s(model, x, y, ctx):\n    return 0\n", [],
+     "train step 'cross_entropy' is already registered"),
+    ("@register_source('src')\ndef src(seed=0):\n    raise FileNotFoundError('/data/x.csv')\n",
+     ["data.source=\"src\""], "source 'src' failed: FileNotFoundError: /data/x.csv (at ext_bad.py"),
+    ("@register_source('src')\ndef src(seed=0):\n    return np.zeros((99, 4)), np.zeros(99)\n",
+     ["data.source=\"src\""], "returned tuple; a source must return fedunlearn.data.ArrayDataset"),
+    (("@register_source('src')\ndef src(seed=0):\n    x = np.random.default_rng(0).random((300, 4))"
+     "\n    x[5, 1] = np.nan\n    return ArrayDataset(x=x, y=np.arange(300) % 3, num_classes=3)\n"),
+     ["data.source=\"src\"", "backdoor.clients=[]"], "NaN or Inf features in 1 of its 300"),
+    ("@MODELS.register('m')\ndef m(input_shape, num_classes, seed=0):\n    return 'a model'\n",
+     ["model.name=\"m\""], "builder returned str, not a torch.nn.Module"),
+    ("@MODELS.register('m')\ndef m(input_shape, num_classes, seed=0):\n    return nn.Flatten()\n",
+     ["model.name=\"m\""], "it has no trainable parameters"),
+    (("@MODELS.register('m')\ndef m(input_shape, num_classes, seed=0):\n"
+     "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 3))\n"),
+     ["model.name=\"m\""], "not to (2, 10): one score per class"),
+    ("@TRAIN_STEPS.register('s')\ndef s(model, x):\n    return F.cross_entropy(model(x), x)\n",
+     ["training.step=\"s\""], "train step 's' is called as step(model, x, y, ctx, **training."),
+    ("@TRAIN_STEPS.register('s')\ndef s(model, x, y, ctx):\n    return 0.5\n",
+     ["training.step=\"s\""], "train step 's' returned float; it must return the batch's loss"),
+    (("@TRAIN_STEPS.register('s')\ndef s(model, x, y, ctx):\n"
+     "    return F.cross_entropy(model(x), y, reduction='none')\n"),
+     ["training.step=\"s\""],
+     "fails on one batch before any round: TypeError: train step 's' returned a tensor of shape"),
+    ("@TRAIN_STEPS.register('s')\ndef s(model, x, y, ctx):\n    raise KeyError('w')\n",
+     ["training.step=\"s\""], "KeyError: 'w' (at ext_bad.py:13 in s)"),
+    ("", ["training.step_params={mu=0.1}"],
+     "does not fit train step 'cross_entropy' (got an unexpected keyword argument 'mu')"),
+    ("", ["training.step=\"proximal\"", "training.step_params={mu=-1.0}"],
+     "ValueError: the proximal step needs mu >= 0"),
+    ("@STRATEGIES.register('st')\ndef st(evaluate_fraction=0.0, **params):\n    return None\n",
+     ["training.strategy=\"st\""], "returned NoneType, not a flwr.serverapp.strategy.Strategy"),
+    ("@STRATEGIES.register('st')\ndef st():\n    return FedAvg()\n", ["training.strategy=\"st\""],
+     "its factory is called as factory(evaluate_fraction=..., **training.strategy_params)"),
+    (("@STRATEGIES.register('st')\ndef st(evaluate_fraction=0.0, **params):\n"
+     "    raise OSError('no config file')\n"), ["training.strategy=\"st\""],
+     "strategy 'st' could not be built: OSError: no config file (at ext_bad.py:13 in st)"),
+    (("@STRATEGIES.register('st')\ndef st(evaluate_fraction=0.0, **params):\n"
+     "    return FedAvg(fraction_train=0.5)\n"), ["training.strategy=\"st\""],
+     "strategy 'st' has fraction_train = 0.5"),
+]
+
+
+@pytest.mark.parametrize(("body", "sets", "needle"), EXT_CASES,
+                         ids=[n[:40] for _, _, n in EXT_CASES])
+def test_a_broken_extension_is_one_line_before_any_round(body, sets, needle, tmp_path,
+                                                         monkeypatch, capsys):
+    """A user's source, model, train step or strategy that fails, or does not fit the
+    protocol, stops the run in one line naming it (and where in the user's file), before the
+    engine starts and with nothing written; one batch of local training is part of the check."""
+    from fedunlearn import runner
+
+    def no_engine(*args, **kwargs):
+        pytest.fail("the run must stop before the engine starts")
+
+    monkeypatch.setattr(runner, "run_engine", no_engine)
+    (tmp_path / "ext_bad.py").write_text(EXT_HEAD + body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    args = [a for s in ["experiment.extensions=[\"ext_bad\"]", *sets] for a in ("--set", s)]
+    code = main(["run", QS, *args, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("fedunlearn: error: ") and needle in err[0], err[0]
+    assert not out.exists()

@@ -84,12 +84,13 @@ def test_cli_refuses_a_non_empty_out_dir(tmp_path, capsys):
 def test_method_and_strategy_parameters_fail_before_any_work(
         override, message, tmp_path, capsys, monkeypatch):
     from fedunlearn import runner
+    from fedunlearn.federation import local
 
     def no_work(*args, **kwargs):
         pytest.fail("validation must stop the run before any engine or training start")
 
     monkeypatch.setattr(runner, "run_engine", no_work)
-    monkeypatch.setattr(runner, "warm_up", no_work)
+    monkeypatch.setattr(local, "warm_up", no_work)
     out = tmp_path / "run"
     code = main(["run", "simulations/backdoor_digits.toml", "--set", override, "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()

@@ -155,7 +155,8 @@ def test_client_error_and_round_without_survivors(tmp_path):
                                             r"\(non-finite\), client 1"):
         in_process(cfg, tmp_path / "a")
     with pytest.raises(ClientFailure, match=r"^client 2 failed \(error: RuntimeError: disk on "
-                                            r"fire\) in round 1 \(training\);"):
+                                            r"fire \(at faults_ext\.py:\d+ in faulty\)\) in "
+                                            r"round 1 \(training\); fix the code where it"):
         in_process(faulty_config(fault="raise"), tmp_path / "b")
 
 

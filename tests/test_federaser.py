@@ -16,7 +16,7 @@ from fedunlearn import runner
 from fedunlearn.cli import main
 from fedunlearn.config import Config, ConfigError, load_config
 from fedunlearn.experiment import Setup, check_replayable, prepare, train_federation
-from fedunlearn.federation import inprocess
+from fedunlearn.federation import inprocess, local
 from fedunlearn.federation.inprocess import InProcessFederation, flower_average
 from fedunlearn.federation.port import ClientResult, Federation, TrainingRun
 from fedunlearn.federation.strategy import (
@@ -581,7 +581,7 @@ def test_cli_refuses_a_momentum_strategy_before_training(
         pytest.fail("the refusal must come before any engine or client start")
 
     monkeypatch.setattr(runner, "run_engine", no_engine)
-    monkeypatch.setattr(runner, "warm_up", no_engine)
+    monkeypatch.setattr(local, "warm_up", no_engine)
     out = tmp_path / "run"
     code = main(["run", "simulations/quickstart.toml", "--set", "training.strategy=\"fedavgm\"",
                  "--set", "unlearning.requests=[[0]]",

@@ -368,13 +368,14 @@ def test_a_run_with_several_strictly_purged_requests_is_refused_before_any_work(
     same run with ``history.purge = "updates"`` (or one request) passes the check."""
     from fedunlearn import runner
     from fedunlearn.cli import main
+    from fedunlearn.federation import local
     from fedunlearn.unlearning.service import build_methods
 
     def no_work(*args: object, **kwargs: object) -> None:
         pytest.fail("validation must stop the run before any engine or training start")
 
     monkeypatch.setattr(runner, "run_engine", no_work)
-    monkeypatch.setattr(runner, "warm_up", no_work)
+    monkeypatch.setattr(local, "warm_up", no_work)
     out = tmp_path / "run"
     code = main(["run", "simulations/quickstart.toml", "--set",
                  "unlearning.methods=[\"retrain\", \"pga\"]", "--set",

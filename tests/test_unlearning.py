@@ -261,3 +261,106 @@ def test_lineage_names_only_the_clients_whose_data_shaped_each_answer(tmp_path):
     assert never  # a client no training and no retraining ever reached
     for c in never:
         assert client_lineage(lineage.read(), c)["models_trained_with_data"] == []
+
+
+MISBEHAVING = '''
+import numpy as np
+import torch
+
+from fedunlearn.unlearning import UNLEARNERS, Cost, UnlearningResult
+
+
+class _Base:
+    setting = "federated"
+
+    def check(self):
+        pass
+
+
+@UNLEARNERS.register("u_edits")
+class Edits(_Base):
+    """Zeroes ctx.model and ctx.initial in place (a natural slip) and answers with them."""
+
+    def unlearn(self, ctx):
+        for params in (ctx.model, ctx.initial):
+            for v in params.values():
+                v *= 0
+        return UnlearningResult(model=ctx.model, cost=Cost())
+
+
+@UNLEARNERS.register("u_raises")
+class Raises(_Base):
+    def unlearn(self, ctx):
+        raise KeyError("no such thing")
+
+
+@UNLEARNERS.register("u_missing")
+class Missing(_Base):
+    def unlearn(self, ctx):
+        return UnlearningResult(model=dict(list(ctx.model.items())[1:]), cost=Cost())
+
+
+@UNLEARNERS.register("u_float64")
+class Float64(_Base):
+    def unlearn(self, ctx):
+        return UnlearningResult(model={k: v.astype(np.float64) for k, v in ctx.model.items()},
+                                cost=Cost())
+
+
+@UNLEARNERS.register("u_tensors")
+class Tensors(_Base):
+    def unlearn(self, ctx):
+        return UnlearningResult(model={k: torch.from_numpy(v) for k, v in ctx.model.items()},
+                                cost=Cost())
+'''
+
+
+def _misbehaving(tmp_path, monkeypatch, trained, methods):
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "misbehaving.py").write_text(MISBEHAVING)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = small_config(*UNLEARN_CFG, "experiment.extensions=[\"misbehaving\"]",
+                       "unlearning.requests=[[1]]", f"unlearning.methods={methods}",
+                       "verification.noise_floor=false", "verification.mia_shadows=0")
+    prepare(cfg)
+    _, setup, fed, _, _ = trained
+    store = HistoryStore.create(tmp_path / "history", retention_interval=2)
+    run = train_federation(fed, setup, store, progress=False)
+    return lambda: serve_requests(cfg, data=setup.data, trained=run.final, initial=setup.initial,
+                                  store=store, federation=fed, lineage=LineageLog(tmp_path),
+                                  build_model=setup.build_model, predictor=setup.predictor(),
+                                  stream=None), run, store
+
+
+def test_a_method_editing_its_inputs_in_place_changes_no_other_answer(trained, tmp_path,
+                                                                      monkeypatch):
+    """Oracle: the same rows without the editing method; the methods after it (retrain starts
+    from ctx.initial, FedEraser from the history) and the original's row are unchanged."""
+    serve, run, _ = _misbehaving(tmp_path / "a", monkeypatch, trained,
+                                 '["retrain", "federaser"]')
+    alone = {(r.method, r.role): r.model_hash for r in serve().rows}
+    serve, run, _ = _misbehaving(tmp_path / "b", monkeypatch, trained,
+                                 '["retrain", "u_edits", "federaser"]')
+    final = {k: v.copy() for k, v in run.final.items()}
+    rows = serve().rows
+    assert {(r.method, r.role): r.model_hash for r in rows
+            if r.method != "u_edits"} == alone
+    assert max_abs_diff(final, run.final) == 0.0
+    assert next(r for r in rows if r.method == "u_edits").metrics["test_accuracy"] < 0.5
+
+
+@pytest.mark.parametrize(("method", "needle"), [
+    ("u_raises", (r"'u_raises' failed on request 0: KeyError: 'no such thing' \(at "
+                 r"misbehaving\.py:\d+ in unlearn\); fix it .*fedunlearn resume")),
+    ("u_missing", (r"'u_missing' answered request 0 with a model that does not fit the "
+                  r"experiment's network: missing \['1\.weight'\]")),
+    ("u_float64", r"'u_float64' .* '1\.weight' is float64, the network's is float32"),
+    ("u_tensors", r"'u_tensors' .* '1\.weight' is a Tensor, not a NumPy array"),
+])
+def test_a_user_method_that_fails_or_answers_a_misfit_is_one_line_before_the_purge(
+        trained, tmp_path, monkeypatch, method, needle):
+    serve, _, store = _misbehaving(tmp_path, monkeypatch, trained, f'["retrain", "{method}"]')
+    with pytest.raises(RequestError, match=needle) as info:
+        serve()
+    assert "\n" not in str(info.value)
+    assert store.purged() == [] and 1 in store.clients()

@@ -166,8 +166,8 @@ def _dirichlet(
                     raise
     raise ValueError(
         f"dirichlet partitioning could not give each of {num_clients} clients "
-        f">= {min_size} samples with alpha={alpha}; raise alpha, lower min_partition_size "
-        f"or use fewer clients"
+        f">= {min_size} samples with alpha={alpha}; raise data.alpha "
+        f"or lower data.num_clients"
     )
 
 

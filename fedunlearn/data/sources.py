@@ -88,7 +88,15 @@ def load_source(name: str, *, seed: int = 0, **params: Any) -> ArrayDataset:
             f"dataset '{name}' has no parameter {', '.join(repr(p) for p in unknown)}; "
             f"accepted: {', '.join(accepted) or '(none)'}"
         )
-    return fn(seed=seed, **params)
+    data = fn(seed=seed, **params)
+    if not isinstance(data, ArrayDataset):
+        raise TypeError(f"dataset '{name}' returned {type(data).__name__}; a source must "
+                        "return fedunlearn.data.ArrayDataset(x=..., y=..., num_classes=...)")
+    if not np.isfinite(data.x).all():
+        bad = int(np.count_nonzero(~np.isfinite(data.x).reshape(len(data.x), -1).all(axis=1)))
+        raise ValueError(f"dataset '{name}' has NaN or Inf features in {bad} of its "
+                         f"{len(data.x)} samples; clean or drop them in the source")
+    return data
 
 
 def _standardise(x: np.ndarray) -> np.ndarray:

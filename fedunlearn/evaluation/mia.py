@@ -211,8 +211,8 @@ def population_calibration(target_phi_population: np.ndarray,
     t = np.asarray(target_phi_population, dtype=np.float64).ravel()
     shadow = np.asarray(shadow_phi_population, dtype=np.float64)
     mu = shadow.mean(axis=0)
-    if len(t) < 3 or np.ptp(mu) == 0:
-        return 1.0, 0.0, max(min_std, float(np.std(shadow - mu)))
+    if len(t) < 3 or np.ptp(mu) == 0:  # (no population at all: the shadows' spread is unknown)
+        return 1.0, 0.0, max(min_std, float(np.std(shadow - mu)) if shadow.size else 0.0)
     a, c = np.polyfit(mu, t, 1)
     resid = t - (a * mu + c)
     return float(a), float(c), max(min_std, float(np.std(resid)))

@@ -36,6 +36,10 @@ from fedunlearn.seeding import derive_seed
 from fedunlearn.training import LocalTraining, predict_proba, train
 
 
+class ShadowDiverged(ValueError):
+    """A shadow model's training diverged: its confidences would be NaN."""
+
+
 def shadow_sample(n: int, shadow: int, *, seed: int, max_samples: int | None = None) -> np.ndarray:
     """Sorted pool positions shadow ``shadow`` trains on: the first ``min(n // 2, max_samples)``
     of a permutation drawn from ``derive_seed(seed, shadow)``.
@@ -113,6 +117,13 @@ class ShadowModels:
                 model = reinitialise(self.build_model(), derive_seed(self.seed, s, 1))
                 train(model, pool_x[idx], pool_y[idx], self.spec,
                       seed=derive_seed(self.seed, s, 2))
+                if not all(torch.isfinite(p).all() for p in model.state_dict().values()
+                           if p.is_floating_point()):
+                    raise ShadowDiverged(
+                        f"verification: shadow model {s} diverged (NaN or Inf weights) when "
+                        "trained with the run's local training settings; lower "
+                        "training.learning_rate, or set verification.mia_shadows = 0 to "
+                        "measure membership without shadow models")
                 self.models_.append(model)
                 self.train_samples_ = len(idx)
         self.pool_size_ = n

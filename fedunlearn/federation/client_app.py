@@ -15,6 +15,7 @@ import time
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedunlearn.extensions import describe_failure
 from fedunlearn.federation.local import client_work, model_for, runtime
 from fedunlearn.federation.messages import (
     ARRAYS,
@@ -63,10 +64,13 @@ def train(msg: Message, context: Context) -> Message:
     pid = _partition(context)
     epochs = float(config["epochs"]) if "epochs" in config else None
     task = str(config.get(TASK, "train"))
-    params, n, stats = client_work(str(config[JOB]), from_record(msg.content[ARRAYS]), pid,
-                                   server_round=int(config.get("server-round", 0)),
-                                   tag=int(config.get("tag", 0)), epochs=epochs, task=task,
-                                   task_params=task_params_of(config))
+    try:
+        params, n, stats = client_work(str(config[JOB]), from_record(msg.content[ARRAYS]), pid,
+                                       server_round=int(config.get("server-round", 0)),
+                                       tag=int(config.get("tag", 0)), epochs=epochs, task=task,
+                                       task_params=task_params_of(config))
+    except Exception as exc:  # Flower passes on only str(exc): keep the type and the place
+        raise RuntimeError(describe_failure(exc)) from exc
     extra = {} if task == "train" else {TASK_PREFIX + k: float(v) for k, v in stats.items()}
     metrics = MetricRecord({PARTITION: pid, NUM_EXAMPLES: n, "train-loss": stats["loss"],
                             "train-steps": stats["steps"],

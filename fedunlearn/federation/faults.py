@@ -21,6 +21,7 @@ This module imports neither Flower nor torch.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
@@ -75,9 +76,17 @@ def nonfinite(params: Mapping[str, np.ndarray]) -> list[str]:
 
 
 def error_reason(text: str) -> str:
-    """``"error: <last non-empty line>"`` of a client's error text (a traceback)."""
+    """``"error: <last non-empty line>"`` of a client's error text (a traceback), without the
+    wrapping Flower's engine puts around a ClientApp's exception.
+
+    >>> error_reason("<class 'flwr.clientapp.client_app.ClientAppException'>:<'" + chr(10) +
+    ...              "Exception ClientAppException occurred. Message: ValueError: bad'>")
+    'error: ValueError: bad'
+    """
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return f"error: {lines[-1] if lines else 'no reason given'}"
+    last = lines[-1] if lines else "no reason given"
+    wrapped = re.fullmatch(r"Exception \w+ occurred\. Message: (.*)'>", last)
+    return f"error: {wrapped.group(1) if wrapped else last}"
 
 
 def with_retries(attempt: Callable[[list[int]], tuple[dict[int, T], dict[int, str]]],
@@ -179,9 +188,10 @@ class FaultPolicy:
         lower = ("training.learning_rate" if failure.stage in ("train", "evaluate") else
                  "the learning rate of the method that asked for the task (for 'ascent': "
                  "unlearning.params.pga.learning_rate)")
+        raised = ("fix the code where it was raised" if " (at " in failure.reason else
+                  "rerun with --set engine.verbose=true for its traceback")
         fix = {"timeout": "raise engine.client_timeout_s",
-               "non-finite": f"check its data and lower {lower}"
-               }.get(failure.reason, "rerun with --set engine.verbose=true for its traceback")
+               "non-finite": f"check its data and lower {lower}"}.get(failure.reason, raised)
         drop = ("" if self.on_failure == "drop" else
                 ", or set engine.on_client_failure=\"drop\" to go on without it")
         retry = ", or set engine.client_retries" if failure.reason != "non-finite" \

@@ -509,9 +509,27 @@ def _stop_ray() -> None:
         ray.shutdown()
 
 
+class _ClientErrorsReported(logging.Filter):
+    """Drops the engine's log of a client's exception (a line, the exception, its traceback
+    through Ray: hundreds of lines per failing message): the failure comes back as an error
+    reply, which the run reports in one line that says how to see the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.funcName in ("worker", "process_message")
+                    and record.pathname.endswith(("vce_api.py", "raybackend.py")))
+
+
+_CLIENT_ERRORS = _ClientErrorsReported()
+
+
 def _quiet(verbose: bool) -> None:
     level = logging.INFO if verbose else logging.ERROR
-    logging.getLogger("flwr").setLevel(level)
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.setLevel(level)
+    if verbose:
+        flwr_log.removeFilter(_CLIENT_ERRORS)
+    else:
+        flwr_log.addFilter(_CLIENT_ERRORS)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0" if verbose else "1")
     if not verbose:
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

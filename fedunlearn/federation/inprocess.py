@@ -18,6 +18,7 @@ import numpy as np
 from fedunlearn import interrupt
 from fedunlearn.aggregation import fedavg_weights, keep_non_float
 from fedunlearn.config import Config
+from fedunlearn.extensions import describe_failure
 from fedunlearn.federation.faults import (
     Failure,
     FaultPolicy,
@@ -129,7 +130,7 @@ class InProcessFederation:
                                                    epochs=epochs, task=task,
                                                    task_params=task_params)
                 except Exception as exc:  # noqa: BLE001 - a client error, as Flower reports it
-                    failed[c] = error_reason(f"{type(exc).__name__}: {exc}")
+                    failed[c] = error_reason(describe_failure(exc))
                     continue
                 self.bytes_exchanged += num_bytes(model) + num_bytes(params)
                 if nonfinite(params):

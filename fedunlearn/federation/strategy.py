@@ -45,6 +45,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM, FedProx, Strategy
 
 from fedunlearn.aggregation import fedavg_weights, keep_non_float
+from fedunlearn.config import ConfigError
 from fedunlearn.federation.faults import (
     Failure,
     FaultPolicy,
@@ -131,6 +132,8 @@ def fedavg(evaluate_fraction: float = 0.0, **params: Any) -> Strategy:
 @declare_history_identity(True)
 def fedprox(evaluate_fraction: float = 0.0, proximal_mu: float = 0.01, **params: Any) -> Strategy:
     """Flower's ``FedProx`` (Li et al., 2020); pair it with ``training.step = "proximal"``."""
+    if not proximal_mu >= 0:
+        raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
     return FedProx(proximal_mu=proximal_mu, **_common(evaluate_fraction), **params)
 
 
@@ -266,7 +269,7 @@ class RecordingStrategy(Strategy):
                                                _SubsetGrid(grid, sorted(wanted))))  # type: ignore[arg-type]
         got = {m.metadata.dst_node_id for m in msgs}
         if got != wanted:
-            raise RuntimeError(f"strategy {type(self.inner).__name__} sampled {len(got)} of the "
+            raise ConfigError(f"strategy {type(self.inner).__name__} sampled {len(got)} of the "
                                f"{len(wanted)} offered nodes; its factory must set "
                                "fraction_train=1.0 (fedunlearn samples participants itself)")
         self._train_sent = {m.metadata.dst_node_id: m for m in msgs}

@@ -341,7 +341,9 @@ def plot_replay_trajectory(results: Mapping[str, Any], path: Path) -> Figure:
     acc_ax.set_title("Replay against the original training")
     acc_ax.grid(alpha=0.3)
     acc_ax.legend(fontsize=8, loc="lower right")
-    ratio_ax.set_yscale("log")
+    if any(v is not None and math.isfinite(float(v)) and float(v) > 0  # log: a positive one
+           for line in ratio_ax.get_lines() for v in line.get_ydata()):
+        ratio_ax.set_yscale("log")
     ratio_ax.axhline(1.0, color="gray", lw=0.8)
     ratio_ax.set_xlabel("round")
     word = FRESH_KINDS[next(iter(kinds))] if len(kinds) == 1 else "fresh"

@@ -396,7 +396,12 @@ def verdict_table(summary: Sequence[Mapping[str, Any]] | None) -> str:
     if not rows:
         return "verdicts       none (no method row beside a retraining)"
     lines = [_fixed_width(_verdict_columns(), rows), VERDICT_RULE]
-    lines += [f"note: {r['method']}: {n}" for r in rows for n in r.get("notes") or []]
+    several = len({request_label(r["request"]) for r in rows}) > 1  # say which one
+
+    def where(r: Mapping[str, Any]) -> str:
+        return f"request {request_label(r['request'])}, " if several else ""
+
+    lines += [f"note: {where(r)}{r['method']}: {n}" for r in rows for n in r.get("notes") or []]
     return "\n".join(lines)
 
 

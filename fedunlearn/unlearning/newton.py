@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from fedunlearn.config import Config
 from fedunlearn.seeding import derive_seed
 from fedunlearn.training import local_training, train
 from fedunlearn.unlearning.base import (
@@ -115,6 +116,13 @@ class NewtonRemoval:
                              f"got {self.features!r}")
         if not self.extractor_epochs > 0:
             raise ValueError(f"extractor_epochs must be > 0, got {self.extractor_epochs}")
+
+    def check_config(self, cfg: Config) -> None:
+        """The penultimate features are the experiment's MLP's: refuse another network before
+        any work."""
+        if self.features == "penultimate" and cfg.model.name != "mlp":
+            raise ValueError(f"newton's features = 'penultimate' needs model.name = 'mlp', got "
+                             f"{cfg.model.name!r}; use features = 'raw' with this model")
 
     def _feature_map(self, ctx: UnlearningContext, seed: int) -> Callable[[np.ndarray], np.ndarray]:
         if self.features == "raw":

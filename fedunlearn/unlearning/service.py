@@ -43,9 +43,10 @@ from fedunlearn.config import Config, ConfigError
 from fedunlearn.data.federated import FederatedData
 from fedunlearn.evaluation.shadow import ShadowModels, shadow_sample_size
 from fedunlearn.evaluation.verify import Outputs, RequestVerifier
-from fedunlearn.federation.faults import nonfinite
+from fedunlearn.extensions import describe_failure
+from fedunlearn.federation.faults import ClientFailure, nonfinite
 from fedunlearn.federation.port import Federation
-from fedunlearn.history import HistoryStore
+from fedunlearn.history import HistoryError, HistoryStore
 from fedunlearn.lineage import LineageLog, params_hash
 from fedunlearn.params import Params
 from fedunlearn.schema import NOISE_SUFFIX, REFERENCE, SETTINGS, Role, Row
@@ -168,12 +169,18 @@ def _create(cfg: Config, name: str, **forced: Any) -> Unlearner:
         method = factory(**{**params, **forced})
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"config key 'unlearning.params.{name}': {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a user's constructor: its error, in one line
+        raise ConfigError(f"unlearning method '{name}' could not be built: "
+                          f"{describe_failure(exc)}") from None
     if protocol_gaps(method):
         raise _protocol_error(name, method)
     try:
         method.check()  # hyperparameter checks that need no data run before any work
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"config key 'unlearning.params.{name}': {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a user's check failing otherwise, in one line
+        raise ConfigError(f"unlearning method '{name}': its check() failed: "
+                          f"{describe_failure(exc)}") from None
     return method
 
 
@@ -346,8 +353,12 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
 
     def context(targets: tuple[int, ...], removed: frozenset[int], model: Params,
                 request: int) -> UnlearningContext:
-        return UnlearningContext(cfg=cfg, targets=targets, removed=removed, model=model,
-                                 initial=initial, history=store, federation=federation,
+        # its own copies: a method that edits ctx.model or ctx.initial in place must not
+        # change what the methods after it, the original's row and the journal start from
+        return UnlearningContext(cfg=cfg, targets=targets, removed=removed,
+                                 model={k: v.copy() for k, v in model.items()},
+                                 initial={k: v.copy() for k, v in initial.items()},
+                                 history=store, federation=federation,
                                  data=data, build_model=build_model,
                                  seed=derive_seed(cfg.seed, 0xA11, request))
 
@@ -433,13 +444,30 @@ def _serve(m: Method, ctx: UnlearningContext, request: int, reference_wall: dict
     """One method serves one request: timed, its traffic counted, logged in the lineage."""
     sent, exchanged = _traffic(ctx.federation)
     reached = Counter(getattr(ctx.federation, "reached", ()))
+    source = params_hash(ctx.model) if m.role == Role.METHOD else None
     t0 = time.perf_counter()
-    result = m.method.unlearn(ctx)
+    try:
+        result = m.method.unlearn(ctx)
+    except Exception as exc:
+        if type(m.method).__module__.startswith("fedunlearn.") or isinstance(exc, _SAID):
+            raise
+        raise RequestError(f"unlearning method '{m.name}' failed on request {request}: "
+                           f"{describe_failure(exc)}; fix it (the requests answered before "
+                           "are kept: `fedunlearn resume RUN_DIR` goes on from this one), or "
+                           "leave it out") from exc
     wall = time.perf_counter() - t0
     if not isinstance(result, UnlearningResult):
         raise RequestError(f"unlearning method '{m.name}' returned {type(result).__name__}, "
                            "not an UnlearningResult (fedunlearn.unlearning.base); fix its "
                            "unlearn(ctx)")
+    if result.model is not None and (misfit := _misfit(result.model, ctx.initial)):
+        raise RequestError(f"unlearning method '{m.name}' answered request {request} with a "
+                           f"model that does not fit the experiment's network: {misfit}; fix "
+                           "its unlearn(ctx) to return arrays like ctx.model's")
+    if result.model is not None and list(result.model) != list(ctx.initial):
+        # the network's order (a model rebuilt from the history may list the non-float
+        # buffers last): distances and hashes compare arrays in order
+        result = dataclasses.replace(result, model={k: result.model[k] for k in ctx.initial})
     if result.model is not None and (bad := nonfinite(result.model)):
         raise RequestError(f"unlearning method '{m.name}' answered request {request} with a "
                            f"model holding NaN or Inf (in {', '.join(bad[:3])}); its "
@@ -453,7 +481,7 @@ def _serve(m: Method, ctx: UnlearningContext, request: int, reference_wall: dict
     exact = bool(getattr(m.method, "exact", m.role != Role.METHOD))
     lineage.append("model", kind="unlearned", method=m.name, request=request, setting=m.setting,
                    model_hash=answer.row.model_hash, exact=exact,
-                   derived_from=None if m.role != Role.METHOD else params_hash(ctx.model),
+                   derived_from=source,
                    trained_with=_trained_with(m, ctx, reached, exact=exact),
                    forgot=sorted(ctx.removed))
     _say(stream, f"[unlearn] request {request} {list(ctx.targets)}  {m.name:<22} {wall:7.2f}s  "
@@ -591,6 +619,39 @@ def _blank_answer(method: str, setting: str, targets: tuple[int, ...], outputs: 
     row = Row(list(targets), method, setting, Role.ORIGINAL, 0.0, None, 0.0, 0, 0, 0, 0.0, 0.0,
               {}, model_hash)
     return _Answer(row, outputs, params)
+
+
+_SAID = (RequestError, ConfigError, HistoryError, HistoryNotReplayable, ClientFailure,
+         interrupt.Interrupted)
+"""Errors that already say, in one line, what went wrong and what to do."""
+
+
+def _misfit(model: Any, like: Params) -> str | None:
+    """Why ``model`` cannot stand for the experiment's network ``like`` (the same names,
+    NumPy arrays of the same shapes and dtypes), or ``None`` if it can.
+
+    >>> like = {"w": np.zeros((2, 3), np.float32)}
+    >>> _misfit({"w": np.zeros((2, 3), np.float64)}, like)
+    "'w' is float64, the network's is float32 (cast it with .astype)"
+    >>> _misfit({"v": np.zeros((2, 3), np.float32)}, like)
+    "missing ['w'], unexpected ['v']"
+    """
+    if not isinstance(model, dict):
+        return f"a {type(model).__name__}, not a dict of NumPy arrays"
+    missing = [k for k in like if k not in model]
+    extra = [k for k in model if k not in like]
+    if missing or extra:
+        return ", ".join(f"{what} {names[:5]}" for what, names in
+                         (("missing", missing), ("unexpected", extra)) if names)
+    for k, ref in like.items():
+        v = model[k]
+        if not isinstance(v, np.ndarray):
+            return f"'{k}' is a {type(v).__name__}, not a NumPy array"
+        if v.shape != ref.shape:
+            return f"'{k}' has shape {v.shape}, the network's {ref.shape}"
+        if v.dtype != ref.dtype:
+            return f"'{k}' is {v.dtype}, the network's is {ref.dtype} (cast it with .astype)"
+    return None
 
 
 def _answer(m: Method, result: UnlearningResult, targets: tuple[int, ...], wall: float,

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 from torch import nn
 
+from fedunlearn.config import Config
 from fedunlearn.data.federated import FederatedData
 from fedunlearn.models import reinitialise
 from fedunlearn.params import Params, get_params, num_bytes, set_params
@@ -492,6 +493,12 @@ class Sisa:
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0 or None, got {self.learning_rate}")
 
+    def check_config(self, cfg: Config) -> None:
+        """Sharded by client, each shard holds whole clients: no more shards than clients."""
+        if self.shard_by == "client" and self.shards > cfg.data.num_clients:
+            raise ValueError(f"{self.shards} shards by client need at least as many clients; "
+                             f"data.num_clients is {cfg.data.num_clients}: lower shards")
+
     def fit(self, ctx: UnlearningContext) -> Sisa:
         """Fit the ensemble on every client's data (ids are positions in the pooled data)."""
         x, y, groups = pooled_clients(ctx.data)
@@ -539,3 +546,9 @@ class SisaRandom(Sisa):
                  learning_rate: float | None = None) -> None:
         super().__init__(shards=shards, slices=slices, epochs=epochs, shard_by=shard_by,
                          aggregate=aggregate, learning_rate=learning_rate)
+
+    def check(self) -> None:
+        super().check()
+        if self.shard_by != "random":
+            raise ValueError(f"sisa_random shards at random (shard_by = {self.shard_by!r} would "
+                             "make it a copy of sisa); list sisa for sharding by client")
