@@ -156,6 +156,7 @@ def cmd_run(args: argparse.Namespace, *, compare: bool = False) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from fedunlearn.checkpoint import read_run_file
     from fedunlearn.config import from_dict
+    from fedunlearn.experiment import validate_names
     from fedunlearn.federation.strategy import keeps_history_identity
     from fedunlearn.preflight import check_engine
     from fedunlearn.runner import run_experiment
@@ -166,6 +167,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
                           "nothing to resume")
     run = read_run_file(out)
     cfg = from_dict(run["config"])
+    validate_names(cfg)  # imports the run's extensions (its strategy may be one of them)
     t = cfg.training
     if keeps_history_identity(t.strategy, t.strategy_params) is False:
         raise ConfigError(f"strategy '{t.strategy}' keeps server state between rounds that "

@@ -31,7 +31,15 @@ from fedunlearn.models import MODELS, build_model
 from fedunlearn.params import Params, get_params, set_params
 from fedunlearn.registry import Registry
 from fedunlearn.seeding import sample_participants
-from fedunlearn.training import OPTIMIZERS, TRAIN_STEPS, evaluate, predict_proba
+from fedunlearn.training import (
+    OPTIMIZERS,
+    TRAIN_STEPS,
+    device_for,
+    evaluate,
+    local_training,
+    predict_proba,
+    train,
+)
 
 
 def _resolve(registry: Registry[object] | dict[str, object], key: str, name: str) -> None:
@@ -220,6 +228,23 @@ def _check_local_training(cfg: Config, data: FederatedData) -> None:
         raise ConfigError(f"config [training] (step '{t.step}', optimizer '{t.optimizer}', "
                           f"model '{cfg.model.name}') fails on one batch before any round: "
                           f"{describe_failure(exc)}") from None
+    # the smallest batch a client will take (a client's last, partial one), if smaller: a
+    # BatchNorm layer cannot train on one sample
+    size, k = min(((len(d) % t.batch_size or min(len(d), t.batch_size)), k)
+                  for k, d in enumerate(data.clients))
+    if size < min(t.batch_size, len(next(d for d in data.clients if len(d)))):
+        model = build_model(cfg.model.name, data.input_shape, data.num_classes, seed=0,
+                            **cfg.model.params)
+        try:
+            train(model, data.clients[k].x[:size], data.clients[k].y[:size],
+                  local_training(cfg, 1.0), seed=0, device=device_for(cfg))
+        except Exception as exc:  # noqa: BLE001 - in one line, with the batch that fails
+            raise ConfigError(
+                f"config [training] (step '{t.step}', model '{cfg.model.name}') fails on a "
+                f"batch of {size} sample{'s' if size > 1 else ''} (client {k} holds "
+                f"{len(data.clients[k])}, training.batch_size is {t.batch_size}): "
+                f"{describe_failure(exc)}; change training.batch_size or "
+                "data.num_clients") from None
 
 
 def _check_methods_against_model(cfg: Config, model: Any) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from fedunlearn.cli import main
+from fedunlearn.config import ConfigError
 
 BD = "simulations/backdoor_digits.toml"
 QS = "simulations/quickstart.toml"
@@ -296,3 +298,54 @@ def test_a_broken_extension_is_one_line_before_any_round(body, sets, needle, tmp
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("fedunlearn: error: ") and needle in err[0], err[0]
     assert not out.exists()
+
+
+def test_resume_imports_the_runs_extensions_before_checking_its_strategy(tmp_path, monkeypatch,
+                                                                         capsys):
+    """A run trained with a strategy from the user's module: `resume` must know that name (it
+    was a KeyError traceback: the strategy check ran before the extensions were imported)."""
+    from fedunlearn import runner
+    from fedunlearn.checkpoint import write_run_file
+    from fedunlearn.config import load_config
+    from fedunlearn.federation.strategy import STRATEGIES
+
+    (tmp_path / "ext_strategy.py").write_text(EXT_HEAD + (
+        "@STRATEGIES.register('mine')\ndef mine(evaluate_fraction=0.0, **params):\n"
+        "    return FedAvg(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1)\n"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+    monkeypatch.setattr(runner, "run_experiment", lambda cfg, out, **kw: seen.append(cfg))
+    cfg = load_config(QS, ["experiment.extensions=[\"ext_strategy\"]",
+                           "training.strategy=\"mine\""])
+    out = tmp_path / "run"
+    out.mkdir()
+    write_run_file(out, cfg.to_dict(), "run")
+    assert "mine" not in STRATEGIES  # as in a new process: the module is not imported yet
+    code = main(["resume", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert [c.training.strategy for c in seen] == ["mine"]
+
+
+def test_a_model_that_cannot_train_on_a_clients_last_batch_is_refused_before_any_round(
+        tmp_path, monkeypatch):
+    """BatchNorm cannot train on one sample: with a batch size that leaves some client a last
+    batch of one, the run stops in prepare, naming the client and the batch size (it failed
+    in round 1, inside the clients); one sample more in that batch, and it passes."""
+    from fedunlearn.config import load_config
+    from fedunlearn.experiment import prepare
+
+    (tmp_path / "ext_bn.py").write_text(EXT_HEAD + (
+        "@MODELS.register('bn')\ndef bn(input_shape, num_classes, seed=0):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16),\n"
+        "                         nn.ReLU(), nn.Linear(16, num_classes))\n"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = ["experiment.extensions=[\"ext_bn\"]", "model.name=\"bn\"", "data.num_clients=4",
+            "data.partition=\"iid\""]
+    sizes = [len(d) for d in prepare(load_config(QS, base)).data.clients]
+    k = int(np.argmin(sizes))
+    with pytest.raises(ConfigError, match=rf"fails on a batch of 1 sample \(client {k} holds "
+                                          rf"{sizes[k]}, training.batch_size is {sizes[k] - 1}\)"
+                                          r": ValueError: Expected more than 1 value"):
+        prepare(load_config(QS, [*base, f"training.batch_size={sizes[k] - 1}"]))
+    if all(n % (sizes[k] - 2) != 1 for n in sizes):
+        prepare(load_config(QS, [*base, f"training.batch_size={sizes[k] - 2}"]))

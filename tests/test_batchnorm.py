@@ -183,3 +183,15 @@ def test_calibrate_leaves_named_arrays_uncalibrated():
     assert out["bn.weight"].tolist() == [5.0, 0.0] and out["bn.running_var"].tolist() == [-.5, -.5]
     both = calibrate(stored, fresh)  # all arrays in one norm: the variance is stretched
     assert both["bn.running_var"][0] < -2.0
+
+
+def test_a_flower_message_keeps_every_entry_shape_and_dtype(bn_run):
+    """Through Flower a model travels as an ArrayRecord; ``num_batches_tracked`` is 0-d and
+    came back 1-d (``np.ascontiguousarray``), so every model trained through Flower differed in
+    shape from the network's, and an answer built on one was refused as a misfit."""
+    from fedunlearn.federation.messages import from_record, to_record
+
+    back = from_record(to_record(bn_run.final))
+    assert [(k, v.shape, v.dtype) for k, v in back.items()] == \
+        [(k, v.shape, v.dtype) for k, v in bn_run.final.items()]
+    assert back["norm.num_batches_tracked"].shape == ()

@@ -28,8 +28,14 @@ TASK_PREFIX = "task."
 
 
 def to_record(params: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """Pack parameters into an ``ArrayRecord`` (order preserved)."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in params.items()})
+    """Pack parameters into an ``ArrayRecord`` (order and shapes preserved: a 0-d array, such
+    as BatchNorm's ``num_batches_tracked``, stays 0-d, which ``np.ascontiguousarray`` would
+    make 1-d).
+
+    >>> from_record(to_record({"n": np.array(3, np.int64)}))["n"].shape
+    ()
+    """
+    return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in params.items()})
 
 
 def from_record(record: ArrayRecord) -> Params:
