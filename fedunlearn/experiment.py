@@ -229,15 +229,16 @@ def _check_local_training(cfg: Config, data: FederatedData) -> None:
                           f"model '{cfg.model.name}') fails on one batch before any round: "
                           f"{describe_failure(exc)}") from None
     # the smallest batch a client will take (a client's last, partial one), if smaller: a
-    # BatchNorm layer cannot train on one sample
+    # BatchNorm layer cannot train on one sample (the warm-up's samples, cut to that size)
     size, k = min(((len(d) % t.batch_size or min(len(d), t.batch_size)), k)
                   for k, d in enumerate(data.clients))
-    if size < min(t.batch_size, len(next(d for d in data.clients if len(d)))):
+    local = next(d for d in data.clients if len(d))
+    if size < min(t.batch_size, len(local)):
         model = build_model(cfg.model.name, data.input_shape, data.num_classes, seed=0,
                             **cfg.model.params)
         try:
-            train(model, data.clients[k].x[:size], data.clients[k].y[:size],
-                  local_training(cfg, 1.0), seed=0, device=device_for(cfg))
+            train(model, local.x[:size], local.y[:size], local_training(cfg, 1.0), seed=0,
+                  device=device_for(cfg))
         except Exception as exc:  # noqa: BLE001 - in one line, with the batch that fails
             raise ConfigError(
                 f"config [training] (step '{t.step}', model '{cfg.model.name}') fails on a "
