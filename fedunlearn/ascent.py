@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedunlearn.training import batch_bounds, has_batchnorm
+
 
 @dataclass(frozen=True)
 class Ascent:
@@ -107,7 +109,8 @@ def projected_ascent(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: Ascen
     yt = torch.from_numpy(y).to(device)
     n = len(xt)
     gen = torch.Generator().manual_seed(seed)
-    batches_per_epoch = max(1, -(-n // spec.batch_size))
+    bounds = batch_bounds(n, spec.batch_size, fold_single=has_batchnorm(model))
+    batches_per_epoch = max(1, len(bounds))
     total = round(spec.epochs * batches_per_epoch) if n > 0 else 0
     losses: list[float] = []
     stopped = False
@@ -120,7 +123,7 @@ def projected_ascent(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: Ascen
             if _accuracy(model, xt, yt) < spec.threshold:
                 stopped = True
                 break
-            idx = perm[b * spec.batch_size:(b + 1) * spec.batch_size].to(device)
+            idx = perm[bounds[b][0]:bounds[b][1]].to(device)
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(xt[idx]), yt[idx])
             (-loss).backward()  # ascent: descend on the negated loss

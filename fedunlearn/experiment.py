@@ -6,11 +6,12 @@ runs FedAvg through the federation port with the history store and progress disp
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -34,8 +35,10 @@ from fedunlearn.seeding import sample_participants
 from fedunlearn.training import (
     OPTIMIZERS,
     TRAIN_STEPS,
+    batch_bounds,
     device_for,
     evaluate,
+    has_batchnorm,
     local_training,
     predict_proba,
     train,
@@ -75,7 +78,7 @@ def _check_step_params(cfg: Config) -> None:
     except ValueError:  # no signature to read (a builtin): the warm-up batch will tell
         return
     try:
-        signature.bind(None, None, None, None)
+        signature.bind_partial(None, None, None, None)  # (the params may be required ones)
     except TypeError as exc:
         raise ConfigError(f"train step '{name}' is called as step(model, x, y, ctx, "
                           f"**training.step_params) and does not take that ({exc}); fix its "
@@ -85,6 +88,28 @@ def _check_step_params(cfg: Config) -> None:
     except TypeError as exc:
         raise ConfigError(f"config key 'training.step_params' = {dict(cfg.training.step_params)} "
                           f"does not fit train step '{name}' ({exc})") from None
+
+
+def _strategy_misfit(name: str, params: Mapping[str, Any], exc: Exception) -> str:
+    """What a strategy factory's ``TypeError``/``ValueError`` says: its signature does not take
+    the call, the parameters do not fit it, or it refused them itself."""
+    from fedunlearn.federation.strategy import STRATEGIES
+
+    try:
+        signature = inspect.signature(STRATEGIES.get(name))
+    except ValueError:  # no signature to read
+        return f"config key 'training.strategy_params': {exc}"
+    try:
+        signature.bind_partial(evaluate_fraction=0.0)
+    except TypeError:
+        return (f"strategy '{name}': its factory is called as factory(evaluate_fraction=..., "
+                "**training.strategy_params) and does not take that; define it as "
+                "def factory(evaluate_fraction=0.0, **params)")
+    try:
+        signature.bind(evaluate_fraction=0.0, **params)
+    except TypeError as bad:
+        return f"config key 'training.strategy_params' = {dict(params)}: {bad}"
+    return f"config key 'training.strategy_params' = {dict(params)}: {describe_failure(exc)}"
 
 
 def _check_strategy(cfg: Config) -> None:
@@ -103,16 +128,7 @@ def _check_strategy(cfg: Config) -> None:
         strategy = STRATEGIES.get(name)(evaluate_fraction=cfg.training.evaluate_fraction,
                                         **cfg.training.strategy_params)
     except (TypeError, ValueError) as exc:
-        try:  # the factory's own signature, or the parameters given to it?
-            inspect.signature(STRATEGIES.get(name)).bind(evaluate_fraction=0.0)
-        except TypeError:
-            raise ConfigError(f"strategy '{name}': its factory is called as factory("
-                              "evaluate_fraction=..., **training.strategy_params) and does not "
-                              "take that; define it as def factory(evaluate_fraction=0.0, "
-                              "**params)") from None
-        except ValueError:  # no signature to read
-            pass
-        raise ConfigError(f"config key 'training.strategy_params': {exc}") from None
+        raise ConfigError(_strategy_misfit(name, cfg.training.strategy_params, exc)) from None
     except Exception as exc:  # noqa: BLE001 - a user's factory: its error, in one line
         raise ConfigError(f"strategy '{name}' could not be built: {describe_failure(exc)}; "
                           "fix its factory") from None
@@ -184,10 +200,11 @@ def prepare(cfg: Config) -> Setup:
         raise ConfigError(f"clients {empty} received no data; lower data.num_clients or raise "
                           "data.alpha")
     model = _checked_model(cfg, data)
-    _check_methods_against_model(cfg, model)
+    initial = get_params(model)
+    _check_methods_against_model(cfg, copy.deepcopy(model))  # a check must not edit M_1
     _check_requests_against_sampling(cfg)
     _check_local_training(cfg, data)
-    return Setup(cfg=cfg, data=data, initial=get_params(model))
+    return Setup(cfg=cfg, data=data, initial=initial)
 
 
 def _checked_model(cfg: Config, data: FederatedData) -> torch.nn.Module:
@@ -216,6 +233,12 @@ def _checked_model(cfg: Config, data: FederatedData) -> torch.nn.Module:
     return model
 
 
+def _reached(bounds: list[tuple[int, int]], epochs: float) -> list[tuple[int, int]]:
+    """The batches of an epoch that ``epochs`` epochs of local training reach (0.5 epochs of
+    three batches take the first two of a shuffle, never the partial third)."""
+    return bounds[:max(1, min(len(bounds), round(epochs * len(bounds))))]
+
+
 def _check_local_training(cfg: Config, data: FederatedData) -> None:
     """One training step on one batch, as every client takes them (train step, optimizer,
     model), before any work; it also pays torch's one-off start-up in this process."""
@@ -228,14 +251,17 @@ def _check_local_training(cfg: Config, data: FederatedData) -> None:
         raise ConfigError(f"config [training] (step '{t.step}', optimizer '{t.optimizer}', "
                           f"model '{cfg.model.name}') fails on one batch before any round: "
                           f"{describe_failure(exc)}") from None
-    # the smallest batch a client will take (a client's last, partial one), if smaller: a
-    # BatchNorm layer cannot train on one sample (the warm-up's samples, cut to that size)
-    size, k = min(((len(d) % t.batch_size or min(len(d), t.batch_size)), k)
-                  for k, d in enumerate(data.clients))
+    # the smallest batch a client will take (a client's last, partial one), if smaller (the
+    # warm-up's samples, cut to that size): a model may fail on it (BatchNorm on a client of one
+    # sample; a last batch of one joins the one before, training.batch_bounds)
+    model = build_model(cfg.model.name, data.input_shape, data.num_classes, seed=0,
+                        **cfg.model.params)
+    size, k = min((b - a, k) for k, d in enumerate(data.clients)
+                  for a, b in _reached(batch_bounds(len(d), t.batch_size,
+                                                    fold_single=has_batchnorm(model)),
+                                       t.local_epochs))
     local = next(d for d in data.clients if len(d))
     if size < min(t.batch_size, len(local)):
-        model = build_model(cfg.model.name, data.input_shape, data.num_classes, seed=0,
-                            **cfg.model.params)
         try:
             train(model, local.x[:size], local.y[:size], local_training(cfg, 1.0), seed=0,
                   device=device_for(cfg))
@@ -264,6 +290,9 @@ def _check_methods_against_model(cfg: Config, model: Any) -> None:
                 check(model)
             except ValueError as exc:
                 raise ConfigError(f"config key 'unlearning.params.{name}': {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - a user's check failing otherwise
+                raise ConfigError(f"unlearning method '{name}': its check_model(net) failed: "
+                                  f"{describe_failure(exc)}") from None
 
 
 def check_replayable(cfg: Config) -> None:

@@ -108,6 +108,28 @@ def _shape_of(value: Any) -> str:
     return type(value).__name__
 
 
+def batch_bounds(n: int, batch_size: int, *, fold_single: bool = False) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each mini-batch of an epoch over ``n`` shuffled samples; with
+    ``fold_single`` a last batch of one sample joins the batch before it (BatchNorm cannot
+    train on one sample; PyTorch's ``drop_last`` would lose it instead).
+
+    >>> batch_bounds(5, 2), batch_bounds(5, 2, fold_single=True)
+    ([(0, 2), (2, 4), (4, 5)], [(0, 2), (2, 5)])
+    """
+    bounds = [(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
+    if fold_single and len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
+_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` holds a BatchNorm layer (see :func:`batch_bounds`)."""
+    return any(isinstance(m, _BATCHNORM) for m in model.modules())
+
+
 def make_optimizer(model: nn.Module, spec: LocalTraining) -> torch.optim.Optimizer:
     """Build the optimizer named in ``spec``."""
     factory = OPTIMIZERS.get(spec.optimizer)
@@ -133,7 +155,8 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: LocalTraining, *
     n = len(xt)
     gen = torch.Generator().manual_seed(seed)
     ctx = StepContext(global_params=[p.detach().clone() for p in model.parameters()])
-    batches_per_epoch = max(1, -(-n // spec.batch_size))
+    bounds = batch_bounds(n, spec.batch_size, fold_single=has_batchnorm(model))
+    batches_per_epoch = max(1, len(bounds))
     total_batches = round(spec.epochs * batches_per_epoch)
     losses: list[float] = []
     done = 0
@@ -144,7 +167,7 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: LocalTraining, *
         for b in range(batches_per_epoch):
             if done >= total_batches:
                 break
-            idx = perm[b * spec.batch_size:(b + 1) * spec.batch_size]
+            idx = perm[bounds[b][0]:bounds[b][1]]
             xb, yb = xt[idx].to(device), yt[idx].to(device)
             opt.zero_grad(set_to_none=True)
             loss = step_fn(model, xb, yb, ctx, **step_params)
@@ -152,6 +175,10 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: LocalTraining, *
                 raise TypeError(f"train step '{spec.step}' returned "
                                 f"{_shape_of(loss)}; it must return the batch's loss as a "
                                 "one-element tensor (e.g. F.cross_entropy(model(x), y))")
+            if not loss.requires_grad:
+                raise TypeError(f"train step '{spec.step}' returned a loss that does not depend "
+                                "on the model's parameters (detached, or computed without "
+                                "them): nothing to train")
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))

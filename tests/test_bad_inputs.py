@@ -263,6 +263,18 @@ EXT_CASES = [
      "does not fit train step 'cross_entropy' (got an unexpected keyword argument 'mu')"),
     ("", ["training.step=\"proximal\"", "training.step_params={mu=-1.0}"],
      "ValueError: the proximal step needs mu >= 0"),
+    (("@register_source('src')\ndef src(seed=0):\n"
+     "    x = np.random.default_rng(0).random((300, 4))\n"
+     "    return ArrayDataset(x=x, y=np.arange(300) % 3 + 0.7, num_classes=4)\n"),
+     ["data.source=\"src\"", "backdoor.clients=[]"], "non-integral values such as 0.7"),
+    (("@TRAIN_STEPS.register('s')\ndef s(model, x, y, ctx):\n"
+     "    return F.cross_entropy(model(x), y).detach()\n"),
+     ["training.step=\"s\""], "returned a loss that does not depend on the model's parameters"),
+    (("@STRATEGIES.register('st')\ndef st(evaluate_fraction=0.0, *, damping, **params):\n"
+     "    if not 0 <= damping <= 1:\n        raise ValueError('damping must lie in [0, 1]')\n"
+     "    return FedAvg()\n"),
+     ["training.strategy=\"st\"", "training.strategy_params={damping=2.0}"],
+     "{'damping': 2.0}: ValueError: damping must lie in [0, 1] (at ext_bad.py:14 in st)"),
     ("@STRATEGIES.register('st')\ndef st(evaluate_fraction=0.0, **params):\n    return None\n",
      ["training.strategy=\"st\""], "returned NoneType, not a flwr.serverapp.strategy.Strategy"),
     ("@STRATEGIES.register('st')\ndef st():\n    return FedAvg()\n", ["training.strategy=\"st\""],
@@ -328,24 +340,75 @@ def test_resume_imports_the_runs_extensions_before_checking_its_strategy(tmp_pat
 
 def test_a_model_that_cannot_train_on_a_clients_last_batch_is_refused_before_any_round(
         tmp_path, monkeypatch):
-    """BatchNorm cannot train on one sample: with a batch size that leaves some client a last
-    batch of one, the run stops in prepare, naming the client and the batch size (it failed
-    in round 1, inside the clients); one sample more in that batch, and it passes."""
+    """A model that fails on small batches stops the run in prepare, naming the client whose
+    last batch it is and the batch size (it failed in round 1, inside the clients). BatchNorm,
+    which cannot train on one sample, gets a last batch of one folded into the batch before
+    (training.batch_bounds): the same batch size passes, and trains."""
     from fedunlearn.config import load_config
     from fedunlearn.experiment import prepare
+    from fedunlearn.training import local_training, train
 
-    (tmp_path / "ext_bn.py").write_text(EXT_HEAD + (
+    (tmp_path / "ext_small.py").write_text(EXT_HEAD + (
+        "class Picky(nn.Module):\n"
+        "    def __init__(self, d, c):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(d, c)\n"
+        "    def forward(self, x):\n"
+        "        if self.training and len(x) < 3:\n"
+        "            raise ValueError(f'needs 3 samples, got {len(x)}')\n"
+        "        return self.fc(x.flatten(1))\n"
+        "@MODELS.register('picky')\ndef picky(input_shape, num_classes, seed=0):\n"
+        "    return Picky(int(np.prod(input_shape)), num_classes)\n"
         "@MODELS.register('bn')\ndef bn(input_shape, num_classes, seed=0):\n"
         "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16),\n"
         "                         nn.ReLU(), nn.Linear(16, num_classes))\n"))
     monkeypatch.syspath_prepend(str(tmp_path))
-    base = ["experiment.extensions=[\"ext_bn\"]", "model.name=\"bn\"", "data.num_clients=4",
+    base = ["experiment.extensions=[\"ext_small\"]", "data.num_clients=4",
             "data.partition=\"iid\""]
     sizes = [len(d) for d in prepare(load_config(QS, base)).data.clients]
     k = int(np.argmin(sizes))
+    one_left = f"training.batch_size={sizes[k] - 1}"  # client k's last batch holds one sample
     with pytest.raises(ConfigError, match=rf"fails on a batch of 1 sample \(client {k} holds "
                                           rf"{sizes[k]}, training.batch_size is {sizes[k] - 1}\)"
-                                          r": ValueError: Expected more than 1 value"):
-        prepare(load_config(QS, [*base, f"training.batch_size={sizes[k] - 1}"]))
-    if all(n % (sizes[k] - 2) != 1 for n in sizes):
-        prepare(load_config(QS, [*base, f"training.batch_size={sizes[k] - 2}"]))
+                                          r": ValueError: needs 3 samples, got 1 \(at ext_small"):
+        prepare(load_config(QS, [*base, "model.name=\"picky\"", one_left]))
+    setup = prepare(load_config(QS, [*base, "model.name=\"bn\"", one_left]))
+    client = setup.data.clients[k]
+    stats = train(setup.build_model(), client.x, client.y,
+                  local_training(setup.cfg, 1.0), seed=0)
+    assert stats["steps"] == len(client) // (sizes[k] - 1)  # the one sample joined a batch
+
+
+def test_unusual_but_valid_extensions_pass_the_checks(tmp_path, monkeypatch):
+    """What the checks must not refuse: a step whose parameter is required (given in
+    step_params), a strategy whose parameter is required, a model that fails on small
+    batches that half an epoch never reaches."""
+    from fedunlearn.config import load_config
+    from fedunlearn.experiment import prepare
+
+    (tmp_path / "ext_ok.py").write_text(EXT_HEAD + (
+        "@TRAIN_STEPS.register('req')\ndef req(model, x, y, ctx, *, mu):\n"
+        "    return F.cross_entropy(model(x), y) * (1 + mu)\n"
+        "@STRATEGIES.register('damped')\ndef damped(evaluate_fraction=0.0, *, damping, **p):\n"
+        "    return FedAvg(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1)\n"
+        "class Picky(nn.Module):\n"
+        "    def __init__(self, d, c):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(d, c)\n"
+        "    def forward(self, x):\n"
+        "        if self.training and len(x) < 3:\n"
+        "            raise ValueError(f'needs 3 samples, got {len(x)}')\n"
+        "        return self.fc(x.flatten(1))\n"
+        "@MODELS.register('picky')\ndef picky(input_shape, num_classes, seed=0):\n"
+        "    return Picky(int(np.prod(input_shape)), num_classes)\n"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = ["experiment.extensions=[\"ext_ok\"]", "data.num_clients=4", "data.partition=\"iid\""]
+    prepare(load_config(QS, [*base, "training.step=\"req\"", "training.step_params={mu=0.1}",
+                             "training.strategy=\"damped\"",
+                             "training.strategy_params={damping=0.5}"]))
+    sizes = [len(d) for d in prepare(load_config(QS, base)).data.clients]
+    one_left = f"training.batch_size={min(sizes) - 1}"
+    with pytest.raises(ConfigError, match="fails on a batch of 1 sample"):
+        prepare(load_config(QS, [*base, "model.name=\"picky\"", one_left]))
+    prepare(load_config(QS, [*base, "model.name=\"picky\"", one_left,
+                             "training.local_epochs=0.5"]))  # never takes the last batch

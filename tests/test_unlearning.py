@@ -364,3 +364,93 @@ def test_a_user_method_that_fails_or_answers_a_misfit_is_one_line_before_the_pur
         serve()
     assert "\n" not in str(info.value)
     assert store.purged() == [] and 1 in store.clients()
+
+
+CHECKING = '''
+import numpy as np
+import torch
+
+from fedunlearn.unlearning import UNLEARNERS, Cost, UnlearningResult
+
+
+@UNLEARNERS.register("c_zeroes")
+class Zeroes:
+    """Its check_model zeroes the network it is shown."""
+
+    setting = "federated"
+
+    def check(self):
+        pass
+
+    def check_model(self, net):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.mul_(0)
+
+    def unlearn(self, ctx):
+        return UnlearningResult(model=ctx.model, cost=Cost())
+
+
+@UNLEARNERS.register("c_keyerror")
+class KeyErr(Zeroes):
+    def check_model(self, net):
+        pass
+
+    def check_config(self, cfg):
+        return cfg.unlearning.params["nothing"]
+
+
+@UNLEARNERS.register("c_central")
+class Central:
+    setting = "centralized"
+    exact = False
+
+    def __init__(self, mode="fit"):
+        self.mode = mode
+
+    def check(self):
+        pass
+
+    def fit(self, ctx):
+        if self.mode == "fit":
+            raise RuntimeError("no pooled data here")
+        self.original_params_ = None
+        return self
+
+    def predict_proba_original(self, x):
+        return np.full((len(x), 10), 0.1)
+
+    def unlearn(self, ctx):
+        return UnlearningResult(predict_proba=lambda x: np.full((len(x), 3), 1 / 3), cost=Cost())
+'''
+
+
+def test_a_user_methods_checks_and_centralized_calls_fail_in_one_line(trained, tmp_path,
+                                                                      monkeypatch):
+    """check_model sees a copy of the network (the initial model stays the experiment's);
+    check_config raising a KeyError, a centralized method's fit raising and its answer's
+    probabilities of the wrong shape are each one line naming the method."""
+    (tmp_path / "checking.py").write_text(CHECKING)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ext = ["experiment.extensions=[\"checking\"]", "unlearning.requests=[[1]]",
+           "verification.noise_floor=false", "verification.mia_shadows=0"]
+    plain = prepare(small_config(*UNLEARN_CFG, *ext))
+    zeroed = prepare(small_config(*UNLEARN_CFG, *ext,
+                                  "unlearning.methods=[\"retrain\", \"c_zeroes\"]"))
+    assert max_abs_diff(plain.initial, zeroed.initial) == 0.0
+    with pytest.raises(ConfigError, match=r"'c_keyerror': its check_config\(cfg\) failed: "
+                                          r"KeyError: 'nothing' \(at checking\.py:\d+"):
+        prepare(small_config(*UNLEARN_CFG, *ext,
+                             "unlearning.methods=[\"retrain\", \"c_keyerror\"]"))
+    _, setup, _fed, store, run = trained
+    for mode, needle in (("fit", (r"'c_central' failed in fit\(ctx\) on the pooled data: "
+                                 r"RuntimeError: no pooled data here \(at checking\.py")),
+                         ("shape", (r"'c_central' predicted probabilities of shape \(\d+, 3\) "
+                                   r"for \d+ inputs, not \(\d+, 10\)"))):
+        cfg = small_config(*UNLEARN_CFG, *ext, "unlearning.methods=[\"c_central\"]",
+                           f"unlearning.params.c_central.mode=\"{mode}\"")
+        with pytest.raises(RequestError, match=needle):
+            serve_requests(cfg, data=setup.data, trained=run.final, initial=setup.initial,
+                           store=store, federation=None, lineage=LineageLog(tmp_path),
+                           build_model=setup.build_model, predictor=setup.predictor(),
+                           stream=None, settings=("centralized",))

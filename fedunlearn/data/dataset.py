@@ -35,7 +35,15 @@ class ArrayDataset:
 
     def __post_init__(self) -> None:
         x = np.asarray(self.x, dtype=np.float32)
-        y = np.asarray(self.y, dtype=np.int64)
+        raw = np.asarray(self.y)
+        if raw.dtype.kind == "f" and not np.array_equal(raw, np.round(raw)):
+            raise ValueError("labels y must be class indices 0, 1, ...; got non-integral "
+                             f"values such as {raw[raw != np.round(raw)][0]}")
+        try:
+            y = raw.astype(np.int64)
+        except ValueError:
+            raise ValueError("labels y must be class indices 0, 1, ...; got "
+                             f"{raw.dtype} values such as {raw.ravel()[0]!r}") from None
         if x.ndim < 2:
             raise ValueError(f"x must be at least 2-D (N, ...), got shape {x.shape}")
         if y.ndim != 1:

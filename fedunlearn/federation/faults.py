@@ -195,5 +195,5 @@ class FaultPolicy:
         drop = ("" if self.on_failure == "drop" else
                 ", or set engine.on_client_failure=\"drop\" to go on without it")
         retry = ", or set engine.client_retries" if failure.reason != "non-finite" \
-            and self.retries == 0 else ""
+            and " (at " not in failure.reason and self.retries == 0 else ""  # code fails again
         return f"{fix}{retry}{drop}"

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from fedunlearn.aggregation import apply_update, l2_norm, weighted_sum
 from fedunlearn.params import Params, get_params, set_params
 from fedunlearn.seeding import derive_seed
-from fedunlearn.training import OPTIMIZERS
+from fedunlearn.training import OPTIMIZERS, batch_bounds, has_batchnorm
 from fedunlearn.unlearning.base import (
     UNLEARNERS,
     Cost,
@@ -173,7 +173,7 @@ class Distillation:
         x = torch.from_numpy(np.asarray(ctx.data.server.x, np.float32))
         teacher = ctx.build_model()
         set_params(teacher, ctx.model)
-        per_epoch = -(-len(x) // self.batch_size)
+        per_epoch = len(batch_bounds(len(x), self.batch_size, fold_single=has_batchnorm(student)))
         budget = self.epochs * per_epoch if self.max_steps is None else min(
             self.epochs * per_epoch, self.max_steps)
         # the whole split is labelled at once unless the budget draws fewer samples than it has
@@ -184,10 +184,11 @@ class Distillation:
         student.train()
         while steps < budget:
             perm = torch.randperm(len(x), generator=gen)
-            for start in range(0, len(x), self.batch_size):
+            for start, stop in batch_bounds(len(x), self.batch_size,
+                                            fold_single=has_batchnorm(student)):
                 if steps == budget:
                     break
-                idx = perm[start:start + self.batch_size]
+                idx = perm[start:stop]
                 soft = (teacher_logits[idx] if teacher_logits is not None
                         else _logits(teacher, x[idx]))
                 opt.zero_grad(set_to_none=True)

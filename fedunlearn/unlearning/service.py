@@ -32,7 +32,8 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TextIO
 
@@ -194,6 +195,9 @@ def _check_config(cfg: Config, name: str, method: Unlearner) -> None:
             check(cfg)
         except ValueError as exc:
             raise ConfigError(f"config key 'unlearning.methods' ({name}): {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - a user's check failing otherwise
+            raise ConfigError(f"unlearning method '{name}': its check_config(cfg) failed: "
+                              f"{describe_failure(exc)}") from None
 
 
 def build_methods(cfg: Config) -> list[Method]:
@@ -446,20 +450,19 @@ def _serve(m: Method, ctx: UnlearningContext, request: int, reference_wall: dict
     reached = Counter(getattr(ctx.federation, "reached", ()))
     source = params_hash(ctx.model) if m.role == Role.METHOD else None
     t0 = time.perf_counter()
-    try:
+    with _users_code(m, f"on request {request}", _then_resume(ctx.cfg, request)):
         result = m.method.unlearn(ctx)
-    except Exception as exc:
-        if type(m.method).__module__.startswith("fedunlearn.") or isinstance(exc, _SAID):
-            raise
-        raise RequestError(f"unlearning method '{m.name}' failed on request {request}: "
-                           f"{describe_failure(exc)}; fix it (the requests answered before "
-                           "are kept: `fedunlearn resume RUN_DIR` goes on from this one), or "
-                           "leave it out") from exc
     wall = time.perf_counter() - t0
     if not isinstance(result, UnlearningResult):
         raise RequestError(f"unlearning method '{m.name}' returned {type(result).__name__}, "
                            "not an UnlearningResult (fedunlearn.unlearning.base); fix its "
                            "unlearn(ctx)")
+    if isinstance(result.model, dict) and any(isinstance(v, np.generic)
+                                               for v in result.model.values()):
+        # NumPy gives a scalar, not a 0-d array, for arithmetic on a 0-d array (v * 0.9)
+        result = dataclasses.replace(result, model={
+            k: np.asarray(v) if isinstance(v, np.generic) else v
+            for k, v in result.model.items()})
     if result.model is not None and (misfit := _misfit(result.model, ctx.initial)):
         raise RequestError(f"unlearning method '{m.name}' answered request {request} with a "
                            f"model that does not fit the experiment's network: {misfit}; fix "
@@ -566,10 +569,13 @@ def _fit_centralized(methods: list[Method], ctx: UnlearningContext, lineage: Lin
     for m in methods:
         if m.setting == "centralized":
             t0 = time.perf_counter()
-            m.method.fit(ctx)  # type: ignore[attr-defined]
-            walls[m.name] = time.perf_counter() - t0
+            with _users_code(m, "in fit(ctx) on the pooled data",
+                             " (nothing of the removals has run yet)"):
+                m.method.fit(ctx)  # type: ignore[attr-defined]
+                walls[m.name] = time.perf_counter() - t0
+                fitted = _fitted_hash(m, ctx)
             lineage.append("model", kind="fitted", method=m.name, setting="centralized",
-                           model_hash=_fitted_hash(m, ctx),
+                           model_hash=fitted,
                            trained_with=list(range(len(ctx.data.clients))), exact=True)
             _say(stream, f"[central] fitted {m.name:<22} {walls[m.name]:7.2f}s on pooled data")
     return walls
@@ -621,6 +627,43 @@ def _blank_answer(method: str, setting: str, targets: tuple[int, ...], outputs: 
     return _Answer(row, outputs, params)
 
 
+@contextmanager
+def _users_code(m: Method, where: str, then: str = "") -> Iterator[None]:
+    """An exception raised in a method that is not fedunlearn's own becomes one line naming
+    the method, ``where`` it failed and where in the user's code; ours propagate as they are."""
+    try:
+        yield
+    except Exception as exc:
+        if type(m.method).__module__.startswith("fedunlearn.") or isinstance(exc, _SAID):
+            raise
+        raise RequestError(f"unlearning method '{m.name}' failed {where}: "
+                           f"{describe_failure(exc)}; fix it{then}, or leave it out") from exc
+
+
+def _checked_predictor(m: Method, predict: Callable[[np.ndarray], np.ndarray],
+                       classes: int) -> Callable[[np.ndarray], np.ndarray]:
+    """``predict`` of a method's answer, refusing in one line probabilities that are not one
+    row of ``classes`` per input."""
+    def checked(x: np.ndarray) -> np.ndarray:
+        with _users_code(m, "in the predict_proba it answered with"):
+            proba = np.asarray(predict(x))
+        if proba.shape != (len(x), classes):
+            raise RequestError(f"unlearning method '{m.name}' predicted probabilities of shape "
+                               f"{proba.shape} for {len(x)} inputs, not ({len(x)}, {classes}): "
+                               "one row per input, one column per class")
+        return proba
+    return checked
+
+
+def _then_resume(cfg: Config, request: int) -> str:
+    """How a run stopped by a failing method in ``request`` goes on once the method is fixed."""
+    if request > 0 and cfg.unlearning.purge and cfg.history.purge == "strict":
+        return (" and rerun into a new --out (a strict purge of the requests answered before "
+                "deleted the trained model the rest are measured against)")
+    return (" (the requests answered before are kept: `fedunlearn resume RUN_DIR` goes on "
+            "from this one)")
+
+
 _SAID = (RequestError, ConfigError, HistoryError, HistoryNotReplayable, ClientFailure,
          interrupt.Interrupted)
 """Errors that already say, in one line, what went wrong and what to do."""
@@ -658,7 +701,7 @@ def _answer(m: Method, result: UnlearningResult, targets: tuple[int, ...], wall:
             reference_wall: float | None, sent: int, exchanged: int,
             verifier: RequestVerifier, predictor: Callable[[Params], Callable]) -> _Answer:
     if result.predict_proba is not None:
-        predict = result.predict_proba
+        predict = _checked_predictor(m, result.predict_proba, verifier.data.num_classes)
     elif result.model is not None:
         predict = predictor(result.model)
     else:
