@@ -7,20 +7,16 @@ runs FedAvg through the federation port with the history store and progress disp
 from __future__ import annotations
 
 import copy
-import inspect
-import logging
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
-import torch
-
 from fedunlearn.aggregation import difference
 from fedunlearn.checkpoint import Checkpoint, Checkpointer
+from fedunlearn.checks import check_local_training, check_step_params, check_strategy, checked_model
 from fedunlearn.config import Config, ConfigError
 from fedunlearn.data.federated import FederatedData, build_federated_data
 from fedunlearn.data.sources import SOURCES
@@ -35,13 +31,8 @@ from fedunlearn.seeding import sample_participants
 from fedunlearn.training import (
     OPTIMIZERS,
     TRAIN_STEPS,
-    batch_bounds,
-    device_for,
     evaluate,
-    has_batchnorm,
-    local_training,
     predict_proba,
-    train,
 )
 
 
@@ -61,88 +52,12 @@ def validate_names(cfg: Config) -> None:
     _resolve(TRAIN_STEPS, "training.step", cfg.training.step)  # type: ignore[arg-type]
     _resolve(OPTIMIZERS, "training.optimizer", cfg.training.optimizer)  # type: ignore[arg-type]
     _resolve(STRATEGIES, "training.strategy", cfg.training.strategy)  # type: ignore[arg-type]
-    _check_step_params(cfg)
-    _check_strategy(cfg)
+    check_step_params(cfg)
+    check_strategy(cfg)
     if cfg.unlearning.requests:
         from fedunlearn.unlearning.service import build_methods
 
         build_methods(cfg)
-
-
-def _check_step_params(cfg: Config) -> None:
-    """``training.step_params`` must be keywords the train step takes (its first four
-    positional parameters are ``model, x, y, ctx``)."""
-    step, name = TRAIN_STEPS.get(cfg.training.step), cfg.training.step
-    try:
-        signature = inspect.signature(step)
-    except ValueError:  # no signature to read (a builtin): the warm-up batch will tell
-        return
-    try:
-        signature.bind_partial(None, None, None, None)  # (the params may be required ones)
-    except TypeError as exc:
-        raise ConfigError(f"train step '{name}' is called as step(model, x, y, ctx, "
-                          f"**training.step_params) and does not take that ({exc}); fix its "
-                          "signature") from None
-    try:
-        signature.bind(None, None, None, None, **cfg.training.step_params)
-    except TypeError as exc:
-        raise ConfigError(f"config key 'training.step_params' = {dict(cfg.training.step_params)} "
-                          f"does not fit train step '{name}' ({exc})") from None
-
-
-def _strategy_misfit(name: str, params: Mapping[str, Any], exc: Exception) -> str:
-    """What a strategy factory's ``TypeError``/``ValueError`` says: its signature does not take
-    the call, the parameters do not fit it, or it refused them itself."""
-    from fedunlearn.federation.strategy import STRATEGIES
-
-    try:
-        signature = inspect.signature(STRATEGIES.get(name))
-    except ValueError:  # no signature to read
-        return f"config key 'training.strategy_params': {exc}"
-    try:
-        signature.bind_partial(evaluate_fraction=0.0)
-    except TypeError:
-        return (f"strategy '{name}': its factory is called as factory(evaluate_fraction=..., "
-                "**training.strategy_params) and does not take that; define it as "
-                "def factory(evaluate_fraction=0.0, **params)")
-    try:
-        signature.bind(evaluate_fraction=0.0, **params)
-    except TypeError as bad:
-        return f"config key 'training.strategy_params' = {dict(params)}: {bad}"
-    return f"config key 'training.strategy_params' = {dict(params)}: {describe_failure(exc)}"
-
-
-def _check_strategy(cfg: Config) -> None:
-    """Build the strategy once, so a bad factory or bad strategy_params stop before any work;
-    it must be a Flower ``Strategy`` that trains every node it is offered (fedunlearn samples
-    each round's participants itself)."""
-    from flwr.serverapp.strategy import Strategy
-
-    from fedunlearn.federation.strategy import STRATEGIES
-
-    name = cfg.training.strategy
-    flwr_log = logging.getLogger("flwr")
-    level = flwr_log.level
-    flwr_log.setLevel(logging.ERROR)  # Flower's construction warnings belong to the run
-    try:
-        strategy = STRATEGIES.get(name)(evaluate_fraction=cfg.training.evaluate_fraction,
-                                        **cfg.training.strategy_params)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(_strategy_misfit(name, cfg.training.strategy_params, exc)) from None
-    except Exception as exc:  # noqa: BLE001 - a user's factory: its error, in one line
-        raise ConfigError(f"strategy '{name}' could not be built: {describe_failure(exc)}; "
-                          "fix its factory") from None
-    finally:
-        flwr_log.setLevel(level)
-    if not isinstance(strategy, Strategy):
-        raise ConfigError(f"strategy '{name}': its factory returned {type(strategy).__name__}, "
-                          "not a flwr.serverapp.strategy.Strategy; return one (e.g. FedAvg)")
-    fraction = getattr(strategy, "fraction_train", 1.0)
-    if fraction != 1.0:
-        raise ConfigError(f"strategy '{name}' has fraction_train = {fraction}: fedunlearn "
-                          "samples each round's participants itself (training.sample_fraction), "
-                          "so the strategy must train every node offered; set "
-                          "fraction_train=1.0 in its factory")
 
 
 @dataclass
@@ -199,79 +114,12 @@ def prepare(cfg: Config) -> Setup:
     if empty:
         raise ConfigError(f"clients {empty} received no data; lower data.num_clients or raise "
                           "data.alpha")
-    model = _checked_model(cfg, data)
+    model = checked_model(cfg, data)
     initial = get_params(model)
     _check_methods_against_model(cfg, copy.deepcopy(model))  # a check must not edit M_1
     _check_requests_against_sampling(cfg)
-    _check_local_training(cfg, data)
+    check_local_training(cfg, data)
     return Setup(cfg=cfg, data=data, initial=initial)
-
-
-def _checked_model(cfg: Config, data: FederatedData) -> torch.nn.Module:
-    """The experiment's initial network, checked against the data: a ``torch.nn.Module`` with
-    trainable parameters that maps a batch to one score per class."""
-    try:
-        model = build_model(cfg.model.name, data.input_shape, data.num_classes, seed=cfg.seed,
-                            **cfg.model.params)
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"its builder returned {type(model).__name__}, not a "
-                            "torch.nn.Module")
-        if not any(p.requires_grad for p in model.parameters()):
-            raise ValueError("it has no trainable parameters")
-        sample = next(d.x[:2] for d in data.clients if len(d))
-        with torch.no_grad():  # the model must take the data (shapes, channel counts)
-            out = model.eval()(torch.from_numpy(np.asarray(sample, np.float32)))
-        shape = tuple(getattr(out, "shape", ()))
-        if shape != (len(sample), data.num_classes):
-            raise ValueError(f"it maps {len(sample)} samples to "
-                             f"{shape or type(out).__name__}, not to "
-                             f"({len(sample)}, {data.num_classes}): one score per class of the "
-                             f"data's {data.num_classes}")
-    except Exception as exc:  # noqa: BLE001 - a builder or forward failing, in one line
-        raise ConfigError(f"config [model] ({cfg.model.name}, params {dict(cfg.model.params)}) "
-                          f"does not fit the data: {describe_failure(exc)}") from None
-    return model
-
-
-def _reached(bounds: list[tuple[int, int]], epochs: float) -> list[tuple[int, int]]:
-    """The batches of an epoch that ``epochs`` epochs of local training reach (0.5 epochs of
-    three batches take the first two of a shuffle, never the partial third)."""
-    return bounds[:max(1, min(len(bounds), round(epochs * len(bounds))))]
-
-
-def _check_local_training(cfg: Config, data: FederatedData) -> None:
-    """One training step on one batch, as every client takes them (train step, optimizer,
-    model), before any work; it also pays torch's one-off start-up in this process."""
-    from fedunlearn.federation.local import warm_up
-
-    t = cfg.training
-    try:
-        warm_up(cfg, data)
-    except Exception as exc:  # noqa: BLE001 - a user's step or optimizer, in one line
-        raise ConfigError(f"config [training] (step '{t.step}', optimizer '{t.optimizer}', "
-                          f"model '{cfg.model.name}') fails on one batch before any round: "
-                          f"{describe_failure(exc)}") from None
-    # the smallest batch a client will take (a client's last, partial one), if smaller (the
-    # warm-up's samples, cut to that size): a model may fail on it (BatchNorm on a client of one
-    # sample; a last batch of one joins the one before, training.batch_bounds)
-    model = build_model(cfg.model.name, data.input_shape, data.num_classes, seed=0,
-                        **cfg.model.params)
-    size, k = min((b - a, k) for k, d in enumerate(data.clients)
-                  for a, b in _reached(batch_bounds(len(d), t.batch_size,
-                                                    fold_single=has_batchnorm(model)),
-                                       t.local_epochs))
-    local = next(d for d in data.clients if len(d))
-    if size < min(t.batch_size, len(local)):
-        try:
-            train(model, local.x[:size], local.y[:size], local_training(cfg, 1.0), seed=0,
-                  device=device_for(cfg))
-        except Exception as exc:  # noqa: BLE001 - in one line, with the batch that fails
-            raise ConfigError(
-                f"config [training] (step '{t.step}', model '{cfg.model.name}') fails on a "
-                f"batch of {size} sample{'s' if size > 1 else ''} (client {k} holds "
-                f"{len(data.clients[k])}, training.batch_size is {t.batch_size}): "
-                f"{describe_failure(exc)}; change training.batch_size or "
-                "data.num_clients") from None
 
 
 def _check_methods_against_model(cfg: Config, model: Any) -> None:

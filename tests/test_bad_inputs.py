@@ -338,6 +338,26 @@ def test_resume_imports_the_runs_extensions_before_checking_its_strategy(tmp_pat
     assert [c.training.strategy for c in seen] == ["mine"]
 
 
+PICKY = """
+class Picky(nn.Module):
+    \"\"\"Fails on training batches of fewer than 3 samples.\"\"\"
+
+    def __init__(self, d, c):
+        super().__init__()
+        self.fc = nn.Linear(d, c)
+
+    def forward(self, x):
+        if self.training and len(x) < 3:
+            raise ValueError(f'needs 3 samples, got {len(x)}')
+        return self.fc(x.flatten(1))
+
+
+@MODELS.register('picky')
+def picky(input_shape, num_classes, seed=0):
+    return Picky(int(np.prod(input_shape)), num_classes)
+"""
+
+
 def test_a_model_that_cannot_train_on_a_clients_last_batch_is_refused_before_any_round(
         tmp_path, monkeypatch):
     """A model that fails on small batches stops the run in prepare, naming the client whose
@@ -348,17 +368,7 @@ def test_a_model_that_cannot_train_on_a_clients_last_batch_is_refused_before_any
     from fedunlearn.experiment import prepare
     from fedunlearn.training import local_training, train
 
-    (tmp_path / "ext_small.py").write_text(EXT_HEAD + (
-        "class Picky(nn.Module):\n"
-        "    def __init__(self, d, c):\n"
-        "        super().__init__()\n"
-        "        self.fc = nn.Linear(d, c)\n"
-        "    def forward(self, x):\n"
-        "        if self.training and len(x) < 3:\n"
-        "            raise ValueError(f'needs 3 samples, got {len(x)}')\n"
-        "        return self.fc(x.flatten(1))\n"
-        "@MODELS.register('picky')\ndef picky(input_shape, num_classes, seed=0):\n"
-        "    return Picky(int(np.prod(input_shape)), num_classes)\n"
+    (tmp_path / "ext_small.py").write_text(EXT_HEAD + PICKY + (
         "@MODELS.register('bn')\ndef bn(input_shape, num_classes, seed=0):\n"
         "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16),\n"
         "                         nn.ReLU(), nn.Linear(16, num_classes))\n"))
@@ -391,16 +401,7 @@ def test_unusual_but_valid_extensions_pass_the_checks(tmp_path, monkeypatch):
         "    return F.cross_entropy(model(x), y) * (1 + mu)\n"
         "@STRATEGIES.register('damped')\ndef damped(evaluate_fraction=0.0, *, damping, **p):\n"
         "    return FedAvg(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1)\n"
-        "class Picky(nn.Module):\n"
-        "    def __init__(self, d, c):\n"
-        "        super().__init__()\n"
-        "        self.fc = nn.Linear(d, c)\n"
-        "    def forward(self, x):\n"
-        "        if self.training and len(x) < 3:\n"
-        "            raise ValueError(f'needs 3 samples, got {len(x)}')\n"
-        "        return self.fc(x.flatten(1))\n"
-        "@MODELS.register('picky')\ndef picky(input_shape, num_classes, seed=0):\n"
-        "    return Picky(int(np.prod(input_shape)), num_classes)\n"))
+        ) + PICKY)
     monkeypatch.syspath_prepend(str(tmp_path))
     base = ["experiment.extensions=[\"ext_ok\"]", "data.num_clients=4", "data.partition=\"iid\""]
     prepare(load_config(QS, [*base, "training.step=\"req\"", "training.step_params={mu=0.1}",
