@@ -253,6 +253,19 @@ def test_base_doctests():
     assert attempted >= 2 and failed == 0
 
 
+@pytest.mark.parametrize("module", ["fedunlearn.unlearning.service", "fedunlearn.extensions",
+                                    "fedunlearn.federation.faults",
+                                    "fedunlearn.federation.messages", "fedunlearn.training"])
+def test_doctests_of_the_protocol_checks(module):
+    """The answer check (_misfit), describe_failure, Flower's error unwrapping, the 0-d round
+    trip through a Flower record and the batch bounds, each against hand-written values."""
+    import doctest
+    import importlib
+
+    failed, attempted = doctest.testmod(importlib.import_module(module))
+    assert attempted >= 1 and failed == 0
+
+
 def test_an_unlearn_that_returns_no_result_is_one_line(trained):
     from fedunlearn.schema import Role
     from fedunlearn.unlearning.service import Method, RequestError, _serve
