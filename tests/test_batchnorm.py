@@ -195,3 +195,48 @@ def test_a_flower_message_keeps_every_entry_shape_and_dtype(bn_run):
     assert [(k, v.shape, v.dtype) for k, v in back.items()] == \
         [(k, v.shape, v.dtype) for k, v in bn_run.final.items()]
     assert back["norm.num_batches_tracked"].shape == ()
+
+
+SHRINK = '''
+from fedunlearn.unlearning import UNLEARNERS, Cost, UnlearningResult
+
+
+@UNLEARNERS.register("shrink")
+class Shrink:
+    """Plain NumPy arithmetic, in reverse order: a 0-d entry comes back a NumPy scalar."""
+
+    setting = "federated"
+
+    def check(self):
+        pass
+
+    def unlearn(self, ctx):
+        return UnlearningResult(model={k: (v * 0.9).astype(v.dtype)
+                                       for k, v in reversed(list(ctx.model.items()))},
+                                cost=Cost())
+'''
+
+
+def test_an_answer_of_numpy_scalars_in_another_order_is_the_network_it_stands_for(
+        bn_run, tmp_path, monkeypatch):
+    """Oracle: the same arithmetic by hand, as 0-d arrays in the network's order; the row's
+    hash is of that model, and its distance to retraining is measured (it was None when the
+    order differed, and the scalar was refused as not an array)."""
+    from fedunlearn.lineage import LineageLog, params_hash
+    from fedunlearn.unlearning.service import serve_requests
+
+    (tmp_path / "shrink_ext.py").write_text(SHRINK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = small_config(*BN, "experiment.extensions=[\"shrink_ext\"]", "unlearning.requests=[[1]]",
+                       "unlearning.methods=[\"retrain\", \"shrink\"]", "unlearning.purge=false",
+                       "verification.noise_floor=false", "verification.mia_shadows=0")
+    prepare(cfg)
+    served = serve_requests(cfg, data=bn_run.setup.data, trained=bn_run.final,
+                            initial=bn_run.setup.initial, store=bn_run.store,
+                            federation=bn_run.fed, lineage=LineageLog(tmp_path),
+                            build_model=bn_run.setup.build_model,
+                            predictor=bn_run.setup.predictor(), stream=None)
+    row = next(r for r in served.rows if r.method == "shrink")
+    expected = {k: np.asarray((v * 0.9).astype(v.dtype)) for k, v in bn_run.final.items()}
+    assert row.model_hash == params_hash(expected)
+    assert row.metrics["param_distance"] is not None and row.metrics["param_distance"] > 0
