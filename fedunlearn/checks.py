@@ -6,6 +6,7 @@ code, where (:func:`fedunlearn.extensions.describe_failure`)."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 from collections.abc import Mapping
@@ -136,9 +137,10 @@ def _reached(bounds: list[tuple[int, int]], epochs: float) -> list[tuple[int, in
     return bounds[:max(1, min(len(bounds), round(epochs * len(bounds))))]
 
 
-def check_local_training(cfg: Config, data: FederatedData) -> None:
+def check_local_training(cfg: Config, data: FederatedData, network: torch.nn.Module) -> None:
     """One training step on one batch, as every client takes them (train step, optimizer,
-    model), before any work; it also pays torch's one-off start-up in this process."""
+    model), before any work; it also pays torch's one-off start-up in this process.
+    ``network`` (the experiment's, :func:`checked_model`) is left as it is."""
     from fedunlearn.federation.local import warm_up
 
     t = cfg.training
@@ -151,16 +153,14 @@ def check_local_training(cfg: Config, data: FederatedData) -> None:
     # the smallest batch a client will take (a client's last, partial one), if smaller (the
     # warm-up's samples, cut to that size): a model may fail on it (BatchNorm on a client of one
     # sample; a last batch of one joins the one before, training.batch_bounds)
-    model = build_model(cfg.model.name, data.input_shape, data.num_classes, seed=0,
-                        **cfg.model.params)
+    fold = has_batchnorm(network)
     size, k = min((b - a, k) for k, d in enumerate(data.clients)
-                  for a, b in _reached(batch_bounds(len(d), t.batch_size,
-                                                    fold_single=has_batchnorm(model)),
+                  for a, b in _reached(batch_bounds(len(d), t.batch_size, fold_single=fold),
                                        t.local_epochs))
     local = next(d for d in data.clients if len(d))
     if size < min(t.batch_size, len(local)):
         try:
-            train(model, local.x[:size], local.y[:size], local_training(cfg, 1.0), seed=0,
+            train(copy.deepcopy(network), local.x[:size], local.y[:size], local_training(cfg, 1.0), seed=0,
                   device=device_for(cfg))
         except Exception as exc:  # noqa: BLE001 - in one line, with the batch that fails
             raise ConfigError(

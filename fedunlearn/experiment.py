@@ -118,7 +118,7 @@ def prepare(cfg: Config) -> Setup:
     initial = get_params(model)
     _check_methods_against_model(cfg, copy.deepcopy(model))  # a check must not edit M_1
     _check_requests_against_sampling(cfg)
-    check_local_training(cfg, data)
+    check_local_training(cfg, data, model)
     return Setup(cfg=cfg, data=data, initial=initial)
 
 

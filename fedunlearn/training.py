@@ -101,11 +101,17 @@ class LocalTraining:
     step_params: tuple[tuple[str, Any], ...] = ()
 
 
-def _shape_of(value: Any) -> str:
-    """``"a tensor of shape (32,)"`` or the type's name, for messages."""
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    return type(value).__name__
+def _check_loss(loss: Any, step: str) -> None:
+    """A train step returns the batch's loss: a one-element tensor attached to the model."""
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        what = (f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor)
+                else type(loss).__name__)
+        raise TypeError(f"train step '{step}' returned {what}; it must return the batch's loss "
+                        "as a one-element tensor (e.g. F.cross_entropy(model(x), y))")
+    if not loss.requires_grad:
+        raise TypeError(f"train step '{step}' returned a loss that does not depend on the "
+                        "model's parameters (detached, or computed without them): nothing to "
+                        "train")
 
 
 def batch_bounds(n: int, batch_size: int, *, fold_single: bool = False) -> list[tuple[int, int]]:
@@ -171,14 +177,8 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: LocalTraining, *
             xb, yb = xt[idx].to(device), yt[idx].to(device)
             opt.zero_grad(set_to_none=True)
             loss = step_fn(model, xb, yb, ctx, **step_params)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise TypeError(f"train step '{spec.step}' returned "
-                                f"{_shape_of(loss)}; it must return the batch's loss as a "
-                                "one-element tensor (e.g. F.cross_entropy(model(x), y))")
-            if not loss.requires_grad:
-                raise TypeError(f"train step '{spec.step}' returned a loss that does not depend "
-                                "on the model's parameters (detached, or computed without "
-                                "them): nothing to train")
+            if done == 0:  # a step's kind of result, once per call (not in the hot loop)
+                _check_loss(loss, spec.step)
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))

@@ -295,3 +295,24 @@ def test_a_model_that_memorises_nothing_has_chance_auc_on_the_clean_split():
     lo, hi = m["mia_loss_auc_clean_ci"]
     assert lo < 0.5 < hi and hi - lo < 0.1
     assert abs(m["mia_loss_auc_clean"] - 0.5) < 0.05
+
+
+def test_a_shadow_model_that_diverges_is_one_line(tmp_path):
+    """Shadows train with the run's local settings; a learning rate that blows them up was a
+    LAPACK error after every method had run. Oracle: the weights of a shadow trained at that
+    rate by hand are not finite."""
+    from fedunlearn.evaluation.shadow import ShadowDiverged, ShadowModels
+    from fedunlearn.params import get_params
+    from fedunlearn.training import local_training, train
+
+    cfg = small_config("training.learning_rate=1e30")
+    setup = prepare(small_config())
+    pool = setup.data.pooled()
+    spec = local_training(cfg, 2.0)
+    by_hand = setup.build_model()
+    train(by_hand, pool.x, pool.y, spec, seed=0)
+    assert not all(np.isfinite(v).all() for v in get_params(by_hand).values())
+    shadows = ShadowModels(setup.build_model, spec, num_shadows=2, seed=0)
+    with pytest.raises(ShadowDiverged, match=r"^verification: shadow model 0 diverged .* lower "
+                                             r"training\.learning_rate"):
+        shadows.fit(pool.x, pool.y)

@@ -31,7 +31,9 @@ import numpy as np
 import torch
 
 from fedunlearn.evaluation.mia import logit_confidence
+from fedunlearn.federation.faults import nonfinite
 from fedunlearn.models import reinitialise
+from fedunlearn.params import get_params
 from fedunlearn.seeding import derive_seed
 from fedunlearn.training import LocalTraining, predict_proba, train
 
@@ -117,8 +119,7 @@ class ShadowModels:
                 model = reinitialise(self.build_model(), derive_seed(self.seed, s, 1))
                 train(model, pool_x[idx], pool_y[idx], self.spec,
                       seed=derive_seed(self.seed, s, 2))
-                if not all(torch.isfinite(p).all() for p in model.state_dict().values()
-                           if p.is_floating_point()):
+                if nonfinite(get_params(model)):
                     raise ShadowDiverged(
                         f"verification: shadow model {s} diverged (NaN or Inf weights) when "
                         "trained with the run's local training settings; lower "

@@ -173,7 +173,8 @@ class Distillation:
         x = torch.from_numpy(np.asarray(ctx.data.server.x, np.float32))
         teacher = ctx.build_model()
         set_params(teacher, ctx.model)
-        per_epoch = len(batch_bounds(len(x), self.batch_size, fold_single=has_batchnorm(student)))
+        bounds = batch_bounds(len(x), self.batch_size, fold_single=has_batchnorm(student))
+        per_epoch = len(bounds)
         budget = self.epochs * per_epoch if self.max_steps is None else min(
             self.epochs * per_epoch, self.max_steps)
         # the whole split is labelled at once unless the budget draws fewer samples than it has
@@ -184,8 +185,7 @@ class Distillation:
         student.train()
         while steps < budget:
             perm = torch.randperm(len(x), generator=gen)
-            for start, stop in batch_bounds(len(x), self.batch_size,
-                                            fold_single=has_batchnorm(student)):
+            for start, stop in bounds:
                 if steps == budget:
                     break
                 idx = perm[start:stop]

@@ -127,9 +127,7 @@ class NewtonRemoval:
     def _feature_map(self, ctx: UnlearningContext, seed: int) -> Callable[[np.ndarray], np.ndarray]:
         if self.features == "raw":
             return _raw_features
-        if ctx.cfg.model.name != "mlp":
-            raise ValueError("features='penultimate' needs model.name = 'mlp', got "
-                             f"{ctx.cfg.model.name!r}")
+        self.check_config(ctx.cfg)  # (run before any work too; here for direct callers)
         server = ctx.data.server
         if len(server) == 0:
             raise ValueError("features='penultimate' trains its extractor on the server split, "

@@ -457,20 +457,15 @@ def _serve(m: Method, ctx: UnlearningContext, request: int, reference_wall: dict
         raise RequestError(f"unlearning method '{m.name}' returned {type(result).__name__}, "
                            "not an UnlearningResult (fedunlearn.unlearning.base); fix its "
                            "unlearn(ctx)")
-    if isinstance(result.model, dict) and any(isinstance(v, np.generic)
-                                               for v in result.model.values()):
-        # NumPy gives a scalar, not a 0-d array, for arithmetic on a 0-d array (v * 0.9)
-        result = dataclasses.replace(result, model={
-            k: np.asarray(v) if isinstance(v, np.generic) else v
-            for k, v in result.model.items()})
-    if result.model is not None and (misfit := _misfit(result.model, ctx.initial)):
-        raise RequestError(f"unlearning method '{m.name}' answered request {request} with a "
-                           f"model that does not fit the experiment's network: {misfit}; fix "
-                           "its unlearn(ctx) to return arrays like ctx.model's")
-    if result.model is not None and list(result.model) != list(ctx.initial):
-        # the network's order (a model rebuilt from the history may list the non-float
+    if result.model is not None:
+        model = _scalars_as_arrays(result.model)
+        if misfit := _misfit(model, ctx.initial):
+            raise RequestError(f"unlearning method '{m.name}' answered request {request} with "
+                               f"a model that does not fit the experiment's network: {misfit}; "
+                               "fix its unlearn(ctx) to return arrays like ctx.model's")
+        # in the network's order (a model rebuilt from the history may list the non-float
         # buffers last): distances and hashes compare arrays in order
-        result = dataclasses.replace(result, model={k: result.model[k] for k in ctx.initial})
+        result = dataclasses.replace(result, model={k: model[k] for k in ctx.initial})
     if result.model is not None and (bad := nonfinite(result.model)):
         raise RequestError(f"unlearning method '{m.name}' answered request {request} with a "
                            f"model holding NaN or Inf (in {', '.join(bad[:3])}); its "
@@ -667,6 +662,14 @@ def _then_resume(cfg: Config, request: int) -> str:
 _SAID = (RequestError, ConfigError, HistoryError, HistoryNotReplayable, ClientFailure,
          interrupt.Interrupted)
 """Errors that already say, in one line, what went wrong and what to do."""
+
+
+def _scalars_as_arrays(model: Any) -> Any:
+    """A NumPy scalar as the 0-d array it stands for: NumPy gives a scalar, not a 0-d array,
+    for arithmetic on a 0-d array (``v * 0.9``)."""
+    if not isinstance(model, dict):
+        return model
+    return {k: np.asarray(v) if isinstance(v, np.generic) else v for k, v in model.items()}
 
 
 def _misfit(model: Any, like: Params) -> str | None:
