@@ -382,8 +382,14 @@ class VerificationSection:
         Shadow models for the offline LiRA membership attack (default 4; 0 disables LiRA and
         keeps the loss-threshold attack only; 1 is refused, a distribution needs two).
     shadow_epochs : float
-        Epochs each shadow model trains on its half of the remaining clients' pooled data
-        (default 20).
+        Epochs each shadow model trains on its half of the remaining clients' pooled data, at
+        most (default 20; ``shadow_budget`` may cut it).
+    shadow_budget : float
+        The shadows together train at most this fraction of the retraining's sample-epochs
+        (``rounds × local_epochs × sample_fraction`` × the samples of the clients outside every
+        request); their epochs are cut to fit, never below one batch (default 1.0: verification
+        costs no more than the retraining it judges; ``inf`` keeps ``shadow_epochs`` whatever
+        the cost).
     alpha : float
         Significance level of the backdoor test "the trigger still works" (default 0.01).
     max_members : int
@@ -405,6 +411,7 @@ class VerificationSection:
     noise_floor: bool = True
     mia_shadows: int = 4
     shadow_epochs: float = 20.0
+    shadow_budget: float = 1.0
     alpha: float = 0.01
     max_members: int = 1000
     max_population: int = 2000
@@ -414,7 +421,10 @@ class VerificationSection:
         _check(self.mia_shadows == 0 or self.mia_shadows >= 2, "verification.mia_shadows",
                "must be 0 (no LiRA) or >= 2 (LiRA fits a distribution to the shadows' "
                "confidences)")
-        _check(self.shadow_epochs > 0, "verification.shadow_epochs", "must be > 0")
+        _check(0 < self.shadow_epochs < float("inf"), "verification.shadow_epochs",
+               "must be a finite number > 0")
+        _check(self.shadow_budget > 0, "verification.shadow_budget",
+               "must be > 0 (a fraction of retraining's cost; inf for no bound)")
         _check(0 < self.alpha < 1, "verification.alpha", "must be in (0, 1)")
         _check(self.max_members >= 1, "verification.max_members", "must be >= 1")
         _check(self.max_population >= 3, "verification.max_population",

@@ -294,6 +294,13 @@ class Raises(_Base):
         raise KeyError("no such thing")
 
 
+@UNLEARNERS.register("u_exits")
+class Exits(_Base):
+    def unlearn(self, ctx):
+        import sys
+        sys.exit(3)
+
+
 @UNLEARNERS.register("u_missing")
 class Missing(_Base):
     def unlearn(self, ctx):
@@ -352,6 +359,8 @@ def test_a_method_editing_its_inputs_in_place_changes_no_other_answer(trained, t
 @pytest.mark.parametrize(("method", "needle"), [
     ("u_raises", (r"'u_raises' failed on request 0: KeyError: 'no such thing' \(at "
                  r"misbehaving\.py:\d+ in unlearn\); fix it .*fedunlearn resume")),
+    ("u_exits", (r"'u_exits' failed on request 0: SystemExit: 3 "
+                r"\(at misbehaving\.py:\d+ in unlearn\)")),
     ("u_missing", (r"'u_missing' answered request 0 with a model that does not fit the "
                   r"experiment's network: missing \['1\.weight'\]")),
     ("u_float64", r"'u_float64' .* '1\.weight' is float64, the network's is float32"),

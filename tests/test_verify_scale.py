@@ -188,7 +188,8 @@ TWO_REQUESTS = [*FIVE, "training.rounds=2", "unlearning.requests=[[0], [3]]",
                 "unlearning.methods=[\"retrain\", \"distillation\"]",
                 "verification.noise_floor=false", "verification.mia_shadows=2",
                 "verification.shadow_epochs=2", "verification.shadow_samples=40",
-                "verification.max_members=15", "verification.max_population=25"]
+                "verification.max_members=15", "verification.max_population=25",
+                "verification.shadow_budget=0.05"]
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +216,11 @@ def test_verification_cost_and_sizes_are_reported_per_request(served):
         assert e["sizes"]["members"] == e["sizes"]["nonmembers"] == 15
         assert e["sizes"]["population"] == 25 and e["sizes"]["shadow_pool"] == pool
         assert e["shadows"] == 2 and e["shadow_train_samples"] == 40
+        # the shadows' epochs are cut to 5 % of the retraining's sample-epochs (hand-computed:
+        # 2 rounds x local epochs x every sample of the clients outside every request)
+        retraining = 2 * _cfg.training.local_epochs * pool
+        assert e["shadow_epochs"] == pytest.approx(0.05 * retraining / (2 * 40))
+        assert 0 < e["shadow_epochs"] < 2
         assert e["shadow_threads"] == 1  # engine.num_cpus, as every client
         assert e["wall_s"] >= e["shadow_s"] >= 0
     # one set of shadows, trained for the first request, reused by the second

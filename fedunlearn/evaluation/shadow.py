@@ -6,7 +6,9 @@ requires. Scoring is in :mod:`fedunlearn.evaluation.mia`.
 
 Cost. Each shadow trains on a seeded random half of the pool, cut to at most ``max_samples``
 samples, so the shadows cost at most ``num_shadows × epochs × max_samples`` sample-epochs
-however large the federation is. :class:`ShadowModels` keeps the trained models, so one set of
+however large the federation is; :func:`shadow_epochs` also cuts the epochs so that they cost
+no more than the retraining they judge (on a short run of a costly model the fixed 20 epochs
+cost seven times the retraining). :class:`ShadowModels` keeps the trained models, so one set of
 shadows answers every method and every request whose queries lie outside its pool.
 
 Threads. The shadows are small models trained in small batches; torch's intra-op threads only
@@ -23,6 +25,7 @@ shadows that now take about a second each: not used.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -63,6 +66,32 @@ def shadow_sample_size(n: int, max_samples: int | None = None) -> int:
     (1000, 550)
     """
     return n // 2 if max_samples is None else min(n // 2, max_samples)
+
+
+def shadow_epochs(epochs: float, *, num_shadows: int, samples: int, budget: float,
+                  batch_size: int) -> float:
+    """Epochs each shadow trains: ``epochs``, cut so that all shadows together train at most
+    ``budget`` sample-epochs (``num_shadows × epochs × samples ≤ budget``), but never below one
+    batch of ``batch_size`` (a cut that rounds to no step at all would leave the shadows as
+    their random initialisation, and LiRA would compare the target with untrained models).
+
+    The service passes the retraining's sample-epochs (times ``verification.shadow_budget``) as
+    ``budget``: the shadows then cost no more than the retraining they help to judge, and on a
+    short run they see each sample about as often as the target did, which is what LiRA's
+    shadows are meant to imitate (Carlini et al., S&P 2022, sec. IV: shadows trained "on the
+    same training procedure" as the target).
+
+    >>> shadow_epochs(20, num_shadows=4, samples=1000, budget=180_000, batch_size=32)
+    20.0
+    >>> shadow_epochs(20, num_shadows=2, samples=560, budget=2 * 1 * 1400, batch_size=32)
+    2.5
+    >>> shadow_epochs(20, num_shadows=4, samples=1000, budget=10, batch_size=100)  # one batch
+    0.1
+    """
+    if num_shadows <= 0 or samples <= 0:
+        return float(epochs)
+    one_batch = 1 / math.ceil(samples / batch_size)
+    return float(min(epochs, max(budget / (num_shadows * samples), one_batch)))
 
 
 class ShadowModels:

@@ -167,7 +167,8 @@ def _md_request(index: int, clients: list[int], rows: list[dict[str, Any]], *,
         _md_table(_cost_columns(show_setting), [r for r in rows if r["role"] != Role.ORIGINAL]),
         *([(f"Cost of this verification: {verification}. The verification's samples are "
             "bounded by `[verification]` `max_members`, `max_population` and "
-            "`shadow_samples`.")] if verification else []),
+            "`shadow_samples`, and the shadows' epochs by `shadow_budget` (a fraction of "
+            "retraining's sample-epochs).")] if verification else []),
     ])
 
 

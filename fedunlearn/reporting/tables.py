@@ -474,8 +474,8 @@ def write_metrics_csv(path: Path, results: Mapping[str, Any]) -> None:
 def verification_line(results: Mapping[str, Any], request: int) -> str | None:
     """One line on what verifying request ``request`` cost, beside the retraining it judges.
 
-    ``"verification 9.80 s vs retraining 35.20 s (shadows 7.10 s: 4 × 1000 of 89510 samples;
-    members 90 of 90, non-members 90, population 2000 of 25510)"``; summed over seeds and
+    ``"verification 9.80 s vs retraining 35.20 s (shadows 7.10 s: 4 × 1000 of 89510 samples × 20
+    epochs; members 90 of 90, non-members 90, population 2000 of 25510)"``; summed over seeds and
     serving passes. None when the run file has no ``verification`` block (older runs).
     """
     block = results.get("verification") or {}
@@ -495,9 +495,11 @@ def verification_line(results: Mapping[str, Any], request: int) -> str | None:
         text += f" (over {seeds} seeds)"
     parts = []
     if entries[0].get("shadows"):
+        epochs = _value(entries[0].get("shadow_epochs"))
         parts.append(f"shadows {shadow:.2f} s: {entries[0]['shadows']} × "
                      f"{_fmt_int(entries[0].get('shadow_train_samples'))} of "
-                     f"{_fmt_int(sizes.get('shadow_pool'))} samples")
+                     f"{_fmt_int(sizes.get('shadow_pool'))} samples"
+                     + ("" if epochs is None else f" × {epochs:.3g} epochs"))
     parts.append(f"members {_fmt_int(sizes.get('members'))} of "
                  f"{_fmt_int(sizes.get('members_available'))}, non-members "
                  f"{_fmt_int(sizes.get('nonmembers'))}, population "

@@ -42,7 +42,7 @@ import numpy as np
 from fedunlearn import interrupt
 from fedunlearn.config import Config, ConfigError
 from fedunlearn.data.federated import FederatedData
-from fedunlearn.evaluation.shadow import ShadowModels, shadow_sample_size
+from fedunlearn.evaluation.shadow import ShadowModels, shadow_epochs, shadow_sample_size
 from fedunlearn.evaluation.verify import Outputs, RequestVerifier
 from fedunlearn.extensions import describe_failure
 from fedunlearn.federation.faults import ClientFailure, nonfinite
@@ -267,8 +267,10 @@ class Served:
     verification: list[dict[str, Any]] = field(default_factory=list)
     """Per request: ``request``, ``clients``, ``setting``, ``wall_s`` (all verification work of
     the request), ``shadow_s`` (of it, training or querying the shadows), ``shadows`` (how
-    many), ``shadow_threads`` (torch threads they ran with), ``shadows_trained`` (false when the seed's shadows were reused), ``shadow_train_samples``
-    (per shadow) and ``sizes`` (:attr:`RequestVerifier.sizes`)."""
+    many), ``shadow_threads`` (torch threads they ran with), ``shadows_trained`` (false when
+    the seed's shadows were reused), ``shadow_epochs`` (each trained, after the cost bound of
+    ``verification.shadow_budget``), ``shadow_train_samples`` (per shadow) and ``sizes``
+    (:attr:`RequestVerifier.sizes`)."""
 
 
 @dataclass
@@ -367,9 +369,9 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
                                  seed=derive_seed(cfg.seed, 0xA11, request))
 
     fit_wall = _fit_centralized(methods, context((), frozenset(), trained, -1), lineage, stream)
-    shadows = _shadow_models(cfg, build_model)
     requested = {c for r in cfg.unlearning.requests for c in r}
-    shadow_pool = data.pooled(exclude=requested) if shadows is not None else None
+    shadow_pool = data.pooled(exclude=requested) if cfg.verification.mia_shadows else None
+    shadows = _shadow_models(cfg, build_model, 0 if shadow_pool is None else len(shadow_pool))
     v = cfg.verification
     current = {m.name: trained for m in methods}
     removed: frozenset[int] = frozenset()
@@ -509,12 +511,15 @@ def _verification_entry(request: int, targets: tuple[int, ...], settings: Collec
                         stream: TextIO | None) -> dict[str, Any]:
     """What verifying one request cost, for ``results.json`` (and one progress line)."""
     sizes = verifier.sizes
+    epochs = None if shadows is None else shadows.spec.epochs
     _say(stream, f"[verify] request {request} {list(targets)}  {wall_s:7.2f}s  (shadows "
-         f"{verifier.shadow_seconds:.2f}s; members {sizes['members']} of "
+         f"{verifier.shadow_seconds:.2f}s{'' if epochs is None else f', {epochs:.3g} epochs'}; "
+         f"members {sizes['members']} of "
          f"{sizes['members_available']}, population {sizes['population']})")
     return {"request": request, "clients": list(targets), "setting": "+".join(sorted(settings)),
             "wall_s": wall_s, "shadow_s": verifier.shadow_seconds,
             "shadows": 0 if shadows is None else shadows.num_shadows,
+            "shadow_epochs": epochs,
             "shadow_threads": None if shadows is None else shadows.threads,
             "shadows_trained": trained_now,
             "shadow_train_samples": 0 if shadows is None else shadow_sample_size(
@@ -584,12 +589,37 @@ def _fitted_hash(m: Method, ctx: UnlearningContext) -> str:
     return params_hash({"test_proba": proba})
 
 
-def _shadow_models(cfg: Config, build_model: Callable[[], Any]) -> ShadowModels | None:
-    """The seed's shadow models (trained on first use, then kept), or None without LiRA."""
+def retraining_sample_epochs(cfg: Config, samples: int) -> float:
+    """What retraining trains, in sample-epochs, for a federation holding ``samples`` training
+    samples: ``rounds × local_epochs × sample_fraction × samples`` (each round's participants
+    train ``local_epochs`` on their data; the expected share of the samples takes part).
+
+    >>> from fedunlearn.config import load_config
+    >>> cfg = load_config(None, ["training.rounds=10", "training.local_epochs=2",
+    ...                          "training.sample_fraction=0.1"])
+    >>> retraining_sample_epochs(cfg, 90_000)
+    180000.0
+    """
+    t = cfg.training
+    return float(t.rounds * t.local_epochs * t.sample_fraction * samples)
+
+
+def _shadow_models(cfg: Config, build_model: Callable[[], Any],
+                   pool_size: int) -> ShadowModels | None:
+    """The seed's shadow models (trained on first use, then kept), or None without LiRA.
+
+    They train on a pool of ``pool_size`` samples (the clients outside every request) for
+    ``verification.shadow_epochs``, cut so that together they cost at most
+    ``verification.shadow_budget`` times the retraining of those clients
+    (:func:`~fedunlearn.evaluation.shadow.shadow_epochs`, :func:`retraining_sample_epochs`)."""
     v = cfg.verification
     if v.mia_shadows == 0:
         return None
-    return ShadowModels(build_model, local_training(cfg, v.shadow_epochs),
+    epochs = shadow_epochs(v.shadow_epochs, num_shadows=v.mia_shadows,
+                           samples=shadow_sample_size(pool_size, v.shadow_samples),
+                           budget=v.shadow_budget * retraining_sample_epochs(cfg, pool_size),
+                           batch_size=cfg.training.batch_size)
+    return ShadowModels(build_model, local_training(cfg, epochs),
                         num_shadows=v.mia_shadows, seed=derive_seed(cfg.seed, 0x5AD0),
                         max_samples=v.shadow_samples,
                         threads=max(1, int(cfg.engine.num_cpus)))
@@ -628,7 +658,10 @@ def _users_code(m: Method, where: str, then: str = "") -> Iterator[None]:
     the method, ``where`` it failed and where in the user's code; ours propagate as they are."""
     try:
         yield
-    except Exception as exc:
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:
+        # SystemExit and KeyboardInterrupt too: a Ctrl-C only sets interrupt.STOP (its handler
+        # raises nothing), so either one here was raised by the method's own code (sys.exit(),
+        # an explicit raise) and would otherwise end the run as if it were a clean stop
         if type(m.method).__module__.startswith("fedunlearn.") or isinstance(exc, _SAID):
             raise
         raise RequestError(f"unlearning method '{m.name}' failed {where}: "
