@@ -155,7 +155,7 @@ def cmd_run(args: argparse.Namespace, *, compare: bool = False) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from fedunlearn.checkpoint import read_run_file
-    from fedunlearn.config import from_dict
+    from fedunlearn.config import from_run_dict
     from fedunlearn.experiment import validate_names
     from fedunlearn.federation.strategy import keeps_history_identity
     from fedunlearn.preflight import check_engine
@@ -166,7 +166,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         raise ConfigError(f"'{out}' already holds results.json: that run finished, there is "
                           "nothing to resume")
     run = read_run_file(out)
-    cfg = from_dict(run["config"])
+    cfg = from_run_dict(run["config"])  # keys added since the run began keep its behaviour
     validate_names(cfg)  # imports the run's extensions (its strategy may be one of them)
     t = cfg.training
     if keeps_history_identity(t.strategy, t.strategy_params) is False:

@@ -556,6 +556,33 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
     return Config(**parts)
 
 
+KEYS_ADDED: dict[tuple[str, str], Any] = {
+    ("verification", "shadow_budget"): float("inf"),
+}
+"""Keys added after run files were first written, with the value that reproduces what such a
+run did (:func:`from_run_dict`): before ``shadow_budget`` the shadows trained
+``shadow_epochs`` whatever the cost."""
+
+
+def from_run_dict(raw: Mapping[str, Any]) -> Config:
+    """:func:`from_dict` for the resolved config of an existing run (``run.json``): a key the
+    run's version did not have takes the value that reproduces that run (:data:`KEYS_ADDED`),
+    not today's default, so that a resumed run goes on as it began.
+
+    >>> from_run_dict({"verification": {"mia_shadows": 2}}).verification.shadow_budget
+    inf
+    >>> from_run_dict({"verification": {"shadow_budget": 0.5}}).verification.shadow_budget
+    0.5
+    """
+    tables = {name: dict(table) if isinstance(table, Mapping) else table
+              for name, table in raw.items()}
+    for (section, key), value in KEYS_ADDED.items():
+        table = tables.setdefault(section, {})
+        if isinstance(table, dict):
+            table.setdefault(key, value)
+    return from_dict(tables)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse ``section.key=value`` or a nested ``section.table.key=value``; the value is read
     as TOML, else taken as a string.

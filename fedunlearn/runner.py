@@ -38,7 +38,7 @@ from fedunlearn.checkpoint import (
     write_serving,
     write_state,
 )
-from fedunlearn.config import Config, from_dict
+from fedunlearn.config import Config, from_run_dict
 from fedunlearn.evaluation.summary import summarize
 from fedunlearn.experiment import Setup, prepare, train_federation
 from fedunlearn.federation.flower import Connect, FlowerFederation, run_engine
@@ -326,7 +326,7 @@ def _not_resumable(out: Path) -> str | None:
                 return _STRICT_REASON
             if (seed_out / SERVING_FILE).exists() and \
                     json.loads((seed_out / SERVING_FILE).read_text())["next_request"] > 0 and \
-                    (why := _stateful_reason(from_dict(read_json(out / "run.json")["config"]))):
+                    (why := _stateful_reason(from_run_dict(read_json(out / "run.json")["config"]))):
                 return why
     except Exception:  # noqa: BLE001 - a farewell never fails; resume will say what is wrong
         return None

@@ -96,3 +96,29 @@ def test_method_and_strategy_parameters_fail_before_any_work(
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("written", "expected"), [(None, float("inf")), (0.5, 0.5)])
+def test_resume_keeps_the_behaviour_a_run_began_with_for_keys_added_since(
+        tmp_path, monkeypatch, written, expected):
+    """A run written before ``verification.shadow_budget`` existed trained its shadows for
+    ``shadow_epochs`` whatever the cost; resumed, it must go on that way (inf), not with
+    today's default (1.0). A run that recorded the key keeps its value."""
+    import json
+
+    from fedunlearn import runner
+    from fedunlearn.preflight import check_engine  # noqa: F401 - patched below
+
+    config = load_config("simulations/quickstart.toml", []).to_dict()
+    if written is None:
+        del config["verification"]["shadow_budget"]
+    else:
+        config["verification"]["shadow_budget"] = written
+    (tmp_path / "run.json").write_text(json.dumps({"config": config, "command": ["run"],
+                                                   "resumed": []}))
+    seen = {}
+    monkeypatch.setattr(runner, "run_experiment",
+                        lambda cfg, out, **kw: seen.setdefault("cfg", cfg))
+    monkeypatch.setattr("fedunlearn.preflight.check_engine", lambda cfg: None)
+    assert main(["resume", str(tmp_path)]) == 0
+    assert seen["cfg"].verification.shadow_budget == expected
