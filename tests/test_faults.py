@@ -349,3 +349,40 @@ def test_cli_reports_client_failure_in_one_line(tmp_path, capsys, monkeypatch):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_flowers_log_of_a_client_exception_is_dropped_unless_verbose():
+    """The filter must match where the installed Flower logs a client's exception (the
+    engine's ``worker`` and the Ray backend's ``process_message``, each with
+    ``log(ERROR, ...)``); a record from anywhere else passes. If Flower moves those calls,
+    the first assertion fails and the filter needs updating."""
+    import inspect
+    import logging
+
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    from fedunlearn.federation import flower
+
+    places = [vce_api.worker, raybackend.RayBackend.process_message]
+    for fn in places:
+        assert "log(ERROR" in inspect.getsource(fn).replace("\n", "").replace(" ", "")
+
+    def record(code, level=logging.ERROR):
+        return logging.LogRecord("flwr", level, code.co_filename, code.co_firstlineno,
+                                 "boom", None, None, func=code.co_name)
+
+    reported = flower._ClientErrorsReported()
+    assert not any(reported.filter(record(fn.__code__)) for fn in places)
+    assert reported.filter(record(flower.run_engine.__code__))  # anything else passes
+    assert reported.filter(record(vce_api.run_api.__code__))
+    logger = logging.getLogger("flwr")
+    level, filters = logger.level, list(logger.filters)
+    try:
+        flower._quiet(False)
+        assert flower._CLIENT_ERRORS in logger.filters
+        flower._quiet(True)
+        assert flower._CLIENT_ERRORS not in logger.filters
+    finally:
+        logger.setLevel(level)
+        logger.filters[:] = filters
