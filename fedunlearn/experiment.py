@@ -20,7 +20,7 @@ from fedunlearn.checks import check_local_training, check_step_params, check_str
 from fedunlearn.config import Config, ConfigError
 from fedunlearn.data.federated import FederatedData, build_federated_data
 from fedunlearn.data.sources import SOURCES
-from fedunlearn.extensions import describe_failure, load_extensions
+from fedunlearn.extensions import describe_failure, load_extensions, raised_in_user_code
 from fedunlearn.federation.port import Federation, RoundReport, RoundSummary, TrainingRun
 from fedunlearn.history import HistoryError, HistoryStore
 from fedunlearn.lineage import LineageLog, params_hash
@@ -106,7 +106,10 @@ def prepare(cfg: Config) -> Setup:
     except ConfigError:
         raise
     except ValueError as exc:
-        raise ConfigError(f"config [data]: {exc}") from None
+        if not raised_in_user_code(exc):  # our checks of the config against the data
+            raise ConfigError(f"config [data]: {exc}") from None
+        raise ConfigError(f"config [data]: source '{cfg.data.source}' failed: "
+                          f"{describe_failure(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - a source failing (a user's, a download)
         raise ConfigError(f"config [data]: source '{cfg.data.source}' failed: "
                           f"{describe_failure(exc)}") from None

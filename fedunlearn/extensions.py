@@ -57,6 +57,12 @@ def describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}{where}" if first else f"{type(exc).__name__}{where}"
 
 
+def raised_in_user_code(exc: BaseException) -> bool:
+    """Whether ``exc``'s traceback passes through a file of the user's (see
+    :func:`describe_failure`): an error of theirs, not of fedunlearn's checks on their input."""
+    return any(_is_user_file(f.filename) for f in traceback.extract_tb(exc.__traceback__))
+
+
 _PACKAGE = str(Path(__file__).resolve().parent)
 
 

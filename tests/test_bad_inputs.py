@@ -271,6 +271,13 @@ EXT_CASES = [
      "    x = np.random.default_rng(0).random((300, 4))\n"
      "    return ArrayDataset(x=x, y=np.arange(300) % 3 + 0.7, num_classes=4)\n"),
      ["data.source=\"src\"", "backdoor.clients=[]"], "non-integral values such as 0.7"),
+    (("@register_source('src')\ndef src(seed=0):\n"
+     "    x = np.random.default_rng(0).random((300, 4))\n"
+     "    return ArrayDataset(x=x, y=np.array(['cat', 'dog', 'eel'] * 100), num_classes=3)\n"),
+     ["data.source=\"src\"", "backdoor.clients=[]"],
+     ("source 'src' failed: ValueError: labels y must be class indices 0, 1, ...; got <U3 "
+      "values such as np.str_('cat') (map names to indices, e.g. names, y = np.unique(y, "
+      "return_inverse=True)) (at ext_bad.py:")),
     (("@TRAIN_STEPS.register('s')\ndef s(model, x, y, ctx):\n"
      "    return F.cross_entropy(model(x), y).detach()\n"),
      ["training.step=\"s\""], "returned a loss that does not depend on the model's parameters"),

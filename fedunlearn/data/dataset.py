@@ -43,7 +43,9 @@ class ArrayDataset:
             y = raw.astype(np.int64)
         except ValueError:
             raise ValueError("labels y must be class indices 0, 1, ...; got "
-                             f"{raw.dtype} values such as {raw.ravel()[0]!r}") from None
+                             f"{raw.dtype} values such as {raw.ravel()[0]!r} (map names to "
+                             "indices, e.g. names, y = np.unique(y, return_inverse=True))"
+                             ) from None
         if x.ndim < 2:
             raise ValueError(f"x must be at least 2-D (N, ...), got shape {x.shape}")
         if y.ndim != 1:
