@@ -17,7 +17,7 @@ import torch
 
 from fedunlearn.config import Config, ConfigError
 from fedunlearn.data.federated import FederatedData
-from fedunlearn.extensions import describe_failure
+from fedunlearn.extensions import USER_ERRORS, describe_failure
 from fedunlearn.models import build_model
 from fedunlearn.training import (
     TRAIN_STEPS,
@@ -89,7 +89,7 @@ def check_strategy(cfg: Config) -> None:
                                         **cfg.training.strategy_params)
     except (TypeError, ValueError) as exc:
         raise ConfigError(_strategy_misfit(name, cfg.training.strategy_params, exc)) from None
-    except Exception as exc:  # noqa: BLE001 - a user's factory: its error, in one line
+    except USER_ERRORS as exc:  # a user's factory: its error, in one line
         raise ConfigError(f"strategy '{name}' could not be built: {describe_failure(exc)}; "
                           "fix its factory") from None
     finally:
@@ -125,7 +125,7 @@ def checked_model(cfg: Config, data: FederatedData) -> torch.nn.Module:
                              f"{shape or type(out).__name__}, not to "
                              f"({len(sample)}, {data.num_classes}): one score per class of the "
                              f"data's {data.num_classes}")
-    except Exception as exc:  # noqa: BLE001 - a builder or forward failing, in one line
+    except USER_ERRORS as exc:  # a builder or forward failing, in one line
         raise ConfigError(f"config [model] ({cfg.model.name}, params {dict(cfg.model.params)}) "
                           f"does not fit the data: {describe_failure(exc)}") from None
     return model
@@ -146,7 +146,7 @@ def check_local_training(cfg: Config, data: FederatedData, network: torch.nn.Mod
     t = cfg.training
     try:
         warm_up(cfg, data)
-    except Exception as exc:  # noqa: BLE001 - a user's step or optimizer, in one line
+    except USER_ERRORS as exc:  # a user's step or optimizer, in one line
         raise ConfigError(f"config [training] (step '{t.step}', optimizer '{t.optimizer}', "
                           f"model '{cfg.model.name}') fails on one batch before any round: "
                           f"{describe_failure(exc)}") from None
@@ -162,7 +162,7 @@ def check_local_training(cfg: Config, data: FederatedData, network: torch.nn.Mod
         try:
             train(copy.deepcopy(network), local.x[:size], local.y[:size], local_training(cfg, 1.0), seed=0,
                   device=device_for(cfg))
-        except Exception as exc:  # noqa: BLE001 - in one line, with the batch that fails
+        except USER_ERRORS as exc:  # in one line, with the batch that fails
             raise ConfigError(
                 f"config [training] (step '{t.step}', model '{cfg.model.name}') fails on a "
                 f"batch of {size} sample{'s' if size > 1 else ''} (client {k} holds "

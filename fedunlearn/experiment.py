@@ -20,7 +20,12 @@ from fedunlearn.checks import check_local_training, check_step_params, check_str
 from fedunlearn.config import Config, ConfigError
 from fedunlearn.data.federated import FederatedData, build_federated_data
 from fedunlearn.data.sources import SOURCES
-from fedunlearn.extensions import describe_failure, load_extensions, raised_in_user_code
+from fedunlearn.extensions import (
+    USER_ERRORS,
+    describe_failure,
+    load_extensions,
+    raised_in_user_code,
+)
 from fedunlearn.federation.port import Federation, RoundReport, RoundSummary, TrainingRun
 from fedunlearn.history import HistoryError, HistoryStore
 from fedunlearn.lineage import LineageLog, params_hash
@@ -110,7 +115,7 @@ def prepare(cfg: Config) -> Setup:
             raise ConfigError(f"config [data]: {exc}") from None
         raise ConfigError(f"config [data]: source '{cfg.data.source}' failed: "
                           f"{describe_failure(exc)}") from None
-    except Exception as exc:  # noqa: BLE001 - a source failing (a user's, a download)
+    except USER_ERRORS as exc:  # a source failing (a user's, a download)
         raise ConfigError(f"config [data]: source '{cfg.data.source}' failed: "
                           f"{describe_failure(exc)}") from None
     empty = [k for k, d in enumerate(data.clients) if len(d) == 0]
@@ -141,7 +146,7 @@ def _check_methods_against_model(cfg: Config, model: Any) -> None:
                 check(model)
             except ValueError as exc:
                 raise ConfigError(f"config key 'unlearning.params.{name}': {exc}") from None
-            except Exception as exc:  # noqa: BLE001 - a user's check failing otherwise
+            except USER_ERRORS as exc:  # a user's check failing otherwise
                 raise ConfigError(f"unlearning method '{name}': its check_model(net) failed: "
                                   f"{describe_failure(exc)}") from None
 

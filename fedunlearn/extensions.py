@@ -14,6 +14,14 @@ from pathlib import Path
 
 from fedunlearn.config import ConfigError
 
+USER_ERRORS: tuple[type[BaseException], ...] = (Exception, SystemExit)
+"""What a user's code may raise that fedunlearn reports as that code's failure, in one line.
+``SystemExit`` too: a ``sys.exit()`` in a source, model, step, strategy or method would end
+the run silently, or with a bare message and no hint of where. ``KeyboardInterrupt`` is left
+out before a run's signal handler is installed (it may be a real Ctrl-C there); while a run
+serves its requests a Ctrl-C raises nothing (:mod:`fedunlearn.interrupt`), so a method's
+wrapper (``service._users_code``) counts it as the method's own."""
+
 
 def load_extensions(modules: Iterable[str]) -> None:
     """Import each module once; a missing module is a one-line :class:`ConfigError`."""
@@ -30,7 +38,7 @@ def load_extensions(modules: Iterable[str]) -> None:
                               "check experiment.extensions and PYTHONPATH") from None
         except ConfigError:
             raise
-        except Exception as exc:  # noqa: BLE001 - the user's module: its error, in one line
+        except USER_ERRORS as exc:  # the user's module: its error, in one line
             sys.modules.pop(name, None)
             raise ConfigError(f"extension module '{name}' failed while being imported: "
                               f"{describe_failure(exc)}; fix it and run again") from None

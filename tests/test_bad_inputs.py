@@ -296,6 +296,16 @@ EXT_CASES = [
     (("@STRATEGIES.register('st')\ndef st(evaluate_fraction=0.0, **params):\n"
      "    return FedAvg(fraction_train=0.5)\n"), ["training.strategy=\"st\""],
      "strategy 'st' has fraction_train = 0.5"),
+    # sys.exit() in the user's code: one line naming it, not a silent end of the process
+    ("import sys\nsys.exit('bye')\n", [],
+     "'ext_bad' failed while being imported: SystemExit: bye (at ext_bad.py:12"),
+    ("@register_source('src')\ndef src(seed=0):\n    import sys\n    sys.exit(0)\n",
+     ["data.source=\"src\""], "source 'src' failed: SystemExit: 0 (at ext_bad.py:14 in src)"),
+    (("from fedunlearn.unlearning import UNLEARNERS\n@UNLEARNERS.register('quits')\n"
+      "class Quits:\n    setting = 'federated'\n    def check(self):\n"
+      "        import sys\n        sys.exit(3)\n    def unlearn(self, ctx):\n        pass\n"),
+     ["unlearning.methods=[\"retrain\", \"quits\"]"],
+     "unlearning method 'quits': its check() failed: SystemExit: 3 (at ext_bad.py:17 in check)"),
 ]
 
 

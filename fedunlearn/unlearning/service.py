@@ -44,7 +44,7 @@ from fedunlearn.config import Config, ConfigError
 from fedunlearn.data.federated import FederatedData
 from fedunlearn.evaluation.shadow import ShadowModels, shadow_epochs, shadow_sample_size
 from fedunlearn.evaluation.verify import Outputs, RequestVerifier
-from fedunlearn.extensions import describe_failure
+from fedunlearn.extensions import USER_ERRORS, describe_failure
 from fedunlearn.federation.faults import ClientFailure, nonfinite
 from fedunlearn.federation.port import Federation
 from fedunlearn.history import HistoryError, HistoryStore
@@ -170,7 +170,7 @@ def _create(cfg: Config, name: str, **forced: Any) -> Unlearner:
         method = factory(**{**params, **forced})
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"config key 'unlearning.params.{name}': {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - a user's constructor: its error, in one line
+    except USER_ERRORS as exc:  # a user's constructor: its error, in one line
         raise ConfigError(f"unlearning method '{name}' could not be built: "
                           f"{describe_failure(exc)}") from None
     if protocol_gaps(method):
@@ -179,7 +179,7 @@ def _create(cfg: Config, name: str, **forced: Any) -> Unlearner:
         method.check()  # hyperparameter checks that need no data run before any work
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"config key 'unlearning.params.{name}': {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - a user's check failing otherwise, in one line
+    except USER_ERRORS as exc:  # a user's check failing otherwise, in one line
         raise ConfigError(f"unlearning method '{name}': its check() failed: "
                           f"{describe_failure(exc)}") from None
     return method
@@ -195,7 +195,7 @@ def _check_config(cfg: Config, name: str, method: Unlearner) -> None:
             check(cfg)
         except ValueError as exc:
             raise ConfigError(f"config key 'unlearning.methods' ({name}): {exc}") from None
-        except Exception as exc:  # noqa: BLE001 - a user's check failing otherwise
+        except USER_ERRORS as exc:  # a user's check failing otherwise
             raise ConfigError(f"unlearning method '{name}': its check_config(cfg) failed: "
                               f"{describe_failure(exc)}") from None
 
