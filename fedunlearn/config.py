@@ -383,13 +383,13 @@ class VerificationSection:
         keeps the loss-threshold attack only; 1 is refused, a distribution needs two).
     shadow_epochs : float
         Epochs each shadow model trains on its half of the remaining clients' pooled data, at
-        most (default 20; ``shadow_budget`` may cut it).
+        most (default 20; ``shadow_budget`` may cut it), never below one batch.
     shadow_budget : float
         The shadows together train at most this fraction of the retraining's sample-epochs
-        (``rounds × local_epochs × sample_fraction`` × the samples of the clients outside every
-        request); their epochs are cut to fit, never below one batch (default 1.0: verification
-        costs no more than the retraining it judges; ``inf`` keeps ``shadow_epochs`` whatever
-        the cost).
+        (``local_epochs`` × the samples of each round's participants outside every request,
+        drawn as training draws them); their epochs are cut to fit, never below one batch
+        (default 1.0: verification costs no more than the retraining it judges; ``inf`` keeps
+        ``shadow_epochs`` whatever the cost).
     alpha : float
         Significance level of the backdoor test "the trigger still works" (default 0.01).
     max_members : int

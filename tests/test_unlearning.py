@@ -453,7 +453,9 @@ def test_a_user_methods_checks_and_centralized_calls_fail_in_one_line(trained, t
                              "unlearning.methods=[\"retrain\", \"c_keyerror\"]"))
     _, setup, _fed, store, run = trained
     for mode, needle in (("fit", (r"'c_central' failed in fit\(ctx\) on the pooled data: "
-                                 r"RuntimeError: no pooled data here \(at checking\.py")),
+                                 r"RuntimeError: no pooled data here \(at checking\.py.*; fix "
+                                 r"it \(the federated requests are answered and kept: "
+                                 r"`fedunlearn resume RUN_DIR` goes on with the centralized")),
                          ("shape", (r"'c_central' predicted probabilities of shape \(\d+, 3\) "
                                    r"for \d+ inputs, not \(\d+, 10\)"))):
         cfg = small_config(*UNLEARN_CFG, *ext, "unlearning.methods=[\"c_central\"]",

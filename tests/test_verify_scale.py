@@ -244,6 +244,16 @@ def test_verification_block_line_and_report(served):
     assert line is not None
     assert f"verification {out.verification[1]['wall_s']:.2f} s" in line
     assert "2 × 40 of" in line and "members 15 of" in line and "population 25 of" in line
+    epochs = out.verification[1]["shadow_epochs"]
+    assert f"samples × {epochs:.3g} epochs;" in line
+    # two seeds whose shadows trained different epochs: the line gives both ends, not seed 0's
+    two = {**results, "verification": {**block, "requests": [
+        {**e, "seed": s, "shadow_epochs": x} for s, x in ((0, 7.473), (1, 7.59))
+        for e in block["requests"]]}}
+    assert "samples × 7.47–7.59 epochs;" in verification_line(two, 1)
+    one = {**results, "verification": {**block, "requests": [
+        {**e, "shadow_epochs": 1.0} for e in block["requests"]]}}
+    assert "samples × 1 epoch;" in verification_line(one, 1)
     assert verification_line(results, 7) is None
     assert verification_line({k: v for k, v in results.items() if k != "verification"},
                              0) is None
@@ -351,3 +361,23 @@ def test_shadows_run_with_their_thread_count_and_restore_the_callers(data, monke
     pool = data.pooled(exclude={0})
     bank(pool.x, pool.y, data.test.x[:5], data.test.y[:5])
     assert seen == [want, want] and torch.get_num_threads() == before
+
+
+def test_the_shadows_budget_is_what_retraining_trains(tmp_path):
+    """Oracle: the participants the training stored in its history, round by round (retraining
+    draws the same ones, minus the removed). With 6 clients at sample_fraction 0.25 a round
+    takes max(1, round(1.5)) = 2 clients, not 1.5: the plain fraction would be off by a third."""
+    from fedunlearn.unlearning.service import retraining_sample_epochs
+
+    cfg = small_config("data.num_clients=6", "training.rounds=3", "training.local_epochs=2",
+                       "training.sample_fraction=0.25", "unlearning.requests=[]")
+    setup = prepare(cfg)
+    store = HistoryStore.create(tmp_path / "history", retention_interval=1)
+    train_federation(InProcessFederation(cfg, setup.evaluator()), setup, store, progress=False)
+    sizes = [len(c) for c in setup.data.clients]
+    for removed in (set(), {store.participants(1)[0]}):
+        by_hand = 2 * sum(sizes[k] for t in store.rounds() for k in store.participants(t)
+                          if k not in removed)
+        assert retraining_sample_epochs(cfg, sizes, removed) == by_hand
+    assert by_hand != pytest.approx(3 * 2 * 0.25 * sum(sizes[k] for k in range(6)
+                                                       if k not in removed))

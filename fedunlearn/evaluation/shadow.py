@@ -25,7 +25,6 @@ shadows that now take about a second each: not used.
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,7 +37,7 @@ from fedunlearn.federation.faults import nonfinite
 from fedunlearn.models import reinitialise
 from fedunlearn.params import get_params
 from fedunlearn.seeding import derive_seed
-from fedunlearn.training import LocalTraining, predict_proba, train
+from fedunlearn.training import LocalTraining, batch_bounds, predict_proba, train
 
 
 class ShadowDiverged(ValueError):
@@ -71,9 +70,14 @@ def shadow_sample_size(n: int, max_samples: int | None = None) -> int:
 def shadow_epochs(epochs: float, *, num_shadows: int, samples: int, budget: float,
                   batch_size: int) -> float:
     """Epochs each shadow trains: ``epochs``, cut so that all shadows together train at most
-    ``budget`` sample-epochs (``num_shadows × epochs × samples ≤ budget``), but never below one
-    batch of ``batch_size`` (a cut that rounds to no step at all would leave the shadows as
-    their random initialisation, and LiRA would compare the target with untrained models).
+    ``budget`` sample-epochs (``num_shadows × epochs × samples ≤ budget``), and never below one
+    batch of ``batch_size``, whether the cut or ``epochs`` itself asks for less (no step at
+    all would leave the shadows as their random initialisation, and LiRA would compare the
+    target with untrained models).
+
+    One batch is counted as training counts it with BatchNorm, whose last batch of one sample
+    joins the batch before (:func:`~fedunlearn.training.batch_bounds`): fewer batches, so the
+    floor holds with or without it.
 
     The service passes the retraining's sample-epochs (times ``verification.shadow_budget``) as
     ``budget``: the shadows then cost no more than the retraining they help to judge, and on a
@@ -87,11 +91,13 @@ def shadow_epochs(epochs: float, *, num_shadows: int, samples: int, budget: floa
     2.5
     >>> shadow_epochs(20, num_shadows=4, samples=1000, budget=10, batch_size=100)  # one batch
     0.1
+    >>> shadow_epochs(0.001, num_shadows=2, samples=17, budget=1e9, batch_size=16)  # 16 + 1
+    1.0
     """
     if num_shadows <= 0 or samples <= 0:
         return float(epochs)
-    one_batch = 1 / math.ceil(samples / batch_size)
-    return float(min(epochs, max(budget / (num_shadows * samples), one_batch)))
+    one_batch = 1 / len(batch_bounds(samples, batch_size, fold_single=True))
+    return float(max(min(epochs, budget / (num_shadows * samples)), one_batch))
 
 
 class ShadowModels:

@@ -471,6 +471,15 @@ def write_metrics_csv(path: Path, results: Mapping[str, Any]) -> None:
 
 # --- the cost of verification ----------------------------------------------------------------
 
+def epoch_count(epochs: float) -> str:
+    """``"2.5 epochs"``, ``"1 epoch"``.
+
+    >>> epoch_count(1.0), epoch_count(0.1001), epoch_count(20)
+    ('1 epoch', '0.1 epochs', '20 epochs')
+    """
+    return f"{epochs:.3g} epoch{'' if f'{epochs:.3g}' == '1' else 's'}"
+
+
 def verification_line(results: Mapping[str, Any], request: int) -> str | None:
     """One line on what verifying request ``request`` cost, beside the retraining it judges.
 
@@ -495,11 +504,12 @@ def verification_line(results: Mapping[str, Any], request: int) -> str | None:
         text += f" (over {seeds} seeds)"
     parts = []
     if entries[0].get("shadows"):
-        epochs = _value(entries[0].get("shadow_epochs"))
+        epochs = sorted({e for v in entries if (e := _value(v.get("shadow_epochs"))) is not None})
         parts.append(f"shadows {shadow:.2f} s: {entries[0]['shadows']} × "
                      f"{_fmt_int(entries[0].get('shadow_train_samples'))} of "
                      f"{_fmt_int(sizes.get('shadow_pool'))} samples"
-                     + ("" if epochs is None else f" × {epochs:.3g} epochs"))
+                     + (f" × {epoch_count(epochs[0])}" if len(epochs) == 1 else
+                        f" × {epochs[0]:.3g}–{epochs[-1]:.3g} epochs" if epochs else ""))
     parts.append(f"members {_fmt_int(sizes.get('members'))} of "
                  f"{_fmt_int(sizes.get('members_available'))}, non-members "
                  f"{_fmt_int(sizes.get('nonmembers'))}, population "

@@ -32,7 +32,7 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TextIO
@@ -50,8 +50,9 @@ from fedunlearn.federation.port import Federation
 from fedunlearn.history import HistoryError, HistoryStore
 from fedunlearn.lineage import LineageLog, params_hash
 from fedunlearn.params import Params
+from fedunlearn.reporting.tables import epoch_count
 from fedunlearn.schema import NOISE_SUFFIX, REFERENCE, SETTINGS, Role, Row
-from fedunlearn.seeding import derive_seed
+from fedunlearn.seeding import derive_seed, sample_participants
 from fedunlearn.training import local_training
 from fedunlearn.unlearning.base import (
     UNLEARNERS,
@@ -368,10 +369,11 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
                                  data=data, build_model=build_model,
                                  seed=derive_seed(cfg.seed, 0xA11, request))
 
-    fit_wall = _fit_centralized(methods, context((), frozenset(), trained, -1), lineage, stream)
+    fit_wall = _fit_centralized(methods, context((), frozenset(), trained, -1), lineage, stream,
+                                after_federated=not federated)
     requested = {c for r in cfg.unlearning.requests for c in r}
-    shadow_pool = data.pooled(exclude=requested) if cfg.verification.mia_shadows else None
-    shadows = _shadow_models(cfg, build_model, 0 if shadow_pool is None else len(shadow_pool))
+    shadows = _shadow_models(cfg, build_model, data, requested)
+    shadow_pool = data.pooled(exclude=requested) if shadows is not None else None
     v = cfg.verification
     current = {m.name: trained for m in methods}
     removed: frozenset[int] = frozenset()
@@ -513,7 +515,7 @@ def _verification_entry(request: int, targets: tuple[int, ...], settings: Collec
     sizes = verifier.sizes
     epochs = None if shadows is None else shadows.spec.epochs
     _say(stream, f"[verify] request {request} {list(targets)}  {wall_s:7.2f}s  (shadows "
-         f"{verifier.shadow_seconds:.2f}s{'' if epochs is None else f', {epochs:.3g} epochs'}; "
+         f"{verifier.shadow_seconds:.2f}s{'' if epochs is None else f', {epoch_count(epochs)}'}; "
          f"members {sizes['members']} of "
          f"{sizes['members_available']}, population {sizes['population']})")
     return {"request": request, "clients": list(targets), "setting": "+".join(sorted(settings)),
@@ -563,14 +565,17 @@ def _traffic(federation: Federation | None) -> tuple[int, int]:
 
 
 def _fit_centralized(methods: list[Method], ctx: UnlearningContext, lineage: LineageLog,
-                     stream: TextIO | None) -> dict[str, float]:
-    """Fit every centralized method once on the pooled data (not part of removal time)."""
+                     stream: TextIO | None, *, after_federated: bool) -> dict[str, float]:
+    """Fit every centralized method once on the pooled data (not part of removal time).
+    ``after_federated``: the federated requests were served (and kept) before this pass."""
     walls: dict[str, float] = {}
+    then = (" (the federated requests are answered and kept: `fedunlearn resume RUN_DIR` goes "
+            "on with the centralized methods)" if after_federated else
+            " (nothing of the removals has run yet)")
     for m in methods:
         if m.setting == "centralized":
             t0 = time.perf_counter()
-            with _users_code(m, "in fit(ctx) on the pooled data",
-                             " (nothing of the removals has run yet)"):
+            with _users_code(m, "in fit(ctx) on the pooled data", then):
                 m.method.fit(ctx)  # type: ignore[attr-defined]
                 walls[m.name] = time.perf_counter() - t0
                 fitted = _fitted_hash(m, ctx)
@@ -589,35 +594,42 @@ def _fitted_hash(m: Method, ctx: UnlearningContext) -> str:
     return params_hash({"test_proba": proba})
 
 
-def retraining_sample_epochs(cfg: Config, samples: int) -> float:
-    """What retraining trains, in sample-epochs, for a federation holding ``samples`` training
-    samples: ``rounds × local_epochs × sample_fraction × samples`` (each round's participants
-    train ``local_epochs`` on their data; the expected share of the samples takes part).
+def retraining_sample_epochs(cfg: Config, sizes: Sequence[int],
+                             exclude: Collection[int]) -> float:
+    """What retraining without ``exclude`` trains, in sample-epochs: ``local_epochs`` times the
+    samples of each round's participants, drawn as training and retraining draw them
+    (:func:`~fedunlearn.seeding.sample_participants`: ``max(1, round(f·K))`` per round, then
+    ``exclude`` dropped); ``sizes[k]`` is client ``k``'s number of training samples.
 
     >>> from fedunlearn.config import load_config
-    >>> cfg = load_config(None, ["training.rounds=10", "training.local_epochs=2",
-    ...                          "training.sample_fraction=0.1"])
-    >>> retraining_sample_epochs(cfg, 90_000)
-    180000.0
+    >>> cfg = load_config(None, ["training.rounds=2", "training.local_epochs=3"])
+    >>> retraining_sample_epochs(cfg, [10, 20, 30], exclude={0})  # 2 rounds x 3 x (20 + 30)
+    300.0
     """
     t = cfg.training
-    return float(t.rounds * t.local_epochs * t.sample_fraction * samples)
+    drop = set(exclude)
+    return float(t.local_epochs * sum(
+        sizes[k] for r in range(1, t.rounds + 1)
+        for k in sample_participants(cfg.seed, r, len(sizes), t.sample_fraction, drop)))
 
 
-def _shadow_models(cfg: Config, build_model: Callable[[], Any],
-                   pool_size: int) -> ShadowModels | None:
+def _shadow_models(cfg: Config, build_model: Callable[[], Any], data: FederatedData,
+                   requested: set[int]) -> ShadowModels | None:
     """The seed's shadow models (trained on first use, then kept), or None without LiRA.
 
-    They train on a pool of ``pool_size`` samples (the clients outside every request) for
+    They train on the pool of the clients outside every request (``requested``) for
     ``verification.shadow_epochs``, cut so that together they cost at most
     ``verification.shadow_budget`` times the retraining of those clients
     (:func:`~fedunlearn.evaluation.shadow.shadow_epochs`, :func:`retraining_sample_epochs`)."""
     v = cfg.verification
     if v.mia_shadows == 0:
         return None
+    sizes = [len(c) for c in data.clients]
+    pool = sum(n for k, n in enumerate(sizes) if k not in requested)
+    retraining = retraining_sample_epochs(cfg, sizes, requested)
     epochs = shadow_epochs(v.shadow_epochs, num_shadows=v.mia_shadows,
-                           samples=shadow_sample_size(pool_size, v.shadow_samples),
-                           budget=v.shadow_budget * retraining_sample_epochs(cfg, pool_size),
+                           samples=shadow_sample_size(pool, v.shadow_samples),
+                           budget=v.shadow_budget * retraining,
                            batch_size=cfg.training.batch_size)
     return ShadowModels(build_model, local_training(cfg, epochs),
                         num_shadows=v.mia_shadows, seed=derive_seed(cfg.seed, 0x5AD0),
