@@ -110,12 +110,9 @@ def prepare(cfg: Config) -> Setup:
         data = build_federated_data(cfg)
     except ConfigError:
         raise
-    except ValueError as exc:
-        if not raised_in_user_code(exc):  # our checks of the config against the data
-            raise ConfigError(f"config [data]: {exc}") from None
-        raise ConfigError(f"config [data]: source '{cfg.data.source}' failed: "
-                          f"{describe_failure(exc)}") from None
     except USER_ERRORS as exc:  # a source failing (a user's, a download)
+        if isinstance(exc, ValueError) and not raised_in_user_code(exc):
+            raise ConfigError(f"config [data]: {exc}") from None  # our checks on the config
         raise ConfigError(f"config [data]: source '{cfg.data.source}' failed: "
                           f"{describe_failure(exc)}") from None
     empty = [k for k, d in enumerate(data.clients) if len(d) == 0]

@@ -8,7 +8,7 @@ Cost. Each shadow trains on a seeded random half of the pool, cut to at most ``m
 samples, so the shadows cost at most ``num_shadows × epochs × max_samples`` sample-epochs
 however large the federation is; :func:`shadow_epochs` also cuts the epochs so that they cost
 no more than the retraining they judge (on a short run of a costly model the fixed 20 epochs
-cost seven times the retraining). :class:`ShadowModels` keeps the trained models, so one set of
+cost 7 to 12 times the retraining). :class:`ShadowModels` keeps the trained models, so one set of
 shadows answers every method and every request whose queries lie outside its pool.
 
 Threads. The shadows are small models trained in small batches; torch's intra-op threads only
