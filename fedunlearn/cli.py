@@ -3,7 +3,7 @@
 ``fedunlearn run CONFIG.toml [--set section.key=value ...] [--seeds 0,1,2] [--out DIR]``
     train on Flower + Ray, keep the history, serve the configured removal requests; with
     ``--seeds`` (or ``experiment.seeds``) once per seed, with a summary and verdicts;
-``fedunlearn compare CONFIG.toml [--set ...] [--out DIR]``
+``fedunlearn compare CONFIG.toml [--set ...] [--seeds 0,1,2] [--out DIR]``
     the same, with the centralized methods (``central_retrain``, ``sisa``, ``sisa_random``,
     ``newton``) added on the same clients' pooled data: one table for both settings;
 ``fedunlearn resume RUN_DIR``

@@ -362,10 +362,17 @@ class HistoryStore:
         """
         path = Path(path)
         if not path.is_dir():
-            raise HistoryError(f"{path} does not exist; pass the --out directory of a run")
+            raise HistoryError(f"{path} does not exist; open a run's history store: "
+                               "RUN_DIR/history, or RUN_DIR/seed-S/history in a run of several "
+                               "seeds")
         try:
             manifest = json.loads((path / MANIFEST).read_text())
         except FileNotFoundError:
+            inside = sorted(str(p) for p in [*path.glob("history"), *path.glob("seed-*/history")]
+                            if (p / MANIFEST).exists())
+            if inside:  # a run directory, not its store
+                raise HistoryError(f"{path} is a run directory; open its history store: "
+                                   f"{' or '.join(inside)}") from None
             raise HistoryCorruptError(f"{MANIFEST} is missing in {path}; the history is "
                                       "incomplete, record the run again") from None
         except (OSError, ValueError) as err:

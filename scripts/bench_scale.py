@@ -367,7 +367,7 @@ CHILDREN = {"case": run_case, "quickstart": run_quickstart, "backdoor": run_back
 
 # ---------------------------------------------------------------- parent
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("Usage::")[0].strip())
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/scale.json")
     ap.add_argument("--parts", default="history,scale,startup,dispatch",

@@ -274,6 +274,18 @@ def test_open_needs_a_readable_manifest(tmp_path: Path) -> None:
         HistoryStore.open(tmp_path / "nowhere")
 
 
+def test_opening_a_run_directory_names_its_stores(tmp_path: Path) -> None:
+    """A run directory is not a store: the line names the store(s) inside it, one per seed."""
+    for seed in (0, 1):
+        build(tmp_path / "run" / f"seed-{seed}" / "history")
+    with pytest.raises(HistoryError, match=r"run directory; open its history store: "
+                                           r".*seed-0/history or .*seed-1/history$"):
+        HistoryStore.open(tmp_path / "run")
+    build(tmp_path / "single" / "history")
+    with pytest.raises(HistoryError, match=r"open its history store: .*single/history$"):
+        HistoryStore.open(tmp_path / "single")
+
+
 def test_create_refuses_to_overwrite(tmp_path: Path) -> None:
     store = build(tmp_path / "h")
     before = snapshot(store.path)

@@ -251,6 +251,12 @@ def test_verification_block_line_and_report(served):
         {**e, "seed": s, "shadow_epochs": x} for s, x in ((0, 7.473), (1, 7.59))
         for e in block["requests"]]}}
     assert "samples × 7.47–7.59 epochs;" in verification_line(two, 1)
+    # seeds whose epochs print alike and whose shadows drew different sample counts
+    alike = {**results, "verification": {**block, "requests": [
+        {**e, "seed": s, "shadow_epochs": x, "shadow_train_samples": n}
+        for s, x, n in ((0, 2.0018, 560), (1, 2.0, 577)) for e in block["requests"]]}}
+    assert "2 × 560–577 of" in verification_line(alike, 1)
+    assert "samples × 2 epochs;" in verification_line(alike, 1)
     one = {**results, "verification": {**block, "requests": [
         {**e, "shadow_epochs": 1.0} for e in block["requests"]]}}
     assert "samples × 1 epoch;" in verification_line(one, 1)

@@ -471,6 +471,19 @@ def write_metrics_csv(path: Path, results: Mapping[str, Any]) -> None:
 
 # --- the cost of verification ----------------------------------------------------------------
 
+def _span(values: Iterable[Any], fmt: Callable[[float], str]) -> str:
+    """The values as ``fmt`` writes them: one, or ``"low–high"`` when the seeds differ.
+
+    >>> _span([560, 569, 577], _fmt_int), _span([2.0018, 2.0], lambda e: f"{e:.3g}")
+    ('560–577', '2')
+    """
+    finite = sorted(v for x in values if (v := _value(x)) is not None)
+    if not finite:
+        return MISSING
+    low, high = fmt(finite[0]), fmt(finite[-1])
+    return low if low == high else f"{low}–{high}"
+
+
 def epoch_count(epochs: float) -> str:
     """``"2.5 epochs"``, ``"1 epoch"``.
 
@@ -484,8 +497,9 @@ def verification_line(results: Mapping[str, Any], request: int) -> str | None:
     """One line on what verifying request ``request`` cost, beside the retraining it judges.
 
     ``"verification 9.80 s vs retraining 35.20 s (shadows 7.10 s: 4 × 1000 of 89510 samples × 20
-    epochs; members 90 of 90, non-members 90, population 2000 of 25510)"``; summed over seeds and
-    serving passes. None when the run file has no ``verification`` block (older runs).
+    epochs; members 90 of 90, non-members 90, population 2000 of 25510)"``; times summed over
+    seeds and serving passes, sizes and epochs as ``low–high`` when the seeds differ. None when
+    the run file has no ``verification`` block (older runs).
     """
     block = results.get("verification") or {}
     entries = [v for v in block.get("requests") or [] if v.get("request") == request]
@@ -497,24 +511,26 @@ def verification_line(results: Mapping[str, Any], request: int) -> str | None:
                   if r["role"] == Role.REFERENCE and r["request"] == list(clients))
     wall = sum(_value(v.get("wall_s")) or 0.0 for v in entries)
     shadow = sum(_value(v.get("shadow_s")) or 0.0 for v in entries)
-    sizes = entries[0].get("sizes") or {}
     seeds = len({v.get("seed") for v in entries})
     text = f"verification {wall:.2f} s vs retraining {retrain:.2f} s"
     if seeds > 1:
         text += f" (over {seeds} seeds)"
     parts = []
+    every = [v.get("sizes") or {} for v in entries]
+
+    def size(key: str) -> str:
+        return _span([z.get(key) for z in every], _fmt_int)
+
     if entries[0].get("shadows"):
-        epochs = sorted({e for v in entries if (e := _value(v.get("shadow_epochs"))) is not None})
+        epochs = _span([v.get("shadow_epochs") for v in entries], lambda e: f"{e:.3g}")
         parts.append(f"shadows {shadow:.2f} s: {entries[0]['shadows']} × "
-                     f"{_fmt_int(entries[0].get('shadow_train_samples'))} of "
-                     f"{_fmt_int(sizes.get('shadow_pool'))} samples"
-                     + (f" × {epoch_count(epochs[0])}" if len(epochs) == 1 else
-                        f" × {epochs[0]:.3g}–{epochs[-1]:.3g} epochs" if epochs else ""))
-    parts.append(f"members {_fmt_int(sizes.get('members'))} of "
-                 f"{_fmt_int(sizes.get('members_available'))}, non-members "
-                 f"{_fmt_int(sizes.get('nonmembers'))}, population "
-                 f"{_fmt_int(sizes.get('population'))} of "
-                 f"{_fmt_int(sizes.get('population_available'))}")
+                     f"{_span([v.get('shadow_train_samples') for v in entries], _fmt_int)} of "
+                     f"{size('shadow_pool')} samples"
+                     + ("" if epochs == MISSING else
+                        f" × {epochs} epoch{'' if epochs == '1' else 's'}"))
+    parts.append(f"members {size('members')} of {size('members_available')}, non-members "
+                 f"{size('nonmembers')}, population {size('population')} of "
+                 f"{size('population_available')}")
     return f"{text} ({'; '.join(parts)})"
 
 
