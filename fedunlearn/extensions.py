@@ -52,7 +52,10 @@ def describe_failure(exc: BaseException) -> str:
     >>> describe_failure(ValueError("bad" + chr(10) + "value"))
     'ValueError: bad'
     """
-    text = str(exc).strip()
+    try:
+        text = str(exc).strip()
+    except Exception:  # noqa: BLE001 - an exception whose message itself fails
+        text = ""
     if isinstance(exc, SyntaxError) and exc.filename:  # where the parser stopped
         where = f" (at {Path(exc.filename).name}:{exc.lineno})"
         return f"SyntaxError: {exc.msg}{where}"
@@ -75,7 +78,22 @@ _PACKAGE = str(Path(__file__).resolve().parent)
 
 
 def _is_user_file(filename: str) -> bool:
-    """A file of neither fedunlearn, nor an installed package, nor the standard library."""
-    path = str(Path(filename).resolve()) if not filename.startswith("<") else filename
-    return not (path.startswith((_PACKAGE, "<", sys.base_prefix, sys.prefix))
-                or "site-packages" in path)
+    """A file of neither fedunlearn, nor an installed package, nor the standard library.
+
+    Code without a file (``exec``'d, a notebook cell: ``<string>``, ``<ipython-input-3-…>``) is
+    the user's; Python's frozen modules (``<frozen …>``) are not. Directories are compared
+    whole: ``fedunlearn_plugins/`` is not fedunlearn's, ``notes-site-packages/`` is no
+    package directory.
+
+    >>> _is_user_file("<ipython-input-3-abc>"), _is_user_file("<frozen runpy>")
+    (True, False)
+    >>> _is_user_file(_PACKAGE + "_plugins/src.py"), _is_user_file(_PACKAGE + "/config.py")
+    (True, False)
+    """
+    if filename.startswith("<"):
+        return not filename.startswith("<frozen")
+    path = Path(filename).resolve()
+    if "site-packages" in path.parts or "dist-packages" in path.parts:
+        return False
+    return not any(path.is_relative_to(root) for root in
+                   {_PACKAGE, sys.base_prefix, sys.prefix})

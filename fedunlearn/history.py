@@ -361,18 +361,23 @@ class HistoryStore:
             If the manifest or any listed file is missing, truncated or fails its checksum.
         """
         path = Path(path)
+        where = ("open a run's history store: RUN_DIR/history, or RUN_DIR/seed-S/history in "
+                 "a run of several seeds")
         if not path.is_dir():
-            raise HistoryError(f"{path} does not exist; open a run's history store: "
-                               "RUN_DIR/history, or RUN_DIR/seed-S/history in a run of several "
-                               "seeds")
+            raise HistoryError(f"{path} {'is a file' if path.exists() else 'does not exist'}; "
+                               f"{where}")
         try:
             manifest = json.loads((path / MANIFEST).read_text())
         except FileNotFoundError:
-            inside = sorted(str(p) for p in [*path.glob("history"), *path.glob("seed-*/history")]
-                            if (p / MANIFEST).exists())
-            if inside:  # a run directory, not its store
-                raise HistoryError(f"{path} is a run directory; open its history store: "
-                                   f"{' or '.join(inside)}") from None
+            inside = sorted({str(p) for pattern in ("history", "*/history", "*/seed-*/history")
+                             for p in path.glob(pattern) if p.is_dir()})
+            if inside:  # a run directory (or a folder of runs), not a store
+                raise HistoryError(f"{path} is not a history store; the stores in it: "
+                                   f"{', '.join(inside[:6])}{' ...' if len(inside) > 6 else ''}"
+                                   ) from None
+            if not ((path / "rounds").is_dir() or (path / "sums").is_dir()):
+                raise HistoryError(f"{path} is not a history store (no {MANIFEST}); "
+                                   f"{where}") from None
             raise HistoryCorruptError(f"{MANIFEST} is missing in {path}; the history is "
                                       "incomplete, record the run again") from None
         except (OSError, ValueError) as err:

@@ -65,6 +65,9 @@ EXTENSION = textwrap.dedent('''
             return loss * float("nan")
         if fault == "raise":
             raise RuntimeError("disk on fire")
+        if fault == "exit":
+            import sys
+            sys.exit("step quits")
         time.sleep(stall_s)
         open(once + ".done", "w").close()  # the stalled worker is free again
         return loss
@@ -158,6 +161,10 @@ def test_client_error_and_round_without_survivors(tmp_path):
                                             r"fire \(at faults_ext\.py:\d+ in faulty\)\) in "
                                             r"round 1 \(training\); fix the code where it"):
         in_process(faulty_config(fault="raise"), tmp_path / "b")
+    # sys.exit() in a client's step: the same one line (in Flower it killed the Ray actor)
+    with pytest.raises(ClientFailure, match=r"^client 2 failed \(error: SystemExit: step quits "
+                                            r"\(at faults_ext\.py:\d+ in faulty\)\) in round 1"):
+        in_process(faulty_config(fault="exit"), tmp_path / "c")
 
 
 def test_engine_keys_are_validated():

@@ -274,16 +274,23 @@ def test_open_needs_a_readable_manifest(tmp_path: Path) -> None:
         HistoryStore.open(tmp_path / "nowhere")
 
 
-def test_opening_a_run_directory_names_its_stores(tmp_path: Path) -> None:
-    """A run directory is not a store: the line names the store(s) inside it, one per seed."""
+def test_opening_what_is_not_a_store_says_what_to_open(tmp_path: Path) -> None:
+    """A run directory is not a store: the line names the store(s) inside it, one per seed;
+    a file or a directory that never held a store is said to be one, not a damaged history."""
     for seed in (0, 1):
         build(tmp_path / "run" / f"seed-{seed}" / "history")
-    with pytest.raises(HistoryError, match=r"run directory; open its history store: "
-                                           r".*seed-0/history or .*seed-1/history$"):
+    with pytest.raises(HistoryError, match=r"run is not a history store; the stores in it: "
+                                           r"\S*seed-0/history, \S*seed-1/history$"):
         HistoryStore.open(tmp_path / "run")
     build(tmp_path / "single" / "history")
-    with pytest.raises(HistoryError, match=r"open its history store: .*single/history$"):
+    with pytest.raises(HistoryError, match=r"the stores in it: \S*single/history$"):
         HistoryStore.open(tmp_path / "single")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "afile").write_text("x")
+    for path, what in (("empty", "is not a history store"), ("afile", "is a file")):
+        with pytest.raises(HistoryError, match=f"{what}.*RUN_DIR/history") as info:
+            HistoryStore.open(tmp_path / path)
+        assert not isinstance(info.value, HistoryCorruptError)
 
 
 def test_create_refuses_to_overwrite(tmp_path: Path) -> None:

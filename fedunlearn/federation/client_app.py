@@ -15,7 +15,7 @@ import time
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedunlearn.extensions import describe_failure
+from fedunlearn.extensions import USER_ERRORS, describe_failure
 from fedunlearn.federation.local import client_work, model_for, runtime
 from fedunlearn.federation.messages import (
     ARRAYS,
@@ -69,7 +69,7 @@ def train(msg: Message, context: Context) -> Message:
                                        server_round=int(config.get("server-round", 0)),
                                        tag=int(config.get("tag", 0)), epochs=epochs, task=task,
                                        task_params=task_params_of(config))
-    except Exception as exc:  # Flower passes on only str(exc): keep the type and the place
+    except USER_ERRORS as exc:  # Flower passes on only str(exc): keep the type and the place
         raise RuntimeError(describe_failure(exc)) from exc
     extra = {} if task == "train" else {TASK_PREFIX + k: float(v) for k, v in stats.items()}
     metrics = MetricRecord({PARTITION: pid, NUM_EXAMPLES: n, "train-loss": stats["loss"],

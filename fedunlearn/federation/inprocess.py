@@ -18,7 +18,7 @@ import numpy as np
 from fedunlearn import interrupt
 from fedunlearn.aggregation import fedavg_weights, keep_non_float
 from fedunlearn.config import Config
-from fedunlearn.extensions import describe_failure
+from fedunlearn.extensions import USER_ERRORS, describe_failure
 from fedunlearn.federation.faults import (
     Failure,
     FaultPolicy,
@@ -129,7 +129,7 @@ class InProcessFederation:
                                                    server_round=server_round, tag=tag,
                                                    epochs=epochs, task=task,
                                                    task_params=task_params)
-                except Exception as exc:  # noqa: BLE001 - a client error, as Flower reports it
+                except USER_ERRORS as exc:  # a client error, as Flower reports it
                     failed[c] = error_reason(describe_failure(exc))
                     continue
                 self.bytes_exchanged += num_bytes(model) + num_bytes(params)
