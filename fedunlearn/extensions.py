@@ -80,18 +80,22 @@ _PACKAGE = str(Path(__file__).resolve().parent)
 def _is_user_file(filename: str) -> bool:
     """A file of neither fedunlearn, nor an installed package, nor the standard library.
 
-    Code without a file (``exec``'d, a notebook cell: ``<string>``, ``<ipython-input-3-…>``) is
-    the user's; Python's frozen modules (``<frozen …>``) are not. Directories are compared
-    whole: ``fedunlearn_plugins/`` is not fedunlearn's, ``notes-site-packages/`` is no
-    package directory.
+    Code without a file typed by the user (a notebook cell ``<ipython-input-3-…>``, ``<stdin>``)
+    is the user's; Python's frozen modules (``<frozen …>``) and ``<string>`` are not: the
+    methods dataclasses and named tuples generate are compiled from ``<string>``, so a
+    dataclass's ``__init__`` raising would otherwise be named as the place. Directories are
+    compared whole: ``fedunlearn_plugins/`` is not fedunlearn's, ``notes-site-packages/`` is
+    no package directory.
 
     >>> _is_user_file("<ipython-input-3-abc>"), _is_user_file("<frozen runpy>")
     (True, False)
+    >>> _is_user_file("<string>")
+    False
     >>> _is_user_file(_PACKAGE + "_plugins/src.py"), _is_user_file(_PACKAGE + "/config.py")
     (True, False)
     """
     if filename.startswith("<"):
-        return not filename.startswith("<frozen")
+        return not filename.startswith(("<frozen", "<string>"))
     path = Path(filename).resolve()
     if "site-packages" in path.parts or "dist-packages" in path.parts:
         return False
