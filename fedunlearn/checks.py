@@ -108,9 +108,15 @@ def check_strategy(cfg: Config) -> None:
 def checked_model(cfg: Config, data: FederatedData) -> torch.nn.Module:
     """The experiment's initial network, checked against the data: a ``torch.nn.Module`` with
     trainable parameters that maps a batch to one score per class."""
+    about = f"config [model] ({cfg.model.name}, params {dict(cfg.model.params)})"
     try:
         model = build_model(cfg.model.name, data.input_shape, data.num_classes, seed=cfg.seed,
                             **cfg.model.params)
+    except ConfigError:
+        raise
+    except USER_ERRORS as exc:  # the builder itself failing, in one line
+        raise ConfigError(f"{about} could not be built: {describe_failure(exc)}") from None
+    try:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"its builder returned {type(model).__name__}, not a "
                             "torch.nn.Module")
@@ -125,9 +131,8 @@ def checked_model(cfg: Config, data: FederatedData) -> torch.nn.Module:
                              f"{shape or type(out).__name__}, not to "
                              f"({len(sample)}, {data.num_classes}): one score per class of the "
                              f"data's {data.num_classes}")
-    except USER_ERRORS as exc:  # a builder or forward failing, in one line
-        raise ConfigError(f"config [model] ({cfg.model.name}, params {dict(cfg.model.params)}) "
-                          f"does not fit the data: {describe_failure(exc)}") from None
+    except USER_ERRORS as exc:  # a forward pass failing, in one line
+        raise ConfigError(f"{about} does not fit the data: {describe_failure(exc)}") from None
     return model
 
 

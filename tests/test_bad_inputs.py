@@ -246,6 +246,10 @@ EXT_CASES = [
     (("@register_source('src')\ndef src(seed=0):\n    x = np.random.default_rng(0).random((300, 4))"
      "\n    x[5, 1] = np.nan\n    return ArrayDataset(x=x, y=np.arange(300) % 3, num_classes=3)\n"),
      ["data.source=\"src\"", "backdoor.clients=[]"], "NaN or Inf features in 1 of its 300"),
+    ("@MODELS.register('m')\ndef m(input_shape, num_classes, seed=0):\n    raise OSError('no GPU')\n",
+     ["model.name=\"m\""],
+     ("config [model] (m, params {}) could not be built: OSError: no GPU "
+      "(at ext_bad.py:13 in m)")),
     ("@MODELS.register('m')\ndef m(input_shape, num_classes, seed=0):\n    return 'a model'\n",
      ["model.name=\"m\""], "builder returned str, not a torch.nn.Module"),
     ("@MODELS.register('m')\ndef m(input_shape, num_classes, seed=0):\n    return nn.Flatten()\n",
