@@ -165,8 +165,8 @@ def check_local_training(cfg: Config, data: FederatedData, network: torch.nn.Mod
     local = next(d for d in data.clients if len(d))
     if size < min(t.batch_size, len(local)):
         try:
-            train(copy.deepcopy(network), local.x[:size], local.y[:size], local_training(cfg, 1.0), seed=0,
-                  device=device_for(cfg))
+            train(copy.deepcopy(network), local.x[:size], local.y[:size],
+                  local_training(cfg, 1.0), seed=0, device=device_for(cfg))
         except USER_ERRORS as exc:  # in one line, with the batch that fails
             raise ConfigError(
                 f"config [training] (step '{t.step}', model '{cfg.model.name}') fails on a "

@@ -188,12 +188,13 @@ class FaultPolicy:
         lower = ("training.learning_rate" if failure.stage in ("train", "evaluate") else
                  "the learning rate of the method that asked for the task (for 'ascent': "
                  "unlearning.params.pga.learning_rate)")
-        raised = ("fix the code where it was raised" if " (at " in failure.reason else
+        in_code = " (at " in failure.reason  # raised in code, which will fail again
+        raised = ("fix the code where it was raised" if in_code else
                   "rerun with --set engine.verbose=true for its traceback")
         fix = {"timeout": "raise engine.client_timeout_s",
                "non-finite": f"check its data and lower {lower}"}.get(failure.reason, raised)
         drop = ("" if self.on_failure == "drop" else
                 ", or set engine.on_client_failure=\"drop\" to go on without it")
         retry = ", or set engine.client_retries" if failure.reason != "non-finite" \
-            and " (at " not in failure.reason and self.retries == 0 else ""  # code fails again
+            and not in_code and self.retries == 0 else ""
         return f"{fix}{retry}{drop}"

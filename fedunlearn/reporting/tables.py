@@ -484,13 +484,14 @@ def _span(values: Iterable[Any], fmt: Callable[[float], str]) -> str:
     return low if low == high else f"{low}–{high}"
 
 
-def epoch_count(epochs: float) -> str:
-    """``"2.5 epochs"``, ``"1 epoch"``.
+def epoch_count(epochs: float | str) -> str:
+    """``"2.5 epochs"``, ``"1 epoch"``; a string is taken as already written (``"2–3"``).
 
-    >>> epoch_count(1.0), epoch_count(0.1001), epoch_count(20)
-    ('1 epoch', '0.1 epochs', '20 epochs')
+    >>> epoch_count(1.0), epoch_count(0.1001), epoch_count(20), epoch_count("2–3")
+    ('1 epoch', '0.1 epochs', '20 epochs', '2–3 epochs')
     """
-    return f"{epochs:.3g} epoch{'' if f'{epochs:.3g}' == '1' else 's'}"
+    text = epochs if isinstance(epochs, str) else f"{epochs:.3g}"
+    return f"{text} epoch{'' if text == '1' else 's'}"
 
 
 def verification_line(results: Mapping[str, Any], request: int) -> str | None:
@@ -526,8 +527,7 @@ def verification_line(results: Mapping[str, Any], request: int) -> str | None:
         parts.append(f"shadows {shadow:.2f} s: {entries[0]['shadows']} × "
                      f"{_span([v.get('shadow_train_samples') for v in entries], _fmt_int)} of "
                      f"{size('shadow_pool')} samples"
-                     + ("" if epochs == MISSING else
-                        f" × {epochs} epoch{'' if epochs == '1' else 's'}"))
+                     + ("" if epochs == MISSING else f" × {epoch_count(epochs)}"))
     parts.append(f"members {size('members')} of {size('members_available')}, non-members "
                  f"{size('nonmembers')}, population {size('population')} of "
                  f"{size('population_available')}")

@@ -670,10 +670,9 @@ def _users_code(m: Method, where: str, then: str = "") -> Iterator[None]:
     the method, ``where`` it failed and where in the user's code; ours propagate as they are."""
     try:
         yield
-    except (Exception, SystemExit, KeyboardInterrupt) as exc:
-        # SystemExit and KeyboardInterrupt too: a Ctrl-C only sets interrupt.STOP (its handler
-        # raises nothing), so either one here was raised by the method's own code (sys.exit(),
-        # an explicit raise) and would otherwise end the run as if it were a clean stop
+    except (*USER_ERRORS, KeyboardInterrupt) as exc:
+        # KeyboardInterrupt too: while requests are served a Ctrl-C only sets interrupt.STOP
+        # (its handler raises nothing), so one here was raised by the method's own code
         if type(m.method).__module__.startswith("fedunlearn.") or isinstance(exc, _SAID):
             raise
         raise RequestError(f"unlearning method '{m.name}' failed {where}: "
