@@ -47,6 +47,7 @@ class Spy:
         self.num_clients = inner.num_clients
         self.trained: list[int] = []
         self.asked: list[tuple[str, list[int]]] = []  # tasks other than training (PGA's ascent)
+        self.evaluated: list[int] = []  # federated evaluation (PGA's and NoT's recovery)
 
     @property
     def messages_sent(self) -> int:
@@ -68,6 +69,10 @@ class Spy:
         else:
             self.asked.append((task, list(clients)))
         return self.inner.train_clients(model, clients, **kw)
+
+    def evaluate_clients(self, model, clients: Sequence[int], **kw):
+        self.evaluated += list(clients)
+        return self.inner.evaluate_clients(model, clients, **kw)
 
     def __getattr__(self, name):  # any further port member a method uses
         return getattr(self.inner, name)
@@ -135,6 +140,7 @@ def test_federated_method_serves_a_request(name, trained):
     # the target never trains; only a method declaring it needs the target may send it
     # another task (PGA's ascent on its own data), and that task goes to the targets only
     assert TARGET not in spy.trained, f"'{name}' had the client it forgets train"
+    assert TARGET not in spy.evaluated, f"'{name}' had the client it forgets evaluate"
     if getattr(method, "needs_target_client", False):
         assert spy.asked and all(clients == [TARGET] for _, clients in spy.asked), spy.asked
     else:

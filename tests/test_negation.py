@@ -22,7 +22,8 @@ from fedunlearn.history import HistoryStore
 from fedunlearn.params import Params
 from fedunlearn.unlearning import UNLEARNERS
 from fedunlearn.unlearning.base import UnlearningContext
-from fedunlearn.unlearning.negation import NoT, layer_groups, negate_layers
+from fedunlearn.unlearning.finetune import evaluators
+from fedunlearn.unlearning.negation import _FINETUNE_PURPOSE, NoT, layer_groups, negate_layers
 from fedunlearn.unlearning.retrain import Retrain
 from fedunlearn.unlearning.service import _create
 
@@ -71,6 +72,8 @@ def test_registered_and_bad_hyperparameters_are_one_line_config_errors():
     assert UNLEARNERS.get("not") is NoT
     for value, word in [("{layers = []}", "layers"), ("{layers = [0, 0]}", "twice"),
                         ("{layers = 1}", "layers"), ("{rounds = -1}", "rounds"),
+                        ('{until = "never"}', "until"), ("{tolerance = -0.1}", "tolerance"),
+                        ('{until = "rounds"}', "rounds = N"),
                         ("{epochs = 0}", "epochs")]:
         cfg = load_config(None, ["unlearning.methods=[\"retrain\", \"not\"]",
                                  "unlearning.params.not=" + value])
@@ -164,7 +167,7 @@ def test_fine_tuning_rounds_are_fedavg_of_the_remaining_clients_only(
         return out
 
     monkeypatch.setattr(trained.fed, "train_clients", spy)
-    result = NoT(rounds=1).unlearn(trained.context())
+    result = NoT(rounds=1, until="rounds").unlearn(trained.context())
     assert len(calls) == 1
     clients, start, out = calls[0]
     assert clients == [1, 2, 3, 4]
@@ -176,6 +179,47 @@ def test_fine_tuning_rounds_are_fedavg_of_the_remaining_clients_only(
     assert result.model is not None and max_diff(result.model, expected) <= 1e-5
     assert result.cost.rounds == 1 and result.cost.messages_sent == 4
     assert result.cost.client_epochs == 4 * 2
+
+
+# ------------------------------------------------------------------------ until recovered
+def test_fine_tuning_stops_after_the_first_round_the_remaining_clients_are_back(
+        trained: Trained):
+    """Catches a recovery rule that stops late or early, compares with the wrong model, or
+    counts the wrong clients: the oracle is a trace of fixed-round runs, each scored here on
+    the evaluating clients' own data with the predictor (not the port's evaluation)."""
+    ctx = trained.context()
+    watch = evaluators(ctx, _FINETUNE_PURPOSE)
+    assert TARGET not in watch and watch  # the target never judges, nor is it asked
+    data, predictor = trained.setup.data, trained.setup.predictor()
+
+    def pooled(params: Params) -> float:
+        p = predictor(params)
+        right = sum(int(np.sum(np.asarray(p(data.clients[k].x)).argmax(1) == data.clients[k].y))
+                    for k in watch)
+        return right / sum(len(data.clients[k]) for k in watch)
+
+    cap = 6
+    runs = [NoT(rounds=n, until="rounds").unlearn(ctx) for n in range(1, cap + 1)]
+    trace = [pooled(r.model) for r in runs]
+    reference = pooled(trained.final)
+    # a round j (>= 2) that is the first to beat every earlier one; set the target between
+    j = next(i for i in range(1, cap) if trace[i] > max(trace[:i]))
+    target = (max(trace[:j]) + trace[j]) / 2
+    assert 0 <= reference - target <= 1, (reference, trace)
+    result = NoT(rounds=cap, tolerance=reference - target).unlearn(ctx)
+    rec = result.details["recovery"]
+    assert result.cost.rounds == j + 1 and rec["recovered"] and rec["rounds"] == j + 1, (trace, rec)
+    assert max_diff(result.model, runs[j].model) == 0.0
+    assert rec["reference_accuracy"] == pytest.approx(reference)
+    assert [e["accuracy"] for e in result.details["fine_tune_rounds"]] == \
+        pytest.approx(trace[:j + 1])
+    # every evaluation is a message: the original once, then the model after each round
+    assert result.cost.messages_sent == 4 * (j + 1) + len(watch) * (j + 2)
+    # a target out of reach runs to the cap and says it did not recover
+    if max(trace) < reference:
+        capped = NoT(rounds=cap, tolerance=0.0).unlearn(ctx)
+        assert capped.cost.rounds == cap and not capped.details["recovery"]["recovered"]
+        assert max_diff(capped.model, runs[-1].model) == 0.0
 
 
 # ------------------------------------------------------------------------ band vs retraining

@@ -16,10 +16,12 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedunlearn.extensions import USER_ERRORS, describe_failure
-from fedunlearn.federation.local import client_work, model_for, runtime
+from fedunlearn.federation.local import client_evaluate, client_work, runtime
 from fedunlearn.federation.messages import (
     ARRAYS,
     CONFIG,
+    EVAL_ACCURACY,
+    EVAL_LOSS,
     JOB,
     METRICS,
     NUM_EXAMPLES,
@@ -30,9 +32,6 @@ from fedunlearn.federation.messages import (
     task_params_of,
     to_record,
 )
-from fedunlearn.params import set_params
-from fedunlearn.training import device_for
-from fedunlearn.training import evaluate as evaluate_model
 
 app = ClientApp()
 
@@ -81,13 +80,12 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received model on this client's training data."""
-    job = str(msg.content[CONFIG][JOB])
-    cfg, data = runtime(job)
     pid = _partition(context)
-    model = model_for(job, cfg, data)
-    set_params(model, from_record(msg.content[ARRAYS]))
-    local = data.clients[pid]
-    res = evaluate_model(model, local.x, local.y, device=device_for(cfg))
-    metrics = MetricRecord({PARTITION: pid, NUM_EXAMPLES: len(local),
-                            "eval-loss": res["loss"], "eval-accuracy": res["accuracy"]})
+    try:
+        n, res = client_evaluate(str(msg.content[CONFIG][JOB]),
+                                 from_record(msg.content[ARRAYS]), pid)
+    except USER_ERRORS as exc:  # a user's model or data: keep the type and the place
+        raise RuntimeError(describe_failure(exc)) from exc
+    metrics = MetricRecord({PARTITION: pid, NUM_EXAMPLES: n,
+                            EVAL_LOSS: res["loss"], EVAL_ACCURACY: res["accuracy"]})
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)

@@ -43,6 +43,8 @@ from fedunlearn.federation.faults import (
 from fedunlearn.federation.messages import (
     ARRAYS,
     CONFIG,
+    EVAL_ACCURACY,
+    EVAL_LOSS,
     JOB,
     METRICS,
     NUM_EXAMPLES,
@@ -54,7 +56,12 @@ from fedunlearn.federation.messages import (
     task_stats,
     to_record,
 )
-from fedunlearn.federation.port import ClientResult, RoundListener, TrainingRun
+from fedunlearn.federation.port import (
+    ClientEvaluation,
+    ClientResult,
+    RoundListener,
+    TrainingRun,
+)
 from fedunlearn.federation.strategy import (
     STRATEGIES,
     RecordingStrategy,
@@ -280,6 +287,26 @@ class FlowerFederation:
                                   num_examples=int(msg.content[METRICS][NUM_EXAMPLES]),
                                   stats=task_stats(msg.content[METRICS]))
                 for pid, msg in sorted(ok.items())}
+
+    def evaluate_clients(self, model: Params, clients: Sequence[int], *, server_round: int
+                         ) -> dict[int, ClientEvaluation]:
+        """Send an evaluate message (Flower's federated evaluation) to each client; failed
+        clients are asked again ``client_retries`` times, then missing under ``"drop"``."""
+        interrupt.check()
+        content = RecordDict({ARRAYS: to_record(model),
+                              CONFIG: self._config(**{"server-round": int(server_round)})})
+
+        def attempt(cs: list[int]) -> Screened:
+            msgs = [Message(content, dst_node_id=self.node_of[c],
+                            message_type=MessageType.EVALUATE) for c in cs]
+            return screen_replies(self._exchange(msgs), {self.node_of[c]: c for c in cs},
+                                  model=False)
+
+        ok, failed = with_retries(attempt, clients, self.policy.retries)
+        self.policy.settle(failed, ok, server_round=server_round, stage="evaluate")
+        return {pid: ClientEvaluation(num_examples=int(m[NUM_EXAMPLES]),
+                                      loss=float(m[EVAL_LOSS]), accuracy=float(m[EVAL_ACCURACY]))
+                for pid, m in ((p, msg.content[METRICS]) for p, msg in sorted(ok.items()))}
 
 
 def backend_config(cfg: Config) -> dict[str, Any]:

@@ -26,9 +26,15 @@ from fedunlearn.federation.faults import (
     nonfinite,
     with_retries,
 )
-from fedunlearn.federation.local import client_work, runtime
+from fedunlearn.federation.local import client_evaluate, client_work, runtime
 from fedunlearn.federation.messages import job_json
-from fedunlearn.federation.port import ClientResult, RoundListener, RoundReport, TrainingRun
+from fedunlearn.federation.port import (
+    ClientEvaluation,
+    ClientResult,
+    RoundListener,
+    RoundReport,
+    TrainingRun,
+)
 from fedunlearn.federation.tracking import Evaluator, FedAvgTracker
 from fedunlearn.params import Params, num_bytes
 from fedunlearn.seeding import run_seed, sample_participants, variant_tag
@@ -112,6 +118,31 @@ class InProcessFederation:
         self.reached.update(clients)
         return self._train(model, clients, epochs=epochs, server_round=server_round,
                            tag=tag, task=task, task_params=task_params)[0]
+
+    def evaluate_clients(self, model: Params, clients: Sequence[int], *, server_round: int
+                         ) -> dict[int, ClientEvaluation]:
+        """Each client evaluates ``model`` on its own data in turn (failed clients are
+        missing under ``"drop"``); a requested stop (Ctrl-C) is honoured first."""
+        interrupt.check()
+
+        def attempt(cs: list[int]) -> tuple[dict[int, ClientEvaluation], dict[int, str]]:
+            self.messages_sent += len(cs)
+            ok: dict[int, ClientEvaluation] = {}
+            failed: dict[int, str] = {}
+            for c in cs:
+                try:
+                    n, res = client_evaluate(self.job, model, c)
+                except USER_ERRORS as exc:  # a client error, as Flower reports it
+                    failed[c] = error_reason(describe_failure(exc))
+                    continue
+                self.bytes_exchanged += num_bytes(model)
+                ok[c] = ClientEvaluation(num_examples=n, loss=res["loss"],
+                                         accuracy=res["accuracy"])
+            return ok, failed
+
+        ok, failed = with_retries(attempt, clients, self.policy.retries)
+        self.policy.settle(failed, ok, server_round=server_round, stage="evaluate")
+        return ok
 
     def _train(self, model: Params, clients: Sequence[int], *, epochs: float,
                server_round: int, tag: int, task: str = "train",

@@ -22,7 +22,7 @@ from fedunlearn.extensions import load_extensions
 from fedunlearn.models import build_model
 from fedunlearn.params import Params, get_params, set_params
 from fedunlearn.seeding import derive_seed
-from fedunlearn.training import device_for, local_training, train
+from fedunlearn.training import device_for, evaluate, local_training, train
 
 
 @functools.lru_cache(maxsize=4)
@@ -70,6 +70,16 @@ def client_train(job: str, params: Params, client: int, *, server_round: int, ta
     stats = train(model, local.x, local.y, local_training(cfg, epochs), seed=seed,
                   device=device_for(cfg))
     return get_params(model), len(local), stats
+
+
+def client_evaluate(job: str, params: Params, client: int) -> tuple[int, dict[str, float]]:
+    """Client ``client`` evaluates ``params`` on its own training data; returns (#examples,
+    ``{"loss", "accuracy"}``), the figures of Flower's federated evaluation."""
+    cfg, data = runtime(job)
+    model = model_for(job, cfg, data)
+    set_params(model, params)
+    local = data.clients[client]
+    return len(local), evaluate(model, local.x, local.y, device=device_for(cfg))
 
 
 TASKS = ("train", "ascent")

@@ -21,6 +21,8 @@ METRICS = "metrics"
 JOB = "job"
 PARTITION = "partition-id"
 NUM_EXAMPLES = "num-examples"
+EVAL_LOSS = "eval-loss"
+EVAL_ACCURACY = "eval-accuracy"
 TASK = "task"
 TASK_PREFIX = "task."
 """A client task's parameters travel as ``task.<name>`` config entries, its stats as

@@ -101,6 +101,16 @@ class ClientResult:
     stats: Mapping[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ClientEvaluation:
+    """A client's answer to an evaluation request: the received model's mean cross-entropy
+    and accuracy on the client's own training data (Flower's federated evaluation)."""
+
+    num_examples: int
+    loss: float
+    accuracy: float
+
+
 class Federation(Protocol):
     """Client work on demand; implemented by Flower and by an in-process loop.
 
@@ -139,4 +149,13 @@ class Federation(Protocol):
         A client that fails (see :mod:`fedunlearn.federation.faults`) raises
         :class:`~fedunlearn.federation.faults.ClientFailure` under ``on_client_failure =
         "abort"``; under ``"drop"`` it is missing from the result (never all of them)."""
+        ...
+
+    def evaluate_clients(self, model: Params, clients: Sequence[int], *, server_round: int
+                         ) -> dict[int, ClientEvaluation]:
+        """Have ``clients`` evaluate ``model`` on their own training data (one message each,
+        counted in ``messages_sent``; the model's bytes in ``bytes_exchanged``).
+
+        Failures follow the fault policy as in :meth:`train_clients`, except that under
+        ``"drop"`` every client may be missing (the caller then has no figure)."""
         ...

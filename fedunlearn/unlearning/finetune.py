@@ -1,10 +1,21 @@
 """FedAvg rounds with the remaining clients only: the repair step of PGA and NoT.
 
 Both PGA (Halimi et al. 2022, "post-training") and NoT (Khalil et al., CVPR 2025,
-"fine-tuning") end with a few ordinary federated rounds in which only the remaining clients
-train, from the model the removal step left. The rounds go through the port
+"fine-tuning") end with ordinary federated rounds in which only the remaining clients train,
+from the model the removal step left. The rounds go through the port
 (``ctx.federation.train_clients``, real Flower messages in a run) and are averaged with FedAvg
 weights ``n_k / Σ n_j`` over the clients that answered, as FedEraser's calibration does.
+
+How many rounds? Neither paper gives a number that carries over to another federation (PGA's
+text: "one round ... is sufficient" on its MNIST CNN; NoT's: "subsequent fine-tuning rounds
+restore essential knowledge"). So the repair can run until it has *recovered*
+(:func:`remaining_rounds` with a ``tolerance``): before the first round a fixed, seeded sample
+of remaining clients evaluates the model the request started from (the original, which still
+holds the targets' contribution) on their own data, and after each round the same clients
+evaluate the repaired model (Flower's federated evaluation, ``ctx.federation.evaluate_clients``;
+one message per client, counted). The repair stops after the first round whose pooled
+accuracy is at least the original's minus ``tolerance``, or after ``rounds`` rounds. The
+server sees only the clients' figures; it never uses the test split. The targets take no part.
 
 Each round's participants are drawn with the training's seeded sampler
 (``training.sample_fraction``) and the removed clients dropped; the rounds are numbered after
@@ -14,18 +25,97 @@ and the method's purpose (never training's tag 0).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from fedunlearn.aggregation import apply_update, difference, fedavg_weights, weighted_sum
 from fedunlearn.params import Params
 from fedunlearn.seeding import derive_seed, sample_participants
 from fedunlearn.unlearning.base import Cost, UnlearningContext
 
+UNTIL = ("recovered", "rounds")
+"""How a repair ends: once the remaining clients' accuracy is back (``"recovered"``, at most
+``rounds`` rounds) or after exactly ``rounds`` rounds (``"rounds"``)."""
+
+_EVAL_PURPOSE = 0xE7A1
+
+
+@dataclass
+class Repair:
+    """What :func:`remaining_rounds` did.
+
+    ``log`` holds per round ``{"round", "clients", "answered"}`` and, when the repair watched
+    its recovery, the round's pooled ``"accuracy"`` on the evaluating clients. ``recovery`` is
+    empty for a fixed number of rounds, else ``{"evaluators", "reference_accuracy",
+    "target_accuracy", "tolerance", "recovered", "rounds"}``.
+    """
+
+    model: Params
+    cost: Cost
+    log: list[dict[str, Any]] = field(default_factory=list)
+    recovery: dict[str, Any] = field(default_factory=dict)
+
+
+def check_repair(method: str, rounds: Any, until: Any, tolerance: Any) -> None:
+    """Refuse a repair's parameters (one line) before any work.
+
+    >>> check_repair("NoT", None, "rounds", 0.01)
+    Traceback (most recent call last):
+    ...
+    ValueError: NoT's until = "rounds" needs rounds = N (an integer >= 0)
+    """
+    if until not in UNTIL:
+        raise ValueError(f"{method}'s until must be one of {', '.join(map(repr, UNTIL))}, got "
+                         f"{until!r}")
+    if rounds is None and until == "rounds":
+        raise ValueError(f'{method}\'s until = "rounds" needs rounds = N (an integer >= 0)')
+    if rounds is not None and (not isinstance(rounds, int) or isinstance(rounds, bool)
+                               or rounds < 0):
+        raise ValueError(f"{method}'s rounds must be an integer >= 0, got {rounds!r}")
+    if (isinstance(tolerance, bool) or not isinstance(tolerance, int | float)
+            or not 0 <= tolerance <= 1):
+        raise ValueError(f"{method}'s tolerance must be a number in [0, 1] (accuracy), got "
+                         f"{tolerance!r}")
+
+
+def repair(ctx: UnlearningContext, model: Params, *, rounds: int | None, until: str,
+           tolerance: float, epochs: float, first_round: int, purpose: int) -> Repair:
+    """:func:`remaining_rounds` with a method's parameters: ``until = "recovered"`` watches
+    the recovery (at most ``rounds`` rounds, ``None``: ``training.rounds``, what retraining
+    spends), ``"rounds"`` runs exactly ``rounds``."""
+    cap = ctx.cfg.training.rounds if rounds is None else rounds
+    return remaining_rounds(ctx, model, cap, epochs=epochs, first_round=first_round,
+                            purpose=purpose,
+                            tolerance=tolerance if until == "recovered" else None)
+
+
+def evaluators(ctx: UnlearningContext, purpose: int) -> list[int]:
+    """The remaining clients that judge a repair's recovery: a seeded sample of
+    ``max(1, round(f·R))`` of the ``R`` remaining clients (``f = training.sample_fraction``),
+    drawn once per request and method, so every round is compared on the same data."""
+    remaining = [k for k in range(ctx.federation.num_clients) if k not in ctx.removed]
+    m = min(len(remaining), max(1, round(ctx.cfg.training.sample_fraction * len(remaining))))
+    rng = np.random.default_rng(derive_seed(ctx.seed, purpose, _EVAL_PURPOSE))
+    return sorted(int(c) for c in rng.choice(remaining, size=m, replace=False))
+
+
+def pooled_accuracy(ctx: UnlearningContext, model: Params, clients: Sequence[int],
+                    server_round: int) -> float | None:
+    """``Σ correct / Σ n`` of ``model`` over the clients' own data, as they report it (``None``
+    when none answered, possible under ``engine.on_client_failure = "drop"``)."""
+    answers = ctx.federation.evaluate_clients(model, clients, server_round=server_round)
+    n = sum(a.num_examples for a in answers.values())
+    if not n:
+        return None
+    return sum(a.accuracy * a.num_examples for a in answers.values()) / n
+
 
 def remaining_rounds(ctx: UnlearningContext, model: Params, rounds: int, *, epochs: float,
-                     first_round: int, purpose: int
-                     ) -> tuple[Params, Cost, list[dict[str, Any]]]:
-    """``rounds`` FedAvg rounds over the remaining clients from ``model``.
+                     first_round: int, purpose: int, tolerance: float | None = None) -> Repair:
+    """FedAvg rounds over the remaining clients from ``model``.
 
     Parameters
     ----------
@@ -33,25 +123,38 @@ def remaining_rounds(ctx: UnlearningContext, model: Params, rounds: int, *, epoc
     model : Params
         The model to start from (not modified).
     rounds : int
-        Number of rounds (0 returns a copy of ``model``).
+        Number of rounds; with ``tolerance``, the most rounds (0 returns a copy of ``model``).
     epochs : float
         Local epochs per client per round.
     first_round : int
         The ``server_round`` of the first round (seeds derive from it).
     purpose : int
-        Mixed into ``ctx.seed`` to derive the shuffling tag.
+        Mixed into ``ctx.seed`` to derive the shuffling tag and the evaluating clients.
+    tolerance : float or None, optional
+        Stop after the first round whose pooled accuracy on the evaluating clients
+        (:func:`evaluators`) is at least ``ctx.model``'s minus ``tolerance``; ``None`` (the
+        default) runs exactly ``rounds`` rounds and evaluates nothing.
 
     Returns
     -------
-    tuple
-        ``(model, cost, log)``: the new model, the client work (epochs, rounds, messages) and
-        per round ``{"round", "clients", "answered"}``.
+    Repair
+        The new model, the client work (epochs, rounds, messages, evaluation messages
+        included), the per-round log and the recovery record.
     """
     t = ctx.cfg.training
     tag = derive_seed(ctx.seed, purpose) + 1
     out = {k: v.copy() for k, v in model.items()}
-    cost = Cost()
-    log: list[dict[str, Any]] = []
+    repair = Repair(model=out, cost=Cost())
+    watch: list[int] = []
+    target = 0.0
+    if tolerance is not None and rounds > 0:
+        watch = evaluators(ctx, purpose)
+        reference = pooled_accuracy(ctx, ctx.model, watch, first_round - 1)
+        repair.cost.messages_sent += len(watch)
+        target = np.inf if reference is None else reference - tolerance  # none: to the cap
+        repair.recovery = {"evaluators": watch, "reference_accuracy": reference,
+                           "target_accuracy": None if reference is None else target,
+                           "tolerance": tolerance, "recovered": False, "rounds": 0}
     for i in range(rounds):
         r = first_round + i
         clients = sample_participants(ctx.cfg.seed, r, ctx.federation.num_clients,
@@ -64,8 +167,17 @@ def remaining_rounds(ctx: UnlearningContext, model: Params, rounds: int, *, epoc
         weights = fedavg_weights([results[k].num_examples for k in done])
         out = apply_update(out, weighted_sum([difference(results[k].model, out) for k in done],
                                              weights))
-        cost.client_epochs += len(clients) * epochs
-        cost.rounds += 1
-        cost.messages_sent += len(clients)
-        log.append({"round": r, "clients": list(clients), "answered": done})
-    return out, cost, log
+        repair.cost.client_epochs += len(clients) * epochs
+        repair.cost.rounds += 1
+        repair.cost.messages_sent += len(clients)
+        entry: dict[str, Any] = {"round": r, "clients": list(clients), "answered": done}
+        repair.log.append(entry)
+        if watch:
+            entry["accuracy"] = accuracy = pooled_accuracy(ctx, out, watch, r)
+            repair.cost.messages_sent += len(watch)
+            repair.recovery["rounds"] = i + 1
+            if accuracy is not None and accuracy >= target:
+                repair.recovery["recovered"] = True
+                break
+    repair.model = out
+    return repair

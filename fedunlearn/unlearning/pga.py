@@ -16,8 +16,10 @@ Client in FL?" (arXiv:2207.05521). Three steps:
    so the ascent can destroy what the target taught but cannot wander off to an arbitrary
    model. Several targets in one request ascend in parallel from ``w_ref``; their
    displacements are added and the sum projected onto the same ball.
-3. **Post-training** (server and remaining clients): a few FedAvg rounds with the remaining
-   clients only, from the unlearned model (:func:`~fedunlearn.unlearning.finetune.remaining_rounds`).
+3. **Post-training** (server and remaining clients): FedAvg rounds with the remaining
+   clients only, from the unlearned model (:func:`~fedunlearn.unlearning.finetune.remaining_rounds`),
+   by default until the remaining clients report the accuracy the model had before the request
+   (within ``tolerance``), at most as many rounds as retraining.
 
 What the method needs, and what it costs: the target must **cooperate and still hold its
 data** (its ascent is client work, counted in the cost with the post-training); the server
@@ -71,7 +73,7 @@ from fedunlearn.unlearning.base import (
     finite_positive,
 )
 from fedunlearn.unlearning.calibration import renormalised_weights
-from fedunlearn.unlearning.finetune import remaining_rounds
+from fedunlearn.unlearning.finetune import check_repair, repair
 
 _ASCENT_PURPOSE = 0xA5CE
 _RANDOM_PURPOSE = 0x4A4D
@@ -156,15 +158,24 @@ class PGA:
         (test accuracy 0.30 after 1 round, 0.94 but ASR 0.11 after 5); at 0.1, 0.84 after 5.
         At 0.01 it took 29 steps (3.6 epochs) to fall below ``τ``, ending 2.8 from ``w_ref``
         (radius 6.1).
-    rounds : int, optional
-        Post-training FedAvg rounds with the remaining clients (default 5; see Notes).
+    rounds : int or None, optional
+        With ``until = "recovered"``: the most post-training rounds (default ``None``:
+        ``training.rounds``, what retraining spends); with ``until = "rounds"``: exactly this
+        many.
+    until : {"recovered", "rounds"}, optional
+        End the post-training once the remaining clients' accuracy is back (default) or after
+        ``rounds`` rounds (see :func:`fedunlearn.unlearning.finetune.remaining_rounds`).
+    tolerance : float, optional
+        ``"recovered"`` means: a fixed sample of remaining clients reports, on its own data, at
+        least the accuracy the original model had there minus ``tolerance`` (default 0.01).
     post_epochs : float or None, optional
         Local epochs per post-training round (default ``None``: ``training.local_epochs``).
 
     Notes
     -----
     Measured on the training of ``simulations/backdoor_digits.toml`` (in-process, seed 0,
-    request seed 123; retraining: backdoor ASR 0.003, test accuracy 0.972), learning rate 0.01:
+    request seed 123; retraining: backdoor ASR 0.003, test accuracy 0.972), learning rate 0.01,
+    fixed rounds:
 
     ======  =====  ========
     rounds  ASR    test acc
@@ -180,9 +191,11 @@ class PGA:
     features to classes, and the remaining clients' training restores features that still
     carry the trigger. Later work reports this reversal of gradient-ascent unlearning by
     post-training (Pan et al. 2025, "Federated Unlearning with Gradient Descent and Conflict
-    Mitigation", arXiv:2412.20200). The paper reports one post-training round on MNIST (5 clients);
-    here five were needed for both bands (ASR within 0.10 of retraining's, accuracy within
-    0.05), 5 · 9 · 4 = 180 client epochs against retraining's 1,440.
+    Mitigation", arXiv:2412.20200). The paper reports one post-training round on MNIST (5
+    clients) and the authors' code runs ten. The default was five fixed rounds, chosen on the
+    run above; on the three seeds of ``baselines_digits`` they left seed 1 at 0.16 below
+    retraining's test accuracy (and ten at 0.11), so the post-training now runs until the
+    remaining clients' accuracy is back (``scripts/baseline_sensitivity.py`` shows both).
     """
 
     setting: ClassVar[Setting] = "federated"
@@ -191,13 +204,16 @@ class PGA:
     train in the ordinary sense (the conformance suite checks both)."""
 
     def __init__(self, radius_fraction: float = 1 / 3, threshold: float | None = None,
-                 epochs: float = 5.0, learning_rate: float = 0.01, rounds: int = 5,
+                 epochs: float = 5.0, learning_rate: float = 0.01, rounds: int | None = None,
+                 until: str = "recovered", tolerance: float = 0.01,
                  post_epochs: float | None = None) -> None:
         self.radius_fraction = radius_fraction
         self.threshold = threshold
         self.epochs = epochs
         self.learning_rate = learning_rate
         self.rounds = rounds
+        self.until = until
+        self.tolerance = tolerance
         self.post_epochs = post_epochs
 
     def check(self) -> None:
@@ -211,8 +227,7 @@ class PGA:
                 and 0 <= self.threshold <= 1):
             raise ValueError(f"PGA's threshold must be a number in [0, 1] (an accuracy), got "
                              f"{self.threshold!r}")
-        if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or self.rounds < 0:
-            raise ValueError(f"PGA's rounds must be an integer >= 0, got {self.rounds!r}")
+        check_repair("PGA", self.rounds, self.until, self.tolerance)
         if self.post_epochs is not None and not finite_positive(self.post_epochs):
             raise ValueError(f"PGA's post_epochs must be a finite number > 0, got "
                              f"{self.post_epochs!r}")
@@ -273,15 +288,17 @@ class PGA:
                     rounds=1, messages_sent=len(ctx.targets))
         post_epochs = (ctx.cfg.training.local_epochs if self.post_epochs is None
                        else self.post_epochs)
-        model, post, log = remaining_rounds(ctx, unlearned, self.rounds, epochs=post_epochs,
-                                            first_round=first + 1, purpose=_POST_PURPOSE)
-        cost.client_epochs += post.client_epochs
-        cost.rounds += post.rounds
-        cost.messages_sent += post.messages_sent
+        post = repair(ctx, unlearned, rounds=self.rounds, until=self.until,
+                      tolerance=self.tolerance, epochs=post_epochs, first_round=first + 1,
+                      purpose=_POST_PURPOSE)
+        cost.client_epochs += post.cost.client_epochs
+        cost.rounds += post.cost.rounds
+        cost.messages_sent += post.cost.messages_sent
         details: dict[str, Any] = {
             "reference_round": t, "reference_clients": list(others), "radius": radius,
             "threshold": threshold, "learning_rate": lr,
             "ascent": {str(u): dict(results[u].stats) for u in answered},
             "ascent_dropped": [u for u in ctx.targets if u not in results],
-            "post_rounds": log, "radius_fraction": self.radius_fraction}
-        return UnlearningResult(model=model, cost=cost, details=details)
+            "post_rounds": post.log, "recovery": post.recovery,
+            "radius_fraction": self.radius_fraction}
+        return UnlearningResult(model=post.model, cost=cost, details=details)
