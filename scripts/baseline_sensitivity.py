@@ -35,12 +35,20 @@ from fedunlearn.unlearning.base import UnlearningContext
 
 CONFIG = "simulations/baselines_digits.toml"
 VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
-    ("pga (default: 5 rounds, radius 1/3)", "pga", {}),
-    ("pga, 1 post-training round (paper)", "pga", {"rounds": 1}),
-    ("pga, 10 rounds (authors' code)", "pga", {"rounds": 10}),
+    ("pga (default: until recovered, tolerance 0.01)", "pga", {}),
+    ("pga, tolerance 0.005", "pga", {"tolerance": 0.005}),
+    ("pga, tolerance 0.02", "pga", {"tolerance": 0.02}),
+    ("pga, tolerance 0.05", "pga", {"tolerance": 0.05}),
+    ("pga, 1 post-training round (paper)", "pga", {"rounds": 1, "until": "rounds"}),
+    ("pga, 5 rounds (the former default)", "pga", {"rounds": 5, "until": "rounds"}),
+    ("pga, 10 rounds (authors' code)", "pga", {"rounds": 10, "until": "rounds"}),
     ("pga, radius 1/sqrt(3) (authors' code)", "pga", {"radius_fraction": 1 / math.sqrt(3)}),
-    ("not (default: 5 rounds, first layer)", "not", {}),
-    ("not, 10 rounds", "not", {"rounds": 10}),
+    ("not (default: until recovered, tolerance 0.01)", "not", {}),
+    ("not, tolerance 0.005", "not", {"tolerance": 0.005}),
+    ("not, tolerance 0.02", "not", {"tolerance": 0.02}),
+    ("not, tolerance 0.05", "not", {"tolerance": 0.05}),
+    ("not, 5 rounds (the former default)", "not", {"rounds": 5, "until": "rounds"}),
+    ("not, 10 rounds", "not", {"rounds": 10, "until": "rounds"}),
 )
 ASR_BAND, ACC_BAND = 0.10, 0.05
 
@@ -71,7 +79,10 @@ def one_seed(seed: int) -> dict[str, Any]:
                 initial=setup.initial, history=store, federation=fed, data=data,
                 build_model=setup.build_model, seed=derive_seed(cfg.seed, 0xA11, 0)))
             rows[name] = {"method": base, "params": params, **figures(result.model),
-                          "client_epochs": result.cost.client_epochs}
+                          "client_epochs": result.cost.client_epochs,
+                          "rounds": result.cost.rounds,
+                          "messages_sent": result.cost.messages_sent,
+                          "recovered": result.details.get("recovery", {}).get("recovered")}
     ref = rows["retrain"]
     for row in rows.values():
         row["asr_minus_retrain"] = row["backdoor_asr"] - ref["backdoor_asr"]
@@ -94,6 +105,7 @@ def main() -> int:
             print(f"seed {seed}  {name:40s} acc {r['test_accuracy']:.3f} "
                   f"({r['accuracy_minus_retrain']:+.3f})  ASR {r['backdoor_asr']:.3f} "
                   f"({r['asr_minus_retrain']:+.3f})  client-epochs {r['client_epochs']:.0f}  "
+                  f"rounds {r['rounds']}  msgs {r['messages_sent']}  "
                   f"{'meets' if r['meets_bands'] else 'misses'}", flush=True)
     cfg = load_config(CONFIG, [f"experiment.seeds={seeds}"])
     write_json(args.out, {**stamp(cfg), "seeds": seeds, "bands": {
