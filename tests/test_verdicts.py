@@ -175,3 +175,24 @@ def test_replay_note_without_fresh_steps_says_no_calibration() -> None:
             r["details"]["replay_summary"].update(mean_ratio=None, mean_cosine=None)
     assert _note(rows) == [("replay ends 0.27 below retraining (test accuracy 0.65 vs 0.92): "
                             "no calibration (stored updates replayed as they are)")]
+
+
+def test_a_repair_that_reached_its_cap_is_a_note_in_the_verdict_table() -> None:
+    """PGA's or NoT's repair that stopped at its cap before the remaining clients were back
+    says so, per seed, beside the verdicts; a recovered repair and a fixed one say nothing."""
+    rows = []
+    for s, rec in enumerate([{"recovered": True, "rounds": 12, "accuracy": 0.99,
+                              "target_accuracy": 0.989},
+                             {"recovered": False, "rounds": 40, "accuracy": 0.9512,
+                              "target_accuracy": 0.9891},
+                             {}]):
+        row = _row(s, "not", "method", test_accuracy=0.97)
+        row["details"] = {"recovery": rec}
+        rows += [_row(s, "retrain", "reference", test_accuracy=0.97), row]
+    expected = ("seed 1: repair not recovered: stopped at its cap of 40 rounds (remaining "
+                "clients 0.951, target 0.989)")
+    assert _note(rows, "not") == [expected]
+    assert f"note: not: {expected}" in verdict_table(summarize(rows))
+    for r in rows:
+        r.get("details", {}).pop("recovery", None)
+    assert _note(rows, "not") == []

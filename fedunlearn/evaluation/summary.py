@@ -117,9 +117,9 @@ def summarize(rows: Sequence[Mapping[str, Any]], *, alpha: float = 0.01) -> list
             mine = _by_seed(members)
             entry["verdicts"] = {c.name: judge(c, mine, ref, floor, alpha=alpha)
                                  for c in CRITERIA}
-            note = replay_note(mine, ref)
-            if note:
-                entry["notes"].append(note)
+            for note in (replay_note(mine, ref), recovery_note(mine)):
+                if note:
+                    entry["notes"].append(note)
         out.append(entry)
     return out
 
@@ -169,6 +169,44 @@ def _exact_replay_parts(estimated: list[float], total: list[int], abnormal: list
                      f"{np.mean(ratios):.1f}× the exact updates’ length"
                      + (f", cosine {np.mean(cosines):.2f} to them" if cosines else ""))
     return parts
+
+
+def recovery_words(recovery: Mapping[str, Any]) -> str | None:
+    """How a watched repair ended, in words, from a row's ``details.recovery`` (``None`` for
+    a fixed number of rounds; :mod:`fedunlearn.unlearning.finetune`).
+
+    >>> recovery_words({"recovered": False, "rounds": 40, "accuracy": 0.951,
+    ...                    "target_accuracy": 0.989})
+    'repair not recovered: stopped at its cap of 40 rounds (remaining clients 0.951, target 0.989)'
+    >>> recovery_words({"recovered": True, "rounds": 1, "accuracy": 0.99,
+    ...                    "target_accuracy": 0.989})
+    'repaired in 1 round (remaining clients 0.990, target 0.989)'
+    """
+    if not recovery:
+        return None
+    n = int(recovery.get("rounds") or 0)
+    words = [f"{n} round{'s' if n != 1 else ''}"]
+    figures = [f"remaining clients {recovery[k]:.3f}" if k == "accuracy" else
+               f"target {recovery[k]:.3f}" for k in ("accuracy", "target_accuracy")
+               if isinstance(recovery.get(k), int | float)]
+    tail = f" ({', '.join(figures)})" if figures else ""
+    if recovery.get("recovered"):
+        return f"repaired in {words[0]}{tail}"
+    return f"repair not recovered: stopped at its cap of {words[0]}{tail}"
+
+
+def recovery_note(method: Mapping[int, Mapping[str, Any]]) -> str | None:
+    """A note when a repair (PGA's post-training, NoT's fine-tuning) reached its cap of rounds
+    in some seed before the remaining clients' accuracy was back.
+
+    >>> row = {"details": {"recovery": {"recovered": False, "rounds": 40, "accuracy": 0.951,
+    ...                                 "target_accuracy": 0.989}}}
+    >>> recovery_note({1: row, 2: {"details": {"recovery": {"recovered": True}}}})
+    'seed 1: repair not recovered: stopped at its cap of 40 rounds (remaining clients 0.951, target 0.989)'
+    """
+    parts = [f"seed {s}: {recovery_words(rec)}" for s, row in sorted(method.items())
+             if (rec := (row.get("details") or {}).get("recovery")) and not rec.get("recovered")]
+    return "; ".join(parts) or None
 
 
 def replay_note(method: Mapping[int, Mapping[str, Any]],

@@ -50,7 +50,8 @@ class Repair:
     ``log`` holds per round ``{"round", "clients", "answered"}`` and, when the repair watched
     its recovery, the round's pooled ``"accuracy"`` on the evaluating clients. ``recovery`` is
     empty for a fixed number of rounds, else ``{"evaluators", "reference_accuracy",
-    "target_accuracy", "tolerance", "recovered", "rounds"}``.
+    "target_accuracy", "tolerance", "recovered", "rounds", "accuracy"}`` (``accuracy``: the
+    last round's pooled accuracy).
     """
 
     model: Params
@@ -154,7 +155,8 @@ def remaining_rounds(ctx: UnlearningContext, model: Params, rounds: int, *, epoc
         target = np.inf if reference is None else reference - tolerance  # none: to the cap
         repair.recovery = {"evaluators": watch, "reference_accuracy": reference,
                            "target_accuracy": None if reference is None else target,
-                           "tolerance": tolerance, "recovered": False, "rounds": 0}
+                           "tolerance": tolerance, "recovered": False, "rounds": 0,
+                           "accuracy": None}
     for i in range(rounds):
         r = first_round + i
         clients = sample_participants(ctx.cfg.seed, r, ctx.federation.num_clients,
@@ -175,7 +177,7 @@ def remaining_rounds(ctx: UnlearningContext, model: Params, rounds: int, *, epoc
         if watch:
             entry["accuracy"] = accuracy = pooled_accuracy(ctx, out, watch, r)
             repair.cost.messages_sent += len(watch)
-            repair.recovery["rounds"] = i + 1
+            repair.recovery.update(rounds=i + 1, accuracy=accuracy)
             if accuracy is not None and accuracy >= target:
                 repair.recovery["recovered"] = True
                 break

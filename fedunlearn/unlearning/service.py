@@ -43,6 +43,7 @@ from fedunlearn import interrupt
 from fedunlearn.config import Config, ConfigError
 from fedunlearn.data.federated import FederatedData
 from fedunlearn.evaluation.shadow import ShadowModels, shadow_epochs, shadow_sample_size
+from fedunlearn.evaluation.summary import recovery_words
 from fedunlearn.evaluation.verify import Outputs, RequestVerifier
 from fedunlearn.extensions import USER_ERRORS, describe_failure
 from fedunlearn.federation.faults import ClientFailure, nonfinite
@@ -486,9 +487,11 @@ def _serve(m: Method, ctx: UnlearningContext, request: int, reference_wall: dict
                    derived_from=source,
                    trained_with=_trained_with(m, ctx, reached, exact=exact),
                    forgot=sorted(ctx.removed))
+    repaired = recovery_words(result.details.get("recovery") or {})
     _say(stream, f"[unlearn] request {request} {list(ctx.targets)}  {m.name:<22} {wall:7.2f}s  "
          f"test {answer.row.metrics['test_accuracy']:.3f}  "
-         f"forget {answer.row.metrics['forget_accuracy']:.3f}")
+         f"forget {answer.row.metrics['forget_accuracy']:.3f}"
+         + (f"  {repaired}" if repaired else ""))
     return answer, result
 
 
