@@ -73,7 +73,7 @@ def test_registered_and_bad_hyperparameters_are_one_line_config_errors():
     for value, word in [("{layers = []}", "layers"), ("{layers = [0, 0]}", "twice"),
                         ("{layers = 1}", "layers"), ("{rounds = -1}", "rounds"),
                         ('{until = "never"}', "until"), ("{tolerance = -0.1}", "tolerance"),
-                        ('{until = "rounds"}', "rounds = N"),
+                        ('{until = "rounds"}', "rounds = N"), ("{rounds = 0}", "repairs nothing"),
                         ("{epochs = 0}", "epochs")]:
         cfg = load_config(None, ["unlearning.methods=[\"retrain\", \"not\"]",
                                  "unlearning.params.not=" + value])
@@ -144,7 +144,7 @@ def test_zero_rounds_is_the_negated_model_and_reads_no_history(trained: Trained)
     """Catches a NoT that negates nothing (or another layer) or consumes stored updates."""
     ctx = trained.context()
     ctx = UnlearningContext(**{**ctx.__dict__, "history": NoHistory(trained.store)})
-    result = NoT(rounds=0).unlearn(ctx)
+    result = NoT(rounds=0, until="rounds").unlearn(ctx)
     assert result.model is not None
     expected = dict(trained.final)
     expected["1.weight"] = -trained.final["1.weight"]
@@ -220,6 +220,50 @@ def test_fine_tuning_stops_after_the_first_round_the_remaining_clients_are_back(
         capped = NoT(rounds=cap, tolerance=0.0).unlearn(ctx)
         assert capped.cost.rounds == cap and not capped.details["recovery"]["recovered"]
         assert max_diff(capped.model, runs[-1].model) == 0.0
+
+
+class DropsEvaluators:
+    """The port as under ``on_client_failure = "drop"``: after the first evaluation request
+    only the clients in ``keep`` answer."""
+
+    def __init__(self, inner: InProcessFederation, keep: set[int]) -> None:
+        self.inner, self.keep, self.calls = inner, keep, 0
+
+    def evaluate_clients(self, model, clients, **kw):
+        self.calls += 1
+        answers = self.inner.evaluate_clients(model, clients, **kw)
+        return answers if self.calls == 1 else {k: a for k, a in answers.items()
+                                                if k in self.keep}
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def test_a_round_with_missing_evaluators_compares_the_same_clients_on_both_sides(
+        trained: Trained):
+    """Catches a recovery judged on the clients that answered against a reference pooled over
+    all of them: the target is recomputed on the answering clients' own data by hand."""
+    ctx = trained.context()
+    watch = evaluators(ctx, _FINETUNE_PURPOSE)
+    kept = watch[-1]
+    data, predictor = trained.setup.data, trained.setup.predictor()
+    own = data.clients[kept]
+    before = float(np.mean(np.asarray(predictor(trained.final)(own.x)).argmax(1) == own.y))
+    fed = DropsEvaluators(trained.fed, {kept})
+    ctx = UnlearningContext(**{**ctx.__dict__, "federation": fed})
+    result = NoT(rounds=3, tolerance=0.5).unlearn(ctx)
+    rounds = result.details["fine_tune_rounds"]
+    assert [e["evaluated"] for e in rounds] == [[kept]] * len(rounds)
+    assert rounds[0]["target"] == pytest.approx(before - 0.5)
+    rec = result.details["recovery"]
+    assert rec["unanswered"] == (len(watch) - 1) * len(rounds)
+    assert rec["recovered"] == (rounds[-1]["accuracy"] >= before - 0.5)
+    # nobody answers after the reference: never recovered, to the cap
+    fed = DropsEvaluators(trained.fed, set())
+    capped = NoT(rounds=2, tolerance=1.0).unlearn(
+        UnlearningContext(**{**ctx.__dict__, "federation": fed}))
+    rec = capped.details["recovery"]
+    assert capped.cost.rounds == 2 and not rec["recovered"] and rec["accuracy"] is None
 
 
 # ------------------------------------------------------------------------ band vs retraining

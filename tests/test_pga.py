@@ -23,7 +23,7 @@ from fedunlearn.experiment import Setup, prepare, train_federation
 from fedunlearn.federation.faults import ClientFailure
 from fedunlearn.federation.inprocess import InProcessFederation
 from fedunlearn.federation.local import client_work
-from fedunlearn.history import HistoryPurgedError, HistoryStore
+from fedunlearn.history import HistoryStore
 from fedunlearn.models import build_model
 from fedunlearn.params import Params, get_params
 from fedunlearn.unlearning import UNLEARNERS
@@ -239,7 +239,7 @@ def test_an_ascent_that_overflows_is_named_as_the_ascent_in_one_line(trained: Tr
     with pytest.raises(ClientFailure, match=r"client 0 returned a model with NaN or Inf .* "
                                             r"\(its 'ascent' task\); .*unlearning\.params\.pga\."
                                             r"learning_rate"):
-        PGA(learning_rate=1e30, radius_fraction=1e30, rounds=0).unlearn(
+        PGA(learning_rate=1e30, radius_fraction=1e30, rounds=0, until="rounds").unlearn(
             trained.context(targets=(0,)))
 
 
@@ -273,31 +273,51 @@ def test_pga_forgets_the_backdoor_within_bands_of_retraining(trained: Trained, s
 
 
 # ------------------------------------------------------------------------ purge levels
-def test_a_later_request_after_a_strict_purge_is_refused_before_any_work(tmp_path: Path):
-    """PGA's reference needs the last retained round's global model, which a strict purge of
-    an earlier target deletes: the second request stops with one line and contacts nobody."""
-    t = _train(tmp_path)
-    first = PGA(rounds=1).unlearn(t.context((0,)))
-    t.store.purge_clients([0], level="strict")
-    sent = t.fed.messages_sent
-    with pytest.raises(HistoryPurgedError) as err:
-        PGA(rounds=1).unlearn(t.context((1,), frozenset({0, 1}), first.model))
-    message = str(err.value)
-    assert "\n" not in message and "pga" in message and "history.purge" in message
-    assert t.fed.messages_sent == sent
+class GlobalsGone:
+    """A strictly purged history: rounds and records remain, no global model can be read."""
+
+    def __init__(self, store: HistoryStore) -> None:
+        self.store = store
+
+    def global_model(self, t: int) -> Params:
+        raise AssertionError(f"a later PGA request read the stored global model of round {t}")
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.store, name)
 
 
-def test_a_later_request_after_an_updates_purge_works(tmp_path: Path):
+@pytest.mark.parametrize("level", ["strict", "updates"])
+def test_a_later_request_starts_from_the_earlier_answer_and_keeps_the_first_target_out(
+        tmp_path: Path, level: str, monkeypatch: pytest.MonkeyPatch):
+    """Catches a later request whose reference is rebuilt from the stored rounds: their global
+    models still hold the first (backdoored) target, whose trigger then comes back (ASR 0.91
+    on backdoor_digits); and a later request refused or failing after a strict purge. The
+    ascent must start from the first answer, and the second answer's ASR stay within 0.10 of
+    retraining without both targets."""
     t = _train(tmp_path)
-    first = PGA(rounds=1).unlearn(t.context((0,)))
-    t.store.purge_clients([0], level="updates")
-    second = PGA(rounds=1).unlearn(t.context((1,), frozenset({0, 1}), first.model))
-    assert second.details["reference_clients"] == [2, 3, 4]
-    assert second.model is not None
+    first = PGA(rounds=2, until="rounds").unlearn(t.context((0,)))
+    t.store.purge_clients([0], level=level)
+    sent: list[Params] = []
+    real = t.fed.train_clients
+
+    def spy(model, clients, **kw):
+        if kw.get("task") == "ascent":
+            sent.append({k: v.copy() for k, v in model.items()})
+        return real(model, clients, **kw)
+
+    monkeypatch.setattr(t.fed, "train_clients", spy)
+    ctx = t.context((1,), frozenset({0, 1}), first.model)
+    ctx = UnlearningContext(**{**ctx.__dict__, "history": GlobalsGone(t.store)})
+    second = PGA(rounds=2, until="rounds").unlearn(ctx)
+    assert len(sent) == 1 and max_diff(sent[0], first.model) == 0.0
+    assert second.details["reference_round"] is None and second.model is not None
+    retrain = t.figures(Retrain().unlearn(t.context((0, 1))).model)
+    figures = t.figures(second.model)
+    assert figures[0] <= retrain[0] + 0.10, (figures, retrain)
 
 
 def test_two_targets_ascend_in_parallel_and_stay_in_one_ball(trained: Trained):
-    result = PGA(rounds=0).unlearn(trained.context((0, 1)))
+    result = PGA(rounds=0, until="rounds").unlearn(trained.context((0, 1)))
     assert sorted(result.details["ascent"]) == ["0", "1"]
     assert result.details["reference_clients"] == [2, 3, 4]
     assert result.cost.messages_sent == 2
@@ -367,34 +387,14 @@ def test_flower_and_in_process_ascent_give_the_same_model(tmp_path: Path):
 def test_build_model_params_are_untouched_by_the_random_models(trained: Trained):
     """The random models of the radius come from their own seeds, not from the model state."""
     before = get_params(trained.setup.build_model())
-    PGA(rounds=0).unlearn(trained.context())
+    PGA(rounds=0, until="rounds").unlearn(trained.context())
     assert max_diff(before, get_params(trained.setup.build_model())) == 0.0
 
 
-def test_a_run_with_several_strictly_purged_requests_is_refused_before_any_work(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
-    """The refusal above, at the run's boundary: no engine, no training, one line, exit 2; the
-    same run with ``history.purge = "updates"`` (or one request) passes the check."""
-    from fedunlearn import runner
-    from fedunlearn.cli import main
-    from fedunlearn.federation import local
+def test_a_run_with_several_strictly_purged_requests_passes_the_config_checks():
+    """Later requests read no stored model, so PGA no longer refuses a strict purge."""
     from fedunlearn.unlearning.service import build_methods
 
-    def no_work(*args: object, **kwargs: object) -> None:
-        pytest.fail("validation must stop the run before any engine or training start")
-
-    monkeypatch.setattr(runner, "run_engine", no_work)
-    monkeypatch.setattr(local, "warm_up", no_work)
-    out = tmp_path / "run"
-    code = main(["run", "simulations/quickstart.toml", "--set",
-                 "unlearning.methods=[\"retrain\", \"pga\"]", "--set",
-                 "unlearning.requests=[[0], [1]]", "--out", str(out)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1, err
-    assert err[0].startswith("fedunlearn: error: ") and "history.purge" in err[0], err[0]
-    assert not out.exists()
-    for extra in (["history.purge=\"updates\""], ["unlearning.requests=[[0, 1]]"],
-                  ["unlearning.purge=false"]):
-        cfg = load_config(None, ["unlearning.methods=[\"retrain\", \"pga\"]",
-                                 "unlearning.requests=[[0], [1]]", *extra])
-        assert "pga" in [m.name for m in build_methods(cfg)]
+    cfg = load_config(None, ["unlearning.methods=[\"retrain\", \"pga\"]",
+                             "unlearning.requests=[[0], [1]]", "history.purge=\"strict\""])
+    assert "pga" in [m.name for m in build_methods(cfg)]

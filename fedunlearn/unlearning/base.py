@@ -138,9 +138,8 @@ class Unlearner(Protocol):
     - ``needs_every_round = True`` declares that the method reads the global model and every
       participant's update of every round (FedRecover); it is refused before training unless
       ``history.retention_interval = 1``.
-    - ``check_config(cfg)``, a method, checks what depends on the rest of the config (PGA
-      refuses a strict purge followed by a later request, whose reference model the purge
-      deletes); it runs with :meth:`check`, before any training, and raises ``ValueError``.
+    - ``check_config(cfg)``, a method, checks what depends on the rest of the config (SISA
+      sharded by client refuses more shards than clients); it runs with :meth:`check`, before any training, and raises ``ValueError``.
     - ``check_model(net)``, a method, checks the hyperparameters against the experiment's
       network (NoT's layer indices); it runs once the data and the initial model are built,
       before any training, and raises ``ValueError``.

@@ -25,13 +25,14 @@ and the method's purpose (never training's tag 0).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from fedunlearn.aggregation import apply_update, difference, fedavg_weights, weighted_sum
+from fedunlearn.federation.port import ClientEvaluation
 from fedunlearn.params import Params
 from fedunlearn.seeding import derive_seed, sample_participants
 from fedunlearn.unlearning.base import Cost, UnlearningContext
@@ -71,6 +72,9 @@ def check_repair(method: str, rounds: Any, until: Any, tolerance: Any) -> None:
     if until not in UNTIL:
         raise ValueError(f"{method}'s until must be one of {', '.join(map(repr, UNTIL))}, got "
                          f"{until!r}")
+    if rounds == 0 and until == "recovered":
+        raise ValueError(f'{method}\'s rounds = 0 with until = "recovered" repairs nothing; '
+                         'for no repair set until = "rounds"')
     if rounds is None and until == "rounds":
         raise ValueError(f'{method}\'s until = "rounds" needs rounds = N (an integer >= 0)')
     if rounds is not None and (not isinstance(rounds, int) or isinstance(rounds, bool)
@@ -103,15 +107,18 @@ def evaluators(ctx: UnlearningContext, purpose: int) -> list[int]:
     return sorted(int(c) for c in rng.choice(remaining, size=m, replace=False))
 
 
-def pooled_accuracy(ctx: UnlearningContext, model: Params, clients: Sequence[int],
-                    server_round: int) -> float | None:
-    """``Σ correct / Σ n`` of ``model`` over the clients' own data, as they report it (``None``
-    when none answered, possible under ``engine.on_client_failure = "drop"``)."""
-    answers = ctx.federation.evaluate_clients(model, clients, server_round=server_round)
-    n = sum(a.num_examples for a in answers.values())
+def pooled_accuracy(answers: Mapping[int, ClientEvaluation], clients: Sequence[int]
+                    ) -> float | None:
+    """``Σ correct / Σ n`` over the answers of ``clients`` (``None`` without examples).
+
+    >>> from fedunlearn.federation.port import ClientEvaluation as E
+    >>> pooled_accuracy({1: E(30, 0.1, 0.9), 2: E(10, 0.2, 0.5), 3: E(5, 0.0, 0.0)}, [1, 2])
+    0.8
+    """
+    n = sum(answers[k].num_examples for k in clients)
     if not n:
         return None
-    return sum(a.accuracy * a.num_examples for a in answers.values()) / n
+    return sum(answers[k].accuracy * answers[k].num_examples for k in clients) / n
 
 
 def remaining_rounds(ctx: UnlearningContext, model: Params, rounds: int, *, epochs: float,
@@ -134,29 +141,40 @@ def remaining_rounds(ctx: UnlearningContext, model: Params, rounds: int, *, epoc
     tolerance : float or None, optional
         Stop after the first round whose pooled accuracy on the evaluating clients
         (:func:`evaluators`) is at least ``ctx.model``'s minus ``tolerance``; ``None`` (the
-        default) runs exactly ``rounds`` rounds and evaluates nothing.
+        default) runs exactly ``rounds`` rounds and evaluates nothing. ``ctx.model`` is the
+        model the request starts from: the trained model for a first request, the method's
+        answer to the previous request after that.
 
     Returns
     -------
     Repair
         The new model, the client work (epochs, rounds, messages, evaluation messages
         included), the per-round log and the recovery record.
+
+    Notes
+    -----
+    Under ``engine.on_client_failure = "drop"`` an evaluator may not answer. A round then
+    compares only the evaluators that answered both before the repair and in that round, on
+    both sides (its log entry adds ``"evaluated"`` and that subset's ``"target"``); with none
+    it counts as not recovered. ``recovery["unanswered"]`` counts the evaluations missing.
     """
     t = ctx.cfg.training
     tag = derive_seed(ctx.seed, purpose) + 1
     out = {k: v.copy() for k, v in model.items()}
     repair = Repair(model=out, cost=Cost())
     watch: list[int] = []
-    target = 0.0
+    tol = 0.0 if tolerance is None else tolerance
+    before: Mapping[int, ClientEvaluation] = {}
     if tolerance is not None and rounds > 0:
         watch = evaluators(ctx, purpose)
-        reference = pooled_accuracy(ctx, ctx.model, watch, first_round - 1)
+        before = ctx.federation.evaluate_clients(ctx.model, watch, server_round=first_round)
         repair.cost.messages_sent += len(watch)
-        target = np.inf if reference is None else reference - tolerance  # none: to the cap
+        reference = pooled_accuracy(before, list(before))
         repair.recovery = {"evaluators": watch, "reference_accuracy": reference,
-                           "target_accuracy": None if reference is None else target,
+                           "target_accuracy": None if reference is None else
+                           reference - tolerance,
                            "tolerance": tolerance, "recovered": False, "rounds": 0,
-                           "accuracy": None}
+                           "accuracy": None, "unanswered": len(watch) - len(before)}
     for i in range(rounds):
         r = first_round + i
         clients = sample_participants(ctx.cfg.seed, r, ctx.federation.num_clients,
@@ -175,10 +193,17 @@ def remaining_rounds(ctx: UnlearningContext, model: Params, rounds: int, *, epoc
         entry: dict[str, Any] = {"round": r, "clients": list(clients), "answered": done}
         repair.log.append(entry)
         if watch:
-            entry["accuracy"] = accuracy = pooled_accuracy(ctx, out, watch, r)
+            now = ctx.federation.evaluate_clients(out, watch, server_round=r)
             repair.cost.messages_sent += len(watch)
-            repair.recovery.update(rounds=i + 1, accuracy=accuracy)
-            if accuracy is not None and accuracy >= target:
+            both = [k for k in watch if k in now and k in before]
+            accuracy, reference = pooled_accuracy(now, both), pooled_accuracy(before, both)
+            entry["accuracy"] = accuracy
+            if len(both) < len(before):
+                entry.update(evaluated=both,
+                             target=None if reference is None else reference - tol)
+            repair.recovery["unanswered"] += len(watch) - len(now)
+            repair.recovery.update(rounds=repair.cost.rounds, accuracy=accuracy)
+            if accuracy is not None and reference is not None and accuracy >= reference - tol:
                 repair.recovery["recovered"] = True
                 break
     repair.model = out

@@ -22,15 +22,21 @@ Client in FL?" (arXiv:2207.05521). Three steps:
    (within ``tolerance``), at most as many rounds as retraining.
 
 What the method needs, and what it costs: the target must **cooperate and still hold its
-data** (its ascent is client work, counted in the cost with the post-training); the server
-needs the last retained round's global model and the other clients' updates of that round.
-A strict purge (``history.purge = "strict"``) deletes, besides the forgotten clients' stored
-updates, the global models from their first round on; a later request then finds ``M_t`` gone
-and is refused (:class:`~fedunlearn.history.HistoryPurgedError`, one line) before any client
-work, and a run configured that way (several requests, ``unlearning.purge`` with
-``history.purge = "strict"``) is refused before it starts (:meth:`PGA.check_config`). Serve every target in one request, or use ``history.purge = "updates"``. The purge
-deletes the *server's* copies of a client's updates; it never touches the client's own data,
-which PGA needs the target to keep until it has answered.
+data** (its ascent is client work, counted in the cost with the post-training); for the first
+request the server needs the last retained round's global model and the other clients'
+updates of that round.
+
+A **later request** (an earlier one was served: ``ctx.removed`` holds more than the targets)
+starts instead from the model it is given, ``w_ref = ctx.model``, the answer to the earlier
+request. The stored rounds describe the original training, whose global models still hold the
+earlier targets' contributions; a reference built from them would bring those back (measured
+on ``backdoor_digits`` with requests ``[[0], [1]]``: the backdoored client 0's trigger came back
+at ASR 0.91 in the second answer). So a later request reads no stored model, and a strict
+purge of an earlier target (which deletes the global models from its first round on) does not
+stop it. The purge deletes the *server's* copies of a client's updates; it never touches the
+client's own data, which PGA needs the target to keep until it has answered. If the first
+request itself finds its ``M_t`` deleted (a store purged before), it is refused
+(:class:`~fedunlearn.history.HistoryPurgedError`, one line) before any client work.
 
 Sources: ALGORITHMS.md ("PGA"), the paper's abstract and, read later, the workshop text and
 the authors' code (IBM/federated-unlearning, ``federated_unlearning.ipynb``). The text leaves
@@ -59,7 +65,6 @@ import numpy as np
 import torch
 
 from fedunlearn.aggregation import apply_update, difference, weighted_sum
-from fedunlearn.config import Config
 from fedunlearn.history import HistoryPurgedError, HistoryStore
 from fedunlearn.models import reinitialise
 from fedunlearn.params import Params, get_params
@@ -232,17 +237,6 @@ class PGA:
             raise ValueError(f"PGA's post_epochs must be a finite number > 0, got "
                              f"{self.post_epochs!r}")
 
-    def check_config(self, cfg: Config) -> None:
-        """Refuse, before any work, a run whose strict purge would delete the global model a
-        later request's reference needs (more than one request, purged strictly)."""
-        if cfg.unlearning.purge and cfg.history.purge == "strict" \
-                and len(cfg.unlearning.requests) > 1:
-            raise ValueError(
-                f"pga serves only the first of {len(cfg.unlearning.requests)} requests under "
-                "history.purge = \"strict\", which deletes the global model its reference "
-                "model needs; serve all targets in one request or set history.purge = "
-                "\"updates\"")
-
     def unlearn(self, ctx: UnlearningContext) -> UnlearningResult:
         """Reference model, the targets' projected ascent, post-training; ``ctx`` unchanged.
 
@@ -253,19 +247,23 @@ class PGA:
         """
         self.check()
         history = ctx.history
-        t = last_reference_round(history, ctx.removed)
-        cut = history.globals_deleted_from()
-        if cut is not None and t >= cut:
-            raise HistoryPurgedError(
-                f"pga cannot serve request for clients {list(ctx.targets)}: its reference model "
-                f"needs the global model of round {t}, deleted by the strict purge of clients "
-                f"{history.purged()}; serve all targets in one request or set "
-                "history.purge = \"updates\"; nothing was changed")
-        rec = history.round_record(t)
-        others, weights = renormalised_weights(rec.participants, rec.weights,
-                                               keep=lambda k: k not in ctx.removed)
-        w_ref = reference_model(history.global_model(t),
-                                [history.update(t, k) for k in others], weights)
+        earlier = sorted(set(ctx.removed) - set(ctx.targets))
+        if earlier:  # the stored rounds still hold the earlier targets: start from ctx.model
+            t, others = None, []
+            w_ref = {k: v.copy() for k, v in ctx.model.items()}
+        else:
+            t = last_reference_round(history, ctx.removed)
+            cut = history.globals_deleted_from()
+            if cut is not None and t >= cut:
+                raise HistoryPurgedError(
+                    f"pga cannot serve request for clients {list(ctx.targets)}: its reference "
+                    f"model needs the global model of round {t}, deleted by the strict purge "
+                    f"of clients {history.purged()}; nothing was changed")
+            rec = history.round_record(t)
+            others, weights = renormalised_weights(rec.participants, rec.weights,
+                                                   keep=lambda k: k not in ctx.removed)
+            w_ref = reference_model(history.global_model(t),
+                                    [history.update(t, k) for k in others], weights)
         net = ctx.build_model()
         keys = [name for name, p in net.named_parameters() if p.requires_grad]
         randoms = [get_params(reinitialise(net, derive_seed(ctx.seed, _RANDOM_PURPOSE, i)))
@@ -295,7 +293,10 @@ class PGA:
         cost.rounds += post.cost.rounds
         cost.messages_sent += post.cost.messages_sent
         details: dict[str, Any] = {
-            "reference_round": t, "reference_clients": list(others), "radius": radius,
+            "reference_round": t, "reference_clients": list(others),
+            "reference": ("the model the request starts from (earlier targets "
+                          f"{earlier} removed)" if earlier else "stored round"),
+            "radius": radius,
             "threshold": threshold, "learning_rate": lr,
             "ascent": {str(u): dict(results[u].stats) for u in answered},
             "ascent_dropped": [u for u in ctx.targets if u not in results],
