@@ -3,12 +3,16 @@
 Importing :mod:`fedunlearn.cli` pulls in Flower, Ray's client and torch (a second or two). A
 Ctrl-C in that time, or anywhere before a run installs its own handler
 (:func:`fedunlearn.interrupt.stoppable`), would otherwise end the command with a Python
-traceback; here it ends with one line and exit code 130.
+traceback; here it ends with one line and exit code 130. During that import a Ctrl-C is only
+recorded and acted on once the import is done (a second or two): raised inside torch's native
+initialisation, the KeyboardInterrupt aborted the process (``pybind11::error_already_set``,
+exit -6), as the suite saw once.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import NoReturn
 
@@ -19,9 +23,15 @@ def entry() -> NoReturn:
     """The ``fedunlearn`` console script and ``python -m fedunlearn``:
     :func:`fedunlearn.cli.main`, then :func:`leave`; a Ctrl-C outside a run's rounds is one
     line."""
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
     try:
-        from fedunlearn.cli import main
-
+        try:
+            from fedunlearn.cli import main
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if pending:
+            raise KeyboardInterrupt
         code = main()
     except KeyboardInterrupt:
         print("\nfedunlearn: interrupted (Ctrl-C) outside a run's rounds; run the command "
