@@ -24,12 +24,15 @@ def entry() -> NoReturn:
     :func:`fedunlearn.cli.main`, then :func:`leave`; a Ctrl-C outside a run's rounds is one
     line."""
     pending: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.SIG_IGN:  # a background job (`cmd &`) ignores Ctrl-C: keep that
+        signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
     try:
         try:
             from fedunlearn.cli import main
         finally:
-            signal.signal(signal.SIGINT, previous)
+            if previous is not signal.SIG_IGN:
+                signal.signal(signal.SIGINT, previous)
         if pending:
             raise KeyboardInterrupt
         code = main()

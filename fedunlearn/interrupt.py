@@ -102,8 +102,12 @@ def stoppable(farewell: Callable[[], str], *, grace_s: float = 8.0) -> Iterator[
               f"{grace_s:g} s; press Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
         threading.Thread(target=watchdog, daemon=True).start()
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    # a signal ignored on entry (SIGINT in a background job, `cmd &`) stays ignored
+    watched = [s for s in (signal.SIGINT, signal.SIGTERM)
+               if signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {s: signal.signal(s, handler) for s in watched}
     _active[0] = handler
+    _watched[:] = watched
     try:
         yield
     finally:
@@ -114,17 +118,18 @@ def stoppable(farewell: Callable[[], str], *, grace_s: float = 8.0) -> Iterator[
 
 
 _active: list[Callable[[int, object], None] | None] = [None]
+_watched: list[signal.Signals] = []
 
 
 def reclaim() -> None:
-    """Install the active run's handler again for SIGINT and SIGTERM.
+    """Install the active run's handler again for SIGINT and SIGTERM (those it watches).
 
     ``ray.init`` installs Ray's own (native) SIGTERM handler in the driver, which aborts the
     process with a stack dump instead of stopping the run cleanly; call this after it.
     """
     handler = _active[0]
     if handler is not None and threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in _watched:
             signal.signal(s, handler)
 
 

@@ -11,13 +11,24 @@ import fedunlearn
 
 
 def versions() -> dict[str, str]:
-    """Versions of fedunlearn, Python and the stack it runs on."""
+    """Versions of fedunlearn, Python and the stack it runs on, and the CPU instruction set
+    torch's kernels use."""
     out = {"fedunlearn": fedunlearn.__version__, "python": platform.python_version()}
     for dist in ("flwr", "ray", "torch", "numpy", "flwr-datasets", "scikit-learn"):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             out[dist] = "not installed"
+    # Training trajectories depend on the CPU's vector instructions (torch's kernels round
+    # differently with AVX2 and AVX-512): the same seed gave PGA an ASR of 0.025 on one machine
+    # and 0.136 on another (README, baselines_digits).
+    out["machine"] = platform.machine()
+    try:
+        import torch
+
+        out["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    except (ImportError, AttributeError):
+        pass
     return out
 
 

@@ -15,6 +15,7 @@ import pytest
 from conftest import max_abs_diff as max_diff
 
 from fedunlearn.config import Config, ConfigError, load_config
+from fedunlearn.evaluation.summary import recovery_words
 from fedunlearn.evaluation.metrics import accuracy, attack_success_rate
 from fedunlearn.experiment import Setup, prepare, train_federation
 from fedunlearn.federation.inprocess import InProcessFederation
@@ -23,7 +24,13 @@ from fedunlearn.params import Params
 from fedunlearn.unlearning import UNLEARNERS
 from fedunlearn.unlearning.base import UnlearningContext
 from fedunlearn.unlearning.finetune import evaluators
-from fedunlearn.unlearning.negation import _FINETUNE_PURPOSE, NoT, layer_groups, negate_layers
+from fedunlearn.unlearning.negation import (
+    _FINETUNE_PURPOSE,
+    NoT,
+    chain_layers,
+    layer_groups,
+    negate_layers,
+)
 from fedunlearn.unlearning.retrain import Retrain
 from fedunlearn.unlearning.service import _create
 
@@ -68,6 +75,25 @@ def test_negate_layers_refuses_bad_indices():
         negate_layers({}, groups, [0, -3])
 
 
+def test_a_chain_of_requests_never_returns_to_a_sign_pattern_it_had():
+    """Catches a later request negating the first request's layers again: negation is its own
+    inverse, so the chain's second model would be the original's sign pattern, whose layers
+    still hold the first target's contribution (``backdoor_digits``, requests ``[[0], [1]]``,
+    in process: accuracy 0.616 after 40 repair rounds and ASR 0.037, against 0.975 / 0.000)."""
+    for n, layers in [(3, [0]), (3, [-1]), (3, [0, 2]), (4, [1]), (1, [0])]:
+        units = 1 + n - len(layers)
+        pattern = [1] * n
+        seen = {tuple(pattern)}
+        for k in range(2 ** units - 1):
+            for i in chain_layers(n, layers, k):
+                pattern[i] = -pattern[i]
+            assert tuple(pattern) not in seen, (n, layers, k)
+            seen.add(tuple(pattern))
+        assert chain_layers(n, layers, 0) == sorted(i % n for i in layers)  # as the paper
+        with pytest.raises(ValueError, match=f"at most {2 ** units - 1} request"):
+            chain_layers(n, layers, 2 ** units - 1)
+
+
 def test_registered_and_bad_hyperparameters_are_one_line_config_errors():
     assert UNLEARNERS.get("not") is NoT
     for value, word in [("{layers = []}", "layers"), ("{layers = [0, 0]}", "twice"),
@@ -80,6 +106,35 @@ def test_registered_and_bad_hyperparameters_are_one_line_config_errors():
         with pytest.raises(ConfigError) as err:
             _create(cfg, "not")
         assert word in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_chain_longer_than_its_sign_patterns_is_refused_before_any_work(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    """All three layers of the MLP negated leave one sign pattern: a second request would
+    negate them back to the trained model's. Refused in one line before the engine starts."""
+    from fedunlearn import runner
+    from fedunlearn.cli import main
+    from fedunlearn.federation import local
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        pytest.fail("validation must stop the run before any engine or training start")
+
+    monkeypatch.setattr(runner, "run_engine", no_work)
+    monkeypatch.setattr(local, "warm_up", no_work)
+    out = tmp_path / "run"
+    sets = ["unlearning.requests=[[0], [1]]", 'unlearning.methods=["retrain", "not"]',
+            "unlearning.params.not={layers = [0, 1, 2]}"]
+    code = main(["run", "simulations/backdoor_digits.toml", "--out", str(out),
+                 *[a for s in sets for a in ("--set", s)]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "unlearning.params.not" in err[0] and "at most 1 request in a chain" in err[0]
+    assert not out.exists()
+    # the same layers with one request, and the default layer with two, pass the checks
+    monkeypatch.setattr(local, "warm_up", lambda *args, **kwargs: None)
+    for extra in (["unlearning.requests=[[0]]"], ["unlearning.params.not={}"]):
+        cfg = load_config(Path("simulations/backdoor_digits.toml"), [*sets, *extra])
+        prepare(cfg)
 
 
 # ------------------------------------------------------------------------ a small federation
@@ -154,6 +209,23 @@ def test_zero_rounds_is_the_negated_model_and_reads_no_history(trained: Trained)
                                                                             "1.bias"]
 
 
+def test_a_later_request_negates_the_answer_to_the_earlier_one_and_not_back(trained: Trained):
+    """Catches a chain whose second request undoes the first negation (the trained model
+    again, exactly, when no repair runs in between) and a request position that is ignored."""
+    no_repair = NoT(rounds=0, until="rounds")
+    first = no_repair.unlearn(trained.context())
+    ctx = UnlearningContext(**{**trained.context().__dict__, "targets": (1,),
+                               "removed": frozenset({TARGET, 1}), "model": first.model,
+                               "request": 1})
+    second = no_repair.unlearn(ctx)
+    assert second.model is not None and second.details["negated"] == ["3.weight", "3.bias"]
+    expected = dict(trained.final)
+    for name in ["1.weight", "1.bias", "3.weight", "3.bias"]:
+        expected[name] = -trained.final[name]
+    assert max_diff(second.model, expected) == 0.0
+    assert max_diff(second.model, trained.final) > 0.0
+
+
 def test_fine_tuning_rounds_are_fedavg_of_the_remaining_clients_only(
         trained: Trained, monkeypatch: pytest.MonkeyPatch):
     """Catches the target taking part in the fine-tuning, or an unweighted average: one round
@@ -223,17 +295,20 @@ def test_fine_tuning_stops_after_the_first_round_the_remaining_clients_are_back(
 
 
 class DropsEvaluators:
-    """The port as under ``on_client_failure = "drop"``: after the first evaluation request
-    only the clients in ``keep`` answer."""
+    """The port as under ``on_client_failure = "drop"``: the clients in ``first`` miss the
+    first evaluation request (the reference); after it only the clients in ``keep`` answer
+    (``None``: all)."""
 
-    def __init__(self, inner: InProcessFederation, keep: set[int]) -> None:
-        self.inner, self.keep, self.calls = inner, keep, 0
+    def __init__(self, inner: InProcessFederation, keep: set[int] | None,
+                 first: frozenset[int] = frozenset()) -> None:
+        self.inner, self.keep, self.first, self.calls = inner, keep, first, 0
 
     def evaluate_clients(self, model, clients, **kw):
         self.calls += 1
         answers = self.inner.evaluate_clients(model, clients, **kw)
-        return answers if self.calls == 1 else {k: a for k, a in answers.items()
-                                                if k in self.keep}
+        if self.calls == 1:
+            return {k: a for k, a in answers.items() if k not in self.first}
+        return {k: a for k, a in answers.items() if self.keep is None or k in self.keep}
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.inner, name)
@@ -258,6 +333,21 @@ def test_a_round_with_missing_evaluators_compares_the_same_clients_on_both_sides
     rec = result.details["recovery"]
     assert rec["unanswered"] == (len(watch) - 1) * len(rounds)
     assert rec["recovered"] == (rounds[-1]["accuracy"] >= before - 0.5)
+    assert rec["compared"] == 1 and rec["compared_target"] == rounds[-1]["target"]
+    words = recovery_words(rec)
+    assert f"on 1 of {len(watch)} evaluators, target {before - 0.5:.3f}" in words, words
+    # one evaluator misses the reference: every round compares the others, on both sides
+    late = watch[0]
+    fed = DropsEvaluators(trained.fed, None, first=frozenset({late}))
+    result = NoT(rounds=2, tolerance=0.0).unlearn(
+        UnlearningContext(**{**ctx.__dict__, "federation": fed}))
+    others = [k for k in watch if k != late]
+    pooled = np.concatenate([np.asarray(predictor(trained.final)(data.clients[k].x)).argmax(1)
+                             == data.clients[k].y for k in others])
+    rounds = result.details["fine_tune_rounds"]
+    assert [e["evaluated"] for e in rounds] == [others] * len(rounds)
+    assert rounds[0]["target"] == pytest.approx(float(np.mean(pooled)))
+    assert result.details["recovery"]["unanswered"] == 1
     # nobody answers after the reference: never recovered, to the cap
     fed = DropsEvaluators(trained.fed, set())
     capped = NoT(rounds=2, tolerance=1.0).unlearn(

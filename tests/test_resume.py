@@ -182,3 +182,32 @@ def test_a_ctrl_c_while_the_command_is_still_importing_is_one_line(tmp_path: Pat
     assert err.strip().splitlines() == [
         ("fedunlearn: interrupted (Ctrl-C) outside a run's rounds; run the command again, or "
          "continue a run it had started with `fedunlearn resume RUN_DIR`")], err
+
+
+def test_a_command_started_with_ctrl_c_ignored_keeps_ignoring_it(tmp_path: Path) -> None:
+    """A background job (``cmd &`` in a script) starts with SIGINT ignored, so that a Ctrl-C
+    at the terminal leaves it running. Catches the command installing its own handler anyway:
+    the SIGINT half-way through the import then ended it (exit 130)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedunlearn", "--help"], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "usage" in out.lower(), err
+
+
+def test_a_run_keeps_an_ignored_ctrl_c_ignored_and_still_stops_on_sigterm() -> None:
+    """Catches :func:`stoppable` taking over a SIGINT its process was told to ignore."""
+    from fedunlearn.interrupt import reclaim, stoppable
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with stoppable(lambda: "bye"):
+            reclaim()
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert callable(signal.getsignal(signal.SIGTERM))
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)

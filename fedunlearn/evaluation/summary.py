@@ -173,7 +173,9 @@ def _exact_replay_parts(estimated: list[float], total: list[int], abnormal: list
 
 def recovery_words(recovery: Mapping[str, Any]) -> str | None:
     """How a watched repair ended, in words, from a row's ``details.recovery`` (``None`` for
-    a fixed number of rounds; :mod:`fedunlearn.unlearning.finetune`).
+    a fixed number of rounds; :mod:`fedunlearn.unlearning.finetune`). The accuracy is shown
+    beside the target it was compared with: when evaluators did not answer, the target of the
+    evaluators that did.
 
     >>> recovery_words({"recovered": False, "rounds": 40, "accuracy": 0.951,
     ...                    "target_accuracy": 0.989})
@@ -181,18 +183,38 @@ def recovery_words(recovery: Mapping[str, Any]) -> str | None:
     >>> recovery_words({"recovered": True, "rounds": 1, "accuracy": 0.99,
     ...                    "target_accuracy": 0.989})
     'repaired in 1 round (remaining clients 0.990, target 0.989)'
+    >>> recovery_words({"recovered": True, "rounds": 2, "accuracy": 0.97, "evaluators": [1, 2],
+    ...                 "target_accuracy": 0.99, "compared": 1, "compared_target": 0.96,
+    ...                 "unanswered": 1})
+    'repaired in 2 rounds (remaining clients 0.970 on 1 of 2 evaluators, target 0.960; 1 evaluation unanswered)'
+    >>> recovery_words({"recovered": False, "rounds": 3, "accuracy": None, "evaluators": [1],
+    ...                 "target_accuracy": 0.99, "compared": 0, "unanswered": 3})
+    'repair not recovered: stopped at its cap of 3 rounds (no evaluator answered in the last round; 3 evaluations unanswered)'
     """
     if not recovery:
         return None
     n = int(recovery.get("rounds") or 0)
-    words = [f"{n} round{'s' if n != 1 else ''}"]
-    figures = [f"remaining clients {recovery[k]:.3f}" if k == "accuracy" else
-               f"target {recovery[k]:.3f}" for k in ("accuracy", "target_accuracy")
-               if isinstance(recovery.get(k), int | float)]
-    tail = f" ({', '.join(figures)})" if figures else ""
+    rounds = f"{n} round{'s' if n != 1 else ''}"
+    accuracy = recovery.get("accuracy")
+    evaluators = len(recovery.get("evaluators") or ())
+    compared = recovery.get("compared", evaluators)
+    target = (recovery.get("compared_target") if compared != evaluators
+              else recovery.get("target_accuracy"))
+    figures = []
+    if isinstance(accuracy, int | float):
+        part = f" on {compared} of {evaluators} evaluators" if compared != evaluators else ""
+        figures.append(f"remaining clients {accuracy:.3f}{part}")
+        if isinstance(target, int | float):
+            figures.append(f"target {target:.3f}")
+    elif n:
+        figures.append("no evaluator answered in the last round")
+    said = [", ".join(figures)] if figures else []
+    if missed := int(recovery.get("unanswered") or 0):
+        said.append(f"{missed} evaluation{'s' if missed != 1 else ''} unanswered")
+    tail = f" ({'; '.join(said)})" if said else ""
     if recovery.get("recovered"):
-        return f"repaired in {words[0]}{tail}"
-    return f"repair not recovered: stopped at its cap of {words[0]}{tail}"
+        return f"repaired in {rounds}{tail}"
+    return f"repair not recovered: stopped at its cap of {rounds}{tail}"
 
 
 def recovery_note(method: Mapping[int, Mapping[str, Any]]) -> str | None:

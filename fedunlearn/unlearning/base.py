@@ -74,6 +74,9 @@ class UnlearningContext:
         ``build_model()`` returns a fresh ``torch.nn.Module`` of the experiment's architecture.
     seed : int
         Seed for this method and request.
+    request : int
+        Position of this request in ``cfg.unlearning.requests`` (0 for the first; the method
+        has served every earlier one, so ``model`` is its answer to request ``request − 1``).
     """
 
     cfg: Config
@@ -86,6 +89,7 @@ class UnlearningContext:
     data: FederatedData
     build_model: Callable[[], Any]
     seed: int
+    request: int = 0
 
 
 @dataclass

@@ -51,8 +51,11 @@ class Repair:
     ``log`` holds per round ``{"round", "clients", "answered"}`` and, when the repair watched
     its recovery, the round's pooled ``"accuracy"`` on the evaluating clients. ``recovery`` is
     empty for a fixed number of rounds, else ``{"evaluators", "reference_accuracy",
-    "target_accuracy", "tolerance", "recovered", "rounds", "accuracy"}`` (``accuracy``: the
-    last round's pooled accuracy).
+    "target_accuracy", "tolerance", "recovered", "rounds", "accuracy", "compared",
+    "compared_target", "unanswered"}``: ``accuracy`` is the last round's pooled accuracy on
+    the ``compared`` evaluators that answered both before the repair and in that round, to be
+    read against ``compared_target`` (``target_accuracy`` when all answered); ``unanswered``
+    counts evaluations that did not come back.
     """
 
     model: Params
@@ -155,8 +158,8 @@ def remaining_rounds(ctx: UnlearningContext, model: Params, rounds: int, *, epoc
     -----
     Under ``engine.on_client_failure = "drop"`` an evaluator may not answer. A round then
     compares only the evaluators that answered both before the repair and in that round, on
-    both sides (its log entry adds ``"evaluated"`` and that subset's ``"target"``); with none
-    it counts as not recovered. ``recovery["unanswered"]`` counts the evaluations missing.
+    both sides (its log entry adds ``"evaluated"`` and that subset's ``"target"``, also when
+    an evaluator missed the reference evaluation); with none it counts as not recovered. ``recovery["unanswered"]`` counts the evaluations missing.
     """
     t = ctx.cfg.training
     tag = derive_seed(ctx.seed, purpose) + 1
@@ -174,7 +177,8 @@ def remaining_rounds(ctx: UnlearningContext, model: Params, rounds: int, *, epoc
                            "target_accuracy": None if reference is None else
                            reference - tolerance,
                            "tolerance": tolerance, "recovered": False, "rounds": 0,
-                           "accuracy": None, "unanswered": len(watch) - len(before)}
+                           "accuracy": None, "compared": 0, "compared_target": None,
+                           "unanswered": len(watch) - len(before)}
     for i in range(rounds):
         r = first_round + i
         clients = sample_participants(ctx.cfg.seed, r, ctx.federation.num_clients,
@@ -197,12 +201,13 @@ def remaining_rounds(ctx: UnlearningContext, model: Params, rounds: int, *, epoc
             repair.cost.messages_sent += len(watch)
             both = [k for k in watch if k in now and k in before]
             accuracy, reference = pooled_accuracy(now, both), pooled_accuracy(before, both)
+            target = None if reference is None else reference - tol
             entry["accuracy"] = accuracy
-            if len(both) < len(before):
-                entry.update(evaluated=both,
-                             target=None if reference is None else reference - tol)
+            if len(both) < len(watch):
+                entry.update(evaluated=both, target=target)
             repair.recovery["unanswered"] += len(watch) - len(now)
-            repair.recovery.update(rounds=repair.cost.rounds, accuracy=accuracy)
+            repair.recovery.update(rounds=repair.cost.rounds, accuracy=accuracy,
+                                   compared=len(both), compared_target=target)
             if accuracy is not None and reference is not None and accuracy >= reference - tol:
                 repair.recovery["recovered"] = True
                 break

@@ -15,8 +15,11 @@ ALGORITHMS.md ("History-free methods") and the paper's abstract and overview (Fi
 restore essential knowledge"). The default layer (the first) is the one third-party summaries
 of the paper name as its default. The paper's number of fine-tuning rounds is not known to us,
 so by default the fine-tuning runs until the remaining clients report the accuracy the model
-had before the request, within ``tolerance`` (:mod:`fedunlearn.unlearning.finetune`), and
-never longer than retraining (``training.rounds``); ``until = "rounds"`` runs a fixed number.
+had before the request, within ``tolerance`` (:mod:`fedunlearn.unlearning.finetune`), for at
+most ``training.rounds`` rounds; ``until = "rounds"`` runs a fixed number.
+
+The paper serves one request; a chain of requests must not negate the same layers twice in a
+row, which undoes the first negation (:func:`chain_layers`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+from fedunlearn.config import Config
 from fedunlearn.params import Params, get_params
 from fedunlearn.unlearning.base import (
     UNLEARNERS,
@@ -74,6 +78,39 @@ def negate_layers(params: Params, groups: Sequence[Sequence[str]],
     return out
 
 
+def chain_layers(n: int, layers: Sequence[int], request: int) -> list[int]:
+    """The layers NoT negates for the request at position ``request`` of a chain (0 = first).
+
+    Negation is its own inverse: negating the first request's layers again, in the model
+    that answered it, restores the pairing of those layers with what fine-tuning left of the
+    original's other layers, and with it an earlier target's contribution (on
+    ``backdoor_digits``, requests ``[[0], [1]]``: client 0's backdoor came back at ASR 0.195
+    after the second request). So a chain never returns to a sign pattern it has had: the
+    layers form units (``layers`` as one unit, then every other layer alone, in model order)
+    and request ``k`` flips the unit that flips bit ``k`` of a binary-reflected Gray code,
+    the lowest set bit of ``k + 1``. The first request negates ``layers``, as in the paper.
+
+    >>> [chain_layers(3, [0], k) for k in range(7)]
+    [[0], [1], [0], [2], [0], [1], [0]]
+
+    Raises
+    ------
+    ValueError
+        Once the chain has had every sign pattern: ``2 ** units − 1`` requests at most.
+    """
+    chosen = sorted({i % n for i in layers})
+    units = [chosen, *([i] for i in range(n) if i not in chosen)]
+    if request + 1 >= (cap := 2 ** len(units)):
+        raise ValueError(
+            f"NoT with layers {list(layers)} on a model with {n} parameterised layers serves "
+            f"at most {cap - 1} request{'s' if cap != 2 else ''} in a chain (request "
+            f"{request + 1} would "
+            "return the model to a sign pattern it had before, which brings an earlier "
+            "target's contribution back); list fewer layers or serve fewer requests")
+    k = request + 1
+    return units[(k & -k).bit_length() - 1]
+
+
 @UNLEARNERS.register("not")
 class NoT:
     """Negate selected layers, then FedAvg rounds over the remaining clients (Khalil et al.
@@ -83,8 +120,9 @@ class NoT:
     ----------
     layers : list of int, optional
         Which parameterised layers to negate, weights and biases (0 = first, −1 = last;
-        default ``[0]``, the first layer). A layer is a module owning trainable parameters,
-        in the model's order (for the MLP: each ``Linear``).
+        default ``[0]``, the first layer), for the first request of a chain; later requests
+        flip one unit at a time (:func:`chain_layers`). A layer is a module owning trainable
+        parameters, in the model's order (for the MLP: each ``Linear``).
     rounds : int or None, optional
         With ``until = "recovered"``: the most fine-tuning rounds (default ``None``:
         ``training.rounds``, what retraining spends); with ``until = "rounds"``: exactly this
@@ -106,7 +144,8 @@ class NoT:
     recovery rule replaces that guess with what a server can observe
     (``scripts/baseline_sensitivity.py`` shows both, and the tolerance's effect).
     The backdoor does not come back: the targets never train again and the negated first
-    layer no longer computes the trigger's features.
+    layer no longer computes the trigger's features. Later requests of a chain negate other
+    layers (:func:`chain_layers`): negating the first layer again would bring it back.
     """
 
     setting: ClassVar[Setting] = "federated"
@@ -133,10 +172,18 @@ class NoT:
         if self.epochs is not None and not finite_positive(self.epochs):
             raise ValueError(f"NoT's epochs must be a finite number > 0, got {self.epochs!r}")
 
+    def check_config(self, cfg: Config) -> None:
+        """Note how many requests the chain serves, for :meth:`check_model`."""
+        self._requests = len(cfg.unlearning.requests)
+
     def check_model(self, net: Any) -> None:
-        """Refuse, before training, layer indices the experiment's network does not have."""
+        """Refuse, before training, layer indices the experiment's network does not have,
+        and a chain of requests longer than its distinct sign patterns (:func:`chain_layers`)."""
         groups = layer_groups([n for n, p in net.named_parameters() if p.requires_grad])
         negate_layers(get_params(net), groups, list(self.layers))  # raises ValueError
+        requests = getattr(self, "_requests", 1)
+        if requests:
+            chain_layers(len(groups), self.layers, requests - 1)  # raises ValueError
 
     def unlearn(self, ctx: UnlearningContext) -> UnlearningResult:
         """Negate, then fine-tune with the remaining clients; reads no history but round
@@ -144,14 +191,15 @@ class NoT:
         self.check()
         net = ctx.build_model()
         groups = layer_groups([n for n, p in net.named_parameters() if p.requires_grad])
-        negated = negate_layers(ctx.model, groups, list(self.layers))
+        flipped = chain_layers(len(groups), self.layers, ctx.request)
+        negated = negate_layers(ctx.model, groups, flipped)
         epochs = ctx.cfg.training.local_epochs if self.epochs is None else self.epochs
         first = len(ctx.history.rounds()) + 1
         done = repair(ctx, negated, rounds=self.rounds, until=self.until,
                       tolerance=self.tolerance, epochs=epochs, first_round=first,
                       purpose=_FINETUNE_PURPOSE)
         details: dict[str, Any] = {
-            "negated": [name for i in self.layers for name in groups[i]],
+            "negated": [name for i in flipped for name in groups[i]],
             "rounds": done.cost.rounds, "fine_tune_rounds": done.log,
             "recovery": done.recovery}
         return UnlearningResult(model=done.model, cost=done.cost, details=details)

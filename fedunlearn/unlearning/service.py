@@ -368,7 +368,8 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
                                  initial={k: v.copy() for k, v in initial.items()},
                                  history=store, federation=federation,
                                  data=data, build_model=build_model,
-                                 seed=derive_seed(cfg.seed, 0xA11, request))
+                                 seed=derive_seed(cfg.seed, 0xA11, request),
+                                 request=max(request, 0))
 
     fit_wall = _fit_centralized(methods, context((), frozenset(), trained, -1), lineage, stream,
                                 after_federated=not federated)
