@@ -15,8 +15,8 @@ import pytest
 from conftest import max_abs_diff as max_diff
 
 from fedunlearn.config import Config, ConfigError, load_config
-from fedunlearn.evaluation.summary import recovery_words
 from fedunlearn.evaluation.metrics import accuracy, attack_success_rate
+from fedunlearn.evaluation.summary import recovery_words
 from fedunlearn.experiment import Setup, prepare, train_federation
 from fedunlearn.federation.inprocess import InProcessFederation
 from fedunlearn.history import HistoryStore

@@ -188,10 +188,10 @@ def test_a_command_started_with_ctrl_c_ignored_keeps_ignoring_it(tmp_path: Path)
     """A background job (``cmd &`` in a script) starts with SIGINT ignored, so that a Ctrl-C
     at the terminal leaves it running. Catches the command installing its own handler anyway:
     the SIGINT half-way through the import then ended it (exit 130)."""
+    # `trap "" INT` ignores SIGINT, and an ignored signal stays ignored across exec
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedunlearn", "--help"], cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        ["sh", "-c", 'trap "" INT; exec "$0" -m fedunlearn --help', sys.executable], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
