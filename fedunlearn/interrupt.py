@@ -103,11 +103,12 @@ def stoppable(farewell: Callable[[], str], *, grace_s: float = 8.0) -> Iterator[
         threading.Thread(target=watchdog, daemon=True).start()
 
     # a signal ignored on entry (SIGINT in a background job, `cmd &`) stays ignored
-    watched = [s for s in (signal.SIGINT, signal.SIGTERM)
-               if signal.getsignal(s) is not signal.SIG_IGN]
+    ignored = [s for s in (signal.SIGINT, signal.SIGTERM)
+               if signal.getsignal(s) is signal.SIG_IGN]
+    watched = [s for s in (signal.SIGINT, signal.SIGTERM) if s not in ignored]
     previous = {s: signal.signal(s, handler) for s in watched}
     _active[0] = handler
-    _watched[:] = watched
+    _watched[:], _ignored[:] = watched, ignored
     try:
         yield
     finally:
@@ -119,10 +120,12 @@ def stoppable(farewell: Callable[[], str], *, grace_s: float = 8.0) -> Iterator[
 
 _active: list[Callable[[int, object], None] | None] = [None]
 _watched: list[signal.Signals] = []
+_ignored: list[signal.Signals] = []
 
 
 def reclaim() -> None:
-    """Install the active run's handler again for SIGINT and SIGTERM (those it watches).
+    """Install the active run's handler again for SIGINT and SIGTERM (those it watches; a
+    signal ignored when the run began is ignored again).
 
     ``ray.init`` installs Ray's own (native) SIGTERM handler in the driver, which aborts the
     process with a stack dump instead of stopping the run cleanly; call this after it.
@@ -131,6 +134,8 @@ def reclaim() -> None:
     if handler is not None and threading.current_thread() is threading.main_thread():
         for s in _watched:
             signal.signal(s, handler)
+        for s in _ignored:
+            signal.signal(s, signal.SIG_IGN)
 
 
 def reset() -> None:

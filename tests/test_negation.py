@@ -75,23 +75,26 @@ def test_negate_layers_refuses_bad_indices():
         negate_layers({}, groups, [0, -3])
 
 
-def test_a_chain_of_requests_never_returns_to_a_sign_pattern_it_had():
+def test_a_chain_of_requests_never_negates_a_layer_twice():
     """Catches a later request negating the first request's layers again: negation is its own
-    inverse, so the chain's second model would be the original's sign pattern, whose layers
-    still hold the first target's contribution (``backdoor_digits``, requests ``[[0], [1]]``,
-    in process: accuracy 0.616 after 40 repair rounds and ASR 0.037, against 0.975 / 0.000)."""
+    inverse, so the chain's second model would have the original's signs, whose layers still
+    hold the first target's contribution (``backdoor_digits``, requests ``[[0], [1]]``, in
+    process: accuracy 0.616 after 40 repair rounds and ASR 0.037, against 0.975 / 0.000).
+    Also a chain that flips a layer back later (a Gray code over the layers did, at its third
+    request), and an index out of range taken modulo the layer count."""
     for n, layers in [(3, [0]), (3, [-1]), (3, [0, 2]), (4, [1]), (1, [0])]:
         units = 1 + n - len(layers)
-        pattern = [1] * n
-        seen = {tuple(pattern)}
-        for k in range(2 ** units - 1):
+        flips = [0] * n
+        for k in range(units):
             for i in chain_layers(n, layers, k):
-                pattern[i] = -pattern[i]
-            assert tuple(pattern) not in seen, (n, layers, k)
-            seen.add(tuple(pattern))
+                flips[i] += 1
+        assert flips == [1] * n, (n, layers, flips)  # every layer once, none back
         assert chain_layers(n, layers, 0) == sorted(i % n for i in layers)  # as the paper
-        with pytest.raises(ValueError, match=f"at most {2 ** units - 1} request"):
-            chain_layers(n, layers, 2 ** units - 1)
+        with pytest.raises(ValueError, match=f"at most {units} request"):
+            chain_layers(n, layers, units)
+    for bad, word in [([3], "do not fit"), ([0, -3], "twice")]:
+        with pytest.raises(ValueError, match=word):
+            chain_layers(3, bad, 0)
 
 
 def test_registered_and_bad_hyperparameters_are_one_line_config_errors():
@@ -108,10 +111,11 @@ def test_registered_and_bad_hyperparameters_are_one_line_config_errors():
         assert word in str(err.value) and "\n" not in str(err.value)
 
 
-def test_a_chain_longer_than_its_sign_patterns_is_refused_before_any_work(
+def test_a_chain_longer_than_its_layers_is_refused_before_any_work(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
-    """All three layers of the MLP negated leave one sign pattern: a second request would
-    negate them back to the trained model's. Refused in one line before the engine starts."""
+    """All three layers of the MLP negated by the first request leave none for a second, which
+    would negate them back to the trained model's signs. Refused in one line before the engine
+    starts, also for a method whose parameters are given but that is not run this time."""
     from fedunlearn import runner
     from fedunlearn.cli import main
     from fedunlearn.federation import local
@@ -124,12 +128,14 @@ def test_a_chain_longer_than_its_sign_patterns_is_refused_before_any_work(
     out = tmp_path / "run"
     sets = ["unlearning.requests=[[0], [1]]", 'unlearning.methods=["retrain", "not"]',
             "unlearning.params.not={layers = [0, 1, 2]}"]
-    code = main(["run", "simulations/backdoor_digits.toml", "--out", str(out),
-                 *[a for s in sets for a in ("--set", s)]])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1, err
-    assert "unlearning.params.not" in err[0] and "at most 1 request in a chain" in err[0]
-    assert not out.exists()
+    for methods in ('["retrain", "not"]', '["retrain"]'):
+        code = main(["run", "simulations/backdoor_digits.toml", "--out", str(out),
+                     *[a for s in [*sets, f"unlearning.methods={methods}"]
+                       for a in ("--set", s)]])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, (methods, err)
+        assert "at most 1 request in a chain" in err[0], err
+        assert not out.exists()
     # the same layers with one request, and the default layer with two, pass the checks
     monkeypatch.setattr(local, "warm_up", lambda *args, **kwargs: None)
     for extra in (["unlearning.requests=[[0]]"], ["unlearning.params.not={}"]):

@@ -193,6 +193,7 @@ def test_a_command_started_with_ctrl_c_ignored_keeps_ignoring_it(tmp_path: Path)
         ["sh", "-c", 'trap "" INT; exec "$0" -m fedunlearn --help', sys.executable], cwd=ROOT,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     time.sleep(0.5)
+    assert proc.poll() is None, "the command ended before the signal: the test proves nothing"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "usage" in out.lower(), err
@@ -205,6 +206,7 @@ def test_a_run_keeps_an_ignored_ctrl_c_ignored_and_still_stops_on_sigterm() -> N
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         with stoppable(lambda: "bye"):
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # as ray.init replaces handlers
             reclaim()
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
             assert callable(signal.getsignal(signal.SIGTERM))

@@ -189,7 +189,7 @@ def recovery_words(recovery: Mapping[str, Any]) -> str | None:
     'repaired in 2 rounds (remaining clients 0.970 on 1 of 2 evaluators, target 0.960; 1 evaluation unanswered)'
     >>> recovery_words({"recovered": False, "rounds": 3, "accuracy": None, "evaluators": [1],
     ...                 "target_accuracy": 0.99, "compared": 0, "unanswered": 3})
-    'repair not recovered: stopped at its cap of 3 rounds (no evaluator answered in the last round; 3 evaluations unanswered)'
+    'repair not recovered: stopped at its cap of 3 rounds (no evaluator answered both before the repair and in its last round; 3 evaluations unanswered)'
     """
     if not recovery:
         return None
@@ -197,19 +197,23 @@ def recovery_words(recovery: Mapping[str, Any]) -> str | None:
     rounds = f"{n} round{'s' if n != 1 else ''}"
     accuracy = recovery.get("accuracy")
     evaluators = len(recovery.get("evaluators") or ())
-    compared = recovery.get("compared", evaluators)
+    missed = int(recovery.get("unanswered") or 0)
+    # rows written before "compared" existed: with evaluations missing, which target the
+    # accuracy was compared with is unknown, so none is printed
+    compared = recovery.get("compared", evaluators if not missed else None)
     target = (recovery.get("compared_target") if compared != evaluators
               else recovery.get("target_accuracy"))
     figures = []
     if isinstance(accuracy, int | float):
-        part = f" on {compared} of {evaluators} evaluators" if compared != evaluators else ""
+        part = (f" on {compared} of {evaluators} evaluators"
+                if compared not in (evaluators, None) else "")
         figures.append(f"remaining clients {accuracy:.3f}{part}")
         if isinstance(target, int | float):
             figures.append(f"target {target:.3f}")
     elif n:
-        figures.append("no evaluator answered in the last round")
+        figures.append("no evaluator answered both before the repair and in its last round")
     said = [", ".join(figures)] if figures else []
-    if missed := int(recovery.get("unanswered") or 0):
+    if missed:
         said.append(f"{missed} evaluation{'s' if missed != 1 else ''} unanswered")
     tail = f" ({'; '.join(said)})" if said else ""
     if recovery.get("recovered"):

@@ -18,8 +18,8 @@ so by default the fine-tuning runs until the remaining clients report the accura
 had before the request, within ``tolerance`` (:mod:`fedunlearn.unlearning.finetune`), for at
 most ``training.rounds`` rounds; ``until = "rounds"`` runs a fixed number.
 
-The paper serves one request; a chain of requests must not negate the same layers twice in a
-row, which undoes the first negation (:func:`chain_layers`).
+The paper serves one request; a chain of requests must never negate a layer twice, which
+undoes the earlier negation (:func:`chain_layers`).
 """
 
 from __future__ import annotations
@@ -53,6 +53,26 @@ def layer_groups(names: Sequence[str]) -> list[list[str]]:
     return list(groups.values())
 
 
+def resolve_layers(n: int, layers: Sequence[int]) -> list[int]:
+    """``layers`` as indices ``0..n−1`` of a model with ``n`` parameterised layers.
+
+    >>> resolve_layers(3, [0, -1])
+    [0, 2]
+
+    Raises
+    ------
+    ValueError
+        If an index is out of range or repeated.
+    """
+    resolved = [i % n if -n <= i < n else None for i in layers]
+    if None in resolved:
+        raise ValueError(f"NoT's layers {list(layers)} do not fit a model with {n} "
+                         f"parameterised layers (indices -{n}..{n - 1})")
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"NoT's layers {list(layers)} name a layer twice")
+    return resolved  # type: ignore[return-value]
+
+
 def negate_layers(params: Params, groups: Sequence[Sequence[str]],
                   layers: Sequence[int]) -> Params:
     """A copy of ``params`` with every array of the chosen layers multiplied by −1.
@@ -64,13 +84,7 @@ def negate_layers(params: Params, groups: Sequence[Sequence[str]],
     ValueError
         If an index is out of range or repeated.
     """
-    n = len(groups)
-    resolved = [i % n if -n <= i < n else None for i in layers]
-    if None in resolved:
-        raise ValueError(f"NoT's layers {list(layers)} do not fit a model with {n} "
-                         f"parameterised layers (indices -{n}..{n - 1})")
-    if len(set(resolved)) != len(resolved):
-        raise ValueError(f"NoT's layers {list(layers)} name a layer twice")
+    resolved = resolve_layers(len(groups), layers)
     out = {k: v.copy() for k, v in params.items()}
     for i in resolved:
         for name in groups[i]:  # type: ignore[index]
@@ -84,31 +98,39 @@ def chain_layers(n: int, layers: Sequence[int], request: int) -> list[int]:
     Negation is its own inverse: negating the first request's layers again, in the model
     that answered it, restores the pairing of those layers with what fine-tuning left of the
     original's other layers, and with it an earlier target's contribution (on
-    ``backdoor_digits``, requests ``[[0], [1]]``: client 0's backdoor came back at ASR 0.195
-    after the second request). So a chain never returns to a sign pattern it has had: the
-    layers form units (``layers`` as one unit, then every other layer alone, in model order)
-    and request ``k`` flips the unit that flips bit ``k`` of a binary-reflected Gray code,
-    the lowest set bit of ``k + 1``. The first request negates ``layers``, as in the paper.
+    ``backdoor_digits``, requests ``[[0], [1]]``, seed 0: test accuracy 0.616 after 40 repair
+    rounds, ASR 0.037; 0.195 through Flower). So no layer is negated twice in a chain, and no
+    layer ever returns to the sign it had in an earlier model: the layers form units
+    (``layers`` as one unit, then every other layer alone, in model order) and request ``k``
+    negates unit ``k``. The first request negates ``layers``, as in the paper.
 
-    >>> [chain_layers(3, [0], k) for k in range(7)]
-    [[0], [1], [0], [2], [0], [1], [0]]
+    Measured on ``backdoor_digits`` (in process, seeds 0–2, requests ``[[0], [1], [2]]``):
+    the second answer is within 0.02 of retraining's test accuracy; the third, which negates
+    the MLP's output layer, ends at 0.883, 0.953 and 0.407 (two repairs reach their cap);
+    flipping the first layer back instead (a Gray code over the units) gave 0.911, 0.501 and
+    0.100. No layer restored is the guarantee; the repair's utility is reported per request.
+
+    >>> [chain_layers(3, [0], k) for k in range(3)]
+    [[0], [1], [2]]
+    >>> [chain_layers(3, [-1, 0], k) for k in range(2)]
+    [[0, 2], [1]]
 
     Raises
     ------
     ValueError
-        Once the chain has had every sign pattern: ``2 ** units − 1`` requests at most.
+        For a bad index (:func:`resolve_layers`), and past the last unit: a chain serves at
+        most ``1 + n − len(layers)`` requests.
     """
-    chosen = sorted({i % n for i in layers})
+    chosen = sorted(resolve_layers(n, layers))
     units = [chosen, *([i] for i in range(n) if i not in chosen)]
-    if request + 1 >= (cap := 2 ** len(units)):
+    if request >= len(units):
         raise ValueError(
             f"NoT with layers {list(layers)} on a model with {n} parameterised layers serves "
-            f"at most {cap - 1} request{'s' if cap != 2 else ''} in a chain (request "
-            f"{request + 1} would "
-            "return the model to a sign pattern it had before, which brings an earlier "
-            "target's contribution back); list fewer layers or serve fewer requests")
-    k = request + 1
-    return units[(k & -k).bit_length() - 1]
+            f"at most {len(units)} request{'s' if len(units) != 1 else ''} in a chain "
+            f"(request {request + 1} would negate a layer an earlier request negated, which "
+            "brings an earlier target's contribution back); list fewer layers or serve fewer "
+            "requests")
+    return units[request]
 
 
 @UNLEARNERS.register("not")
@@ -178,7 +200,7 @@ class NoT:
 
     def check_model(self, net: Any) -> None:
         """Refuse, before training, layer indices the experiment's network does not have,
-        and a chain of requests longer than its distinct sign patterns (:func:`chain_layers`)."""
+        and a chain of requests longer than the layers left to negate (:func:`chain_layers`)."""
         groups = layer_groups([n for n, p in net.named_parameters() if p.requires_grad])
         negate_layers(get_params(net), groups, list(self.layers))  # raises ValueError
         requests = getattr(self, "_requests", 1)

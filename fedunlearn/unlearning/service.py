@@ -225,7 +225,9 @@ def unlisted_methods(cfg: Config, listed: Collection[str]) -> list[tuple[str, Un
     out = []
     for name in sorted(set(cfg.unlearning.params) - set(listed)):
         _check_name(f"unlearning.params.{name}", name)
-        out.append((name, _create(cfg, name)))
+        method = _create(cfg, name)
+        _check_config(cfg, name, method)
+        out.append((name, method))
     return out
 
 
