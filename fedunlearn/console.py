@@ -25,13 +25,14 @@ def entry() -> NoReturn:
     line."""
     pending: list[int] = []
     previous = signal.getsignal(signal.SIGINT)
-    if previous is not signal.SIG_IGN:  # a background job (`cmd &`) ignores Ctrl-C: keep that
+    take = previous is not signal.SIG_IGN  # a background job (`cmd &`) ignores Ctrl-C: keep that
+    if take:
         signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
     try:
         try:
             from fedunlearn.cli import main
         finally:
-            if previous is not signal.SIG_IGN:
+            if take:
                 signal.signal(signal.SIGINT, previous)
         if pending:
             raise KeyboardInterrupt

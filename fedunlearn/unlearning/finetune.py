@@ -159,7 +159,8 @@ def remaining_rounds(ctx: UnlearningContext, model: Params, rounds: int, *, epoc
     Under ``engine.on_client_failure = "drop"`` an evaluator may not answer. A round then
     compares only the evaluators that answered both before the repair and in that round, on
     both sides (its log entry adds ``"evaluated"`` and that subset's ``"target"``, also when
-    an evaluator missed the reference evaluation); with none it counts as not recovered. ``recovery["unanswered"]`` counts the evaluations missing.
+    an evaluator missed the reference evaluation); with none it counts as not recovered.
+    ``recovery["unanswered"]`` counts the evaluations missing.
     """
     t = ctx.cfg.training
     tag = derive_seed(ctx.seed, purpose) + 1
@@ -208,7 +209,7 @@ def remaining_rounds(ctx: UnlearningContext, model: Params, rounds: int, *, epoc
             repair.recovery["unanswered"] += len(watch) - len(now)
             repair.recovery.update(rounds=repair.cost.rounds, accuracy=accuracy,
                                    compared=len(both), compared_target=target)
-            if accuracy is not None and reference is not None and accuracy >= reference - tol:
+            if accuracy is not None and target is not None and accuracy >= target:
                 repair.recovery["recovered"] = True
                 break
     repair.model = out

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from fedunlearn.config import Config
-from fedunlearn.params import Params, get_params
+from fedunlearn.params import Params
 from fedunlearn.unlearning.base import (
     UNLEARNERS,
     Setting,
@@ -202,10 +202,8 @@ class NoT:
         """Refuse, before training, layer indices the experiment's network does not have,
         and a chain of requests longer than the layers left to negate (:func:`chain_layers`)."""
         groups = layer_groups([n for n, p in net.named_parameters() if p.requires_grad])
-        negate_layers(get_params(net), groups, list(self.layers))  # raises ValueError
-        requests = getattr(self, "_requests", 1)
-        if requests:
-            chain_layers(len(groups), self.layers, requests - 1)  # raises ValueError
+        last = max(getattr(self, "_requests", 1), 1) - 1
+        chain_layers(len(groups), self.layers, last)  # raises ValueError
 
     def unlearn(self, ctx: UnlearningContext) -> UnlearningResult:
         """Negate, then fine-tune with the remaining clients; reads no history but round
