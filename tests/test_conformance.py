@@ -264,7 +264,8 @@ def test_base_doctests():
                                     "fedunlearn.federation.messages", "fedunlearn.training",
                                     "fedunlearn.evaluation.shadow", "fedunlearn.config",
                                     "fedunlearn.reporting.tables",
-                                    "fedunlearn.unlearning.finetune"])
+                                    "fedunlearn.unlearning.finetune",
+                                    "fedunlearn.unlearning.negation"])
 def test_doctests_of_the_protocol_checks(module):
     """The answer check (_misfit), describe_failure, Flower's error unwrapping, the 0-d round
     trip through a Flower record and the batch bounds, each against hand-written values."""

@@ -190,6 +190,9 @@ def recovery_words(recovery: Mapping[str, Any]) -> str | None:
     >>> recovery_words({"recovered": False, "rounds": 3, "accuracy": None, "evaluators": [1],
     ...                 "target_accuracy": 0.99, "compared": 0, "unanswered": 3})
     'repair not recovered: stopped at its cap of 3 rounds (no evaluator answered both before the repair and in its last round; 3 evaluations unanswered)'
+    >>> recovery_words({"recovered": True, "rounds": 1, "accuracy": 0.9, "evaluators": [1, 2],
+    ...                 "target_accuracy": 0.95, "unanswered": 1})  # written before "compared"
+    'repaired in 1 round (remaining clients 0.900; 1 evaluation unanswered)'
     """
     if not recovery:
         return None
