@@ -99,6 +99,13 @@ def note_resumption(out: Path, run: dict[str, Any]) -> None:
     write_state(out / RUN_FILE, {**run, "resumed": [*run.get("resumed", []), _now()]})
 
 
+def note_added_seed(out: Path, seed: int) -> None:
+    """Record in ``run.json`` a seed a sequential run added (``experiment.seeds_until_decided``),
+    before any of its files exists, so that a resume runs it too."""
+    run = read_run_file(out)
+    write_state(out / RUN_FILE, {**run, "added_seeds": [*run.get("added_seeds", []), int(seed)]})
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 

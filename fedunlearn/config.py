@@ -45,6 +45,13 @@ class ExperimentSection:
         alone). ``results.json`` then keeps every seed's rows and a summary per request and
         method (mean, standard deviation, 95 % interval, verdicts against retraining). The
         ``--seeds 0,1,2`` flag sets it. Flower and Ray start once for all seeds.
+    seeds_until_decided : int
+        0 (default) runs exactly the seeds listed. N >= 2 makes the run sequential: after the
+        listed seeds (or ``seed``), it adds seeds (the next unused integers), one at a time on
+        the same engine, until every verdict of the federated methods is decided (matches,
+        worse, better or differs) or N seeds have run. Each look is tested at
+        ``verification.verdict_alpha`` divided by the number of planned looks (Bonferroni
+        α-spending, valid under this optional stopping; docs/algorithms.md).
     extensions : list of str
         Python modules imported before names are resolved, in the driver and in every Flower
         client process; they register models, train steps, strategies or unlearning methods.
@@ -53,12 +60,17 @@ class ExperimentSection:
     name: str = "experiment"
     seed: int = 0
     seeds: list[int] = field(default_factory=list)
+    seeds_until_decided: int = 0
     extensions: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check(len(set(self.seeds)) == len(self.seeds), "experiment.seeds", "lists a seed twice")
         _check(all(s >= 0 for s in [self.seed, *self.seeds]), "experiment.seed",
                "seeds must be >= 0")
+        n = self.seeds_until_decided
+        _check(n == 0 or (2 <= n <= 1000 and n >= len(self.seeds)),
+               "experiment.seeds_until_decided", f"= {n} must be 0 (off) or a number of seeds "
+               f"from 2 to 1000, at least the {len(self.seeds)} seeds listed")
         _check(bool(_SAFE_NAME.fullmatch(self.name)) and self.name not in (".", ".."),
                "experiment.name", f"= {self.name!r} must be one path component of letters, "
                "digits and _.- (it names the run directory under runs/)")
@@ -376,8 +388,15 @@ class VerificationSection:
     Attributes
     ----------
     noise_floor : bool
-        Retrain a second time with another seed (per setting) so that every distance to
-        retraining is reported beside the distance between two retrainings (default true).
+        Retrain a second time (per setting) from the same initial model and participants with
+        fresh client-side randomness, so that every distance to retraining is reported beside
+        the distance between two retrainings, and each verdict's margin δ is that distance
+        (default true).
+    verdict_alpha : float
+        Level of the verdict's tests against retraining (default 0.05): "matches" when TOST at
+        this level shows equivalence within δ, "worse"/"better"/"differs" when a two-sided
+        t-test at this level rejects no difference (docs/algorithms.md, "Verdicts against
+        retraining").
     mia_shadows : int
         Shadow models for the offline LiRA membership attack (default 4; 0 disables LiRA and
         keeps the loss-threshold attack only; 1 is refused, a distribution needs two).
@@ -409,6 +428,7 @@ class VerificationSection:
     """
 
     noise_floor: bool = True
+    verdict_alpha: float = 0.05
     mia_shadows: int = 4
     shadow_epochs: float = 20.0
     shadow_budget: float = 1.0
@@ -426,6 +446,7 @@ class VerificationSection:
         _check(self.shadow_budget > 0, "verification.shadow_budget",
                "must be > 0 (a fraction of retraining's cost; inf for no bound)")
         _check(0 < self.alpha < 1, "verification.alpha", "must be in (0, 1)")
+        _check(0 < self.verdict_alpha < 0.5, "verification.verdict_alpha", "must be in (0, 0.5)")
         _check(self.max_members >= 1, "verification.max_members", "must be >= 1")
         _check(self.max_population >= 3, "verification.max_population",
                "must be >= 3 (calibrated LiRA fits two parameters)")

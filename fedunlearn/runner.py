@@ -31,6 +31,7 @@ from fedunlearn.checkpoint import (
     clear_serving,
     load_checkpoint,
     load_serving,
+    note_added_seed,
     note_resumption,
     read_json,
     read_run_file,
@@ -40,6 +41,7 @@ from fedunlearn.checkpoint import (
 )
 from fedunlearn.config import Config, from_run_dict
 from fedunlearn.evaluation.summary import summarize
+from fedunlearn.evaluation.verdicts import INCONCLUSIVE
 from fedunlearn.experiment import Setup, prepare, train_federation
 from fedunlearn.federation.flower import Connect, FlowerFederation, run_engine
 from fedunlearn.history import MANIFEST, HistoryStore
@@ -356,8 +358,12 @@ def run_experiment(cfg: Config, out: Path, *, quiet: bool = False, command: str 
     SIGINT or SIGTERM during 3 or 4 stop the run at the next round boundary
     (:mod:`fedunlearn.interrupt`) with :class:`~fedunlearn.interrupt.Interrupted`.
     """
-    runs = [SeedRun(cfg.with_seed(s), seed_dir(out, s, len(cfg.seeds) > 1),
-                    prepare(cfg.with_seed(s))) for s in cfg.seeds]
+    multi = len(cfg.seeds) > 1 or cfg.experiment.seeds_until_decided > 0
+    seeds = list(cfg.seeds)
+    if resume:  # a sequential run's added seeds are part of it
+        seeds += [s for s in read_run_file(out).get("added_seeds", []) if s not in seeds]
+    runs = [SeedRun(cfg.with_seed(s), seed_dir(out, s, multi), prepare(cfg.with_seed(s)))
+            for s in seeds]
     if resume:
         for run in runs:
             run.restore()
@@ -386,28 +392,72 @@ def run_experiment(cfg: Config, out: Path, *, quiet: bool = False, command: str 
     return results
 
 
+def planned_looks(cfg: Config) -> int:
+    """How many times a run looks at its verdicts: 1 for a fixed set of seeds; for a
+    sequential run (``experiment.seeds_until_decided = N``), once after every seed from the
+    second (or from the listed ones) to the N-th."""
+    cap = cfg.experiment.seeds_until_decided
+    return 1 if not cap else cap - max(2, len(cfg.seeds)) + 1
+
+
+def undecided(runs: list[SeedRun], cfg: Config) -> list[str]:
+    """The federated verdicts a sequential run is still waiting for, as ``method: criterion``
+    (empty once every one is decided or cannot be, e.g. an ASR where no backdoor took)."""
+    rows = [row for r in runs for row in r.rows if row.get("setting") == "federated"]
+    if len({r.seed for r in runs if r.rows}) < 2:
+        return ["(fewer than two seeds)"]
+    out = []
+    for entry in summarize(rows, alpha=cfg.verification.verdict_alpha,
+                           looks=planned_looks(cfg)):
+        for name, v in (entry.get("verdicts") or {}).items():
+            if v.get("verdict") == INCONCLUSIVE:
+                out.append(f"{entry['method']}: {name}")
+    return out
+
+
+def _next_seed(runs: list[SeedRun]) -> int:
+    taken = {r.seed for r in runs}
+    return next(s for s in range(max(taken) + 1, max(taken) + 2 + len(taken)) if s not in taken)
+
+
 def _federated(runs: list[SeedRun], cfg: Config, out: Path, *, quiet: bool) -> None:
-    """Step 3: one engine for every seed not yet served."""
+    """Step 3: one engine for every seed not yet served; a sequential run adds seeds on it
+    until its verdicts are decided (:func:`undecided`) or its cap is reached."""
+    cap = cfg.experiment.seeds_until_decided
     todo = [run for run in runs if not run.served]
-    if not todo:
+    if not todo and not (cap and len(runs) < cap and undecided(runs, cfg)):
         return
     requests = bool(cfg.unlearning.requests)
 
+    def one(run: SeedRun, connect: Connect) -> None:
+        if len(runs) > 1 and not quiet:
+            print(f"[seed] {run.seed} ({runs.index(run) + 1} of "
+                  f"{cap or len(runs)}{' at most' if cap else ''})", file=sys.stderr, flush=True)
+        seed_everything(run.seed)
+        fed = connect(run.cfg, run.setup.evaluator(), run.setup.data)
+        if run.final is None:
+            run.train(fed, quiet=quiet)
+        interrupt.check()
+        if requests:  # federated removal needs the live federation
+            run.serve(fed, "federated", quiet=quiet)
+        interrupt.check()
+
     def job(connect: Connect) -> None:
         for run in todo:
-            if len(runs) > 1 and not quiet:
-                print(f"[seed] {run.seed} ({runs.index(run) + 1} of {len(runs)})",
+            one(run, connect)
+        while cap and len(runs) < cap and (waiting := undecided(runs, cfg)):
+            seed = _next_seed(runs)
+            if not quiet:
+                print(f"[sequential] {len(waiting)} verdicts undecided ({', '.join(waiting[:4])}"
+                      f"{', ...' if len(waiting) > 4 else ''}): adding seed {seed}",
                       file=sys.stderr, flush=True)
-            seed_everything(run.seed)
-            fed = connect(run.cfg, run.setup.evaluator(), run.setup.data)
-            if run.final is None:
-                run.train(fed, quiet=quiet)
-            interrupt.check()
-            if requests:  # federated removal needs the live federation
-                run.serve(fed, "federated", quiet=quiet)
-            interrupt.check()
+            run = SeedRun(cfg.with_seed(seed), seed_dir(out, seed, True),
+                          prepare(cfg.with_seed(seed)))
+            note_added_seed(out, seed)  # resume finds the seed before it has any file
+            runs.append(run)
+            one(run, connect)
 
-    seed_everything(todo[0].seed)  # (torch's one-off start-up was paid by prepare's warm-up)
+    seed_everything((todo or runs)[0].seed)  # (torch's one-off start-up was paid by prepare)
     run_engine(runs[0].cfg, job, on_stuck=lambda: (
         f"the work done so far is in {out}; `fedunlearn resume {out}` continues it"))
 
@@ -447,7 +497,14 @@ def _results(cfg: Config, runs: list[SeedRun], out: Path) -> dict[str, Any]:
         results["unlearning"] = rows
         results["purges"] = first.purges
         results["history_bytes_after_purge"] = first.history_bytes_after_purge
-        results["summary"] = summarize(rows, alpha=cfg.verification.alpha)
+        results["summary"] = summarize(rows, alpha=cfg.verification.verdict_alpha,
+                                       looks=planned_looks(cfg))
+        if cfg.experiment.seeds_until_decided:
+            waiting = undecided(runs, cfg)
+            results["sequential"] = {
+                "cap": cfg.experiment.seeds_until_decided, "looks": planned_looks(cfg),
+                "seeds_run": len(runs), "alpha": cfg.verification.verdict_alpha,
+                "stopped_by": "cap" if waiting else "decided", "undecided": waiting}
         results["verification"] = verification_block(
             [v for r in runs for v in r.verification], rows)
     return results

@@ -22,7 +22,9 @@ class Role(StrEnum):
     REFERENCE = "reference"
     """Exact retraining without the removed clients (the setting's reference)."""
     NOISE_FLOOR = "noise_floor"
-    """A second retraining with other seeds: how far two retrainings are apart."""
+    """A second retraining from the same initial model and participants with fresh client-side
+    randomness: how far two retrainings are apart where the methods do not share retraining's
+    randomness."""
     METHOD = "method"
     """A removal method judged against the reference."""
 

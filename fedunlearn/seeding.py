@@ -27,9 +27,17 @@ def run_seed(seed: int, variant: int) -> int:
     return seed if variant == 0 else derive_seed(seed, 0xF1A7, variant)
 
 
-def variant_tag(variant: int) -> int:
-    """Seed purpose of local training in a variant run (0, the default, for variant 0)."""
-    return 0 if variant == 0 else 0xF1A70 + variant
+def variant_tag(variant: int, stream: int = 0) -> int:
+    """Seed purpose of local training in a FedAvg run: 0 (the training's own streams) for
+    variant 0 and stream 0; a variant run's own; or, for variant 0, fresh client-side streams
+    ``stream`` (the noise floor: same initial model and participants, other shuffles).
+
+    >>> variant_tag(0), variant_tag(0, 1) == variant_tag(0, 1) != variant_tag(1) != 0
+    (0, True)
+    """
+    if variant:
+        return 0xF1A70 + variant
+    return 0 if stream == 0 else derive_seed(0x5EED, stream) + 1
 
 
 def seed_everything(seed: int) -> None:

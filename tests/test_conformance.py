@@ -57,7 +57,8 @@ class Spy:
     def bytes_exchanged(self) -> int:
         return self.inner.bytes_exchanged
 
-    def fedavg(self, initial, *, exclude=frozenset(), listener=None, variant=0, start=None):
+    def fedavg(self, initial, *, exclude=frozenset(), listener=None, variant=0, stream=0,
+               start=None):
         self.trained += [k for k in range(self.num_clients) if k not in exclude]
         return self.inner.fedavg(initial, exclude=exclude, listener=listener, variant=variant,
                                  start=start)

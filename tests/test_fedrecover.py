@@ -38,7 +38,13 @@ from fedunlearn.lineage import LineageLog
 from fedunlearn.unlearning import UNLEARNERS
 from fedunlearn.unlearning.base import HistoryNotReplayable, UnlearningContext
 from fedunlearn.unlearning.federaser import FedAccum
-from fedunlearn.unlearning.fedrecover import FedRecover, lbfgs_hvp
+from fedunlearn.unlearning.fedrecover import (
+    FedRecover,
+    _Recovery,
+    abnormality_threshold,
+    exact_tag,
+    lbfgs_hvp,
+)
 from fedunlearn.unlearning.retrain import Retrain
 from fedunlearn.unlearning.service import serve_requests
 
@@ -139,6 +145,113 @@ def test_fedrecover_doctests() -> None:
 def test_lbfgs_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError, match="lbfgs_hvp needs"):
         lbfgs_hvp(np.zeros((3, 0)), np.zeros((3, 0)), np.zeros(3))
+
+
+# ------------------------------------------------------------------ buffer and safeguard
+# A client with the quadratic loss ½ (w − c)ᵀ H (w − c), H = diag(1, 10, 100), whose update is
+# one full gradient step: U(w) = −H (w − c), a known linear function of the model. Steps along
+# the axes are H-conjugate, and a pair (Δw = e_i, y = −(U(w̄ + e_i) − U(w̄))) is (e_i, h_i e_i).
+HESSIAN = np.array([1.0, 10.0, 100.0])
+CENTRE = np.array([1.0, 2.0, 3.0])
+W_BAR = np.zeros(3)
+AXES = np.eye(3)
+CLIENT = 7
+
+
+def quadratic_update(w: np.ndarray) -> Params:
+    return {"w": -HESSIAN * (np.asarray(w, np.float64) - CENTRE)}
+
+
+def buffered(method: FedRecover, steps: Sequence[np.ndarray],
+             exact: Callable[[np.ndarray], Params] = quadratic_update) -> _Recovery:
+    """A request's state after exact updates ``exact(w̄ + Δw)`` for each step Δw, in order,
+    through the method's own pair handling (``_add_pair``)."""
+    run = _Recovery(last_round=0, start=0, keys=["w"], previous=None, seed=0)
+    for dw in steps:
+        method._add_pair(run, CLIENT, np.asarray(dw, np.float64), exact(W_BAR + dw),
+                         quadratic_update(W_BAR))
+    return run
+
+
+def estimate(method: FedRecover, run: _Recovery, v: np.ndarray) -> np.ndarray:
+    """The method's estimate of the client's update at w̄ + v (Δw = v)."""
+    guess = method._estimate(run, CLIENT, quadratic_update(W_BAR), v)
+    assert guess is not None
+    return guess
+
+
+@pytest.mark.parametrize(("size", "bv"), [(1, [100.0, 100.0, 100.0]),
+                                          (2, [100.0, 10.0, 100.0]),
+                                          (3, [1.0, 10.0, 100.0]),
+                                          (5, [1.0, 10.0, 100.0])])
+def test_buffer_keeps_the_newest_pairs_and_only_buffer_size_of_them(
+        size: int, bv: list[float]) -> None:
+    """Pairs along e1, e2, e3 (oldest first) of the quadratic client, v = (1, 1, 1). By hand
+    (σ = the newest pair's sᵀy / sᵀs = 100, then one BFGS update per kept pair):
+    s = 1 keeps e3: B = 100 I, B v = (100, 100, 100); s = 2 keeps e2, e3: B = diag(100, 10,
+    100); s ≥ 3 keeps all three conjugate pairs: B = H, B v = H v = (1, 10, 100), so the
+    estimate is the client's exact update at w̄ + v, U(w̄ + v) (the oracle of FedRecover's
+    eq. 3 on a quadratic). The estimate is Ū − B v with Ū = U(w̄).
+
+    Caught: ``buffer_size`` ignored (the deque unbounded: s = 1, 2 give H v; or always 1:
+    s = 2, 3 give 100 v); the oldest pairs kept instead of the newest (s = 2 keeps e1, e2:
+    B v = (1, 10, 10))."""
+    method = FedRecover(buffer_size=size)
+    run = buffered(method, list(AXES))
+    assert len(run.buffers[CLIENT]) == min(size, 3) and run.pairs_kept == 3
+    v = np.ones(3)
+    np.testing.assert_allclose(estimate(method, run, v), quadratic_update(W_BAR)["w"] - bv,
+                               rtol=1e-12, atol=1e-12)
+    if size >= 3:  # the oracle itself: the exact update of the quadratic client
+        np.testing.assert_allclose(estimate(method, run, v), quadratic_update(W_BAR + v)["w"],
+                                   rtol=1e-12, atol=1e-12)
+
+
+def bad_pair(y: np.ndarray) -> Callable[[np.ndarray], Params]:
+    """An "exact update" whose pair along Δw = e3 has ``y`` (y = −(U_exact − Ū))."""
+    return lambda w: {"w": quadratic_update(W_BAR)["w"] - y}
+
+
+@pytest.mark.parametrize("y", [np.array([0.0, 0.0, -5.0]),  # negative curvature
+                               np.array([1.0, 0.0, 0.0]),  # zero: y ⟂ Δw
+                               np.array([1.0, 0.0, 1e-13])],  # positive, below 1e-10 ‖Δw‖‖y‖
+                         ids=["negative", "orthogonal", "tiny"])
+def test_a_pair_failing_the_curvature_safeguard_is_skipped(y: np.ndarray) -> None:
+    """Pairs e1, e2 of the quadratic client, then a pair along e3 that fails
+    ``Δwᵀ y > 1e-10 ‖Δw‖ ‖y‖``: it is skipped, so the estimate is the one from e1 and e2
+    alone, by hand σ = 10, B = diag(1, 10, 10), B v = (1, 10, 10) for v = (1, 1, 1). Kept,
+    the negative pair would give σ = −5 and B v = (1, 10, −5).
+
+    Caught: the safeguard removed (all three cases), weakened to ``Δwᵀ y > 0`` (the tiny
+    one)."""
+    method = FedRecover(buffer_size=3)
+    run = buffered(method, list(AXES[:2]))
+    method._add_pair(run, CLIENT, AXES[2].copy(), bad_pair(y)(W_BAR + AXES[2]),
+                     quadratic_update(W_BAR))
+    assert (run.pairs_kept, run.pairs_skipped, len(run.buffers[CLIENT])) == (2, 1, 2)
+    v = np.ones(3)
+    without = estimate(method, buffered(method, list(AXES[:2])), v)
+    np.testing.assert_allclose(estimate(method, run, v), without, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(without, quadratic_update(W_BAR)["w"] - [1.0, 10.0, 10.0],
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_abnormality_threshold_is_the_largest_per_round_quantile() -> None:
+    """τ against ``np.sort`` by hand: per round the q-quantile of every coordinate's magnitude
+    (linear interpolation between order statistics), then the largest over the rounds.
+
+    Caught: one quantile over all rounds pooled (0.5 gives 2.0 here, not 2.5); the quantile
+    of signed values (0.5 gives 0.25); the smallest over the rounds (0.5)."""
+    rounds = [[np.array([[1.0, -7.0]]), np.array([3.0, -2.0])],  # |.|: 1 2 3 7
+              [np.array([0.5, -4.0, 0.25])],  # |.|: 0.25 0.5 4
+              []]
+    # q = 0.5: round 1 (2 + 3) / 2 = 2.5, round 2 0.5; q = 1: 7 and 4; q = 5/6: 3 + (7 − 3)/2
+    assert abnormality_threshold(rounds, 0.5) == 2.5
+    assert abnormality_threshold(rounds, 1.0) == 7.0
+    assert abnormality_threshold(rounds, 5 / 6) == pytest.approx(5.0)
+    skewed = [[np.array([1.0, 2.0, 3.0, 4.0, 5.0])], [np.array([3.5, 3.5])]]
+    assert abnormality_threshold(skewed, 0.5) == 3.5  # round 2's, above round 1's 3.0
+    assert abnormality_threshold([], 0.5) == float("inf")
 
 
 # ------------------------------------------------------------------ linear clients
@@ -282,6 +395,53 @@ def test_abnormal_estimates_are_replaced_by_exact_updates(
     assert result.details["rounds_estimated"] == 0
     assert result.cost.messages_sent == fed.messages_sent == sum(
         len([k for k in participants(t) if k != REMOVED]) for t in rounds)
+    assert max_diff(result.model, linear_oracle(initial)) <= 1e-5
+
+
+def test_tau_is_set_from_the_remaining_clients_stored_updates(
+        linear: tuple[HistoryStore, Params]) -> None:
+    """The quantile rule over the linear history, by hand: τ = max over rounds of the
+    0.75-quantile of the magnitudes of the remaining clients' stored coordinates (client 0's
+    left out), and, since the estimates are exact on linear clients, client k is abnormal in an
+    estimated round t iff its update at retraining's model, ``max |U_k(ŵ_t)|``, exceeds τ
+    (rounds 3-8 here: client 2 in rounds 3 and 4, client 1 from round 5 on). The recovery
+    still equals the oracle.
+
+    Caught: τ taken over every client's updates, the removed one's included (0.509, not
+    0.474: client 1 in round 5, at 0.496, is then normal); a fixed τ; τ from one round only
+    (the last one's: every estimate abnormal)."""
+    store, initial = linear
+    q = 0.75
+
+    def magnitudes(u: Params) -> np.ndarray:
+        return np.concatenate([np.abs(np.asarray(v, np.float64).ravel()) for v in u.values()])
+
+    tau = max(float(np.quantile(np.concatenate(
+        [magnitudes(store.update(t, k)) for k in store.participants(t) if k != REMOVED]), q))
+        for t in store.rounds())
+    with_removed = max(float(np.quantile(np.concatenate(
+        [magnitudes(store.update(t, k)) for k in store.participants(t)]), q))
+        for t in store.rounds())
+    expected: dict[str, list[int]] = {}
+    estimated = 0
+    model = {n: np.asarray(v, np.float64) for n, v in initial.items()}
+    for t in range(1, ROUNDS + 1):
+        clients = [k for k in participants(t) if k != REMOVED]
+        if t >= 3:
+            estimated += len(clients)
+            over = [k for k in clients if magnitudes(linear_update(k, model)).max() > tau]
+            if over:
+                expected[str(t)] = over
+        model = fedavg_step(model, clients)
+    assert 0 < sum(map(len, expected.values())) < estimated  # some estimates, not all
+    fed = LinearFederation()
+    result = FedRecover(warmup_rounds=2, correction_interval=0, final_rounds=0,
+                        abnormal_quantile=q, track_accuracy=False
+                        ).unlearn(linear_context(store, initial, fed))
+    assert result.details["abnormal_tau"] == pytest.approx(tau, rel=1e-6)
+    assert abs(with_removed - tau) > 1e-2  # the removed client's updates would change it
+    assert result.details["abnormal_clients"] == expected
+    assert result.model is not None
     assert max_diff(result.model, linear_oracle(initial)) <= 1e-5
 
 

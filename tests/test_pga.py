@@ -18,11 +18,12 @@ from conftest import max_abs_diff as max_diff
 
 from fedunlearn.ascent import Ascent, project_onto_ball_, projected_ascent
 from fedunlearn.config import Config, ConfigError, load_config
+from fedunlearn.data.federated import build_federated_data
 from fedunlearn.evaluation.metrics import accuracy, attack_success_rate
 from fedunlearn.experiment import Setup, prepare, train_federation
 from fedunlearn.federation.faults import ClientFailure
 from fedunlearn.federation.inprocess import InProcessFederation
-from fedunlearn.federation.local import client_work
+from fedunlearn.federation.local import clean_samples, client_work
 from fedunlearn.history import HistoryStore
 from fedunlearn.models import build_model
 from fedunlearn.params import Params, get_params
@@ -85,6 +86,11 @@ def test_ball_radius_is_the_fraction_of_the_mean_distance_to_random_models():
 
 
 # ------------------------------------------------------------------------ the client's ascent
+def _plain(**kw: float) -> Ascent:
+    """An ascent with plain SGD (no momentum, no clipping)."""
+    return Ascent(momentum=0.0, clip_norm=0.0, **kw)  # type: ignore[arg-type]
+
+
 def _toy() -> tuple[torch.nn.Module, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 1, 8, 8)).astype(np.float32)
@@ -103,7 +109,7 @@ def test_ascent_raises_the_loss_stays_in_the_ball_and_stops_below_threshold():
     with torch.no_grad():
         before = float(torch.nn.functional.cross_entropy(model(torch.from_numpy(x)),
                                                          torch.from_numpy(y)))
-    stats = projected_ascent(model, x, y, Ascent(epochs=50, batch_size=16, learning_rate=0.5,
+    stats = projected_ascent(model, x, y, _plain(epochs=50, batch_size=16, learning_rate=0.5,
                                                  radius=2.0, threshold=0.2), seed=1)
     with torch.no_grad():
         after = float(torch.nn.functional.cross_entropy(model(torch.from_numpy(x)),
@@ -120,9 +126,78 @@ def test_ascent_without_a_ball_runs_further_than_the_radius():
     """The radius matters in this setting: without projection the same steps go beyond it
     (so the test above can tell a missing projection)."""
     model, x, y = _toy()
-    stats = projected_ascent(model, x, y, Ascent(epochs=50, batch_size=16, learning_rate=0.5,
+    stats = projected_ascent(model, x, y, _plain(epochs=50, batch_size=16, learning_rate=0.5,
                                                  radius=math.inf, threshold=0.2), seed=1)
     assert stats["distance"] > 2.0
+
+
+def _linear(weight: list[list[float]]) -> torch.nn.Module:
+    net = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor(weight))
+    return net
+
+
+def _ce_gradient(weight: torch.Tensor, x: np.ndarray, y: np.ndarray) -> torch.Tensor:
+    """∇_W of the mean cross-entropy of the logits ``x Wᵀ``, by hand: ``(softmax − onehot)ᵀ x / n``."""
+    xs = torch.from_numpy(x).double()
+    p = torch.softmax(xs @ weight.T, 1)
+    return (p - torch.nn.functional.one_hot(torch.from_numpy(y), 2).double()).T @ xs / len(x)
+
+
+def test_an_ascent_step_is_sgd_with_momentum_on_the_clipped_gradient_of_the_loss():
+    """Catches the momentum dropped (plain SGD), the clipping dropped or applied after the step,
+    and a descent: two full-batch steps against the update written out by hand,
+    ``v₁ = clip(∇CE(W₀))``, ``W₁ = W₀ + η v₁``, ``v₂ = clip(∇CE(W₁)) + β v₁``, ``W₂ = W₁ + η v₂``."""
+    x = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], np.float32)
+    y = np.array([0, 1, 0], np.int64)
+    w0 = torch.tensor([[2.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    norm0 = float(torch.linalg.norm(_ce_gradient(w0, x, y)))
+    lr, beta, clip = 1.0, 0.9, norm0 / 2  # the clipping binds at the first step
+
+    def clipped(g: torch.Tensor) -> torch.Tensor:
+        return g * min(1.0, clip / float(torch.linalg.norm(g)))
+
+    v1 = clipped(_ce_gradient(w0, x, y))
+    w1 = w0 + lr * v1
+    v2 = clipped(_ce_gradient(w1, x, y)) + beta * v1
+    w2 = w1 + lr * v2
+    model = _linear(w0.tolist())
+    stats = projected_ascent(model, x, y, Ascent(epochs=2, batch_size=3, learning_rate=lr,
+                                                 momentum=beta, clip_norm=clip,
+                                                 radius=math.inf, threshold=0.0), seed=0)
+    assert stats["steps"] == 2
+    assert model.weight.detach().double().numpy() == pytest.approx(w2.numpy(), abs=1e-5)
+    # without the clipping the first step alone is twice as long
+    plain = _linear(w0.tolist())
+    projected_ascent(plain, x, y, Ascent(epochs=1, batch_size=3, learning_rate=lr,
+                                         momentum=beta, clip_norm=0.0, radius=math.inf,
+                                         threshold=0.0), seed=0)
+    step = float(torch.linalg.norm(plain.weight.detach().double() - w0))
+    assert step == pytest.approx(lr * norm0, rel=1e-5)
+
+
+def test_the_threshold_is_judged_on_the_judged_samples_and_every_pass_is_counted():
+    """Catches ``τ`` judged on all samples when a mask is given, and a miscount of the early
+    stop's forward passes. By hand: the model predicts class 0 everywhere; on all four samples
+    its accuracy is 1/4 < τ = 1/2 (no step), on the judged first sample it is 1 (one step)."""
+    x = np.array([[1.0, 0.0]] * 4, np.float32)
+    y = np.array([0, 1, 1, 1], np.int64)
+    spec = _plain(epochs=1, batch_size=4, learning_rate=0.1, radius=math.inf, threshold=0.5)
+    everything = projected_ascent(_linear([[2.0, 0.0], [0.0, 0.0]]), x, y, spec, seed=0)
+    assert (everything["steps"], everything["stopped_early"]) == (0.0, 1.0)
+    assert everything["accuracy"] == 0.25 and everything["judged"] == 4
+    # one pass, the check that stopped it, which is also the final accuracy: 1 · 4/4 epochs
+    assert everything["accuracy_passes"] == 1 and everything["check_epochs"] == 1.0
+    judged = projected_ascent(_linear([[2.0, 0.0], [0.0, 0.0]]), x, y, spec, seed=0,
+                              judged=np.array([True, False, False, False]))
+    assert (judged["steps"], judged["stopped_early"]) == (1.0, 0.0)
+    assert judged["judged"] == 1
+    # the check before the step and the final accuracy: 2 passes over 1 of 4 samples
+    assert judged["accuracy_passes"] == 2 and judged["check_epochs"] == 0.5
+    with pytest.raises(ValueError, match="boolean mask of the 4 samples"):
+        projected_ascent(_linear([[1.0, 0.0], [0.0, 1.0]]), x, y, spec, seed=0,
+                         judged=np.ones(3, dtype=bool))
 
 
 # ------------------------------------------------------------------------ a small federation
@@ -183,7 +258,12 @@ def test_registered_and_bad_hyperparameters_are_one_line_config_errors():
                          ({"learning_rate": -1.0}, "learning_rate"), ({"rounds": -1}, "rounds"),
                          ({"rounds": 1.5}, "rounds"), ({"post_epochs": 0}, "post_epochs"),
                          ({"until": '"forever"'}, "until"), ({"tolerance": 2}, "tolerance"),
-                         ({"until": '"rounds"'}, "rounds = N")]:
+                         ({"until": '"rounds"'}, "rounds = N"),
+                         ({"ascent_momentum": 1.0}, "ascent_momentum"),
+                         ({"ascent_momentum": -0.1}, "ascent_momentum"),
+                         ({"ascent_momentum": "nan"}, "ascent_momentum"),
+                         ({"clip_norm": -1.0}, "clip_norm"), ({"clip_norm": "inf"}, "clip_norm"),
+                         ({"clip_norm": "nan"}, "clip_norm"), ({"clip_norm": "true"}, "clip_norm")]:
         cfg = load_config(None, ["unlearning.methods=[\"retrain\", \"pga\"]",
                                  "unlearning.params.pga=" + _toml(params)])
         with pytest.raises(ConfigError) as err:
@@ -193,6 +273,29 @@ def test_registered_and_bad_hyperparameters_are_one_line_config_errors():
 
 def _toml(params: dict[str, object]) -> str:
     return "{" + ", ".join(f"{k} = {v}" for k, v in params.items()) + "}"
+
+
+def _poisoned(t: Trained, client: int) -> np.ndarray:
+    """Oracle: the samples of ``client`` the backdoor changed, found by comparing its data
+    with a build of the same federation without the backdoor (the partition does not depend
+    on it: the other clients' data is checked to be identical)."""
+    plain = build_federated_data(load_config(None, [*SMALL, "backdoor.clients=[]"]))
+    data = t.setup.data
+    for k in range(len(data.clients)):
+        if k not in t.cfg.backdoor.clients:
+            assert np.array_equal(data.clients[k].x, plain.clients[k].x)
+    a, b = data.clients[client], plain.clients[client]
+    return (np.any(a.x.reshape(len(a), -1) != b.x.reshape(len(b), -1), axis=1)
+            | (a.y != b.y))
+
+
+def test_clean_samples_are_exactly_those_the_backdoor_left_untouched(trained: Trained):
+    """Catches a client judging ``τ`` on poisoned samples (all of its data, or the trigger
+    alone without the target label), and a non-backdoored client losing samples."""
+    poisoned = _poisoned(trained, TARGET)
+    assert 0 < poisoned.sum() < len(poisoned)  # both kinds: the test is meaningful
+    assert np.array_equal(clean_samples(trained.cfg, trained.setup.data, TARGET), ~poisoned)
+    assert clean_samples(trained.cfg, trained.setup.data, 1).all()
 
 
 def test_reference_is_the_weighted_mean_of_the_other_clients_last_local_models(
@@ -226,21 +329,71 @@ def test_reference_is_the_weighted_mean_of_the_other_clients_last_local_models(
 
 
 def test_pga_counts_the_targets_and_the_remaining_clients_work(trained: Trained):
+    """Catches the early stop's accuracy passes left out of the cost: one before every step and
+    one for the final accuracy, each over the target's clean samples (oracle), counted as
+    ``clean / n`` of an epoch of its ``n`` samples (the rule of docs/algorithms.md, PGA)."""
     result = PGA(rounds=2, until="rounds").unlearn(trained.context())
     ascent = result.details["ascent"][str(TARGET)]
+    n = len(trained.setup.data.clients[TARGET])
+    clean = int((~_poisoned(trained, TARGET)).sum())
     assert 0 < ascent["epochs"] <= 5 and ascent["distance"] <= result.details["radius"] * 1.0001
+    assert ascent["judged"] == clean and ascent["accuracy_passes"] == ascent["steps"] + 1
+    checks = (ascent["steps"] + 1) * clean / n
+    assert ascent["check_epochs"] == pytest.approx(checks)
     assert result.cost.rounds == 3 and result.cost.messages_sent == 1 + 2 * 4
-    assert result.cost.client_epochs == pytest.approx(ascent["epochs"] + 2 * 4 * 2)
+    assert result.cost.client_epochs == pytest.approx(ascent["epochs"] + checks + 2 * 4 * 2)
 
 
 def test_an_ascent_that_overflows_is_named_as_the_ascent_in_one_line(trained: Trained):
     """A target whose ascent returns NaN/Inf is a client failure of the ``ascent`` task, and
-    the advice names the method's learning rate, not the training's."""
+    the advice names the method's learning rate, not the training's. (No clipping and no
+    early stop: a first step of length ``η · 5`` leaves finite weights, below chance on the
+    clean samples, that would stop the ascent before it overflows.)"""
     with pytest.raises(ClientFailure, match=r"client 0 returned a model with NaN or Inf .* "
                                             r"\(its 'ascent' task\); .*unlearning\.params\.pga\."
                                             r"learning_rate"):
-        PGA(learning_rate=1e30, radius_fraction=1e30, rounds=0, until="rounds").unlearn(
-            trained.context(targets=(0,)))
+        PGA(learning_rate=1e30, radius_fraction=1e30, clip_norm=0.0, threshold=0.0,
+            rounds=0, until="rounds").unlearn(trained.context(targets=(0,)))
+
+
+def test_pga_stops_the_ascent_at_the_first_step_below_chance_on_the_targets_clean_data(
+        trained: Trained, monkeypatch: pytest.MonkeyPatch):
+    """Catches PGA's ``τ`` replaced by 0 (no early stop: the ascent runs its 5 epochs), ``τ``
+    judged on all of the target's data (80 % poisoned here) and a stop a step late. Oracle:
+    chance is 1/10 on digits (by hand), the clean samples come from :func:`_poisoned`, the
+    accuracies are evaluated here; the ascent must end on its first model below chance, and the
+    same ascent stopped one step earlier (no threshold) must not yet be below it."""
+    calls: list[tuple[Params, dict, dict]] = []
+    real = trained.fed.train_clients
+
+    def spy(model, clients, **kw):
+        out = real(model, clients, **kw)
+        if kw.get("task") == "ascent":
+            calls.append((model, kw, out))
+        return out
+
+    monkeypatch.setattr(trained.fed, "train_clients", spy)
+    PGA(rounds=0, until="rounds").unlearn(trained.context())
+    [(w_ref, kw, out)] = calls
+    local = trained.setup.data.clients[TARGET]
+    clean = ~_poisoned(trained, TARGET)
+    predictor = trained.setup.predictor()
+
+    def clean_accuracy(params: Params) -> float:
+        return accuracy(np.asarray(predictor(params)(local.x[clean])), local.y[clean])
+
+    chance = 1 / 10
+    stats, steps = out[TARGET].stats, int(out[TARGET].stats["steps"])
+    batches = math.ceil(len(local) / trained.cfg.training.batch_size)
+    assert clean_accuracy(w_ref) >= chance  # the ascent has something to destroy
+    assert stats["stopped_early"] == 1.0 and 0 < steps < 5 * batches, stats
+    assert clean_accuracy(out[TARGET].model) < chance
+    assert stats["accuracy"] == pytest.approx(clean_accuracy(out[TARGET].model))
+    earlier = real(w_ref, [TARGET], epochs=(steps - 1) / batches,
+                   server_round=kw["server_round"], tag=kw["tag"], task="ascent",
+                   task_params={**kw["task_params"], "threshold": 0.0})[TARGET]
+    assert earlier.stats["steps"] == steps - 1
+    assert clean_accuracy(earlier.model) >= chance
 
 
 # ------------------------------------------------------------------------ band vs retraining
@@ -321,18 +474,51 @@ def test_a_later_request_starts_from_the_earlier_answer_and_keeps_the_first_targ
     assert original[0] >= 0.5 and figures[0] <= original[0] / 2, (figures, original)
 
 
-def test_two_targets_ascend_in_parallel_and_stay_in_one_ball(trained: Trained):
-    result = PGA(rounds=0, until="rounds").unlearn(trained.context((0, 1)))
+def test_two_targets_ascend_in_parallel_and_their_summed_shift_is_projected_onto_the_ball(
+        trained: Trained, monkeypatch: pytest.MonkeyPatch):
+    """Catches the server adding the targets' displacements without projecting the sum: each
+    displacement lies in the ball (the clients project), their sum does not, so only the
+    server's projection keeps the model within ``δ`` of ``w_ref``. Oracle by hand:
+    ``w_ref + s · δ / ‖s‖`` with ``s`` the sum of the displacements the targets sent."""
+    calls: list[tuple[Params, dict]] = []
+    real = trained.fed.train_clients
+
+    def spy(model, clients, **kw):
+        out = real(model, clients, **kw)
+        if kw.get("task") == "ascent":
+            calls.append((model, out))
+        return out
+
+    monkeypatch.setattr(trained.fed, "train_clients", spy)
+    # no early stop: both ascents run 3 epochs and end on or near the ball's surface
+    result = PGA(threshold=0.0, epochs=3, rounds=0, until="rounds").unlearn(
+        trained.context((0, 1)))
     assert sorted(result.details["ascent"]) == ["0", "1"]
     assert result.details["reference_clients"] == [2, 3, 4]
     assert result.cost.messages_sent == 2
+    [(w_ref, out)] = calls
+    radius = result.details["radius"]
+
+    def norm(params: dict[str, np.ndarray]) -> float:
+        return math.sqrt(sum(float(np.sum(v ** 2)) for v in params.values()))
+
+    shifts = [{k: np.asarray(out[u].model[k], np.float64) - w_ref[k] for k in w_ref}
+              for u in (0, 1)]
+    total = {k: shifts[0][k] + shifts[1][k] for k in w_ref}
+    assert all(norm(d) <= radius * (1 + 1e-6) for d in shifts)
+    assert norm(total) > radius * 1.1, (norm(total), radius)  # the sum leaves the ball
+    final = {k: np.asarray(result.model[k], np.float64) - w_ref[k] for k in w_ref}
+    assert norm(final) <= radius * (1 + 1e-6)
+    expected = {k: w_ref[k] + total[k] * radius / norm(total) for k in w_ref}
+    assert max_diff(result.model, expected) <= 1e-5
 
 
 # ------------------------------------------------------------------------ engines agree
 def test_in_process_ascent_task_is_the_shared_client_function(trained: Trained):
     """The in-process port runs exactly :func:`client_work` (the function the Flower ClientApp
     calls), so the two engines do the same work; the Flower test below checks it end to end."""
-    params = {"radius": 1.0, "threshold": 0.1, "learning_rate": 0.05}
+    params = {"radius": 1.0, "threshold": 0.1, "learning_rate": 0.05, "momentum": 0.9,
+              "clip_norm": 5.0}
     via_port = trained.fed.train_clients(trained.final, [TARGET], epochs=1.0, server_round=11,
                                          tag=7, task="ascent", task_params=params)[TARGET]
     direct, n, stats = client_work(trained.fed.job, trained.final, TARGET, server_round=11,
@@ -358,7 +544,8 @@ def test_flower_and_in_process_ascent_give_the_same_model(tmp_path: Path):
     fed = InProcessFederation(cfg, setup.evaluator())
     store = HistoryStore.create(tmp_path / "h")
     run = train_federation(fed, setup, store, progress=False)
-    params = {"radius": 1.0, "threshold": 0.1, "learning_rate": 0.05}
+    params = {"radius": 1.0, "threshold": 0.1, "learning_rate": 0.05, "momentum": 0.9,
+              "clip_norm": 5.0}
 
     def ctx(federation: object) -> UnlearningContext:
         return UnlearningContext(cfg=cfg, targets=(TARGET,), removed=frozenset({TARGET}),

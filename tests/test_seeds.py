@@ -119,7 +119,7 @@ def test_summary_describes_every_seed(two_seeds: Any) -> None:
     d = entry["metrics"]["test_accuracy"]
     assert d["n"] == 2 and d["mean"] == pytest.approx(sum(values) / 2)
     assert d["ci"][0] <= d["mean"] <= d["ci"][1]
-    assert set(entry["verdicts"]) == {"test", "forget", "asr", "mia", "kl"}
+    assert set(entry["verdicts"]) == {"test", "retain", "forget", "asr", "mia", "kl"}
     assert entry["verdicts"]["test"]["n"] == 2
 
 

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 
 from fedunlearn.evaluation.verdicts import (
+    ALPHA,
     CRITERIA,
     NO_VERDICT,
     Criterion,
     decide,
-    decide_paired_binary,
     margin_of,
     t_interval,
 )
@@ -30,9 +30,9 @@ COST_FIGURES: tuple[str, ...] = (
     "bytes_exchanged", "sample_epochs", "server_epochs")
 """Cost fields of a row summarised like the metrics."""
 
-DISCORDANT_KEY = "backdoor_discordant"
-"""Metric holding ``[b, c]``: triggered inputs only the method / only retraining sends to the
-target class (McNemar's discordant pairs)."""
+MCNEMAR_KEY = "backdoor_asr_vs_retrain_p"
+"""Metric holding one seed's exact McNemar p-value of the method's triggered inputs against
+retraining's (a per-seed diagnostic; never the verdict)."""
 
 Key = tuple[tuple[int, ...], str, str]
 
@@ -72,7 +72,8 @@ def _metric(row: Mapping[str, Any] | None, key: str) -> float | None:
     return None if row is None else _number((row.get("metrics") or {}).get(key))
 
 
-def summarize(rows: Sequence[Mapping[str, Any]], *, alpha: float = 0.01) -> list[dict[str, Any]]:
+def summarize(rows: Sequence[Mapping[str, Any]], *, alpha: float = ALPHA,
+              looks: int = 1) -> list[dict[str, Any]]:
     """One summary entry per (request, setting, method), in the rows' first-seen order.
 
     Parameters
@@ -81,7 +82,10 @@ def summarize(rows: Sequence[Mapping[str, Any]], *, alpha: float = 0.01) -> list
         ``results["unlearning"]``: rows with ``request``, ``setting``, ``method``, ``role``,
         ``seed``, ``metrics`` and the cost fields.
     alpha : float
-        Level of the paired exact test of the backdoor ASR.
+        Level of the verdict's tests (:func:`~fedunlearn.evaluation.verdicts.decide`).
+    looks : int
+        A sequential run's planned looks: each verdict is made at ``alpha / looks``
+        (:func:`~fedunlearn.evaluation.verdicts.sequential_alpha`); 1 for a fixed set of seeds.
 
     Returns
     -------
@@ -95,7 +99,7 @@ def summarize(rows: Sequence[Mapping[str, Any]], *, alpha: float = 0.01) -> list
         groups.setdefault(_key(r), []).append(r)
     role_rows: dict[tuple[tuple[int, ...], str, str], dict[int, Mapping[str, Any]]] = {}
     for (request, setting, _), members in groups.items():
-        for role in (Role.REFERENCE, Role.NOISE_FLOOR):
+        for role in (Role.ORIGINAL, Role.REFERENCE, Role.NOISE_FLOOR):
             chosen = [r for r in members if r.get("role") == role]
             if chosen:
                 role_rows.setdefault((request, setting, role), {}).update(_by_seed(chosen))
@@ -114,10 +118,14 @@ def summarize(rows: Sequence[Mapping[str, Any]], *, alpha: float = 0.01) -> list
         if entry["role"] == Role.METHOD:
             ref = role_rows.get((request, setting, Role.REFERENCE), {})
             floor = role_rows.get((request, setting, Role.NOISE_FLOOR), {})
+            original = role_rows.get((request, setting, Role.ORIGINAL), {})
             mine = _by_seed(members)
-            entry["verdicts"] = {c.name: judge(c, mine, ref, floor, alpha=alpha)
-                                 for c in CRITERIA}
-            for note in (replay_note(mine, ref), recovery_note(mine)):
+            entry["verdicts"] = {c.name: judge(c, mine, ref, floor, alpha=alpha / looks,
+                                               original=original) for c in CRITERIA}
+            for v in entry["verdicts"].values():
+                v.update(alpha=alpha, looks=looks)
+            untaken = [v["note"] for v in entry["verdicts"].values() if v.get("note")]
+            for note in (*untaken, replay_note(mine, ref), recovery_note(mine)):
                 if note:
                     entry["notes"].append(note)
         out.append(entry)
@@ -291,11 +299,33 @@ def replay_note(method: Mapping[int, Mapping[str, Any]],
     return text
 
 
+def backdoor_gap(original: Mapping[int, Mapping[str, Any]],
+                 reference: Mapping[int, Mapping[str, Any]], key: str = "backdoor_asr"
+                 ) -> tuple[float, float, float] | None:
+    """``(mean gap, original's mean, retraining's mean)`` of ``key`` over the seeds where both
+    the original model and retraining have it; ``None`` without such a seed.
+
+    >>> backdoor_gap({0: {"metrics": {"backdoor_asr": 0.9}}},
+    ...              {0: {"metrics": {"backdoor_asr": 0.1}}})
+    (0.8, 0.9, 0.1)
+    """
+    pairs = [(o, r) for s in sorted(set(original) & set(reference))
+             if (o := _metric(original[s], key)) is not None
+             and (r := _metric(reference[s], key)) is not None]
+    if not pairs:
+        return None
+    o, r = (float(np.mean(x)) for x in zip(*pairs, strict=True))
+    return round(o - r, 12), o, r
+
+
 def judge(c: Criterion, method: Mapping[int, Mapping[str, Any]],
           reference: Mapping[int, Mapping[str, Any]],
-          noise_floor: Mapping[int, Mapping[str, Any]], *, alpha: float) -> dict[str, Any]:
+          noise_floor: Mapping[int, Mapping[str, Any]], *, alpha: float = ALPHA,
+          original: Mapping[int, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """The verdict of one criterion from rows keyed by seed (see
-    :mod:`fedunlearn.evaluation.verdicts`)."""
+    :mod:`fedunlearn.evaluation.verdicts`): per-seed paired differences, the margin from the
+    noise floor, :func:`~fedunlearn.evaluation.verdicts.decide`. A backdoor criterion whose
+    original model shows no backdoor gets ``–`` and a ``note``."""
     key = next((k for k in c.keys if any(_metric(r, k) is not None for r in method.values())),
                None)
     seeds = sorted(set(method) & set(reference))
@@ -315,18 +345,19 @@ def judge(c: Criterion, method: Mapping[int, Mapping[str, Any]],
              if (m := _metric(method[s], key)) is not None and (b := base[s]) is not None]
     if not diffs:
         return {"verdict": NO_VERDICT, "key": key, "n": 0, "reason": "no paired values"}
-    interval = t_interval(diffs)
-    out: dict[str, Any] = {"key": key, "n": len(diffs), "diff": float(np.mean(diffs)),
-                           "ci": list(interval) if interval else None, "margin": margin}
-    discordant = [(method[s].get("metrics") or {}).get(DISCORDANT_KEY) for s in seeds]
-    if c.paired_binary and all(isinstance(d, list | tuple) and len(d) == 2 for d in discordant):
-        b = sum(int(d[0]) for d in discordant)  # type: ignore[index]
-        cc = sum(int(d[1]) for d in discordant)  # type: ignore[index]
-        verdict, p = decide_paired_binary(b, cc, out["diff"], margin, alpha=alpha,
-                                          higher_is_worse=c.higher_is_worse)
-        out.update(verdict=verdict, p_value=p, discordant=[b, cc], test="mcnemar-exact")
-        return out
-    out["verdict"] = decide(interval, margin, higher_is_worse=c.higher_is_worse)
-    if interval is None:
-        out["reason"] = "one seed: no interval (run with --seeds)"
+    if c.needs_backdoor:
+        gap = backdoor_gap(original or {}, reference, key)
+        if gap is None or not gap[0] > margin:
+            said = ("the original model was not measured" if gap is None else
+                    f"the original model's {key} {gap[1]:.3f} is not above retraining's "
+                    f"{gap[2]:.3f} by more than the margin {margin:.3f}")
+            return {"verdict": NO_VERDICT, "key": key, "n": len(diffs),
+                    "diff": float(np.mean(diffs)), "margin": margin,
+                    "reason": "the backdoor never took",
+                    "note": f"no {c.name} verdict: the backdoor never took ({said})"}
+    out = decide(diffs, margin, direction=c.direction, alpha=alpha)
+    out["key"] = key
+    per_seed = {str(s): p for s in seeds if (p := _metric(method[s], MCNEMAR_KEY)) is not None}
+    if c.needs_backdoor and per_seed:
+        out["mcnemar_p_per_seed"] = per_seed  # a diagnostic of fixed models, not the verdict
     return out

@@ -1,37 +1,35 @@
-"""Verdicts against retraining: the one decision rule, written once.
+"""Verdicts against retraining: one decision rule for every criterion, written once.
 
-A removal method is judged by how close it comes to **retraining of the same seed**, not to
-zero and not to chance. For a criterion (a metric) and seeds ``s = 1..n``:
+A removal method is judged by how close it comes to **retraining of the same seed**. The unit
+of replication is the seed (the training randomness), for every criterion, binary ones such as
+the backdoor's attack success rate included. For a criterion and seeds ``s = 1..n``:
 
-* the paired difference ``d_s = metric(method, s) - metric(retrain, s)`` (for the KL
-  criterion, ``d_s = KL(retrain || method) - KL(retrain || retrain_seed2)``: the method's
-  divergence beyond the noise floor);
-* its mean, standard deviation (``ddof = 1``) and two-sided 95 % Student-t interval
-  ``mean ± t_{0.975, n-1} · sd / sqrt(n)`` (no interval with one seed);
-* the **margin** ``δ``: how far two retrainings are apart on that metric,
-  ``mean_s |metric(retrain_seed2, s) - metric(retrain, s)|``, never below a stated minimum
-  (:data:`CRITERIA`: 0.01 for accuracies, 0.02 for ASR and MIA AUC); for KL, the mean
-  noise-floor KL itself (at least 0.01 nats), so "matches" means at most about twice the
-  divergence of two retrainings.
+* the paired difference ``d_s = metric(method, s) − metric(retrain, s)`` (for the KL criterion,
+  ``d_s = KL(retrain ‖ method) − KL(retrain ‖ noise floor)``, the method's divergence beyond
+  the noise floor's);
+* the **margin** ``δ``: how far two retrainings of the same seed are apart on that metric,
+  ``mean_s |metric(noise floor, s) − metric(retrain, s)|``, never below the criterion's stated
+  minimum (:data:`CRITERIA`); for KL, the noise floor's own mean KL (at least 0.01 nats).
 
-The rule (:func:`decide`), an equivalence test first, then a difference test:
+The rule (:func:`decide`, level ``α``, default 0.05):
 
-* **matches**: the whole interval lies inside ``[-δ, +δ]``;
-* **worse** / **better**: the whole interval lies on one side of 0 (which side is worse is
-  the criterion's direction: lower test accuracy; higher forgotten-data accuracy, ASR, MIA AUC
-  or KL, i.e. the model still remembers more of the forgotten data than retraining does);
-* **inconclusive**: anything else (typically: too few seeds for an interval that narrow).
+* fewer than two seeds: no verdict (``–``);
+* **matches**: equivalence shown by two one-sided t-tests (TOST, Schuirmann 1987), each at
+  level ``α`` — the ``(1 − 2α)`` t-interval of the mean difference lies inside ``[−δ, +δ]``;
+* otherwise, when a two-sided t-test at level ``α`` rejects ``d = 0`` (the ``(1 − α)``
+  interval excludes 0): **worse** / **better** for the accuracies on the data the model should
+  keep (test, retain), **differs (above)** / **differs (below)** for the criteria whose target
+  is retraining's value (forgotten-data accuracy, ASR, MIA AUC, KL): below retraining is not
+  "better", it is also a difference an auditor can see;
+* otherwise **inconclusive**, with the smallest margin the run could have decided
+  (``resolution``, ``|mean| + t_{1−α, n−1} · sd / √n``) and the number of seeds that would
+  decide at ``δ`` with the observed spread (:func:`seeds_needed`).
 
-With one seed there is no interval and no verdict (shown as ``–``), except for the backdoor
-ASR, which compares binary outcomes on the *same* triggered inputs: McNemar's exact test on
-the discordant pairs ``b`` (method hits the target, retraining does not) and ``c`` (the
-reverse), pooled over seeds (under H0 each discordant pair is a fair coin). ASR is **worse** /
-**better** when that test rejects at ``verification.alpha``, **matches** when it does not and
-``|mean d| <= δ``, **inconclusive** otherwise. The test of ASR against chance ``1/K`` stays in
-the table beside it, but it is not a verdict against retraining.
-
-The rule is the ALGORITHMS.md one ("Verdicts, intervals and the membership attack"); it is not
-tuned to any result.
+Per-input McNemar tests (a method's and retraining's triggered inputs, one seed) answer whether
+two fixed models differ on those inputs, not whether the method differs from retraining across
+training randomness; they stay in the rows as a per-seed diagnostic
+(``backdoor_asr_vs_retrain_p``), never as the verdict. See ``docs/algorithms.md`` ("Verdicts
+against retraining").
 """
 
 from __future__ import annotations
@@ -39,16 +37,28 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from fedunlearn.evaluation.metrics import mcnemar_exact_p
+ALPHA = 0.05
+"""Default level of the verdict's tests (``verification.verdict_alpha``)."""
 
 LEVEL = 0.95
-"""Confidence level of every interval."""
+"""Confidence level of the descriptive intervals of every figure (means over seeds)."""
 
-MATCHES, WORSE, BETTER, INCONCLUSIVE, NO_VERDICT = (
-    "matches", "worse", "better", "inconclusive", "–")
+MATCHES, WORSE, BETTER, ABOVE, BELOW, INCONCLUSIVE, NO_VERDICT = (
+    "matches", "worse", "better", "differs (above)", "differs (below)", "inconclusive", "–")
+
+DECIDED = frozenset({MATCHES, WORSE, BETTER, ABOVE, BELOW})
+"""Verdicts that end the question (``inconclusive`` and ``–`` do not)."""
+
+ACCURACY, TARGET = "accuracy", "target"
+"""Directions: higher is better (``worse``/``better``), or retraining's value is the target
+(``differs (above|below)``)."""
+
+MAX_SEEDS = 100_000
+""":func:`seeds_needed` searches up to this many seeds, then answers ``inf``."""
 
 
 @dataclass(frozen=True)
@@ -63,99 +73,157 @@ class Criterion:
         The metric judged: the first key present in the rows.
     floor : float
         Minimum margin.
-    higher_is_worse : bool
-        The direction called *worse*.
+    direction : str
+        :data:`ACCURACY` or :data:`TARGET`.
     vs_noise_floor : bool
         Compare with the noise floor's value of the metric instead of retraining's (for
         distances to retraining, whose value for retraining itself is 0).
-    paired_binary : bool
-        Judge by McNemar's exact test on paired binary outcomes (backdoor ASR).
+    needs_backdoor : bool
+        Judged only where the original model carries the backdoor (its ASR above retraining's
+        by more than the margin); otherwise ``–`` with a note.
     """
 
     name: str
     keys: tuple[str, ...]
     floor: float
-    higher_is_worse: bool
+    direction: str
     vs_noise_floor: bool = False
-    paired_binary: bool = False
+    needs_backdoor: bool = False
 
 
 CRITERIA: tuple[Criterion, ...] = (
-    Criterion("test", ("test_accuracy",), 0.01, higher_is_worse=False),
-    Criterion("forget", ("forget_accuracy",), 0.01, higher_is_worse=True),
-    Criterion("asr", ("backdoor_asr",), 0.02, higher_is_worse=True, paired_binary=True),
+    Criterion("test", ("test_accuracy",), 0.01, ACCURACY),
+    Criterion("retain", ("retain_accuracy",), 0.01, ACCURACY),
+    Criterion("forget", ("forget_accuracy",), 0.01, TARGET),
+    Criterion("asr", ("backdoor_asr",), 0.02, TARGET, needs_backdoor=True),
     # membership of the *clean* forgotten samples: the triggered ones measure the backdoor
     Criterion("mia", ("mia_lira_auc_clean", "mia_loss_auc_clean", "mia_lira_auc",
-                      "mia_loss_auc"), 0.02, higher_is_worse=True),
-    Criterion("kl", ("kl_forget",), 0.01, higher_is_worse=True, vs_noise_floor=True),
+                      "mia_loss_auc"), 0.02, TARGET),
+    Criterion("kl", ("kl_forget",), 0.01, TARGET, vs_noise_floor=True),
 )
 """The criteria every method row is judged on, in column order."""
 
 
-def t_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, float] | None:
+def _finite(values: Sequence[float | None]) -> np.ndarray:
+    return np.asarray([float(x) for x in values if x is not None and math.isfinite(x)],
+                      dtype=np.float64)
+
+
+def _t(q: float, df: int) -> float:
+    from scipy.stats import t as student_t  # 0.4 s to import: only when used
+
+    return float(student_t.ppf(q, df))
+
+
+def t_interval(values: Sequence[float | None], level: float = LEVEL
+               ) -> tuple[float, float] | None:
     """Two-sided Student-t interval of the mean; None with fewer than two finite values.
 
     >>> lo, hi = t_interval([1.0, 2.0, 3.0])
     >>> round(lo, 4), round(hi, 4)
     (-0.4841, 4.4841)
     """
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+    v = _finite(values)
     if len(v) < 2:
         return None
-    from scipy.stats import t as student_t  # 0.4 s to import: only when used
-
-    half = float(student_t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    half = _t(0.5 + level / 2, len(v) - 1) * float(v.std(ddof=1)) / math.sqrt(len(v))
     return float(v.mean() - half), float(v.mean() + half)
 
 
-def decide(interval: tuple[float, float] | None, margin: float, *,
-           higher_is_worse: bool) -> str:
-    """The verdict of an interval of paired differences (see the module docstring).
+def seeds_needed(mean: float, sd: float, margin: float, *, alpha: float = ALPHA) -> float:
+    """The smallest number of seeds ``n >= 2`` at which TOST at ``margin`` would pass with
+    the observed mean and spread: ``t_{1−α, n−1} · sd / √n < margin − |mean|``; ``inf`` when
+    ``|mean| >= margin`` (no number of seeds shows equivalence) or beyond :data:`MAX_SEEDS`.
 
-    >>> decide((-0.004, 0.006), 0.01, higher_is_worse=False)
-    'matches'
-    >>> decide((-0.09, -0.02), 0.01, higher_is_worse=False)
-    'worse'
-    >>> decide((0.02, 0.09), 0.01, higher_is_worse=True)
-    'worse'
-    >>> decide((-0.03, 0.05), 0.01, higher_is_worse=True)
+    >>> seeds_needed(0.0, 0.01, 0.02)
+    3
+    >>> seeds_needed(0.03, 0.01, 0.02)
+    inf
+    """
+    room = margin - abs(mean)
+    if not room > 0:
+        return math.inf
+    if sd == 0:
+        return 2
+    lo, hi = 2, 2
+    while _t(1 - alpha, hi - 1) * sd / math.sqrt(hi) >= room:  # grow, then bisect
+        if hi >= MAX_SEEDS:
+            return math.inf
+        lo, hi = hi, min(2 * hi, MAX_SEEDS)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _t(1 - alpha, mid - 1) * sd / math.sqrt(mid) < room:
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
+def decide(diffs: Sequence[float | None], margin: float, *, direction: str,
+           alpha: float = ALPHA) -> dict[str, Any]:
+    """The verdict of paired per-seed differences ``diffs`` at ``margin`` (module docstring).
+
+    Returns ``verdict``, ``n``, ``diff`` (mean), ``sd``, ``ci`` (the ``(1 − α)`` interval),
+    ``tost_ci`` (the ``(1 − 2α)`` interval), ``p_equivalence`` (TOST's larger one-sided p),
+    ``p_difference`` (two-sided t-test), ``margin``, ``alpha``, ``resolution`` (the smallest
+    margin TOST would have passed at) and ``seeds_needed`` (at ``margin``; for undecided
+    verdicts).
+
+    >>> decide([0.03, -0.03, 0.02], 0.02, direction=TARGET)["verdict"]
     'inconclusive'
-    >>> decide(None, 0.01, higher_is_worse=True)
+    >>> decide([0.01], 0.02, direction=TARGET)["verdict"]
     '–'
-    """
-    if interval is None:
-        return NO_VERDICT
-    lo, hi = interval
-    if -margin <= lo and hi <= margin:
-        return MATCHES
-    if lo > 0:
-        return WORSE if higher_is_worse else BETTER
-    if hi < 0:
-        return BETTER if higher_is_worse else WORSE
-    return INCONCLUSIVE
-
-
-def decide_paired_binary(b: int, c: int, mean_diff: float, margin: float, *, alpha: float,
-                         higher_is_worse: bool = True) -> tuple[str, float]:
-    """The ASR verdict from pooled discordant pairs; returns ``(verdict, p_value)``.
-
-    ``b`` counts inputs where the method hits the target and retraining does not, ``c`` the
-    reverse, summed over seeds.
-
-    >>> decide_paired_binary(40, 2, 0.08, 0.02, alpha=0.01)[0]
-    'worse'
-    >>> decide_paired_binary(1, 2, -0.003, 0.02, alpha=0.01)[0]
+    >>> ten = [0.004, -0.003, 0.001, 0.005, -0.004, 0.0, 0.002, -0.001, 0.003, -0.005]
+    >>> decide(ten, 0.02, direction=TARGET)["verdict"]
     'matches'
+    >>> decide([-0.05, -0.06, -0.04], 0.01, direction=ACCURACY)["verdict"]
+    'worse'
+    >>> decide([-0.05, -0.06, -0.04], 0.01, direction=TARGET)["verdict"]
+    'differs (below)'
     """
-    p = mcnemar_exact_p(int(b), int(c))
-    if p < alpha:
-        up = b > c
-        return (WORSE if up == higher_is_worse else BETTER), p
-    return (MATCHES if abs(mean_diff) <= margin else INCONCLUSIVE), p
+    v = _finite(diffs)
+    out: dict[str, Any] = {"n": len(v), "margin": float(margin), "alpha": float(alpha),
+                           "diff": float(v.mean()) if len(v) else None}
+    if len(v) < 2:
+        out.update(verdict=NO_VERDICT, ci=None, tost_ci=None, sd=None,
+                   reason="one seed: no interval (run with more seeds)" if len(v) else
+                   "no paired values")
+        return out
+    n, mean, sd = len(v), float(v.mean()), float(v.std(ddof=1))
+    se = sd / math.sqrt(n)
+    from scipy.stats import t as student_t
+
+    if se > 0:
+        p_diff = float(2 * student_t.sf(abs(mean) / se, n - 1))
+        p_equiv = float(max(student_t.sf((mean + margin) / se, n - 1),
+                            student_t.cdf((mean - margin) / se, n - 1)))
+    else:  # every seed gave the same difference
+        p_diff = 0.0 if mean != 0 else 1.0
+        p_equiv = 0.0 if abs(mean) < margin else 1.0
+    half_tost = _t(1 - alpha, n - 1) * se
+    half_diff = _t(1 - alpha / 2, n - 1) * se
+    out.update(sd=sd, ci=[mean - half_diff, mean + half_diff],
+               tost_ci=[mean - half_tost, mean + half_tost], p_equivalence=p_equiv,
+               p_difference=p_diff, resolution=abs(mean) + half_tost)
+    if p_equiv < alpha:
+        verdict = MATCHES
+    elif p_diff < alpha:
+        up = mean > 0
+        if direction == ACCURACY:
+            verdict = BETTER if up else WORSE
+        else:
+            verdict = ABOVE if up else BELOW
+    else:
+        verdict = INCONCLUSIVE
+    out["verdict"] = verdict
+    if verdict not in (MATCHES,):
+        out["seeds_needed"] = seeds_needed(mean, sd, margin, alpha=alpha)
+    return out
 
 
-def margin_of(retrain: Sequence[float], noise_floor: Sequence[float], floor: float) -> float:
-    """``max(floor, mean |noise_floor_s - retrain_s|)`` over seeds with both values.
+def margin_of(retrain: Sequence[float | None], noise_floor: Sequence[float | None],
+              floor: float) -> float:
+    """``max(floor, mean |noise_floor_s − retrain_s|)`` over seeds with both values.
 
     >>> round(margin_of([0.90, 0.92], [0.86, 0.92], 0.01), 9)
     0.02
@@ -163,3 +231,17 @@ def margin_of(retrain: Sequence[float], noise_floor: Sequence[float], floor: flo
     gaps = [abs(b - a) for a, b in zip(retrain, noise_floor, strict=True)
             if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)]
     return max(floor, float(np.mean(gaps))) if gaps else floor
+
+
+def sequential_alpha(alpha: float, looks: int) -> float:
+    """The level of each look of a sequential run that adds seeds until every verdict is
+    decided: ``α / looks`` (Bonferroni α-spending over the planned looks; the union bound keeps
+    the probability that any look gives a false ``matches`` or ``differs`` at most ``α``,
+    whenever the run stops).
+
+    >>> sequential_alpha(0.05, 5)
+    0.01
+    """
+    if looks < 1:
+        raise ValueError(f"looks must be >= 1, got {looks}")
+    return alpha / looks

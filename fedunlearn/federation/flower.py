@@ -213,7 +213,7 @@ class FlowerFederation:
             raise ClientFailure(f"the Flower nodes of clients {missing} did not answer {wait}")
 
     def fedavg(self, initial: Params, *, exclude: frozenset[int] = frozenset(),
-               listener: RoundListener | None = None, variant: int = 0,
+               listener: RoundListener | None = None, variant: int = 0, stream: int = 0,
                start: Checkpoint | None = None) -> TrainingRun:
         """Run the configured strategy for ``training.rounds`` rounds via ``Strategy.start``
         (the rounds after ``start.round`` when a run is resumed)."""
@@ -243,7 +243,7 @@ class FlowerFederation:
         result = strategy.start(grid=self.paced,  # type: ignore[arg-type]
                                 initial_arrays=to_record(initial),
                                 num_rounds=t.rounds - first, timeout=self.timeout_s,
-                                train_config=self._config(tag=variant_tag(variant)),
+                                train_config=self._config(tag=variant_tag(variant, stream)),
                                 evaluate_config=self._config(),
                                 evaluate_fn=evaluate_fn)
         self.messages_sent += strategy.messages_sent

@@ -71,7 +71,7 @@ class InProcessFederation:
         runtime(self.job)
 
     def fedavg(self, initial: Params, *, exclude: frozenset[int] = frozenset(),
-               listener: RoundListener | None = None, variant: int = 0,
+               listener: RoundListener | None = None, variant: int = 0, stream: int = 0,
                start: Checkpoint | None = None) -> TrainingRun:
         """The configured FedAvg (``training.strategy`` must be ``fedavg``)."""
         t = self.cfg.training
@@ -90,7 +90,7 @@ class InProcessFederation:
                 before = self.bytes_exchanged
                 sent_before = self.messages_sent
                 results, failures = self._train(model, pids, epochs=t.local_epochs,
-                                                server_round=r, tag=variant_tag(variant))
+                                                server_round=r, tag=variant_tag(variant, stream))
                 exchanged += self.bytes_exchanged - before
                 sent += self.messages_sent - sent_before
                 tracker.failed(failures)

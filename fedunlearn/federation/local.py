@@ -11,12 +11,14 @@ import functools
 import json
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
 from fedunlearn.ascent import Ascent, projected_ascent
 from fedunlearn.config import Config, from_dict
 from fedunlearn.data import cache as data_cache
+from fedunlearn.data.backdoor import Trigger
 from fedunlearn.data.federated import FederatedData, build_federated_data
 from fedunlearn.extensions import load_extensions
 from fedunlearn.models import build_model
@@ -86,24 +88,46 @@ TASKS = ("train", "ascent")
 """Client jobs a training request may carry: ``"train"`` (local training, the default) and
 ``"ascent"`` (projected gradient ascent, the client side of PGA unlearning)."""
 
-ASCENT_PARAMS = ("radius", "threshold", "learning_rate")
-"""The ``task_params`` of ``"ascent"`` (floats); its epochs are the request's ``epochs``."""
+ASCENT_PARAMS = ("radius", "threshold", "learning_rate", "momentum", "clip_norm")
+"""The ``task_params`` of ``"ascent"`` (floats, the fields of :class:`~fedunlearn.ascent.Ascent`
+but the epochs and batch size); its epochs are the request's ``epochs``."""
+
+
+def clean_samples(cfg: Config, data: FederatedData, client: int) -> np.ndarray:
+    """Boolean per sample of client ``client``'s data: True where the backdoor did not poison it.
+
+    The data keeps no list of the poisoned positions (:func:`fedunlearn.data.backdoor.poison`
+    returns them, :func:`~fedunlearn.data.federated.build_federated_data` drops them), so a
+    backdoored client (one of ``backdoor.clients``) tells its poisoned samples as the
+    verifier does: they carry the trigger (recovered from the test split and its triggered
+    copy, :meth:`~fedunlearn.data.backdoor.Trigger.recover`) *and* the target label. Any other
+    client's samples are all clean.
+    """
+    local = data.clients[client]
+    bd = cfg.backdoor
+    if client not in bd.clients or data.triggered_test is None:
+        return np.ones(len(local), dtype=bool)
+    trigger = Trigger.recover(data.test.x[data.test.y != bd.target_class],
+                              data.triggered_test.x)
+    return ~(trigger.carried_by(local.x) & (local.y == bd.target_class))
 
 
 def client_ascent(job: str, params: Params, client: int, *, server_round: int, tag: int,
-                  epochs: float, radius: float, threshold: float,
-                  learning_rate: float) -> tuple[Params, int, dict[str, float]]:
+                  epochs: float, radius: float, threshold: float, learning_rate: float,
+                  momentum: float, clip_norm: float) -> tuple[Params, int, dict[str, float]]:
     """Client ``client`` runs :func:`~fedunlearn.ascent.projected_ascent` on its own data from
-    ``params`` (the ball's centre); returns (new params, #examples, stats)."""
+    ``params`` (the ball's centre), ``τ`` judged on its clean samples (:func:`clean_samples`);
+    returns (new params, #examples, stats)."""
     cfg, data = runtime(job)
     model = model_for(job, cfg, data)
     set_params(model, params)
     local = data.clients[client]
     spec = Ascent(epochs=epochs, batch_size=cfg.training.batch_size,
-                  learning_rate=learning_rate, radius=radius, threshold=threshold)
+                  learning_rate=learning_rate, momentum=momentum, clip_norm=clip_norm,
+                  radius=radius, threshold=threshold)
     stats = projected_ascent(model, local.x, local.y, spec,
                              seed=derive_seed(cfg.seed, server_round, client, tag),
-                             device=device_for(cfg))
+                             device=device_for(cfg), judged=clean_samples(cfg, data, client))
     return get_params(model), len(local), stats
 
 

@@ -123,7 +123,7 @@ class Federation(Protocol):
     bytes_exchanged: int
 
     def fedavg(self, initial: Params, *, exclude: frozenset[int] = frozenset(),
-               listener: RoundListener | None = None, variant: int = 0,
+               listener: RoundListener | None = None, variant: int = 0, stream: int = 0,
                start: Any = None) -> TrainingRun:
         """Run the configured FedAvg from ``initial`` with ``exclude`` left out of every round.
 
@@ -131,7 +131,9 @@ class Federation(Protocol):
         model after ``start.round`` rounds, the remaining rounds numbered on from there.
 
         ``variant`` 0 is the experiment's own seed; another value draws client sampling and
-        local shuffling from other seeds (a second retraining, for the noise floor)."""
+        local shuffling from other seeds (an independent retraining). ``stream`` (with variant
+        0) keeps the participants and draws other client-side randomness (local shuffles):
+        the noise floor's second retraining (:mod:`fedunlearn.unlearning.retrain`)."""
         ...
 
     def train_clients(self, model: Params, clients: Sequence[int], *, epochs: float,

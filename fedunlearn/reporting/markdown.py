@@ -33,6 +33,7 @@ from fedunlearn.reporting.tables import (
     _settings,
     _verdict_columns,
     display_rows,
+    rule_of,
     trigger_verdict,
     verification_line,
     write_metrics_csv,
@@ -98,24 +99,13 @@ def _md_seeds(results: Mapping[str, Any]) -> str:
             "the summary (`summary`). The training section shows the first seed.")
 
 
-_RULE = """A method's verdict on a criterion compares it with **retraining of the same seed**:
-the paired difference (method − retraining; for KL, the method's KL to retraining minus the
-noise floor's) over seeds, its mean `±` the half-width of its 95 % t-interval, and the margin
-δ, how far two retrainings are apart on that metric (mean over seeds, at least 0.01 for
-accuracies, 0.02 for ASR and AUC; for KL, the noise floor's KL, at least 0.01 nats).
-**matches**: the whole interval lies within ±δ. **worse** / **better**: it lies entirely on one
-side of 0 (worse = lower test accuracy, or more of the forgotten data remembered: higher
-forgotten-data accuracy, ASR, MIA AUC or KL). **inconclusive**: neither. One seed gives no
-interval and no verdict (`–`), except for the backdoor ASR, judged by McNemar's exact test on
-the same triggered inputs (discordant pairs pooled over seeds, p shown) at the run's α."""
-
-
 def _md_verdicts(rows: list[dict[str, Any]]) -> str:
     judged = [r for r in rows if r.get("verdicts")]
     if not judged:
         return ""
     parts = ["### Verdicts against retraining", _md_table(_verdict_columns(False), judged),
-             _RULE]
+             rule_of(judged) + " (docs/algorithms.md, \"Verdicts against "
+             "retraining\")."]
     notes = [f"- **{r['method']}**: {n}" for r in judged for n in r.get("notes") or []]
     if notes:
         parts.append("Notes:\n\n" + "\n".join(notes))

@@ -351,28 +351,49 @@ def comparison_table(rows: list[dict[str, Any]],
 # --- verdicts against retraining -------------------------------------------------------------
 
 VERDICT_HEADERS: tuple[tuple[str, str, str], ...] = (
-    ("test", "test acc", ".3f"), ("forget", "forgotten acc", ".3f"), ("asr", "ASR", ".3f"),
-    ("mia", "MIA AUC", ".3f"), ("kl", "KL-forget − floor", ".3g"))
+    ("test", "test acc", ".3f"), ("retain", "retain acc", ".3f"),
+    ("forget", "forgotten acc", ".3f"), ("asr", "ASR", ".3f"), ("mia", "MIA AUC", ".3f"),
+    ("kl", "KL-forget − floor", ".3g"))
 """(criterion, column header, number format) of the verdict table, in column order."""
 
-VERDICT_RULE = ("verdict per criterion: method minus retraining of the same seed, 95 % "
-                "t-interval over seeds; matches = interval within ±δ (δ = retrain-vs-retrain "
-                "gap, min 0.01 acc / 0.02 ASR, AUC); worse/better = interval excludes 0; ASR: "
-                "exact McNemar test on the same triggered inputs, pooled over seeds")
+
+def verdict_rule(alpha: float = 0.05, looks: int | None = None) -> str:
+    """The verdict rule in one line (``looks``: a sequential run's planned looks, each at
+    ``alpha / looks``)."""
+    level = (f"α = {alpha:g}" if not looks or looks == 1
+             else f"α = {alpha:g} spent over {looks} looks, {alpha / looks:.3g} each")
+    return (f"verdict: d = method − retraining of the same seed, over seeds ({level}); "
+            "matches = TOST (the (1−2α) t-interval of d within ±δ, δ = retrain-vs-retrain "
+            "gap, min 0.01 acc / 0.02 ASR, AUC); worse/better (test, retain) or differs "
+            "above/below (forgotten, ASR, MIA, KL) = two-sided t-test rejects d = 0; else "
+            "inconclusive, with res = smallest δ it decides and → n = seeds that would decide "
+            "at δ; – with one seed; ± is the (1−α) half-interval")
+
+
+def rule_of(rows: Sequence[Mapping[str, Any]]) -> str:
+    """:func:`verdict_rule` with the level and looks the verdicts of ``rows`` were made at."""
+    made = [v for r in rows for v in (r.get("verdicts") or {}).values() if v.get("alpha")]
+    return verdict_rule(made[0]["alpha"], made[0].get("looks")) if made else verdict_rule()
 
 
 def verdict_cell(v: Mapping[str, Any] | None, spec: str) -> str:
-    """``"matches -0.004±0.006 δ0.010"``, ``"worse +0.084 p=3e-10 δ0.020"`` or ``"–"``."""
+    """``"matches -0.004±0.006 δ0.010"``, ``"inconclusive +0.007±0.080 δ0.020 res0.061 →12"``
+    or ``"–"``."""
     if not v or v.get("diff") is None:
         return MISSING
-    text = f"{v.get('verdict', MISSING)} {format(v['diff'], '+' + spec)}"
+    verdict = v.get("verdict", MISSING)
+    text = f"{verdict} {format(v['diff'], '+' + spec)}"
     ci = v.get("ci")
     if ci:
         text += f"±{format((ci[1] - ci[0]) / 2, spec)}"
-    if v.get("p_value") is not None:
-        text += f" p={v['p_value']:.2g}"
     if v.get("margin") is not None:
         text += f" δ{format(v['margin'], spec)}"
+    if verdict == "inconclusive":
+        if v.get("resolution") is not None:
+            text += f" res{format(v['resolution'], spec)}"
+        needed = v.get("seeds_needed")
+        if needed is not None:
+            text += " →∞" if needed == math.inf or needed is None else f" →{int(needed)}"
     return text
 
 
@@ -395,7 +416,7 @@ def verdict_table(summary: Sequence[Mapping[str, Any]] | None) -> str:
     rows = verdict_rows(summary or [])
     if not rows:
         return "verdicts       none (no method row beside a retraining)"
-    lines = [_fixed_width(_verdict_columns(), rows), VERDICT_RULE]
+    lines = [_fixed_width(_verdict_columns(), rows), rule_of(rows)]
     several = len({request_label(r["request"]) for r in rows}) > 1  # say which one
 
     def where(r: Mapping[str, Any]) -> str:

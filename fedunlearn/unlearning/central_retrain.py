@@ -3,9 +3,8 @@
 The exact-unlearning baseline of Bourtoule et al., IEEE S&P 2021, "Machine Unlearning": the
 experiment's network is trained again, from its initial weights, on the data of every client not
 removed so far, pooled at one site. Every centralized method (SISA, the Newton step) is judged
-against it. A ``variant`` other than 0 also redraws the initial weights and the shuffles from
-seeds derived from it: the distance between two such retrainings is the noise floor of every
-distance to retraining.
+against it. Its noise floor keeps the initial weights and draws other shuffles (``stream`` 1,
+docs/algorithms.md, "Noise floor"); a ``variant`` other than 0 also redraws the initial weights.
 """
 
 from __future__ import annotations
@@ -44,24 +43,30 @@ class CentralRetrain:
     variant : int, optional
         0 (default) starts from the experiment's initial weights; another value redraws them
         (and the shuffles) from seeds derived from it.
+    stream : int, optional
+        With variant 0: another value than 0 (default) keeps the initial weights and draws
+        other shuffles.
     """
 
     setting: ClassVar[Setting] = "centralized"
     exact: ClassVar[bool] = True
 
     def __init__(self, epochs: float = 20.0, learning_rate: float | None = None,
-                 variant: int = 0) -> None:
+                 variant: int = 0, stream: int = 0) -> None:
         self.epochs = epochs
         self.learning_rate = learning_rate
         self.variant = variant
+        self.stream = stream
 
     def check(self) -> None:
         if not self.epochs > 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0 or None, got {self.learning_rate}")
-        if int(self.variant) != self.variant or self.variant < 0:
-            raise ValueError(f"variant must be an integer >= 0, got {self.variant}")
+        for name in ("variant", "stream"):
+            value = getattr(self, name)
+            if int(value) != value or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value}")
 
     def fit(self, ctx: UnlearningContext) -> CentralRetrain:
         """Train the centralized original on every client's data (``original_params_``)."""
@@ -88,7 +93,9 @@ class CentralRetrain:
         model = ctx.build_model()
         if self.variant:
             reinitialise(model, derive_seed(ctx.cfg.seed, _CENTRAL_SEED, self.variant, 1))
-        train(model, x, y, spec, seed=derive_seed(ctx.cfg.seed, _CENTRAL_SEED, self.variant),
-              device=device_for(ctx.cfg))
+        seed = derive_seed(ctx.cfg.seed, _CENTRAL_SEED, self.variant)
+        if self.stream and not self.variant:
+            seed = derive_seed(ctx.cfg.seed, _CENTRAL_SEED, 0, 0x57, self.stream)
+        train(model, x, y, spec, seed=seed, device=device_for(ctx.cfg))
         self._model = model
         return get_params(model), len(y)

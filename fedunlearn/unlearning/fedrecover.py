@@ -9,35 +9,45 @@ replay loop of :class:`~fedunlearn.unlearning.federaser.HistoryReplay`; this mod
 step). In round ``t`` each remaining participant ``k``'s update is either
 
 * **exact**: ``k`` trains ``training.local_epochs`` epochs from ``ŵ_t`` through
-  ``ctx.federation.train_clients`` with the training's own seeds (tag 0, round ``t``), so it is
-  what retraining's client would send from that model; or
+  ``ctx.federation.train_clients`` (round ``t``) with FedRecover's own random streams, the
+  seed tag :func:`exact_tag` derived from the request seed (``derive_seed(ctx.seed,
+  EXACT_PURPOSE) + 1``), never the tag 0 of training and retraining; or
 * **estimated** by the server, with no message (the Cauchy mean-value theorem, paper eq. 3):
   ``ĝ_k^t = ḡ_k^t + H̃_k^t (ŵ_t − w̄_t)``, where ``w̄_t`` is the original global model of round
   ``t``, ``ḡ_k^t`` the client's stored update and ``H̃_k^t`` an L-BFGS approximation of its
-  integrated Hessian (:func:`lbfgs_hvp`) built from the client's latest ``buffer_size`` pairs
+  integrated Hessian (:func:`lbfgs_hvp`) built from the client's newest ``buffer_size`` pairs
   ``(Δw, Δg) = (ŵ_t − w̄_t, exact update − stored update)`` of earlier exact rounds.
 
 Up to ``t_u``, the first round a removed client took part in, the recovery passes through the
 models training had (``ŵ_t = w̄_t``: the same participants, weights and model), so the stored
-updates of those rounds are the exact ones (same model, same client seeds, up to the float
-rounding of the replay and of ``history.dtype``): they are used as they are, at no cost. From
-``t_u`` on, exact updates are asked for in the first ``warmup_rounds`` rounds (warm-up, ``T_w``:
-rounds ``t_u .. t_u + T_w − 1``, round ``t_u`` itself free), every ``correction_interval``
-rounds after it (periodic correction, ``T_c``: rounds ``t_u − 1 + T_w + T_c``, ``+ 2T_c``,
-...), in the last ``final_rounds`` rounds (final tuning, ``T_f``), from a client whose estimate
-is **abnormal** — some coordinate's magnitude above ``abnormal_threshold`` (``τ``; the paper's
-test ``‖ĝ_k^t‖_∞ > τ``, in the units of our updates, see below) — and from a client without any
-pair yet. With ``t_u = 1`` (a target in round 1) this is the paper's schedule counted from
-round 1. Every exact update adds a pair to its client's buffer (the paper collects
-them in warm-up and correction rounds; an abnormality fix is an exact update too, and its pair
-is the freshest curvature there is). A pair is skipped unless ``Δwᵀ y > 1e-10 ‖Δw‖‖y‖`` (the
-usual L-BFGS curvature safeguard, ``y`` below); rounds up to ``t_u`` (``Δw ≈ 0``) give none.
+updates of those rounds are what the remaining clients sent from that very model: they are
+used as they are, at no cost (stored work, not fresh work: they keep training's random
+streams). From ``t_u`` on, exact updates are asked for in the first ``warmup_rounds`` rounds
+(warm-up, ``T_w``: rounds ``t_u .. t_u + T_w − 1``, round ``t_u`` itself free), every
+``correction_interval`` rounds after it (periodic correction, ``T_c``: rounds
+``t_u − 1 + T_w + T_c``, ``+ 2T_c``, ...), in the last ``final_rounds`` rounds (final tuning,
+``T_f``), from a client whose estimate is **abnormal** and from a client without any pair
+yet. With ``t_u = 1`` (a target in round 1) this is the paper's schedule counted from round 1.
+
+Abnormal: some coordinate of the estimate has a magnitude above ``τ`` (the paper's test
+``‖ĝ_k^t‖_∞ > τ``). ``τ`` follows the paper's rule, from the stored updates themselves
+(:func:`abnormality_threshold`): per replayed round, the ``abnormal_quantile``-quantile of the
+magnitudes of every coordinate of the remaining clients' updates of the replayed record, then
+the largest over the rounds. It is computed once per request, when the first estimate needs
+it (one more read of those updates); ``abnormal_threshold`` overrides it with an absolute
+value. ``details["abnormal_tau"]`` holds the ``τ`` used (``None`` if nothing was estimated).
+
+Every exact update adds a pair to its client's buffer (the paper collects them in warm-up and
+correction rounds; an abnormality fix is an exact update too, and its pair is the freshest
+curvature there is); the buffer keeps the newest ``buffer_size``. A pair is skipped unless
+``Δwᵀ y > 1e-10 ‖Δw‖‖y‖`` (the usual L-BFGS curvature safeguard, ``y`` below); rounds up to
+``t_u`` (``Δw ≈ 0``) give none.
 
 Sign convention: the paper's update ``g`` moves the model by ``−η g`` (a gradient); ours,
 ``U = client model − global model``, moves it by ``+U``. The pairs therefore use
 ``y = −(U_exact − U_stored)`` (positive curvature ``Δwᵀ y > 0`` on a convex loss) and the
 estimate is ``Û_k = Ū_k − H̃_k (ŵ_t − w̄_t)``. ``τ`` bounds ``|Û|``, a change of parameters in
-one round.
+one round, as the quantile rule measures the stored ``U``.
 
 Cost: only the exact requests count, in the same :class:`~fedunlearn.unlearning.base.Cost`
 fields as retraining (client epochs, rounds with at least one message, messages); ``details``
@@ -52,19 +62,24 @@ Later requests (the recovered trajectory as the new history): the method keeps, 
 trajectory it recovered (``trajectory_``: per round ``ŵ_t`` and the remaining participants'
 updates it aggregated, exact or estimated, with their weights). The next request it serves on
 the same store replays from ``M_1`` again, taking ``ŵ_t`` as ``w̄_t`` and those updates as
-``ḡ_k^t``: the recovered run is the training the remaining clients took part in, and it is closer
-to the new recovery than the original run. It never reads a stored global model then, so it
-gives the same model whether the first request's purge was ``"strict"`` (which deleted them)
-or ``"updates"``. The history store is never written. A FedRecover without such a trajectory
-(a new instance) on a store whose global models a strict purge deleted refuses in one line.
-A client dropped in a round of the trajectory (``on_client_failure = "drop"``) stays out of
-that round in later requests.
+``ḡ_k^t`` (and ``τ`` from them): the recovered run is the training the remaining clients took
+part in, and it is closer to the new recovery than the original run. It never reads a stored
+global model then, so it gives the same model whether the first request's purge was
+``"strict"`` (which deleted them) or ``"updates"``. The history store is never written. A
+FedRecover without such a trajectory (a new instance) on a store whose global models a strict
+purge deleted refuses in one line. A client dropped in a round of the trajectory
+(``on_client_failure = "drop"``) stays out of that round in later requests.
+
+Where this departs from the paper (``τ``'s quantile, ``T_w``, ``T_c``, ``T_f``, the sign
+convention, the free rounds before ``t_u``, the own random streams, the later-request
+trajectory), and the measured effect of each: ``docs/algorithms.md``, section FedRecover.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -73,7 +88,7 @@ import numpy as np
 from fedunlearn.aggregation import difference
 from fedunlearn.history import HistoryStore
 from fedunlearn.params import Params, float_keys
-from fedunlearn.seeding import variant_tag
+from fedunlearn.seeding import derive_seed
 from fedunlearn.unlearning.base import (
     UNLEARNERS,
     Cost,
@@ -85,6 +100,57 @@ from fedunlearn.unlearning.federaser import HistoryReplay, RoundUpdates, Step
 
 CURVATURE_EPS = 1e-10
 """A pair is kept only if ``Δwᵀ y > CURVATURE_EPS · ‖Δw‖ ‖y‖``."""
+
+EXACT_PURPOSE = 0xFEC0
+"""Mixed into the request seed to derive the seed tag of the exact updates
+(:func:`exact_tag`); training and retraining use tag 0."""
+
+
+def exact_tag(seed: int) -> int:
+    """The seed tag of FedRecover's exact updates for a request seeded ``seed``: its own
+    random streams, never the training's and retraining's tag 0.
+
+    >>> exact_tag(3) == exact_tag(3) != 0
+    True
+    """
+    return derive_seed(seed, EXACT_PURPOSE) + 1
+
+
+def abnormality_threshold(rounds: Iterable[Sequence[np.ndarray]], quantile: float) -> float:
+    """``τ = max_t Q_q(|u|, u ∈ coordinates of round t's updates)``.
+
+    Per round, the ``quantile``-quantile (linear interpolation, :func:`numpy.quantile`) of the
+    magnitudes of every coordinate of the round's updates taken together; then the largest
+    over the rounds (FedRecover's rule for its abnormality threshold, from the stored
+    updates themselves).
+
+    Parameters
+    ----------
+    rounds : iterable of sequences of np.ndarray
+        Per round, the updates (any shapes) of its clients; a round without any is skipped.
+    quantile : float
+        In ``(0, 1]``; 1 takes each round's largest magnitude.
+
+    Returns
+    -------
+    float
+        ``τ``; ``inf`` when no round holds an update (nothing to bound).
+
+    Examples
+    --------
+    Round 1's magnitudes are 1, 2, 3, 4 (median 2.5, max 4); round 2's 0.5, 0.5:
+
+    >>> rounds = [[np.array([1.0, -2.0]), np.array([3.0, -4.0])], [np.array([0.5, -0.5])]]
+    >>> abnormality_threshold(rounds, 1.0), abnormality_threshold(rounds, 0.5)
+    (4.0, 2.5)
+    """
+    tau = -np.inf
+    for updates in rounds:
+        flat = [np.abs(np.asarray(u, np.float64).ravel()) for u in updates]
+        if not flat:
+            continue
+        tau = max(tau, float(np.quantile(np.concatenate(flat), quantile)))
+    return float(tau) if np.isfinite(tau) else float("inf")
 
 
 def lbfgs_hvp(s: np.ndarray, y: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -193,6 +259,7 @@ class _Recovery:
     start: int
     keys: list[str]
     previous: Trajectory | None
+    seed: int
     rounds: dict[int, RecoveredRound] = field(default_factory=dict)
     buffers: dict[int, deque[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
     modes: dict[int, str] = field(default_factory=dict)
@@ -201,6 +268,7 @@ class _Recovery:
     pairs_kept: int = 0
     pairs_skipped: int = 0
     estimated_updates: int = 0
+    tau: float | None = None
 
 
 @UNLEARNERS.register("fedrecover")
@@ -217,13 +285,20 @@ class FedRecover(HistoryReplay):
         ``T_c``: after the warm-up, every ``T_c``-th round uses exact updates (default 10;
         0 disables periodic correction).
     final_rounds : int, optional
-        ``T_f``: the last ``T_f`` rounds use exact updates (default 2).
+        ``T_f``: the last ``T_f`` rounds use exact updates (default 5, the paper's).
     buffer_size : int, optional
-        ``s``: pairs kept per client for the L-BFGS approximation (default 2).
-    abnormal_threshold : float, optional
-        ``τ``: an estimate with a coordinate of magnitude above it is replaced by the client's
-        exact update (default 1.0, a change of one unit of a parameter in one round; ``inf``
-        disables the check).
+        ``s``: pairs kept per client for the L-BFGS approximation, the newest ones (default 2).
+    abnormal_quantile : float, optional
+        ``q`` in ``(0, 1]`` of the paper's rule for ``τ`` (:func:`abnormality_threshold`): per
+        replayed round the ``q``-quantile of the magnitudes of the remaining clients' stored
+        update coordinates, ``τ`` the largest over the rounds; an estimate with a coordinate
+        of magnitude above ``τ`` is replaced by the client's exact update. ``q = 1 − α``
+        for the paper's tolerance rate ``α`` (default ``0.999999``, ``α = 1e-6``: at most
+        one stored coordinate in a million, per round, lies above ``τ``; see
+        ``docs/algorithms.md`` for the choice and its measured effect).
+    abnormal_threshold : float or None, optional
+        An absolute ``τ`` (finite, > 0) in the units of the updates, overriding the quantile
+        rule (default ``None``: the rule).
     track_accuracy : bool, optional
         Evaluate the reconstruction on the test split after every replayed round (default
         ``True``); see :class:`~fedunlearn.unlearning.federaser.HistoryReplay`.
@@ -246,13 +321,15 @@ class FedRecover(HistoryReplay):
     moved from the original run's (what the estimates must bridge), not a calibration."""
 
     def __init__(self, warmup_rounds: int = 5, correction_interval: int = 10,
-                 final_rounds: int = 2, buffer_size: int = 2, abnormal_threshold: float = 1.0,
-                 track_accuracy: bool = True) -> None:
+                 final_rounds: int = 5, buffer_size: int = 2,
+                 abnormal_quantile: float = 0.999999,
+                 abnormal_threshold: float | None = None, track_accuracy: bool = True) -> None:
         super().__init__(track_accuracy=track_accuracy)
         self.warmup_rounds = warmup_rounds
         self.correction_interval = correction_interval
         self.final_rounds = final_rounds
         self.buffer_size = buffer_size
+        self.abnormal_quantile = abnormal_quantile
         self.abnormal_threshold = abnormal_threshold
         self.trajectory_: Trajectory | None = None
         self._run: _Recovery | None = None
@@ -268,10 +345,16 @@ class FedRecover(HistoryReplay):
         whole("correction_interval", 0)
         whole("final_rounds", 0)
         whole("buffer_size", 1)
+        q = self.abnormal_quantile
+        if isinstance(q, bool) or not isinstance(q, int | float) or not 0 < q <= 1:
+            raise ValueError(f"FedRecover's abnormal_quantile must be a number in (0, 1], "
+                             f"got {q!r}")
         tau = self.abnormal_threshold
-        if isinstance(tau, bool) or not isinstance(tau, int | float) or not tau > 0:
-            raise ValueError(f"FedRecover's abnormal_threshold must be a number > 0 (inf "
-                             f"disables the check), got {tau!r}")
+        if tau is not None and (isinstance(tau, bool) or not isinstance(tau, int | float)
+                                or not math.isfinite(tau) or not tau > 0):
+            raise ValueError(f"FedRecover's abnormal_threshold must be a finite number > 0, "
+                             f"or left out to set it by the abnormal_quantile rule; "
+                             f"got {tau!r}")
 
     # ------------------------------------------------------------------ the request
     def unlearn(self, ctx: UnlearningContext) -> UnlearningResult:
@@ -302,7 +385,8 @@ class FedRecover(HistoryReplay):
         rounds = history.rounds()
         self._run = _Recovery(last_round=rounds[-1] if rounds else 0,
                               start=_first_affected(history, previous, ctx.removed),
-                              keys=float_keys(ctx.initial), previous=previous)
+                              keys=float_keys(ctx.initial), previous=previous,
+                              seed=ctx.seed)
         try:
             result = super().unlearn(ctx)
             run = self._run
@@ -394,23 +478,21 @@ class FedRecover(HistoryReplay):
         exact_for: list[int] = list(rnd.clients)
         if planned is None:
             exact_for = []
+            tau = self._tau(ctx, run)
             for k, stored in zip(rnd.clients, rnd.stored, strict=True):
-                pairs = run.buffers.get(k)
-                if not pairs:
+                guess = self._estimate(run, k, stored, dw)
+                if guess is None:
                     run.no_pairs.setdefault(t, []).append(k)
                     exact_for.append(k)
                     continue
-                s = np.stack([p[0] for p in pairs], axis=1)
-                y = np.stack([p[1] for p in pairs], axis=1)
-                guess = _flat(stored, run.keys) - lbfgs_hvp(s, y, dw)
-                if not np.all(np.abs(guess) <= self.abnormal_threshold):  # NaN is abnormal too
+                if not np.all(np.abs(guess) <= tau):  # NaN is abnormal too
                     run.abnormal.setdefault(t, []).append(k)
                     exact_for.append(k)
                     continue
                 estimates[k] = _unflat(guess, stored, run.keys)
         epochs = float(ctx.cfg.training.local_epochs)
         answers = (ctx.federation.train_clients(model, exact_for, epochs=epochs, server_round=t,
-                                                tag=variant_tag(0)) if exact_for else {})
+                                                tag=exact_tag(ctx.seed)) if exact_for else {})
         exact: dict[int, Params] = {}
         for k, stored in zip(rnd.clients, rnd.stored, strict=True):
             if k in answers:
@@ -436,7 +518,11 @@ class FedRecover(HistoryReplay):
             "warmup_rounds": self.warmup_rounds,
             "correction_interval": self.correction_interval,
             "final_rounds": self.final_rounds, "buffer_size": self.buffer_size,
+            "abnormal_quantile": self.abnormal_quantile,
             "abnormal_threshold": self.abnormal_threshold,
+            "abnormal_tau": run.tau if self.abnormal_threshold is None
+            else float(self.abnormal_threshold),
+            "exact_tag": exact_tag(run.seed),
             "replayed_from": "original history" if run.previous is None
             else "recovered trajectory of the previous request",
             "first_affected_round": run.start,
@@ -475,8 +561,31 @@ class FedRecover(HistoryReplay):
             return previous.rounds[t].model
         return _stored_global(ctx.history, t)
 
+    def _tau(self, ctx: UnlearningContext, run: _Recovery) -> float:
+        """``τ``: the override, or the quantile rule over the remaining clients' updates of
+        the replayed record (the previous trajectory's, or the store's), computed once per
+        request, when the first estimate needs it."""
+        if self.abnormal_threshold is not None:
+            return float(self.abnormal_threshold)
+        if run.tau is None:
+            run.tau = abnormality_threshold(_replayed_updates(ctx, run), self.abnormal_quantile)
+        return run.tau
+
+    def _estimate(self, run: _Recovery, k: int, stored: Params,
+                  dw: np.ndarray) -> np.ndarray | None:
+        """``Ū_k − H̃_k Δw`` (flat, float64) from client ``k``'s buffered pairs, or ``None``
+        if it has none."""
+        pairs = run.buffers.get(k)
+        if not pairs:
+            return None
+        s = np.stack([p[0] for p in pairs], axis=1)
+        y = np.stack([p[1] for p in pairs], axis=1)
+        return _flat(stored, run.keys) - lbfgs_hvp(s, y, dw)
+
     def _add_pair(self, run: _Recovery, k: int, dw: np.ndarray, exact: Params,
                   stored: Params) -> None:
+        """Buffer ``(Δw, y = −(U_exact − U_stored))`` for client ``k`` (its newest
+        ``buffer_size`` kept), unless it fails the curvature safeguard."""
         y = -(_flat(exact, run.keys) - _flat(stored, run.keys))
         if not float(dw @ y) > CURVATURE_EPS * float(np.linalg.norm(dw) * np.linalg.norm(y)):
             run.pairs_skipped += 1
@@ -501,6 +610,21 @@ def _first_affected(history: HistoryStore, previous: Trajectory | None,
         if took_part & newly:
             return t
     return (rounds[-1] if rounds else 0) + 1
+
+
+def _replayed_updates(ctx: UnlearningContext, run: _Recovery) -> Iterable[list[np.ndarray]]:
+    """Per replayed round, the remaining clients' updates of the record being replayed (the
+    previous request's trajectory, or the store's rounds), flat; one round at a time."""
+    if run.previous is not None:
+        for rec in run.previous.rounds.values():
+            yield [_flat(u, run.keys) for k, u in zip(rec.round.clients, rec.round.stored,
+                                                      strict=True) if k not in ctx.removed]
+        return
+    history = ctx.history
+    for t in history.rounds():
+        record = history.round_record(t)
+        if record.updates_retained:
+            yield [_flat(history.update(t, k), run.keys) for k in record.participants]
 
 
 def _stored_global(history: HistoryStore, t: int) -> Params:

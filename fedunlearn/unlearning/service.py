@@ -6,7 +6,8 @@ federated ones work on the Flower federation and its history, centralized ones o
 clients' data pooled at one site (they are fitted once, before the first request). Each setting
 has a reference — ``retrain`` (federated) or ``central_retrain`` (centralized) — which runs
 first, and the speed-ups and distances of that setting are measured against it; with
-``verification.noise_floor`` a second retraining with other seeds gives the noise floor.
+``verification.noise_floor`` a second retraining gives the noise floor: the same initial model
+and participants, fresh client-side randomness (docs/algorithms.md, "Noise floor").
 After a request the history store is purged of the targets (unless ``unlearning.purge =
 false``) at the level ``history.purge``: ``"strict"`` (default) also deletes the global models
 from the targets' first round on and the final model, so nothing left re-solves their updates;
@@ -212,7 +213,8 @@ def build_methods(cfg: Config) -> list[Method]:
         _check_config(cfg, name, method)
         out.append(Method(name, method, role))
         if role == Role.REFERENCE and cfg.verification.noise_floor:
-            out.append(Method(name + NOISE_SUFFIX, _create(cfg, name, variant=1), Role.NOISE_FLOOR))
+            out.append(Method(name + NOISE_SUFFIX, _create(cfg, name, stream=1),
+                              Role.NOISE_FLOOR))
     unlisted_methods(cfg, {m.name for m in out})
     return out
 
