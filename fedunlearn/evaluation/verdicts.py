@@ -166,8 +166,9 @@ def decide(diffs: Sequence[float | None], margin: float, *, direction: str,
     Returns ``verdict``, ``n``, ``diff`` (mean), ``sd``, ``ci`` (the ``(1 − α)`` interval),
     ``tost_ci`` (the ``(1 − 2α)`` interval), ``p_equivalence`` (TOST's larger one-sided p),
     ``p_difference`` (two-sided t-test), ``margin``, ``alpha``, ``resolution`` (the smallest
-    margin TOST would have passed at) and ``seeds_needed`` (at ``margin``; for undecided
-    verdicts).
+    margin TOST would have passed at) and, for every verdict but ``matches``, ``seeds_needed``
+    (at ``margin`` with the observed spread; ``None`` when ``|mean| >= margin``, no number of
+    seeds would show equivalence).
 
     >>> decide([0.03, -0.03, 0.02], 0.02, direction=TARGET)["verdict"]
     'inconclusive'
@@ -216,8 +217,9 @@ def decide(diffs: Sequence[float | None], margin: float, *, direction: str,
     else:
         verdict = INCONCLUSIVE
     out["verdict"] = verdict
-    if verdict not in (MATCHES,):
-        out["seeds_needed"] = seeds_needed(mean, sd, margin, alpha=alpha)
+    if verdict != MATCHES:  # JSON has no infinity: null means no number of seeds would do
+        needed = seeds_needed(mean, sd, margin, alpha=alpha)
+        out["seeds_needed"] = int(needed) if math.isfinite(needed) else None
     return out
 
 

@@ -164,17 +164,21 @@ def plot_fidelity_speedup(results: Mapping[str, Any], path: Path) -> Figure:
     Returns
     -------
     matplotlib.figure.Figure
-        One labelled point per method row (log x axis), a marker per setting, and a dashed
-        line per setting at its noise floor (KL between two retrainings).
+        One labelled point per method row (log axes: methods whose KL differs by orders of
+        magnitude stay apart), a marker per setting, and per setting a dashed line at its
+        noise floor (KL between two retrainings) inside a band of the floor's 95 % interval
+        over seeds (multi-seed runs).
     """
     clients, rows = _first_request(results)
     fig = _figure(10.5, 6.0)
     ax = fig.subplots()
     points = _fidelity_points(rows)
-    floors = {s: v for s, r in _by_role(rows, Role.NOISE_FLOOR).items()
-              if (v := _metric(r, "kl_forget")) is not None}
+    floor_rows = _by_role(rows, Role.NOISE_FLOOR)
+    floors = {s: v for s, r in floor_rows.items() if (v := _metric(r, "kl_forget")) is not None}
+    spreads = {s: float(h) for s, r in floor_rows.items()
+               if (h := (r.get("spread") or {}).get("kl_forget")) is not None}
     _scatter_methods(ax, points)
-    _noise_floor_lines(ax, floors)
+    _noise_floor_lines(ax, floors, spreads)
     ax.axvline(1.0, ls=":", lw=1.0, color="gray", label="as fast as retraining (1×)")
     _fidelity_axes(ax, points, floors)
     if not points:
@@ -205,11 +209,16 @@ def _scatter_methods(ax: Axes, points: list[tuple[dict[str, Any], float, float]]
         ax.annotate(r["method"], (x, y), xytext=(6, 4), textcoords="offset points", fontsize=9)
 
 
-def _noise_floor_lines(ax: Axes, floors: dict[str, float]) -> None:
+def _noise_floor_lines(ax: Axes, floors: dict[str, float],
+                       spreads: dict[str, float] | None = None) -> None:
     for setting, v in floors.items():
         label = NOISE_FLOOR_LABEL if len(floors) == 1 else f"{NOISE_FLOOR_LABEL}, {setting}"
         colour = _style(setting)[0]
         ax.axhline(v, ls="--", lw=1.2, color=colour, label=label)
+        if spreads and setting in spreads and v > 0:
+            low = max(v - spreads[setting], v / 100)  # the log axis cannot show 0 or below
+            ax.axhspan(low, v + spreads[setting], color=colour, alpha=0.12, lw=0,
+                       label=f"{label}: 95 % interval over seeds")
         ax.text(0.01, v, label, transform=ax.get_yaxis_transform(), va="bottom", fontsize=8,
                 color=colour)
 
@@ -219,10 +228,14 @@ def _fidelity_axes(ax: Axes, points: list[tuple[dict[str, Any], float, float]],
     from matplotlib.ticker import FuncFormatter
 
     xs = [x for _, x, _ in points] + [1.0]
-    top = max([y for _, _, y in points] + list(floors.values()) + [0.0])
+    ys = [y for _, _, y in points if y > 0] + [v for v in floors.values() if v > 0]
     ax.set_xscale("log")
     ax.set_xlim(min(xs) / 2, max(xs) * 2)
-    ax.set_ylim(0.0, top * 1.2 if top > 0 else 1.0)
+    if ys:
+        ax.set_yscale("log")
+        ax.set_ylim(min(ys) / 3, max(ys) * 3)
+    else:
+        ax.set_ylim(0.0, 1.0)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
     ax.grid(alpha=0.3, which="both")
     ax.set_xlabel("speed-up over retraining (×)")

@@ -391,9 +391,9 @@ def verdict_cell(v: Mapping[str, Any] | None, spec: str) -> str:
     if verdict == "inconclusive":
         if v.get("resolution") is not None:
             text += f" res{format(v['resolution'], spec)}"
-        needed = v.get("seeds_needed")
-        if needed is not None:
-            text += " →∞" if needed == math.inf or needed is None else f" →{int(needed)}"
+        if "seeds_needed" in v:
+            needed = v["seeds_needed"]
+            text += " →∞" if needed is None else f" →{int(needed)}"
     return text
 
 

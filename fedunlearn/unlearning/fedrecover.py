@@ -624,7 +624,8 @@ def _replayed_updates(ctx: UnlearningContext, run: _Recovery) -> Iterable[list[n
     for t in history.rounds():
         record = history.round_record(t)
         if record.updates_retained:
-            yield [_flat(history.update(t, k), run.keys) for k in record.participants]
+            yield [_flat(history.update(t, k), run.keys) for k in record.participants
+                   if k not in ctx.removed]
 
 
 def _stored_global(history: HistoryStore, t: int) -> Params:
