@@ -167,6 +167,8 @@ def projected_ascent(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: Ascen
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(xt[idx]), yt[idx])
             (-loss).backward()  # ascent: descend on the negated loss
+            if spec.clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, spec.clip_norm)
             opt.step()
             if math.isfinite(spec.radius):
                 project_onto_ball_(params, center, spec.radius)

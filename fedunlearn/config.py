@@ -392,6 +392,11 @@ class VerificationSection:
         fresh client-side randomness, so that every distance to retraining is reported beside
         the distance between two retrainings, and each verdict's margin δ is that distance
         (default true).
+    independent_retrain : bool
+        Also retrain fully independently (a new initial model, other participants and
+        shuffles), per setting and request, as context beside the noise floor: the row
+        ``retrain_independent`` (role ``context``); no verdict uses it (default false: it costs
+        one more retraining).
     verdict_alpha : float
         Level of the verdict's tests against retraining (default 0.05): "matches" when TOST at
         this level shows equivalence within δ, "worse"/"better"/"differs" when a two-sided
@@ -428,6 +433,7 @@ class VerificationSection:
     """
 
     noise_floor: bool = True
+    independent_retrain: bool = False
     verdict_alpha: float = 0.05
     mia_shadows: int = 4
     shadow_epochs: float = 20.0

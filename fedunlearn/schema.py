@@ -25,6 +25,9 @@ class Role(StrEnum):
     """A second retraining from the same initial model and participants with fresh client-side
     randomness: how far two retrainings are apart where the methods do not share retraining's
     randomness."""
+    CONTEXT = "context"
+    """A fully independent retraining (new initial model, participants and shuffles), shown
+    beside the noise floor for context; no verdict uses it."""
     METHOD = "method"
     """A removal method judged against the reference."""
 
@@ -39,6 +42,8 @@ SETTINGS: tuple[str, ...] = tuple(REFERENCE)
 """Settings in table order: federated first."""
 
 NOISE_SUFFIX = "_seed2"
+INDEPENDENT_SUFFIX = "_independent"
+"""Suffix of the independent retraining's method name (``retrain_independent``)."""
 """Suffix of the noise-floor row's method name (``retrain_seed2``)."""
 
 MIA_ATTACKS: tuple[str, ...] = ("mia_loss", "mia_lira", "mia_lira_plain")
@@ -84,7 +89,6 @@ CSV_COLUMNS: tuple[str, ...] = ("request", "seed", "setting", "role", "method", 
                                  *COST_KEYS)
 """The header of ``metrics.csv``."""
 
-ROLES: tuple[str, ...] = ("original", "reference", "noise_floor", "method")
 SETTINGS: tuple[str, ...] = ("federated", "centralized")
 
 

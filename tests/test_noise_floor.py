@@ -68,3 +68,13 @@ def test_the_configured_noise_floor_is_the_coupled_one() -> None:
     assert floor.role == "noise_floor" and floor.name == "retrain_seed2"
     assert (floor.method.variant, floor.method.stream) == (0, 1)
     assert np.isfinite(ref.method.stream) and ref.method.stream == 0
+
+
+def test_the_independent_retraining_is_opt_in_context() -> None:
+    cfg = small_config("unlearning.requests=[[0]]", 'unlearning.methods=["retrain"]',
+                       "verification.independent_retrain=true")
+    methods = {m.name: m for m in build_methods(cfg)}
+    independent = methods["retrain_independent"]
+    assert independent.role == "context" and independent.method.variant == 1
+    assert "retrain_independent" not in {m.name for m in build_methods(
+        small_config("unlearning.requests=[[0]]", 'unlearning.methods=["retrain"]'))}

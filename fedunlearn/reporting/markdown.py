@@ -207,6 +207,8 @@ def _md_distances(rows: list[dict[str, Any]], show_setting: bool) -> str:
         floor = _by_role(mine, Role.NOISE_FLOOR).get(setting)
         if floor is not None:
             lines.append({**floor, "method": NOISE_FLOOR_LABEL})
+        lines += [{**r, "method": f"{r['method']} (independent, context)"} for r in mine
+                  if r["role"] == Role.CONTEXT]
     cols = _lead_columns(show_setting) + [_metric_column(h, k, ".4g") for h, k in _DISTANCES]
     table = _md_table(cols, lines)
     if not any(r["role"] == Role.NOISE_FLOOR for r in rows):

@@ -53,7 +53,7 @@ from fedunlearn.history import HistoryError, HistoryStore
 from fedunlearn.lineage import LineageLog, params_hash
 from fedunlearn.params import Params
 from fedunlearn.reporting.tables import epoch_count
-from fedunlearn.schema import NOISE_SUFFIX, REFERENCE, SETTINGS, Role, Row
+from fedunlearn.schema import INDEPENDENT_SUFFIX, NOISE_SUFFIX, REFERENCE, SETTINGS, Role, Row
 from fedunlearn.seeding import derive_seed, sample_participants
 from fedunlearn.training import local_training
 from fedunlearn.unlearning.base import (
@@ -79,7 +79,7 @@ class Method:
 
     name: str
     method: Unlearner
-    role: str  # "reference" | "noise_floor" | "method"
+    role: str  # a Role
 
     @property
     def setting(self) -> str:
@@ -215,6 +215,9 @@ def build_methods(cfg: Config) -> list[Method]:
         if role == Role.REFERENCE and cfg.verification.noise_floor:
             out.append(Method(name + NOISE_SUFFIX, _create(cfg, name, stream=1),
                               Role.NOISE_FLOOR))
+        if role == Role.REFERENCE and cfg.verification.independent_retrain:
+            out.append(Method(name + INDEPENDENT_SUFFIX, _create(cfg, name, variant=1),
+                              Role.CONTEXT))
     unlisted_methods(cfg, {m.name for m in out})
     return out
 
