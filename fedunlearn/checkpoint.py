@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import time
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -41,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from fedunlearn.federation.port import RoundReport, RoundSummary
-from fedunlearn.history import atomic_write
+from fedunlearn.history import atomic_write, remove_file
 from fedunlearn.params import Params
 
 RUN_FILE = "run.json"
@@ -70,10 +71,26 @@ def _plain(x: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def read_json(path: Path) -> Any:
+def read_bytes(path: Path) -> bytes:
+    """A run directory's file, never through a symbolic link (docs/history.md, "Threat
+    model"): a shared run directory must not make a resume read a file outside it."""
+    if path.is_symlink():
+        raise ResumeError(f"'{path}' is a symbolic link; a run directory's files are plain "
+                          "files, so it was edited: rerun into a new --out")
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise ResumeError(f"'{path}' cannot be read ({exc.strerror or exc}); the run cannot "
+                          "be resumed from it") from None
+
+
+def read_json(path: Path) -> Any:
+    data = read_bytes(path)
+    try:
+        return json.loads(data)
+    except ValueError as exc:
         raise ResumeError(f"'{path}' cannot be read ({exc}); the run cannot be resumed from "
                           "it") from None
 
@@ -148,7 +165,7 @@ class Checkpointer:
     def finish(self) -> None:
         """Training has finished: the final model is in the history store."""
         for name in (CHECKPOINT_META, CHECKPOINT_ARRAYS):
-            (self.dir / name).unlink(missing_ok=True)
+            remove_file(self.dir / name)
 
 
 def load_checkpoint(seed_dir: Path) -> Checkpoint | None:
@@ -158,17 +175,26 @@ def load_checkpoint(seed_dir: Path) -> Checkpoint | None:
         return None
     meta = read_json(meta_path)
     arrays_path = Path(seed_dir) / CHECKPOINT_ARRAYS
-    if not arrays_path.exists():
+    if not arrays_path.exists() and not arrays_path.is_symlink():
         raise ResumeError(f"'{arrays_path}' is missing although {CHECKPOINT_META} lists it; the "
                           "checkpoint is incomplete, rerun into a new --out")
-    data = arrays_path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-        raise ResumeError(f"'{seed_dir / CHECKPOINT_ARRAYS}' does not match its checksum in "
-                          f"{CHECKPOINT_META}; the checkpoint is damaged")
-    with np.load(io.BytesIO(data)) as arrays:
-        model = {name: arrays[f"a{i}"] for i, name in enumerate(meta["names"])}
-    return Checkpoint(round=int(meta["round"]), model=model,
-                      rounds=[RoundSummary(**r) for r in meta["rounds"]])
+    data = read_bytes(arrays_path)
+    damaged = (f"'{arrays_path}' is damaged ({{}}); rerun into a new --out, or delete "
+               f"{CHECKPOINT_META} and {CHECKPOINT_ARRAYS} to resume training from round 1")
+    if not isinstance(meta, dict) or hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+        raise ResumeError(damaged.format(f"it does not match its checksum in {CHECKPOINT_META}"))
+    try:
+        names, rnd = meta["names"], meta["round"]
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)
+                and isinstance(rnd, int) and not isinstance(rnd, bool) and rnd >= 1):
+            raise ValueError("'names' must list array names and 'round' be a round number")
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            model = {name: arrays[f"a{i}"] for i, name in enumerate(names)}
+        rounds = [RoundSummary(**r) for r in meta["rounds"]]
+    except (KeyError, ValueError, TypeError, OSError, zipfile.BadZipFile) as exc:
+        raise ResumeError(damaged.format(str(exc).splitlines()[0][:160] if str(exc)
+                                         else type(exc).__name__)) from None
+    return Checkpoint(round=rnd, model=model, rounds=rounds)
 
 
 # ------------------------------------------------------------------------------ requests
@@ -199,11 +225,7 @@ def load_serving(seed_dir: Path) -> tuple[dict[str, Any], dict[str, Params]] | N
     if why := _serving_problem(state):
         raise ResumeError(f"'{meta_path}' is damaged ({why}); rerun into a new --out")
     arrays_path = Path(seed_dir) / SERVING_ARRAYS
-    try:
-        data = arrays_path.read_bytes() if arrays_path.exists() else b""
-    except OSError as exc:
-        raise ResumeError(f"'{arrays_path}' cannot be read ({exc.strerror or exc}); rerun "
-                          "into a new --out") from None
+    data = read_bytes(arrays_path) if arrays_path.exists() or arrays_path.is_symlink() else b""
     if hashlib.sha256(data).hexdigest() != state["sha256"]:
         raise ResumeError(f"'{arrays_path}' is missing or does not match its checksum in "
                           f"{SERVING_FILE}; rerun into a new --out")
@@ -243,4 +265,4 @@ def _serving_problem(state: Any) -> str | None:
 def clear_serving(seed_dir: Path) -> None:
     """Every request is served: the part-served state goes."""
     for name in (SERVING_FILE, SERVING_ARRAYS):
-        (Path(seed_dir) / name).unlink(missing_ok=True)
+        remove_file(Path(seed_dir) / name)

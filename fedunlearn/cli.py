@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ from fedunlearn.federation.flower import EngineStartError
 from fedunlearn.history import HistoryError
 from fedunlearn.interrupt import EXIT_CODE, Interrupted
 from fedunlearn.lineage import LineageError
+from fedunlearn.rundir_lock import RunDirLocked
 from fedunlearn.unlearning.base import HistoryNotReplayable
 from fedunlearn.unlearning.service import RequestError
 
@@ -138,18 +140,20 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace, *, compare: bool = False) -> int:
     from fedunlearn.experiment import default_out_dir, with_centralized
-    from fedunlearn.preflight import preflight
+    from fedunlearn.preflight import preflight, writer_lock
     from fedunlearn.runner import run_experiment
 
     overrides = list(args.overrides)
     if args.seeds is not None:
         overrides.append(f"experiment.seeds=[{_seed_list(args.seeds)}]")
     cfg = load_config(args.config, overrides)
-    out = args.out or default_out_dir(cfg)
-    preflight(cfg, out)  # the machine and --out, before any extension module is imported
-    if compare:
-        cfg = with_centralized(cfg)
-    run_experiment(cfg, out, command="compare" if compare else "run")
+    out = args.out = args.out or default_out_dir(cfg)  # (the messages of main name it)
+    command = "compare" if compare else "run"
+    with writer_lock(out, command):  # a live run in --out is refused before anything else
+        preflight(cfg, out)  # the machine and --out, before any extension module is imported
+        if compare:
+            cfg = with_centralized(cfg)
+        run_experiment(cfg, out, command=command)
     return 0
 
 
@@ -158,22 +162,25 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from fedunlearn.config import from_run_dict
     from fedunlearn.experiment import validate_names
     from fedunlearn.federation.strategy import keeps_history_identity
-    from fedunlearn.preflight import check_engine
+    from fedunlearn.preflight import check_engine, writer_lock
     from fedunlearn.runner import run_experiment
 
     out = args.run_dir
-    if (out / "results.json").exists():
-        raise ConfigError(f"'{out}' already holds results.json: that run finished, there is "
-                          "nothing to resume")
-    run = read_run_file(out)
-    cfg = from_run_dict(run["config"])  # keys added since the run began keep its behaviour
-    validate_names(cfg)  # imports the run's extensions (its strategy may be one of them)
-    t = cfg.training
-    if keeps_history_identity(t.strategy, t.strategy_params) is False:
-        raise ConfigError(f"strategy '{t.strategy}' keeps server state between rounds that "
-                          "is not checkpointed; such a run cannot be resumed")
-    check_engine(cfg)
-    run_experiment(cfg, out, command=run["command"], resume=True)  # notes the resumption
+    # a live run is refused before anything is read or written (a missing directory is
+    # named by read_run_file below)
+    with writer_lock(out, "resume") if out.is_dir() else contextlib.nullcontext():
+        if (out / "results.json").exists():
+            raise ConfigError(f"'{out}' already holds results.json: that run finished, there "
+                              "is nothing to resume")
+        run = read_run_file(out)
+        cfg = from_run_dict(run["config"])  # keys added since the run began keep its behaviour
+        validate_names(cfg)  # imports the run's extensions (its strategy may be one of them)
+        t = cfg.training
+        if keeps_history_identity(t.strategy, t.strategy_params) is False:
+            raise ConfigError(f"strategy '{t.strategy}' keeps server state between rounds that "
+                              "is not checkpointed; such a run cannot be resumed")
+        check_engine(cfg)
+        run_experiment(cfg, out, command=run["command"], resume=True)  # notes the resumption
     return 0
 
 
@@ -215,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "lineage":
             return cmd_lineage(args)
     except (ConfigError, HistoryError, LineageError, RequestError, ResumeError, ShadowDiverged,
-            HistoryNotReplayable, ClientFailure, EngineStartError) as exc:
+            HistoryNotReplayable, ClientFailure, EngineStartError, RunDirLocked) as exc:
         print(f"fedunlearn: error: {exc}", file=sys.stderr)
         return 2
     except Interrupted:  # the run printed where it stopped and how to resume it
@@ -228,10 +235,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # a full disk, a file-size limit, a directory gone read-only
         where = f"'{exc.filename}'" if exc.filename else "a file"
         print(f"fedunlearn: error: cannot write {where} ({exc.strerror or exc}); free space or "
-              "lift the limit, then continue with `fedunlearn resume RUN_DIR` (what is stored "
-              "is intact)", file=sys.stderr)
+              f"lift the limit, then {_after_write_failure(args)}", file=sys.stderr)
         return 2
     return 1
+
+
+def _after_write_failure(args: argparse.Namespace) -> str:
+    """What to do once a write failure is fixed: for a run, resume it in its directory
+    (named); for ``report``, run the command again."""
+    run_dir = args.out if args.command in ("run", "compare") else (
+        args.run_dir if args.command == "resume" else None)
+    if run_dir is None:
+        return "run the command again"
+    return f"continue with `fedunlearn resume {run_dir}` (what is stored is intact)"
 
 
 if __name__ == "__main__":

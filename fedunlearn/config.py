@@ -2,7 +2,11 @@
 
 A config file has one table per section below; every key is optional and defaults to the value
 shown. Unknown sections or keys, wrong types and impossible values stop with a one-line
-:class:`ConfigError` naming the key and what is allowed, before any work starts.
+:class:`ConfigError` naming the key and what is allowed, before any work starts. Every float,
+also inside the parameter tables (``model.params``, ``training.strategy_params``,
+``unlearning.params.*``, ...), must be a number and finite (only the keys of
+:data:`INFINITY_ALLOWED` take ``inf``); counts and durations that would make a run endless are
+bounded (:data:`MAX_ROUNDS`, :data:`MAX_SEEDS`, :data:`MAX_SECONDS`).
 
 Only typed objects travel inward: code below the command line never sees a raw dict.
 """
@@ -10,6 +14,7 @@ Only typed objects travel inward: code below the command line never sees a raw d
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import types
@@ -19,12 +24,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedunlearn.console import listed
+
 
 class ConfigError(ValueError):
     """A config problem, reported in one line that says what to change."""
 
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+
+MAX_ROUNDS = 1_000_000
+"""Most ``training.rounds`` a run may have (a million rounds of the smallest federation take
+days; every per-round check before work stays within seconds below it)."""
+MAX_SEEDS = 1000
+"""Most seeds a run may list (each is prepared, data and model, before any work)."""
+MAX_SECONDS = 1_000_000.0
+"""Longest wait a duration key may give (about 11.6 days; Python's waits overflow near 9.2e9 s)."""
+INFINITY_ALLOWED = frozenset({"verification.shadow_budget"})
+"""The float keys for which ``inf`` means something (no bound); NaN is refused everywhere."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +81,8 @@ class ExperimentSection:
     extensions: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        _check(len(self.seeds) <= MAX_SEEDS, "experiment.seeds",
+               f"lists {len(self.seeds)} seeds; at most {MAX_SEEDS:,} are allowed")
         _check(len(set(self.seeds)) == len(self.seeds), "experiment.seeds", "lists a seed twice")
         _check(all(s >= 0 for s in [self.seed, *self.seeds]), "experiment.seed",
                "seeds must be >= 0")
@@ -205,7 +224,8 @@ class TrainingSection:
     evaluate_fraction: float = 0.0
 
     def __post_init__(self) -> None:
-        _check(self.rounds >= 1, "training.rounds", "must be >= 1")
+        _check(1 <= self.rounds <= MAX_ROUNDS, "training.rounds",
+               f"= {self.rounds} must be from 1 to {MAX_ROUNDS:,} (the limit of a run's rounds)")
         _check(0 < self.sample_fraction <= 1, "training.sample_fraction", "must be in (0, 1]")
         _check(self.local_epochs > 0, "training.local_epochs", "must be > 0")
         _check(self.batch_size >= 1, "training.batch_size", "must be >= 1")
@@ -294,6 +314,10 @@ class EngineSection:
         _check(self.num_gpus >= 0, "engine.num_gpus", "must be >= 0")
         _check(self.pull_interval > 0, "engine.pull_interval", "must be > 0")
         _check(self.dispatch_interval > 0, "engine.dispatch_interval", "must be > 0")
+        for key in ("pull_interval", "dispatch_interval", "client_timeout_s",
+                    "startup_timeout_s", "shutdown_grace_s"):
+            _check(getattr(self, key) <= MAX_SECONDS, f"engine.{key}",
+                   f"= {getattr(self, key):g} s is above the limit of {MAX_SECONDS:,.0f} s")
         _check(self.client_timeout_s > 0, "engine.client_timeout_s", "must be > 0")
         _choice("engine.on_client_failure", self.on_client_failure, ("abort", "drop"))
         _check(self.client_retries >= 0, "engine.client_retries", "must be >= 0")
@@ -366,11 +390,13 @@ class UnlearningSection:
         seen: set[int] = set()
         for i, request in enumerate(self.requests):
             _check(bool(request), "unlearning.requests", f"entry {i} is empty")
-            _check(len(set(request)) == len(request), "unlearning.requests",
-                   f"entry {i} names a client twice: {list(request)}")
+            twice = sorted({c for c in request if request.count(c) > 1}) \
+                if len(set(request)) != len(request) else []
+            _check(not twice, "unlearning.requests",
+                   f"entry {i} names a client twice ({listed(twice)})")
             again = sorted(seen & set(request))
             _check(not again, "unlearning.requests",
-                   f"entry {i} asks again for clients {again}, already removed by an earlier "
+                   f"entry {i} asks again for {listed(again)}, already removed by an earlier "
                    "request")
             seen |= set(request)
         _check(len(set(self.methods)) == len(self.methods), "unlearning.methods",
@@ -476,11 +502,12 @@ class Config:
     def __post_init__(self) -> None:
         k = self.data.num_clients
         bad = [c for c in self.backdoor.clients if not 0 <= c < k]
-        _check(not bad, "backdoor.clients", f"ids {bad} are not clients; use ids in 0..{k - 1}")
+        _check(not bad, "backdoor.clients", f"{listed(bad, 'id')} are not clients; use ids in "
+               f"0..{k - 1}")
         asked = sorted({c for r in self.unlearning.requests for c in r})
         bad = [c for c in asked if not 0 <= c < k]
-        _check(not bad, "unlearning.requests", f"ids {bad} are not clients; use ids in "
-               f"0..{k - 1}")
+        _check(not bad, "unlearning.requests", f"{listed(bad, 'id')} are not clients; use ids "
+               f"in 0..{k - 1}")
         _check(len(asked) < k, "unlearning.requests", "would remove every client; keep at "
                "least one")
 
@@ -567,8 +594,34 @@ def _section(cls: type, table: Any, name: str) -> Any:
         if not _type_ok(value, hints[key]):
             raise ConfigError(f"config key '{name}.{key}' must be of type "
                               f"{_type_name(hints[key])}, got {value!r}{_culprit(value, hints[key])}")
+        _check_finite(f"{name}.{key}", value)
         kwargs[key] = float(value) if hints[key] is float else value
     return cls(**kwargs)
+
+
+def _check_finite(key: str, value: Any) -> None:
+    """Refuse a NaN or an infinity anywhere in ``value`` (a float, or a table or list holding
+    floats, e.g. ``unlearning.params``); ``inf`` is allowed for :data:`INFINITY_ALLOWED`.
+
+    >>> _check_finite("unlearning.params", {"pga": {"epochs": 2.0}})
+    >>> try:
+    ...     _check_finite("unlearning.params", {"pga": {"epochs": float("inf")}})
+    ... except ConfigError as exc:
+    ...     print(exc)
+    config key 'unlearning.params.pga.epochs' = inf is not a finite number; give a finite value
+    """
+    if isinstance(value, float):
+        if math.isnan(value):
+            raise ConfigError(f"config key '{key}' = nan is not a number; give a finite value")
+        if math.isinf(value) and key not in INFINITY_ALLOWED:
+            raise ConfigError(f"config key '{key}' = {value} is not a finite number; give a "
+                              "finite value")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(f"{key}.{k}", v)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(f"{key}[{i}]", v)
 
 
 def from_dict(raw: Mapping[str, Any]) -> Config:
@@ -646,7 +699,10 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         if not p.is_file():
             raise ConfigError(f"config file '{p}' not found; see simulations/ for examples")
         try:
-            raw = tomllib.loads(p.read_text())
+            raw = tomllib.loads(p.read_text(encoding="utf-8-sig"))  # a byte-order mark is fine
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file '{p}' is not UTF-8 text (byte {exc.start}); save it "
+                              "as UTF-8") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file '{p}' is not valid TOML: {exc}") from None
     for text in overrides:
@@ -658,4 +714,15 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
                 where = ".".join(keys[:depth + 1])
                 raise ConfigError(f"--set {text}: config key '{where}' is not a table")
         table[keys[-1]] = value
+    _check_given(raw)
     return from_dict(raw)
+
+
+def _check_given(raw: Mapping[str, Any]) -> None:
+    """Refuse what is wrong only as given by a user (a config file or ``--set``), not in the
+    resolved config of a run (``run.json`` lists ``seeds = []`` for a one-seed run): an empty
+    ``experiment.seeds``, which would silently run ``experiment.seed`` alone."""
+    experiment = raw.get("experiment")
+    if isinstance(experiment, Mapping) and experiment.get("seeds", None) == []:
+        raise ConfigError("config key 'experiment.seeds' lists no seed; leave it out to run "
+                          "experiment.seed alone, or list the seeds to run (e.g. --seeds 0)")

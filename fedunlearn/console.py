@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Iterable
 from typing import NoReturn
 
 from fedunlearn.interrupt import EXIT_CODE  # standard library only
@@ -43,6 +44,23 @@ def entry() -> NoReturn:
               file=sys.stderr, flush=True)
         os._exit(EXIT_CODE)
     leave(code)
+
+
+def listed(ids: Iterable[int], noun: str = "client", *, first: int = 5) -> str:
+    """Ids for a one-line message: all of a short list, a count and the first few of a long
+    one (a start-up timeout at 100,000 clients must not print a 600 kB line).
+
+    >>> listed([3])
+    'clients [3]'
+    >>> listed(range(100_000))
+    '100000 clients (0, 1, 2, 3, 4, ...)'
+    >>> listed([9, 2, 7], "node")
+    'nodes [9, 2, 7]'
+    """
+    ids = list(ids)
+    if len(ids) <= first:
+        return f"{noun}s {ids}"
+    return f"{len(ids)} {noun}s ({', '.join(str(i) for i in ids[:first])}, ...)"
 
 
 def leave(code: int) -> NoReturn:

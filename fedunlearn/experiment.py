@@ -18,6 +18,7 @@ from fedunlearn.aggregation import difference
 from fedunlearn.checkpoint import Checkpoint, Checkpointer
 from fedunlearn.checks import check_local_training, check_step_params, check_strategy, checked_model
 from fedunlearn.config import Config, ConfigError
+from fedunlearn.console import listed
 from fedunlearn.data.federated import FederatedData, build_federated_data
 from fedunlearn.data.sources import SOURCES
 from fedunlearn.extensions import (
@@ -117,7 +118,7 @@ def prepare(cfg: Config) -> Setup:
                           f"{describe_failure(exc)}") from None
     empty = [k for k, d in enumerate(data.clients) if len(d) == 0]
     if empty:
-        raise ConfigError(f"clients {empty} received no data; lower data.num_clients or raise "
+        raise ConfigError(f"{listed(empty)} received no data; lower data.num_clients or raise "
                           "data.alpha")
     model = checked_model(cfg, data)
     initial = get_params(model)
@@ -193,18 +194,23 @@ def check_replayable(cfg: Config) -> None:
 
 def _check_requests_against_sampling(cfg: Config) -> None:
     """Participation is decided by the seeded sampler, so a request for a client that will
-    never take part is refused before training starts."""
+    never take part is refused before training starts.
+
+    The rounds are drawn in order until every requested client has been seen: one round when
+    every client takes part, about ``K/m · ln(requested)`` rounds when ``m`` of ``K`` do; all
+    ``training.rounds`` (at most :data:`~fedunlearn.config.MAX_ROUNDS`) only for a client the
+    run truly never samples."""
     t = cfg.training
-    asked = {c for r in cfg.unlearning.requests for c in r}
-    if not asked:
-        return
-    sampled = {c for r in range(1, t.rounds + 1)
-               for c in sample_participants(cfg.seed, r, cfg.data.num_clients, t.sample_fraction)}
-    never = sorted(asked - sampled)
-    if never:
-        raise ConfigError(f"config key 'unlearning.requests' names clients {never}, which are "
-                          "never sampled for training with this seed and sample_fraction; "
-                          "remove them from the requests")
+    unseen = {c for r in cfg.unlearning.requests for c in r}
+    for r in range(1, t.rounds + 1):
+        if not unseen:
+            return
+        unseen.difference_update(sample_participants(cfg.seed, r, cfg.data.num_clients,
+                                                     t.sample_fraction))
+    if unseen:
+        raise ConfigError(f"config key 'unlearning.requests' names {listed(sorted(unseen))}, "
+                          "which are never sampled for training with this seed and "
+                          "sample_fraction; remove them from the requests")
 
 
 class HistoryRecorder:

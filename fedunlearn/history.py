@@ -120,6 +120,12 @@ class HistoryCorruptError(HistoryError):
     contradicts itself."""
 
 
+class UnsafePathError(HistoryCorruptError):
+    """A path read from a run directory's files that is not a plain relative path inside it
+    (absolute, with ``..``, through a symbolic link, or not a name the format uses); nothing
+    was read, written or deleted through it."""
+
+
 class HistoryPurgedError(HistoryError):
     """A global model was asked for that a strict purge deleted."""
 
@@ -155,6 +161,25 @@ def identity_deviation(actual: Mapping[str, np.ndarray],
     return out if np.isfinite(out) else float("inf")
 
 
+FileOpHook = Callable[[str, Path], None]
+_file_op_hook: FileOpHook | None = None
+
+
+def set_file_op_hook(hook: FileOpHook | None) -> FileOpHook | None:
+    """Install ``hook(op, path)``, called before every file operation that changes a run
+    directory through this module (``create``, ``fsync``, ``replace``, ``fsync-dir``,
+    ``syncfs``, ``unlink``): the seam of the crash tests, which kill the process at each
+    operation in turn (``tests/crash_harness.py``). Returns the previous hook."""
+    global _file_op_hook
+    previous, _file_op_hook = _file_op_hook, hook
+    return previous
+
+
+def _op(op: str, path: Path) -> None:
+    if _file_op_hook is not None:
+        _file_op_hook(op, path)
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -166,13 +191,16 @@ def _atomic_write(path: Path, data: bytes, *, sync: bool = True) -> None:
     it the caller must make them durable (:func:`_sync_paths`) before anything refers to them.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    _op("create", path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             if sync:
                 fh.flush()
+                _op("fsync", path)
                 os.fsync(fh.fileno())
+        _op("replace", path)
         os.replace(tmp, path)
     except OSError as exc:  # a full disk or a file-size limit: name the file
         Path(tmp).unlink(missing_ok=True)
@@ -181,6 +209,7 @@ def _atomic_write(path: Path, data: bytes, *, sync: bool = True) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     if sync:
+        _op("fsync-dir", path.parent)
         _fsync_dir(path.parent)
 
 
@@ -218,6 +247,7 @@ def _sync_paths(root: Path, paths: Iterable[Path]) -> None:
     paths = list(paths)
     if not paths:
         return
+    _op("syncfs", root)
     if _SYNCFS is not None:
         fd = os.open(root, os.O_RDONLY)
         try:
@@ -235,9 +265,70 @@ def _sync_paths(root: Path, paths: Iterable[Path]) -> None:
 atomic_write = _atomic_write  # public: checkpoint files use the same durable write
 
 
+_STORE_FILE = re.compile(
+    r"rounds/\d{5,}/(meta(\.p\d+)?\.json|global\.npz|updates(\.p\d+)?\.npz)"
+    r"|sums/client_\d{5,}\.r\d{5,}\.npz|final\.npz")
+"""Every name a store file can have (relative to the store, POSIX separators)."""
+
+
+def confined(base: Path, rel: object, what: str, *,
+             pattern: re.Pattern[str] | None = None) -> Path:
+    """``base / rel`` after checking that ``rel``, read from a file of ``base``, stays inside
+    it: a relative, normalised POSIX path (no ``..``, ``.``, empty part or backslash) whose
+    every existing component below ``base`` is a plain directory or file, never a symbolic
+    link; with ``pattern``, a name that pattern matches in full.
+
+    Everything a run directory holds is untrusted (docs/history.md, "Threat model"): no file
+    is opened, written or deleted through a path before this check.
+
+    Raises
+    ------
+    UnsafePathError
+        One line naming ``what`` and the path.
+
+    >>> confined(Path("/store"), "rounds/00001/global.npz", "x")
+    PosixPath('/store/rounds/00001/global.npz')
+    >>> confined(Path("/store"), "../etc/passwd", "a journal entry")
+    Traceback (most recent call last):
+    ...
+    fedunlearn.history.UnsafePathError: a journal entry names '../etc/passwd', which is not a relative path inside /store; the run directory was edited, do not use it
+    """
+    def refuse(why: str) -> UnsafePathError:
+        return UnsafePathError(f"{what} names {str(rel)[:120]!r}, which {why}; the run directory "
+                               "was edited, do not use it")
+
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
+        raise refuse(f"is not a relative path inside {base}")
+    parts = rel.split("/")
+    if rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise refuse(f"is not a relative path inside {base}")
+    if pattern is not None and not pattern.fullmatch(rel):
+        raise refuse("is not a file of this format")
+    path = base
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            raise refuse("passes through a symbolic link")
+    return path
+
+
+def read_confined(base: Path, rel: str, what: str) -> bytes:
+    """The bytes of ``base / rel`` (see :func:`confined`), opened without following a
+    symbolic link that appeared since the check."""
+    path = confined(base, rel, what)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read()
+
+
 def _remove(path: Path) -> None:
     """Delete ``path`` if it exists (every deletion of the store goes through here)."""
+    if path.exists() or path.is_symlink():
+        _op("unlink", path)
     path.unlink(missing_ok=True)
+
+
+remove_file = _remove  # public: checkpoint files are deleted the same way
 
 
 def _npz_bytes(params: Mapping[str, np.ndarray]) -> bytes:
@@ -367,7 +458,7 @@ class HistoryStore:
             raise HistoryError(f"{path} {'is a file' if path.exists() else 'does not exist'}; "
                                f"{where}")
         try:
-            manifest = json.loads((path / MANIFEST).read_text())
+            manifest = json.loads(read_confined(path, MANIFEST, "the history store"))
         except FileNotFoundError:
             inside = sorted({str(p) for pattern in ("history", "*/history", "*/seed-*/history")
                              for p in path.glob(pattern) if p.is_dir()})
@@ -803,12 +894,16 @@ class HistoryStore:
         if not path.exists():
             return
         try:
-            journal = json.loads(path.read_text())
+            journal = json.loads(read_confined(self.path, JOURNAL, "the purge journal"))
             ids = sorted(_as_ids(journal["clients"], "journal clients"))
             level = journal["level"]
             if level not in PURGE_LEVELS or not all(
                     isinstance(r, str) for r in [*journal["delete"], *journal["write"]]):
                 raise ValueError(level)
+            for rel in [*journal["delete"], *journal["write"]]:  # before anything is deleted
+                confined(self.path, rel, f"{JOURNAL} in {self.path}", pattern=_STORE_FILE)
+        except UnsafePathError:
+            raise
         except (OSError, ValueError, KeyError, TypeError, HistoryError) as err:
             raise HistoryCorruptError(f"{JOURNAL} in {self.path} is unreadable ({err}); a purge "
                                       "was interrupted, record the run again") from None
@@ -877,10 +972,13 @@ class HistoryStore:
             raise HistoryCorruptError(f"{rel} is not listed in {MANIFEST} of {self.path}; "
                                       "the history is inconsistent, record the run again")
         try:
-            data = (self.path / rel).read_bytes()
-        except OSError:
+            data = read_confined(self.path, rel, f"{MANIFEST} of {self.path}")
+        except FileNotFoundError:
             raise HistoryCorruptError(f"{rel} is missing in {self.path}; the history is "
                                       "incomplete, record the run again") from None
+        except OSError as err:
+            raise HistoryCorruptError(f"{rel} in {self.path} cannot be read "
+                                      f"({err.strerror or err}); record the run again") from None
         if len(data) != entry["bytes"] or _sha256(data) != entry["sha256"]:
             what = "has the wrong size" if len(data) != entry["bytes"] else "fails its checksum"
             raise HistoryCorruptError(f"{rel} {what} in {self.path}; the file is damaged, "
@@ -999,6 +1097,19 @@ class HistoryStore:
     def _check_layout(self) -> None:
         """The manifest's own structure, before any round meta is read."""
         m, where = self._m, f"{MANIFEST} of {self.path}"
+        for key in ("files", "round_meta", "sums"):
+            if not isinstance(m[key], dict):
+                raise HistoryCorruptError(f"{where}: '{key}' is not an object; the history was "
+                                          "edited, record the run again")
+        for rel in [*m["files"], *m["round_meta"].values(), *m["sums"].values(),
+                    *([m["final"]] if m["final"] is not None else [])]:
+            confined(self.path, rel, f"{where}", pattern=_STORE_FILE)
+        for rel, entry in m["files"].items():
+            if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
+                    and isinstance(entry.get("sha256"), str)):
+                raise HistoryCorruptError(f"{where}: the entry of {rel} lacks an integer 'bytes' "
+                                          "and a 'sha256'; the history was edited, record the "
+                                          "run again")
         rounds = m["rounds"]
         if not isinstance(rounds, list) or rounds != list(range(1, len(rounds) + 1)):
             gap = next((t for t in range(1, len(rounds) + 2) if t not in rounds), None) \

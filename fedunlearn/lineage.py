@@ -67,7 +67,11 @@ class LineageLog:
         record = {"event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   **fields}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as fh:
+        # never through a symbolic link: a shared run directory must not make us append to a
+        # file outside it (docs/history.md, "Threat model")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                     | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        with os.fdopen(fd, "a") as fh:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
@@ -79,9 +83,15 @@ class LineageLog:
         complete event before it was fsynced and stands. Damage anywhere else is a
         :class:`LineageError` naming the line, since the log is append-only.
         """
-        if not self.path.exists():
+        if not self.path.exists() and not self.path.is_symlink():
             return []
-        text = self.path.read_text(errors="replace")
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError as exc:
+            raise LineageError(f"{self.path} cannot be read ({exc.strerror or exc}; a lineage "
+                               "log is never a symbolic link)") from None
+        with os.fdopen(fd, "rb") as fh:
+            text = fh.read().decode(errors="replace")
         lines = text.split("\n")
         events: list[dict[str, Any]] = []
         for number, line in enumerate(lines, start=1):

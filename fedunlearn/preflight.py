@@ -1,17 +1,21 @@
 """Checks a run passes before anything is started or written: the machine and the output.
 
 The config's own checks (types, ranges, names) live with the config and the registries; what
-is here needs the machine: the engine's resources against its cores and GPUs, and an output
-directory that can be written. Each failure is one :class:`ConfigError` line saying what to do.
+is here needs the machine: the engine's resources against its cores and GPUs, an output
+directory that can be written, and no other live writer in it (:func:`writer_lock`). Each
+failure is one line saying what to do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from fedunlearn.config import Config, ConfigError
+from fedunlearn.rundir_lock import LOCK_FILE, run_dir_lock
 
 
 def available_cpus() -> int:
@@ -52,10 +56,11 @@ def check_engine(cfg: Config) -> None:
 
 
 def check_out_dir(out: Path) -> None:
-    """``out`` must be new or empty, and writable: create it (and its parents) if needed,
-    write and remove a probe file, and leave nothing behind that was not there before."""
+    """``out`` must be new or empty (but for this run's lock file), and writable: create it
+    (and its parents) if needed, write and remove a probe file, and leave nothing behind that
+    was not there before."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(p.name != LOCK_FILE for p in out.iterdir())):
         raise ConfigError(f"output directory '{out}' is not empty; nothing was overwritten - "
                           "choose another --out")
     created = []
@@ -84,3 +89,22 @@ def preflight(cfg: Config, out: Path) -> None:
     """Every check that needs the machine, in the order a user would fix them."""
     check_engine(cfg)
     check_out_dir(out)
+
+
+@contextlib.contextmanager
+def writer_lock(out: Path, command: str) -> Iterator[None]:
+    """Hold ``out``'s writer lock (:mod:`fedunlearn.rundir_lock`; a ``run`` creates a new
+    ``out``, removed again if the run is refused before writing into it). Another live writer
+    raises :class:`~fedunlearn.rundir_lock.RunDirLocked`; an ``out`` that cannot be created or
+    locked is a :class:`ConfigError`."""
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(run_dir_lock(Path(out), command=command,
+                                         create=command != "resume"))
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        what = "resumed" if command == "resume" else "written"
+        raise ConfigError(f"run directory '{out}' cannot be {what} ({reason})"
+                          + ("" if command == "resume" else "; choose another --out")) from None
+    with stack:
+        yield

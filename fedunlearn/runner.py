@@ -12,7 +12,6 @@ its own ``seed-S/`` directory. One ``results.json`` holds every seed's rows (eac
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,7 +43,7 @@ from fedunlearn.evaluation.summary import summarize
 from fedunlearn.evaluation.verdicts import INCONCLUSIVE
 from fedunlearn.experiment import Setup, prepare, train_federation
 from fedunlearn.federation.flower import Connect, FlowerFederation, run_engine
-from fedunlearn.history import MANIFEST, HistoryStore
+from fedunlearn.history import JOURNAL, MANIFEST, HistoryStore, confined
 from fedunlearn.lineage import LineageLog
 from fedunlearn.params import Params
 from fedunlearn.reporting import (
@@ -82,7 +81,8 @@ class SeedRun:
     setup: Setup
     store: HistoryStore | None = None
     lineage: LineageLog | None = None
-    final: Params | None = None
+    final: Params | None = None  # the trained model (None once a strict purge deleted it)
+    trained: bool = False  # training has finished (training.json)
     training: dict[str, Any] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
     purges: list[dict[str, Any]] = field(default_factory=list)
@@ -105,8 +105,34 @@ class SeedRun:
             update_dtype=self.cfg.history.dtype)
         self.lineage = LineageLog(self.out)
 
+    def check_resumable(self, root: Path) -> None:
+        """Refuse, reading files only (nothing is written, deleted or completed), a seed that
+        cannot be resumed: every refusal happens before any seed's store is opened, since
+        opening finishes an interrupted purge.
+
+        Raises
+        ------
+        ResumeError, UnsafePathError
+            A seed whose directory or history passes through a symbolic link; a seed
+            interrupted with requests left after a strict purge (done or journaled), whose
+            trained model those requests are measured against is gone; a seed whose methods
+            carry in-memory state into requests still to serve.
+        """
+        rel = self.out.relative_to(root).as_posix() if self.out != root else ""
+        history = confined(root, f"{rel}/history" if rel else "history", "the run directory")
+        if not history.exists() or (self.out / SERVED_FILE).exists() \
+                or not (self.out / TRAINING_FILE).exists():
+            return
+        k = _saved_next_request(self.out)
+        left = len(self.cfg.unlearning.requests) - k
+        if left > 0 and k > 0 and (why := _stateful_reason(self.cfg)):
+            raise self._final_stop(k, why)
+        if left > 0 and _strict_purge_on_disk(history):
+            raise self._final_stop(k, _STRICT_REASON)
+
     def restore(self) -> None:
-        """Reopen a seed of an interrupted run at its most advanced saved state."""
+        """Reopen a seed of an interrupted run at its most advanced saved state
+        (:meth:`check_resumable` first)."""
         path = self.out / "history"
         self.lineage = LineageLog(self.out)
         if not path.exists():  # interrupted before its first round: start it afresh
@@ -150,14 +176,13 @@ class SeedRun:
         k = state["next_request"]
         if saved is not None:
             self._check_saved(state)
-            if why := _stateful_reason(self.cfg):
-                raise self._final_stop(k, why)
         answered = {c for r in self.cfg.unlearning.requests[:k] for c in r}
         if stray := sorted(set(self.store.purged()) - answered):
             raise ResumeError(f"seed {self.seed} was interrupted while serving its requests, "
                               f"after clients {stray} were purged without a saved answer; "
                               "this seed cannot be resumed - rerun it into a new --out")
-        if self.store.globals_deleted_from() is not None:
+        left = len(self.cfg.unlearning.requests) - k
+        if self.store.globals_deleted_from() is not None and left:  # (check_resumable's)
             raise self._final_stop(k, _STRICT_REASON)
         if saved is not None:
             self.rows, self.verification = state["rows"], state["verification"]
@@ -166,7 +191,10 @@ class SeedRun:
                       for name, meta in state.get("states", {}).items()}
             self.resumption = Resumption(k, models, state["pending_purge"],
                                          state.get("before_purge"), states)
-        self.final = self.store.final_model()
+        # after the last request's strict purge no request is left to measure against the
+        # trained model, which that purge deleted: the seed only finishes its bookkeeping
+        self.final = self.store.final_model() if left else None
+        self.trained = True
         self.resume_event = {"request": k, "setting": "federated"}
 
     def _final_stop(self, k: int, why: str) -> ResumeError:
@@ -197,6 +225,7 @@ class SeedRun:
         run = train_federation(fed, self.setup, self.store, progress=not quiet,
                                lineage=self.lineage, checkpoints=self.out, start=self.start)
         self.final = run.final
+        self.trained = True
         self.training = training_block(run, engine=ENGINE, history_bytes=self.store.bytes_used())
         if self.start is not None:
             self.training["resumed_from_round"] = self.start.round
@@ -207,7 +236,9 @@ class SeedRun:
         # the centralized setting fits its own original; a resumed, served seed whose final
         # model was purged has no federated one left to offer
         trained = self.final if self.final is not None else self.setup.initial
-        assert setting == "centralized" or self.final is not None
+        assert setting == "centralized" or self.final is not None or (
+            self.resumption is not None
+            and self.resumption.next_request == len(self.cfg.unlearning.requests))
         federated = setting == "federated"
         journal = _Journal(self) if federated else None
         served = serve_requests(self.cfg, data=self.setup.data, trained=trained,
@@ -316,19 +347,45 @@ def _stateful_reason(cfg: Config) -> str | None:
     return None
 
 
+def _saved_next_request(seed_out: Path) -> int:
+    """The next request a part-served seed's ``serving.json`` names (0 without one)."""
+    if not (seed_out / SERVING_FILE).exists() and not (seed_out / SERVING_FILE).is_symlink():
+        return 0
+    state = read_json(seed_out / SERVING_FILE)
+    k = state.get("next_request") if isinstance(state, dict) else None
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise ResumeError(f"'{seed_out / SERVING_FILE}' is damaged ('next_request' is not a "
+                          "request number); rerun into a new --out")
+    return k
+
+
+def _strict_purge_on_disk(history: Path) -> bool:
+    """Whether a strict purge deleted the store's global models, or is journaled to (read
+    only: the store is not opened, so an interrupted purge is not finished here)."""
+    manifest = read_json(history / MANIFEST)
+    if isinstance(manifest, dict) and manifest.get("globals_deleted_from") is not None:
+        return True
+    journal = history / JOURNAL
+    if journal.exists() or journal.is_symlink():
+        entry = read_json(journal)
+        return isinstance(entry, dict) and entry.get("level") == "strict"
+    return False
+
+
 def _not_resumable(out: Path) -> str | None:
     """Why a part-served seed of ``out`` cannot be resumed, read from its files (``None`` if
     nothing stands in the way; never raises, the farewell must always be printed)."""
     try:
+        cfg = from_run_dict(read_json(out / "run.json")["config"])
         for seed_out in (out, *sorted(out.glob("seed-*"))):
             if (seed_out / SERVED_FILE).exists() or not (seed_out / "history").exists():
                 continue
-            manifest = json.loads((seed_out / "history" / MANIFEST).read_text())
-            if manifest.get("globals_deleted_from") is not None:
+            k = _saved_next_request(seed_out)
+            if k >= len(cfg.unlearning.requests):
+                continue  # only bookkeeping is left (a last purge, results)
+            if _strict_purge_on_disk(seed_out / "history"):
                 return _STRICT_REASON
-            if (seed_out / SERVING_FILE).exists() and \
-                    json.loads((seed_out / SERVING_FILE).read_text())["next_request"] > 0 and \
-                    (why := _stateful_reason(from_run_dict(read_json(out / "run.json")["config"]))):
+            if k > 0 and (why := _stateful_reason(cfg)):
                 return why
     except Exception:  # noqa: BLE001 - a farewell never fails; resume will say what is wrong
         return None
@@ -357,7 +414,19 @@ def run_experiment(cfg: Config, out: Path, *, quiet: bool = False, command: str 
 
     SIGINT or SIGTERM during 3 or 4 stop the run at the next round boundary
     (:mod:`fedunlearn.interrupt`) with :class:`~fedunlearn.interrupt.Interrupted`.
+
+    ``out`` is locked for the whole run (:mod:`fedunlearn.rundir_lock`): another live writer
+    raises :class:`~fedunlearn.rundir_lock.RunDirLocked` before anything is written.
     """
+    from fedunlearn.rundir_lock import run_dir_lock
+
+    with run_dir_lock(out, command="resume" if resume else command, create=not resume):
+        return _run_experiment(cfg, out, quiet=quiet, command=command, resume=resume)
+
+
+def _run_experiment(cfg: Config, out: Path, *, quiet: bool, command: str,
+                    resume: bool) -> dict[str, Any]:
+    """:func:`run_experiment` once ``out`` is locked."""
     multi = len(cfg.seeds) > 1 or cfg.experiment.seeds_until_decided > 0
     seeds = list(cfg.seeds)
     if resume:  # a sequential run's added seeds are part of it
@@ -365,6 +434,8 @@ def run_experiment(cfg: Config, out: Path, *, quiet: bool = False, command: str 
     runs = [SeedRun(cfg.with_seed(s), seed_dir(out, s, multi), prepare(cfg.with_seed(s)))
             for s in seeds]
     if resume:
+        for run in runs:  # every refusal before any store is opened (opening finishes purges)
+            run.check_resumable(out)
         for run in runs:
             run.restore()
         # every seed passed its checks: only now is the resumption recorded
@@ -435,7 +506,7 @@ def _federated(runs: list[SeedRun], cfg: Config, out: Path, *, quiet: bool) -> N
                   f"{cap or len(runs)}{' at most' if cap else ''})", file=sys.stderr, flush=True)
         seed_everything(run.seed)
         fed = connect(run.cfg, run.setup.evaluator(), run.setup.data)
-        if run.final is None:
+        if not run.trained:
             run.train(fed, quiet=quiet)
         interrupt.check()
         if requests:  # federated removal needs the live federation

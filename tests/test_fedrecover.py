@@ -396,6 +396,7 @@ def test_abnormal_estimates_are_replaced_by_exact_updates(
     assert [t for t, _ in fed.calls] == rounds
     assert result.details["rounds_abnormal"] == ROUNDS - 2
     assert result.details["rounds_estimated"] == 0
+    assert result.details["abnormal_tau"] == 1e-9  # the override, not the quantile rule
     assert result.cost.messages_sent == fed.messages_sent == sum(
         len([k for k in participants(t) if k != REMOVED]) for t in rounds)
     assert max_diff(result.model, linear_oracle(initial)) <= 1e-5
@@ -670,7 +671,10 @@ def test_retention_interval_other_than_one_is_refused_before_training(tmp_path: 
 
 @pytest.mark.parametrize("params", ["{warmup_rounds=0}", "{correction_interval=-1}",
                                     "{final_rounds=1.5}", "{buffer_size=0}",
-                                    "{abnormal_threshold=0.0}", "{abnormal_threshold=true}"])
+                                    "{abnormal_threshold=0.0}", "{abnormal_threshold=true}",
+                                    "{abnormal_threshold=inf}", "{abnormal_threshold=nan}",
+                                    "{abnormal_threshold=\"1\"}", "{abnormal_quantile=0.0}",
+                                    "{abnormal_quantile=1.5}", "{abnormal_quantile=true}"])
 def test_bad_hyperparameters_are_one_line_config_errors(params: str) -> None:
     from fedunlearn.unlearning.service import build_methods
 
@@ -829,8 +833,12 @@ def test_recovery_is_within_bands_of_retraining(backdoored: dict[str, Figures], 
     rounds, so 0.6; with short corrections 0.5.
 
     Measured (seed 0, 2026-12-07): floor 0.0298; defaults 0.0194, ASR 0.003, 36 of 60
-    messages; short corrections 0.0324, ASR 0.003, 24 messages. Caught: see
-    ``docs/algorithms.md`` (FedRecover) for the mutants this band was seen to fail on."""
+    messages; short corrections 0.0324, ASR 0.003, 24 messages. Caught: the Hessian term's
+    sign flipped; w̄_{t−1} used for w̄_t (defaults); σ = yᵀy / sᵀy instead of the paper's
+    sᵀy / sᵀs; the abnormality check skipped or applied to the stored update (the recovery
+    diverges: clients return NaN models, the fixture stops with ClientFailure). Not caught
+    here (the linear-client and schedule tests catch them): the Hessian term dropped, the
+    short schedule without its correction rounds."""
     ref, got = backdoored["retrain"], backdoored[name]
     floor = kl_divergence(ref.test, backdoored["retrain_seed2"].test)
     kl = kl_divergence(ref.test, got.test)
@@ -846,7 +854,9 @@ def test_defaults_track_the_all_exact_recovery_closer_than_the_original(
     the same own random streams afterwards) FedRecover lands on one model, and the defaults
     must land near it: ‖θ − θ_exact‖ ≤ 0.75 ‖θ_original − θ_exact‖.
 
-    Measured (seed 0, 2026-12-07): 2.67 against the original's 5.29 (0.50×)."""
+    Measured (seed 0, 2026-12-07): 2.67 against the original's 5.29 (0.50×). Caught: the
+    Hessian term's sign flipped; σ = yᵀy / sᵀy; the abnormality check skipped (divergence).
+    Not caught: the Hessian term dropped (the linear-client tests catch it)."""
     ref = backdoored["fedrecover_exact"].params
     assert distance(backdoored["fedrecover"].params, ref) \
         <= 0.75 * distance(backdoored["original"].params, ref)

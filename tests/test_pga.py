@@ -374,6 +374,8 @@ def test_pga_stops_the_ascent_at_the_first_step_below_chance_on_the_targets_clea
     monkeypatch.setattr(trained.fed, "train_clients", spy)
     PGA(rounds=0, until="rounds").unlearn(trained.context())
     [(w_ref, kw, out)] = calls
+    # the authors' optimizer is the default, and PGA sends it to the target
+    assert (kw["task_params"]["momentum"], kw["task_params"]["clip_norm"]) == (0.9, 5.0)
     local = trained.setup.data.clients[TARGET]
     clean = ~_poisoned(trained, TARGET)
     predictor = trained.setup.predictor()
@@ -406,7 +408,7 @@ BAND_PGA = {
 }
 """The band tests' PGA: fixed post-training rounds (the default runs until the remaining
 clients' accuracy is back) keep the test fast and the ascent's effect visible. Measured (ASR,
-test accuracy) on 2026-12 (``date``; see docs/algorithms.md, PGA, for the CPU): original
+test accuracy) on 2026-12-07, AMD EPYC: original
 (0.783, 0.958), retrain (0.003, 0.953), early_stop (0.003, 0.944), ball_bound (0.009, 0.894).
 Without the ascent the backdoor survives: (0.396, 0.964) after 5 rounds, (0.526, 0.958) after
 2. ``ball_bound`` keeps plain SGD because only an unclipped ascent runs off without the

@@ -89,9 +89,23 @@ def training_summary(results: dict[str, Any], out: Path) -> str:
 
 def _write_text(path: Path, text: str) -> None:
     """Write text atomically (temp file, then rename), with ``\\n`` line endings."""
+    _write_bytes(path, text.encode("utf-8"))
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Write bytes atomically (temp file, then rename; the rename replaces a symbolic link at
+    ``path`` itself, never its target); a folder of ``path`` that is a symbolic link is
+    refused, so nothing lands outside the run directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.parent.is_symlink():
+        raise OSError(f"{path.parent} is a symbolic link; fedunlearn writes results only into "
+                      "plain folders of the run directory")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; result files are meant to be shared
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; result files are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

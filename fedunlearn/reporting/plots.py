@@ -62,9 +62,13 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def _save(fig: Figure, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    import io
+
+    from fedunlearn.reporting.files import _write_bytes
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=DPI, format="png")
+    _write_bytes(Path(path), buffer.getvalue())
 
 
 def _note(ax: Axes, text: str) -> None:

@@ -580,7 +580,7 @@ class FedRecover(HistoryReplay):
             return None
         s = np.stack([p[0] for p in pairs], axis=1)
         y = np.stack([p[1] for p in pairs], axis=1)
-        return _flat(stored, run.keys) + lbfgs_hvp(s, y, dw)
+        return _flat(stored, run.keys) - lbfgs_hvp(s, y, dw)
 
     def _add_pair(self, run: _Recovery, k: int, dw: np.ndarray, exact: Params,
                   stored: Params) -> None:

@@ -261,7 +261,7 @@ class PGA:
         threshold = (1.0 / ctx.data.num_classes) if self.threshold is None else self.threshold
         lr = self.learning_rate
         ascent = {"radius": radius, "threshold": threshold, "learning_rate": lr,
-                  "momentum": 0.0, "clip_norm": float(self.clip_norm)}
+                  "momentum": float(self.ascent_momentum), "clip_norm": float(self.clip_norm)}
 
         first = len(history.rounds()) + 1
         results = ctx.federation.train_clients(
