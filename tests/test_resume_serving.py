@@ -177,7 +177,11 @@ def test_a_stop_that_cannot_be_resumed_says_so_and_resume_changes_nothing(
     cfg = _stopped_after_request_0(out, *extra)
     assert why in farewell(out) and "cannot be resumed" in farewell(out)
     assert "fedunlearn resume" not in farewell(out)
-    before = {f: (out / f).read_bytes() for f in ("run.json", "lineage.jsonl")}
+    def files() -> dict[str, bytes]:
+        return {p.relative_to(out).as_posix(): p.read_bytes()
+                for p in sorted(out.rglob("*")) if p.is_file()}
+
+    before = files()
     with pytest.raises(ResumeError, match=why):
         run_experiment(cfg, out, quiet=True, resume=True)
-    assert {f: (out / f).read_bytes() for f in before} == before
+    assert files() == before  # not one file written, finished or swept
