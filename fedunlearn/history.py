@@ -387,6 +387,8 @@ class HistoryStore:
         for rel in sorted(manifest["files"]) if verify else ():
             self._read(rel)
         self._records: dict[int, RoundRecord] = {}
+        # files the last purge this object did deleted, and wrote anew without the clients
+        self.last_purge: dict[str, int] | None = None
         self._purged_in: dict[int, set[int]] = {}
         self._sums: dict[int, Params] = {}  # float64 running sums loaded so far
         self._rows: tuple[str, list[int], Params] | None = None  # the last updates file read
@@ -846,6 +848,7 @@ class HistoryStore:
             m["final"] = None
             m["globals_deleted_from"] = cut
         journal = {"clients": ids, "level": level, "delete": gone, "write": list(metas)}
+        self.last_purge = {"deleted": len(gone), "written": len(metas)}
         _atomic_write(self.path / JOURNAL, json.dumps(journal, indent=1).encode())
         for rel, data in metas.items():
             self._write(m, rel, data)

@@ -143,3 +143,14 @@ def test_report_writes_no_file_through_a_symlinked_folder(tmp_path: Path) -> Non
     _write_text(run / "report.md", "report")
     assert target.read_text() == "precious" and (run / "report.md").read_text() == "report"
     assert not (run / "report.md").is_symlink()
+
+
+def test_a_purge_counts_what_it_deleted_and_what_it_wrote_anew(store: Path) -> None:
+    """Round metas and updates files of the client's rounds are written anew without it (the
+    old ones deleted), its running sum is deleted: counted apart, not as a net figure."""
+    opened = HistoryStore.open(store)
+    rounds = [t for t in opened.rounds() if 0 in opened.participants(t)]
+    alone = [t for t in rounds if opened.participants(t) == (0,)]
+    opened.purge_clients([0], level="updates")
+    written = len(rounds) + len(rounds) - len(alone)  # metas, updates files with others left
+    assert opened.last_purge == {"written": written, "deleted": 2 * len(rounds) + 1}

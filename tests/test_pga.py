@@ -268,6 +268,10 @@ def test_registered_and_bad_hyperparameters_are_one_line_config_errors():
             _create(load_config(None, ["unlearning.methods=[\"retrain\", \"pga\"]",
                                        "unlearning.params.pga=" + _toml(params)]), "pga")
         assert word in str(err.value) and "\n" not in str(err.value)
+    # check() itself refuses non-finite values, whoever builds the method
+    for bad in ({"ascent_momentum": math.nan}, {"clip_norm": math.inf}, {"clip_norm": math.nan}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            PGA(**bad).check()
 
 
 def _toml(params: dict[str, object]) -> str:

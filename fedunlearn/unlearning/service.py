@@ -549,21 +549,27 @@ def _purge(store: HistoryStore, request: int, targets: tuple[int, ...], level: s
     was answered): if the purge had already happened before the interruption, it is recorded
     from those figures (and logged, unless the lineage already has it), not as a no-op."""
     done = before is not None and set(targets) <= set(store.purged())
+    store.last_purge = None
     if before is not None and done:
         files_before, bytes_before = before["files"], before["bytes"]
     else:
         files_before, bytes_before = store_files(store), store.bytes_used()
         store.purge_clients(targets, level=level)
+    counts = store.last_purge or {}  # None: finished before an interruption (counts unknown)
     purge = {"request": request, "clients": list(targets), "level": level,
              "bytes_freed": bytes_before - store.bytes_used(),
              "files_removed": files_before - store_files(store),
+             "files_deleted": counts.get("deleted"), "files_written": counts.get("written"),
              "globals_deleted_from": store.globals_deleted_from()}
     if not (done and any(e["event"] == "purge" and e.get("clients") == list(targets)
                          for e in lineage.read())):
         lineage.append("purge", **purge)
     cut = purge["globals_deleted_from"]
+    files = (f"{counts['deleted']} files deleted, {counts['written']} written anew without "
+             f"the client{'s' if len(targets) > 1 else ''}" if counts else
+             f"{purge['files_removed']} fewer files")
     _say(stream, f"[purge] request {request} {list(targets)}  {level}: "
-         f"{purge['files_removed']} files, {purge['bytes_freed']} bytes"
+         f"{files}, {purge['bytes_freed']} bytes freed"
          + (f"; global models from round {cut} on and the final model deleted"
             if cut is not None else "; global models kept (re-solvable)"))
     return purge
