@@ -41,7 +41,8 @@ MAX_SEEDS = 1000
 MAX_SECONDS = 1_000_000.0
 """Longest wait a duration key may give (about 11.6 days; Python's waits overflow near 9.2e9 s)."""
 INFINITY_ALLOWED = frozenset({"verification.shadow_budget"})
-"""The float keys for which ``inf`` means something (no bound); NaN is refused everywhere."""
+"""The float keys for which ``inf`` means something (no bound); ``-inf`` and NaN are refused
+everywhere."""
 
 
 @dataclass(frozen=True)
@@ -502,12 +503,12 @@ class Config:
     def __post_init__(self) -> None:
         k = self.data.num_clients
         bad = [c for c in self.backdoor.clients if not 0 <= c < k]
-        _check(not bad, "backdoor.clients", f"{listed(bad, 'id')} are not clients; use ids in "
-               f"0..{k - 1}")
+        _check(not bad, "backdoor.clients", f"lists {listed(bad, 'id')}, which are not clients; "
+               f"use ids in 0..{k - 1}")
         asked = sorted({c for r in self.unlearning.requests for c in r})
         bad = [c for c in asked if not 0 <= c < k]
-        _check(not bad, "unlearning.requests", f"{listed(bad, 'id')} are not clients; use ids "
-               f"in 0..{k - 1}")
+        _check(not bad, "unlearning.requests", f"lists {listed(bad, 'id')}, which are not "
+               f"clients; use ids in 0..{k - 1}")
         _check(len(asked) < k, "unlearning.requests", "would remove every client; keep at "
                "least one")
 
@@ -613,7 +614,7 @@ def _check_finite(key: str, value: Any) -> None:
     if isinstance(value, float):
         if math.isnan(value):
             raise ConfigError(f"config key '{key}' = nan is not a number; give a finite value")
-        if math.isinf(value) and key not in INFINITY_ALLOWED:
+        if math.isinf(value) and (value < 0 or key not in INFINITY_ALLOWED):
             raise ConfigError(f"config key '{key}' = {value} is not a finite number; give a "
                               "finite value")
     elif isinstance(value, dict):

@@ -7,6 +7,8 @@ traceback; here it ends with one line and exit code 130. During that import a Ct
 recorded and acted on once the import is done (a second or two): raised inside torch's native
 initialisation, the KeyboardInterrupt aborted the process (``pybind11::error_already_set``,
 exit -6), as the suite saw once.
+
+:func:`listed` writes ids into a one-line message: a count and the first few of a long list.
 """
 
 from __future__ import annotations

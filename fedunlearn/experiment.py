@@ -14,8 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
+
 from fedunlearn.aggregation import difference
-from fedunlearn.checkpoint import Checkpoint, Checkpointer
+from fedunlearn.checkpoint import (
+    CHECKPOINT_ARRAYS,
+    CHECKPOINT_META,
+    Checkpoint,
+    Checkpointer,
+    ResumeError,
+)
 from fedunlearn.checks import check_local_training, check_step_params, check_strategy, checked_model
 from fedunlearn.config import Config, ConfigError
 from fedunlearn.console import listed
@@ -302,8 +310,14 @@ def train_federation(fed: Federation, setup: Setup, store: HistoryStore,
     """Train the federation once, recording every round into ``store`` (and ``lineage``).
 
     With ``checkpoints`` (a seed directory) the exact global model is kept after every round
-    (:mod:`fedunlearn.checkpoint`); ``start`` continues from such a checkpoint.
+    (:mod:`fedunlearn.checkpoint`); ``start`` continues from such a checkpoint, whose model
+    must fit the network (:func:`check_saved_model`).
     """
+    if start is not None:
+        check_saved_model(start.model, setup.initial,
+                          (checkpoints or Path(".")) / CHECKPOINT_ARRAYS,
+                          f"delete {CHECKPOINT_META} and {CHECKPOINT_ARRAYS} to resume training "
+                          "from round 1")
     listeners: list[object] = [HistoryRecorder(store)]
     if lineage is not None:
         listeners.append(LineageRecorder(lineage))
@@ -325,6 +339,48 @@ def train_federation(fed: Federation, setup: Setup, store: HistoryStore,
                        trained_with=sorted({p for r in run.rounds for p in r.participants}),
                        exact=True)
     return run
+
+
+def model_misfit(model: Params, like: Params) -> str | None:
+    """How ``model`` fails to be a model of ``like``'s network (array names in order, shapes,
+    dtypes, finite floats), or ``None``.
+
+    >>> import numpy as np
+    >>> net = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
+    >>> model_misfit(net, net) is None
+    True
+    >>> model_misfit({"w": np.zeros((2, 2), np.float32), "b": net["b"]}, net)
+    "'w' has shape (2, 2), the network's (2, 3)"
+    >>> model_misfit({"b": net["b"]}, net)
+    "its arrays are ['b'], the network's ['w', 'b']"
+    """
+    if list(model) != list(like):
+        return f"its arrays are {list(model)[:6]}, the network's {list(like)[:6]}"
+    for key, ref in like.items():
+        value = model[key]
+        if getattr(value, "shape", None) != ref.shape:
+            return f"'{key}' has shape {getattr(value, 'shape', None)}, the network's {ref.shape}"
+        if value.dtype != ref.dtype:
+            return f"'{key}' is {value.dtype}, the network's is {ref.dtype}"
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            return f"'{key}' holds NaN or Inf"
+    return None
+
+
+def check_saved_model(model: Params, like: Params, where: Path, instead: str) -> None:
+    """Refuse a model read back from a run directory (a checkpoint, a part-served request's
+    state) that is not a model of the run's network, in one line: its checksum only proves it
+    is what was written, not that a whole run wrote it.
+
+    Raises
+    ------
+    ResumeError
+        Naming ``where``, what does not fit, and ``instead``: what else the user can do.
+    """
+    if why := model_misfit(model, like):
+        raise ResumeError(f"'{where}' holds a model that does not fit the run's network "
+                          f"({why}); it was edited or damaged: rerun into a new --out, or "
+                          f"{instead}")
 
 
 def default_out_dir(cfg: Config) -> Path:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fedunlearn.config import Config, ConfigError
-from fedunlearn.rundir_lock import LOCK_FILE, run_dir_lock
+from fedunlearn.rundir_lock import LOCK_FILE, refuse_if_live, run_dir_lock
 
 
 def available_cpus() -> int:
@@ -96,7 +96,13 @@ def writer_lock(out: Path, command: str) -> Iterator[None]:
     """Hold ``out``'s writer lock (:mod:`fedunlearn.rundir_lock`; a ``run`` creates a new
     ``out``, removed again if the run is refused before writing into it). Another live writer
     raises :class:`~fedunlearn.rundir_lock.RunDirLocked`; an ``out`` that cannot be created or
-    locked is a :class:`ConfigError`."""
+    locked is a :class:`ConfigError`, and so is a non-empty ``out`` of a ``run`` or
+    ``compare`` that no live process holds (refused as it is found: a dead run's lock file is
+    not taken over)."""
+    if command != "resume" and Path(out).is_dir() and \
+            any(p.name != LOCK_FILE for p in Path(out).iterdir()):
+        refuse_if_live(Path(out), command)  # a live run is named; else --out is not empty:
+        check_out_dir(out)  # refused without taking over a dead run's lock
     stack = contextlib.ExitStack()
     try:
         stack.enter_context(run_dir_lock(Path(out), command=command,

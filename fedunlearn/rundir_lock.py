@@ -89,6 +89,25 @@ def _refusal(run_dir: Path, info: dict[str, Any] | None, command: str) -> str:
             f"was written - wait for it to end or {stop}, {then}")
 
 
+def refuse_if_live(run_dir: Path, command: str = "run") -> None:
+    """Raise :class:`RunDirLocked` if a live process holds ``run_dir``'s lock; write nothing
+    (for a check that refuses the directory anyway, e.g. a new run into a non-empty one). The
+    probe holds the free lock for an instant: a writer starting in that instant is refused."""
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return  # no lock file (or not one we may read): nobody holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        raise RunDirLocked(_refusal(Path(run_dir), _holder_soon(path), command)) from None
+    finally:
+        os.close(fd)
+
+
 def _open_locked(path: Path, *, run_dir: Path, command: str) -> tuple[int, bytes]:
     """Open ``path`` (created if missing) and take its flock without waiting; return the
     descriptor and what the file held. The file may be replaced between open and flock (a
@@ -191,10 +210,10 @@ def run_dir_lock(run_dir: Path, *, command: str = "run", create: bool = True,
         raise
     stale = _parse(before.decode("utf-8", "replace")) if before else None
     if stale is not None and stale.get("pid") != os.getpid():
-        print(f"fedunlearn: note: took over the lock of process {stale['pid']} on host "
-              f"{stale.get('host', '?')}, which is no longer running (it held '{run_dir}' "
-              f"since {str(stale.get('since', '?')).replace('T', ' ').replace('Z', ' UTC')})",
-              file=stream or sys.stderr, flush=True)
+        since = str(stale.get("since", "?")).replace("T", " ").replace("Z", " UTC")
+        print(f"fedunlearn: note: took over the lock of process {stale['pid']}, which is no "
+              f"longer running (it had held '{run_dir}' on host {stale.get('host', '?')} since "
+              f"{since})", file=stream or sys.stderr, flush=True)
     me = {"pid": os.getpid(), "host": socket.gethostname(),
           "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command}
     with _HELD_GUARD:

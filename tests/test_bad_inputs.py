@@ -4,6 +4,7 @@ no engine, Ray or training started (the run entry points are replaced by a tripw
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -65,14 +66,16 @@ CASES = [
      "do not fit a model with"),
     (BD, ["--set", "unlearning.methods=[\"not\"]", "--set", "unlearning.params.not.layers=[0, -3]"],
      "name a layer twice"),
-    (BD, ["--set", "unlearning.params.pga.epochs=inf"], "PGA's epochs must be a finite number"),
+    (BD, ["--set", "unlearning.params.pga.epochs=inf"],
+     "'unlearning.params.pga.epochs' = inf is not a finite number"),
     (BD, ["--set", "unlearning.params.pga.radius_fraction=\"x\""], "must be a number"),
     (BD, ["--set", "unlearning.params.fedrecover.track_accuracy=\"no\""], "true or false"),
     (QS, ["--set", "verification.mia_shadows=1"], "verification.mia_shadows"),
     (QS, ["--set", "verification.shadow_budget=0"], "'verification.shadow_budget' must be > 0"),
-    (QS, ["--set", "verification.shadow_budget=nan"], "'verification.shadow_budget' must be > 0"),
+    (QS, ["--set", "verification.shadow_budget=nan"],
+     "'verification.shadow_budget' = nan is not a number"),
     (QS, ["--set", "verification.shadow_epochs=inf"],
-     "'verification.shadow_epochs' must be a finite number > 0"),
+     "'verification.shadow_epochs' = inf is not a finite number"),
     (QS, ["--set", "model.name=\"mcmahan_cnn\"", "--set", "model.params={channels=[0, 64]}"],
      "does not fit the data"),
     (BD, ["--set", "training.strategy_params={bogus=1}"], "unexpected keyword argument 'bogus'"),
@@ -438,3 +441,267 @@ def test_unusual_but_valid_extensions_pass_the_checks(tmp_path, monkeypatch):
         prepare(load_config(QS, [*base, "model.name=\"picky\"", one_left]))
     prepare(load_config(QS, [*base, "model.name=\"picky\"", one_left,
                              "training.local_epochs=0.5"]))  # never takes the last batch
+
+
+# ------------------------------------------------------------------------------ messages
+
+
+@pytest.mark.parametrize("command", ["run", "resume", "report"])
+def test_a_write_failure_names_the_run_directory_not_a_placeholder(command, tmp_path, capsys,
+                                                                   monkeypatch):
+    import errno
+
+    from fedunlearn import cli
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.npz"))
+
+    out = tmp_path / "my-run"
+    monkeypatch.setattr(cli, f"cmd_{command}", full_disk)
+    args = ["run", QS, "--out", str(out)] if command == "run" else [command, str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0], err
+    assert "RUN_DIR" not in err[0]
+    if command == "report":  # nothing to resume: the report is written again
+        assert err[0].endswith("then run the command again"), err
+    else:
+        assert f"continue with `fedunlearn resume {out}`" in err[0], err
+
+
+def test_long_client_lists_in_messages_are_a_count_and_the_first_few():
+    from fedunlearn.config import load_config
+    from fedunlearn.experiment import _check_requests_against_sampling
+    from fedunlearn.federation.faults import ClientFailure, FaultPolicy
+
+    with pytest.raises(ClientFailure) as err:
+        FaultPolicy(on_failure="drop").settle({c: "timeout" for c in range(100_000)}, [],
+                                               server_round=4)
+    assert "every client of round 4 failed: 100000 clients (0, 1, 2, 3, 4, ...) (timeout)" \
+        in str(err.value) and len(str(err.value)) < 400
+    few = FaultPolicy(on_failure="drop")  # a short list is spelled out, as before
+    with pytest.raises(ClientFailure, match=r"failed: client 0 \(timeout\), client 1 "):
+        few.settle({0: "timeout", 1: "non-finite"}, [], server_round=1)
+    cfg = load_config(None, ["data.num_clients=1000", "training.rounds=1",
+                             "training.sample_fraction=0.001",
+                             f"unlearning.requests=[{list(range(1, 999))}]"])
+    with pytest.raises(ConfigError, match=r"names 99[78] clients \(\d+, \d+, \d+, \d+, \d+, "
+                                          r"\.\.\.\), which are never sampled") as err:
+        _check_requests_against_sampling(cfg)
+    assert len(str(err.value)) < 300
+    with pytest.raises(ConfigError, match=r"lists 5000 ids \(1000, 1001, 1002, 1003, 1004, "):
+        load_config(None, ["data.num_clients=1000",
+                           f"backdoor.clients=[{', '.join(map(str, range(1000, 6000)))}]"])
+
+
+class _Grid:
+    """A grid whose nodes answer the messages in ``answer`` (node ids) at once and the others
+    only when :meth:`late` is called."""
+
+    def __init__(self, answer: set[int]) -> None:
+        self.answer = answer
+        self.replies: list[object] = []
+        self.count = 0
+
+    def push_messages(self, messages):
+
+        ids = []
+        for m in messages:
+            self.count += 1
+            m.metadata.message_id = f"m{self.count}"
+            ids.append(m.metadata.message_id)
+            if m.metadata.dst_node_id in self.answer:
+                self.late(m)
+        return ids
+
+    def late(self, m):
+        from types import SimpleNamespace
+
+        self.replies.append(SimpleNamespace(metadata=SimpleNamespace(
+            reply_to_message_id=m.metadata.message_id)))
+
+    def pull_messages(self, ids):
+        got = [r for r in self.replies if r.metadata.reply_to_message_id in set(ids)]
+        self.replies = [r for r in self.replies if r not in got]
+        return got
+
+
+def test_the_engine_remembers_requests_given_up_on_until_they_answer():
+    from types import SimpleNamespace
+
+    from fedunlearn.federation.flower import PacedGrid
+
+    grid = _Grid(answer={10})
+    paced = PacedGrid(grid, pull_interval=0.01)
+    sent = [SimpleNamespace(metadata=SimpleNamespace(message_id="", dst_node_id=n))
+            for n in (10, 11, 12)]
+    replies = paced.send_and_receive(sent, timeout=0.05)
+    assert len(replies) == 1 and paced.still_running() == {11, 12}
+    grid.late(sent[1])  # node 11's client finally answers
+    assert paced.still_running() == {12}
+
+
+def test_a_timeout_behind_a_client_still_stalled_from_training_is_blamed_on_that_client():
+    """Client 2 stalled in round 3 of training and was dropped after its timeout, but its
+    request still runs on the engine; the retraining's clients queued behind it time out. The
+    message names the retraining and the stalled request, not only "raise client_timeout_s"."""
+    import dataclasses
+
+    from fedunlearn.federation.faults import ClientFailure, FaultPolicy, fedavg_phase
+
+    running = {2}
+    training = FaultPolicy(on_failure="drop", timeout_s=3, still_running=lambda: running)
+    assert [f.client for f in training.settle({2: "timeout"}, [0, 1, 3], server_round=3)] == [2]
+    retraining = dataclasses.replace(training, phase=fedavg_phase({1}))
+    with pytest.raises(ClientFailure) as err:
+        retraining.settle({0: "timeout", 2: "timeout", 3: "timeout"}, [], server_round=1)
+    msg = str(err.value)
+    assert msg == (
+        "every client of round 1 of retraining without clients [1] failed: client 0 (timeout), "
+        "client 2 (timeout), client 3 (timeout), while an earlier request given up on after a "
+        "timeout was still unanswered on the engine, holding the client processes the later "
+        "ones waited for (client 2's request of round 3 (training)); nothing can be aggregated "
+        "- find what stalls clients [2] (rerun with --set engine.verbose=true), or raise "
+        "engine.client_timeout_s above its stall, or give the engine more client processes "
+        "(engine.ray_num_cpus)"), msg
+    running.clear()  # once it has answered, a timeout is the timed-out client's own
+    abort = dataclasses.replace(retraining, on_failure="abort")
+    with pytest.raises(ClientFailure) as err:
+        abort.settle({0: "timeout"}, [3], server_round=2)
+    assert str(err.value).startswith("client 0 sent no reply within engine.client_timeout_s "
+                                     "= 3 s in round 2 (retraining without clients [1]); raise "
+                                     "engine.client_timeout_s"), str(err.value)
+
+
+NAN_EXT = '''
+import torch
+import torch.nn.functional as F
+from fedunlearn.training import TRAIN_STEPS
+
+
+@TRAIN_STEPS.register("nan_for")
+def nan_for(model, x, y, ctx, marks=()):
+    loss = F.cross_entropy(model(x), y)
+    rows = x.reshape(len(x), -1)
+    hit = any(bool(torch.all(rows == torch.tensor(m, dtype=rows.dtype), dim=1).any())
+              for m in marks)
+    return loss * float("nan") if hit else loss
+'''
+
+
+def test_clients_dropped_from_a_methods_client_work_are_recorded(tmp_path, monkeypatch):
+    """Under "drop", the clients a retraining (any method's client work) went on without are
+    collected (the serving code puts them in the method's row, details["client_failures"])."""
+    import dataclasses
+
+    from fedunlearn.config import load_config
+    from fedunlearn.experiment import prepare
+    from fedunlearn.federation.faults import recording_failures
+    from fedunlearn.federation.inprocess import InProcessFederation
+    from fedunlearn.history import HistoryStore
+    from fedunlearn.unlearning.base import UnlearningContext
+    from fedunlearn.unlearning.retrain import Retrain
+
+    (tmp_path / "nan_ext.py").write_text(NAN_EXT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = load_config(None, ["data.num_clients=4", "training.rounds=3", "data.partition=\"iid\"",
+                             "experiment.extensions=[\"nan_ext\"]", "training.step=\"nan_for\"",
+                             "engine.on_client_failure=\"drop\""])
+    setup = prepare(cfg)
+    mark = setup.data.clients[2].x[0].reshape(-1).tolist()
+    cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training,
+                                                                step_params={"marks": [mark]}))
+    fed = InProcessFederation(cfg, setup.evaluator())
+    ctx = UnlearningContext(cfg=cfg, targets=(0,), removed=frozenset({0}), model=setup.initial,
+                            initial=setup.initial, history=HistoryStore.create(tmp_path / "h"),
+                            federation=fed, data=setup.data, build_model=setup.build_model,
+                            seed=1)
+    with recording_failures() as dropped:
+        Retrain().unlearn(ctx)
+    assert [(f.round, f.client, f.reason, f.stage) for f in dropped] == [
+        (t, 2, "non-finite", "train") for t in (1, 2, 3)]
+    with recording_failures() as none:  # outside the block nothing is collected
+        pass
+    Retrain().unlearn(ctx)
+    assert none == [] and len(dropped) == 3
+
+
+STALL_EXT = '''
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from fedunlearn.training import TRAIN_STEPS
+
+
+@TRAIN_STEPS.register("stall_once")
+def stall_once(model, x, y, ctx, marks=(), go="", once="", stall_s=0.0):
+    """Once ``go`` exists, the client holding a marked sample stalls once (Ray workers only)."""
+    loss = F.cross_entropy(model(x), y)
+    rows = x.reshape(len(x), -1)
+    if "worker" in " ".join(sys.argv) and os.path.exists(go) and any(
+            bool(torch.all(rows == torch.tensor(m, dtype=rows.dtype), dim=1).any())
+            for m in marks):
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return loss
+        time.sleep(stall_s)
+    return loss
+'''
+
+
+@pytest.mark.flower
+def test_on_flower_a_retraining_behind_a_stalled_client_names_it(tmp_path, monkeypatch):
+    """On the engine (one client process, client_timeout_s = 2, "drop"): client 2 stalls 8 s
+    in a method's client training and is given up on; the retraining that follows queues
+    behind it and every client times out. The line names the retraining and client 2's
+    stalled request (deterministic: client 2 is alone in the stalled exchange)."""
+    import dataclasses
+
+    from fedunlearn.config import load_config
+    from fedunlearn.experiment import prepare
+    from fedunlearn.federation.faults import ClientFailure
+    from fedunlearn.federation.flower import run_on_flower
+
+    (tmp_path / "stall_once_ext.py").write_text(STALL_EXT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [
+        str(tmp_path), os.environ.get("PYTHONPATH")])))
+    cfg = load_config(None, ["data.num_clients=4", "training.rounds=2", "data.partition=\"iid\"",
+                             "engine.ray_num_cpus=1", "engine.client_timeout_s=2",
+                             "engine.on_client_failure=\"drop\"",
+                             "experiment.extensions=[\"stall_once_ext\"]",
+                             "training.step=\"stall_once\""])
+    setup = prepare(cfg)
+    go = tmp_path / "go"
+    cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, step_params={
+        "marks": [setup.data.clients[2].x[0].reshape(-1).tolist()], "go": str(go),
+        "once": str(tmp_path / "once"), "stall_s": 8.0}))
+
+    def job(fed):
+        fed.fedavg(setup.initial)  # trains normally: no go yet
+        go.touch()
+        said = []
+        for work in (lambda: fed.train_clients(setup.initial, [2], epochs=1.0, server_round=3,
+                                               tag=9),
+                     lambda: fed.fedavg(setup.initial, exclude=frozenset({1}))):
+            try:
+                work()
+            except ClientFailure as exc:
+                said.append(str(exc))
+        return said
+
+    said = run_on_flower(cfg, job, setup.evaluator(), setup.data)
+    assert (tmp_path / "once").exists(), "the stall never happened"
+    assert len(said) == 2, said
+    assert said[0].startswith("every client of round 3 of an unlearning method's client "
+                              "training failed: client 2 (timeout); "), said[0]
+    assert said[1].startswith("every client of round 1 of retraining without clients [1] "
+                              "failed: client 0 (timeout), client 2 (timeout), client 3 "
+                              "(timeout), while an earlier request given up on after a timeout "
+                              "was still unanswered on the engine"), said[1]
+    assert "(client 2's request of round 3 (an unlearning method's client training))" in said[1]
+    assert "find what stalls clients [2] " in said[1] and "\n" not in said[1]

@@ -7,8 +7,12 @@
   Hessian ``a_k I`` and one full gradient step): L-BFGS is exact there, so with every
   post-warm-up round estimated the recovery must equal retraining iterated by hand in NumPy,
   with messages only in the warm-up;
-- with every round exact it must equal federated retraining (the in-process federation,
-  sampled participants minus the removed client);
+- L-BFGS buffer handling (``buffer_size``, the newest pairs) and the curvature safeguard on a
+  quadratic client with H = diag(1, 10, 100), against hand-computed estimates;
+- the abnormality threshold τ from the quantile rule, by hand over the stored updates;
+- with every round exact it must equal a FedAvg replay run by hand through the in-process
+  federation (sampled participants minus the removed client) with the stored round 1 and
+  FedRecover's own seed tag afterwards, not retraining's tag 0;
 - a band against retraining on a backdoored federation where the estimates matter;
 - refusals (``Δt != 1``, a strict purge without a trajectory) and two sequential requests
   with a strict purge, served from the recovered trajectory.
@@ -678,13 +682,27 @@ def test_retention_interval_other_than_one_is_refused_before_training(tmp_path: 
 def test_bad_hyperparameters_are_one_line_config_errors(params: str) -> None:
     from fedunlearn.unlearning.service import build_methods
 
-    # a value of the wrong kind (true for a number) is named by the generic type check
+    # a value of the wrong kind (true for a number) is named by the generic type check, a
+    # non-finite one (inf, nan) by the config loader
     with pytest.raises(ConfigError, match=r"^config key 'unlearning.params.fedrecover"
-                                          r"(': FedRecover's \w+|\.\w+') must be"):
+                                          r"(': FedRecover's \w+|\.\w+') (must be|= \w+ is "
+                                          r"not a (finite )?number)"):
         build_methods(small_config("unlearning.requests=[[0]]",
                                    'unlearning.methods=["fedrecover"]',
                                    f"unlearning.params.fedrecover={params}"))
     assert UNLEARNERS.get("fedrecover") is FedRecover
+
+
+@pytest.mark.parametrize("kwargs", [{"abnormal_threshold": float("inf")},
+                                    {"abnormal_threshold": float("nan")},
+                                    {"abnormal_threshold": -1.0}, {"abnormal_threshold": "1"},
+                                    {"abnormal_quantile": float("nan")},
+                                    {"abnormal_quantile": 0}])
+def test_bad_thresholds_are_refused_by_check(kwargs: dict[str, object]) -> None:
+    """The same checks for a FedRecover built in Python, past the config loader."""
+    with pytest.raises(ValueError, match=r"^FedRecover's abnormal_(threshold|quantile) must"):
+        FedRecover(**kwargs).check()  # type: ignore[arg-type]
+    FedRecover(abnormal_threshold=0.5, abnormal_quantile=1).check()  # fine
 
 
 # ------------------------------------------------------------------ sequential requests

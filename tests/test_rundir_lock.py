@@ -120,8 +120,8 @@ def test_the_lock_of_a_killed_holder_is_taken_over_with_a_note(tmp_path, capsys)
     assert holder_of(out)["pid"] == pid
     with run_dir_lock(out, command="resume"):
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and f"took over the lock of process {pid} " in err[0], err
-        assert "which is no longer running" in err[0]
+        assert len(err) == 1, err
+        assert f"took over the lock of process {pid}, which is no longer running" in err[0]
         assert holder_of(out)["pid"] == os.getpid()
         other = subprocess.run([sys.executable, "-c", HOLDER, str(out)], cwd=ROOT,
                                capture_output=True, text=True, timeout=60, check=False)
@@ -130,6 +130,19 @@ def test_the_lock_of_a_killed_holder_is_taken_over_with_a_note(tmp_path, capsys)
     assert not (out / LOCK_FILE).exists()  # a clean end removes it: no note next time
     with run_dir_lock(out):
         assert capsys.readouterr().err == ""
+
+
+def test_a_run_into_a_killed_runs_directory_is_refused_as_not_empty_in_one_line(
+        tmp_path, capsys, tripwire):
+    out = tmp_path / "run"
+    proc = _holder(out)
+    (out / "run.json").write_text("{}")
+    _kill(proc)
+    before = _snapshot(out)
+    assert main(["run", QS, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not empty" in err[0], err  # no note: nothing taken over
+    assert _snapshot(out) == before
 
 
 def test_a_refused_resume_of_a_killed_run_leaves_its_lock_file_as_it_was(tmp_path, capsys):

@@ -16,17 +16,27 @@ times within the same round (:func:`with_retries`); then ``engine.on_client_fail
   under both policies: nothing can be aggregated, and the history keeps consecutive rounds.
 
 Both engines (Flower and the in-process twin) apply these functions, so they behave the same.
+Every message names the phase the client work was for (:attr:`FaultPolicy.phase`: training, a
+retraining, an unlearning method's client work) and, for a timeout, an earlier request that was
+given up on but still runs on the engine (:attr:`FaultPolicy.still_running`): a client stalled
+and dropped in training keeps a client process busy, and the requests queued behind it time out
+through no fault of theirs. :func:`recording_failures` collects the failures dropped inside a
+block (a removal method's client work), which the serving code records in the method's row.
 This module imports neither Flower nor torch.
 """
 
 from __future__ import annotations
 
+import contextvars
 import re
-from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
+
+from fedunlearn.console import listed
 
 if TYPE_CHECKING:
     from fedunlearn.config import EngineSection
@@ -130,6 +140,57 @@ def with_retries(attempt: Callable[[list[int]], tuple[dict[int, T], dict[int, st
     return ok, failed
 
 
+METHOD_PHASE = "an unlearning method's client training"
+"""The phase of client training asked for by a removal method (a calibration, a fine-tuning)."""
+
+
+def fedavg_phase(exclude: Collection[int], variant: int = 0, stream: int = 0) -> str:
+    """The phase of a FedAvg run through the federation port, for messages.
+
+    >>> fedavg_phase(())
+    'training'
+    >>> fedavg_phase({0}), fedavg_phase({3, 1}, stream=1), fedavg_phase((), variant=2)
+    ('retraining without clients [0]', 'retraining without clients [1, 3]', 'retraining')
+    """
+    if not exclude and not variant and not stream:
+        return "training"
+    return "retraining" + (f" without {listed(sorted(exclude))}" if exclude else "")
+
+
+_RECORDERS: contextvars.ContextVar[tuple[list[Failure], ...]] = contextvars.ContextVar(
+    "fedunlearn_failure_recorders", default=())
+
+
+@contextmanager
+def recording_failures() -> Iterator[list[Failure]]:
+    """Collect every failure a :class:`FaultPolicy` drops inside the block, whatever the engine
+    and the phase (under ``"abort"`` nothing is dropped: the first failure raises).
+
+    >>> with recording_failures() as dropped:
+    ...     _ = FaultPolicy(on_failure="drop").settle({3: "timeout"}, [0], server_round=2)
+    >>> [(f.round, f.client, f.reason) for f in dropped]
+    [(2, 3, 'timeout')]
+    """
+    got: list[Failure] = []
+    token = _RECORDERS.set((*_RECORDERS.get(), got))
+    try:
+        yield got
+    finally:
+        _RECORDERS.reset(token)
+
+
+@dataclass(frozen=True)
+class Stalled:
+    """A request given up on after its timeout, as :attr:`FaultPolicy.timeouts` keeps it."""
+
+    failure: Failure
+    phase: str
+
+    def __str__(self) -> str:
+        return f"client {self.failure.client}'s request of round {self.failure.round} " \
+               f"({self.phase})"
+
+
 @dataclass(frozen=True)
 class FaultPolicy:
     """``engine.on_client_failure``, ``engine.client_retries`` and ``engine.client_timeout_s``.
@@ -140,17 +201,32 @@ class FaultPolicy:
     retries : int
     timeout_s : float
         The wait on clients, quoted in the messages.
+    phase : str
+        What the clients' training is for, quoted in the messages (default ``"training"``;
+        e.g. ``"retraining without clients [0]"``; ``dataclasses.replace`` gives a policy for
+        another phase that shares :attr:`timeouts`).
+    still_running : callable, optional
+        ``still_running() -> clients`` whose request was given up on after a timeout and has
+        not answered since: it runs on a client process, or waits for one (the Flower engine
+        knows; default: none known). A later timeout is attributed to them.
+    timeouts : list
+        Every request this policy (and its replacements) gave up on, as :class:`Stalled`.
     """
 
     on_failure: str = "abort"
     retries: int = 0
     timeout_s: float = 120.0
+    phase: str = "training"
+    still_running: Callable[[], Collection[int]] | None = field(default=None, compare=False,
+                                                                 repr=False)
+    timeouts: list[Stalled] = field(default_factory=list, compare=False, repr=False)
 
     @classmethod
-    def of(cls, engine: EngineSection) -> FaultPolicy:
+    def of(cls, engine: EngineSection,
+           still_running: Callable[[], Collection[int]] | None = None) -> FaultPolicy:
         """The policy configured in ``[engine]``."""
         return cls(on_failure=engine.on_client_failure, retries=engine.client_retries,
-                   timeout_s=engine.client_timeout_s)
+                   timeout_s=engine.client_timeout_s, still_running=still_running)
 
     def settle(self, failed: Mapping[int, str], survivors: Collection[int], *,
                server_round: int, stage: str = "train") -> list[Failure]:
@@ -165,26 +241,61 @@ class FaultPolicy:
         failures = [Failure(server_round, int(c), failed[c], stage) for c in sorted(failed)]
         if not failures:
             return []
+        behind = self._stalled_before(failures)
+        self.timeouts.extend(Stalled(f, self._doing(f.stage)) for f in failures
+                             if f.reason == "timeout")
         if self.on_failure == "abort":
-            raise ClientFailure(self.describe(failures[0], more=len(failures) - 1))
+            raise ClientFailure(self.describe(failures[0], more=len(failures) - 1,
+                                              behind=behind))
         if stage != "evaluate" and not survivors:
-            who = ", ".join(f"client {f.client} ({f.reason})" for f in failures)
-            raise ClientFailure(f"every client of round {server_round} failed: {who}; nothing "
-                                f"can be aggregated - {self._advice(failures[0])}")
+            raise ClientFailure(f"every client of round {server_round}{self._of_phase(stage)} "
+                                f"failed: {_who(failures)}{_behind(behind)}; nothing can be "
+                                f"aggregated - {self._advice(failures[0], behind)}")
+        for recorder in _RECORDERS.get():
+            recorder.extend(failures)
         return failures
 
-    def describe(self, failure: Failure, *, more: int = 0) -> str:
+    def _stalled_before(self, failures: Sequence[Failure]) -> list[Stalled]:
+        """When ``failures`` hold a timeout, the earlier requests given up on after their own
+        timeout that are still unanswered: the timed-out requests may have waited behind them
+        for a client process."""
+        if self.still_running is None or not self.timeouts or \
+                not any(f.reason == "timeout" for f in failures):
+            return []
+        pending = set(self.still_running())
+        found: dict[int, Stalled] = {}
+        for stalled in self.timeouts:  # each client's first request still unanswered
+            if stalled.failure.client in pending:
+                found.setdefault(stalled.failure.client, stalled)
+        return [found[c] for c in sorted(found)]
+
+    def _doing(self, stage: str) -> str:
+        if stage == "train":
+            return self.phase
+        return {"evaluate": "evaluation"}.get(stage, f"its '{stage}' task")
+
+    def _of_phase(self, stage: str) -> str:
+        """`` of retraining without clients [0]`` (nothing for the training itself)."""
+        doing = self._doing(stage)
+        return "" if doing == "training" else f" of {doing}"
+
+    def describe(self, failure: Failure, *, more: int = 0,
+                 behind: Sequence[Stalled] = ()) -> str:
         """The one-line abort message for ``failure``."""
         what = {"timeout": f"sent no reply within engine.client_timeout_s = {self.timeout_s:g} s",
                 "non-finite": "returned a model with NaN or Inf values (never aggregated)"}
         did = what.get(failure.reason, f"failed ({failure.reason})")
         also = f" (and {more} more client{'s' if more > 1 else ''})" if more else ""
-        doing = {"evaluate": "evaluation", "train": "training"}.get(
-            failure.stage, f"its '{failure.stage}' task")
-        return (f"client {failure.client} {did} in round {failure.round} ({doing}){also}; "
-                f"{self._advice(failure)}")
+        return (f"client {failure.client} {did} in round {failure.round} "
+                f"({self._doing(failure.stage)}){also}{_behind(behind)}; "
+                f"{self._advice(failure, behind)}")
 
-    def _advice(self, failure: Failure) -> str:
+    def _advice(self, failure: Failure, behind: Sequence[Stalled] = ()) -> str:
+        if failure.reason == "timeout" and behind:
+            stalled = sorted({s.failure.client for s in behind})
+            return (f"find what stalls {listed(stalled)} (rerun with --set "
+                    "engine.verbose=true), or raise engine.client_timeout_s above its stall, "
+                    "or give the engine more client processes (engine.ray_num_cpus)")
         lower = ("training.learning_rate" if failure.stage in ("train", "evaluate") else
                  "the learning rate of the method that asked for the task (for 'ascent': "
                  "unlearning.params.pga.learning_rate)")
@@ -198,3 +309,30 @@ class FaultPolicy:
         retry = ", or set engine.client_retries" if failure.reason != "non-finite" \
             and not in_code and self.retries == 0 else ""
         return f"{fix}{retry}{drop}"
+
+
+def _who(failures: Sequence[Failure], first: int = 5) -> str:
+    """``client 0 (non-finite), client 1 (timeout)``; more than ``first`` grouped by reason.
+
+    >>> _who([Failure(1, c, "timeout") for c in range(100_000)])
+    '100000 clients (0, 1, 2, 3, 4, ...) (timeout)'
+    """
+    if len(failures) <= first:
+        return ", ".join(f"client {f.client} ({f.reason})" for f in failures)
+    by_reason: dict[str, list[int]] = {}
+    for f in failures:
+        by_reason.setdefault(f.reason, []).append(f.client)
+    return "; ".join(f"{listed(cs)} ({reason})" for reason, cs in by_reason.items())
+
+
+def _behind(stalled: Sequence[Stalled]) -> str:
+    """Why a timeout may not be the timed-out client's fault: earlier requests given up on
+    after a timeout, still unanswered, holding (or waiting for) the engine's client processes."""
+    if not stalled:
+        return ""
+    shown = ", ".join(str(s) for s in stalled[:3]) + (
+        f" and {len(stalled) - 3} more" if len(stalled) > 3 else "")
+    n = len(stalled)
+    return (f", while {'an earlier request' if n == 1 else f'{n} earlier requests'} given up "
+            f"on after a timeout {'was' if n == 1 else 'were'} still unanswered on the engine, "
+            f"holding the client processes the later ones waited for ({shown})")

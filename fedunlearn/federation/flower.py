@@ -15,6 +15,7 @@ policy: a node that does not come up or answer in time stops the run with
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -30,14 +31,17 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedunlearn import interrupt
 from fedunlearn.config import Config
+from fedunlearn.console import listed
 from fedunlearn.data import cache as data_cache
 from fedunlearn.data.federated import FederatedData, build_federated_data
 from fedunlearn.federation import dispatch
 from fedunlearn.federation.client_app import app as client_app
 from fedunlearn.federation.faults import (
+    METHOD_PHASE,
     ClientFailure,
     FaultPolicy,
     error_reason,
+    fedavg_phase,
     with_retries,
 )
 from fedunlearn.federation.messages import (
@@ -106,14 +110,27 @@ class PacedGrid:
     def __init__(self, grid: Grid, pull_interval: float) -> None:
         self._grid = grid
         self.pull_interval = pull_interval
+        self.abandoned: dict[str, int] = {}  # message id -> node: given up on, no reply yet
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
+    def still_running(self) -> set[int]:
+        """The nodes of requests given up on after their timeout whose reply has still not
+        arrived (a late reply is collected and dropped): each runs on a client process, or
+        waits for one behind a request that does."""
+        if self.abandoned:
+            for msg in self._grid.pull_messages(list(self.abandoned)):
+                self.abandoned.pop(msg.metadata.reply_to_message_id, None)
+        return set(self.abandoned.values())
+
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> list[Message]:
-        """Push ``messages``; return the replies that arrived within ``timeout`` seconds."""
+        """Push ``messages``; return the replies that arrived within ``timeout`` seconds (the
+        others are remembered in :attr:`abandoned`)."""
+        messages = list(messages)
         awaited = set(self._grid.push_messages(messages))
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         dispatch.PUSHED.set()
         end = time.monotonic() + (timeout if timeout is not None else 0.0)
         replies: list[Message] = []
@@ -134,6 +151,7 @@ class PacedGrid:
             time.sleep(min(pause, wait))
             if wait > pause:
                 dispatch.STORED.wait(wait - pause)
+        self.abandoned.update({mid: node_of[mid] for mid in awaited if mid in node_of})
         return replies
 
 
@@ -163,7 +181,7 @@ class FlowerFederation:
         self.messages_sent = 0
         self.bytes_exchanged = 0
         self.reached: Counter[int] = Counter()  # client -> training requests it received
-        self.policy = FaultPolicy.of(cfg.engine)
+        self.policy = FaultPolicy.of(cfg.engine, still_running=self._still_running)
         self.timeout_s = cfg.engine.client_timeout_s
         self.node_of: dict[int, int] = {}
         self.num_examples: dict[int, int] = {}
@@ -171,6 +189,12 @@ class FlowerFederation:
             data_cache.publish(data if data is not None else build_federated_data(cfg),
                                self.job)
         self._discover()
+
+    def _still_running(self) -> list[int]:
+        """Clients whose request was given up on after a timeout and has not answered since
+        (see :meth:`PacedGrid.still_running`)."""
+        client_of = {node: pid for pid, node in self.node_of.items()}
+        return sorted(client_of[n] for n in self.paced.still_running() if n in client_of)
 
     def _config(self, **extra: Any) -> ConfigRecord:
         return ConfigRecord({JOB: self.job, **extra})
@@ -210,7 +234,7 @@ class FlowerFederation:
             self.num_examples[pid] = int(msg.content[METRICS][NUM_EXAMPLES])
         missing = sorted(set(range(self.num_clients)) - set(self.node_of))
         if missing:
-            raise ClientFailure(f"the Flower nodes of clients {missing} did not answer {wait}")
+            raise ClientFailure(f"the Flower nodes of {listed(missing)} did not answer {wait}")
 
     def fedavg(self, initial: Params, *, exclude: frozenset[int] = frozenset(),
                listener: RoundListener | None = None, variant: int = 0, stream: int = 0,
@@ -232,7 +256,10 @@ class FlowerFederation:
                                        t.sample_fraction, set(exclude))
 
         strategy = RecordingStrategy(inner, sampler=sampler, node_of=self.node_of,
-                                     on_round=tracker.aggregated, policy=self.policy,
+                                     on_round=tracker.aggregated,
+                                     policy=dataclasses.replace(
+                                         self.policy, phase=fedavg_phase(exclude, variant,
+                                                                         stream)),
                                      on_failures=tracker.failed)
         strategy.round_offset = first
 
@@ -282,7 +309,8 @@ class FlowerFederation:
                                   model=True)
 
         ok, failed = with_retries(attempt, clients, self.policy.retries)
-        self.policy.settle(failed, ok, server_round=server_round, stage=task)
+        policy = dataclasses.replace(self.policy, phase=METHOD_PHASE)
+        policy.settle(failed, ok, server_round=server_round, stage=task)
         return {pid: ClientResult(model=from_record(msg.content[ARRAYS]),
                                   num_examples=int(msg.content[METRICS][NUM_EXAMPLES]),
                                   stats=task_stats(msg.content[METRICS]))
