@@ -34,7 +34,6 @@ import io
 import json
 import os
 import time
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,7 +190,7 @@ def load_checkpoint(seed_dir: Path) -> Checkpoint | None:
         with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
             model = {name: arrays[f"a{i}"] for i, name in enumerate(names)}
         rounds = [RoundSummary(**r) for r in meta["rounds"]]
-    except (KeyError, ValueError, TypeError, OSError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # noqa: BLE001 - numpy's parser raises many kinds on damage
         raise ResumeError(damaged.format(str(exc).splitlines()[0][:160] if str(exc)
                                          else type(exc).__name__)) from None
     return Checkpoint(round=rnd, model=model, rounds=rounds)
@@ -234,7 +233,7 @@ def load_serving(seed_dir: Path) -> tuple[dict[str, Any], dict[str, Params]] | N
         with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
             for i, (method, key) in enumerate(state["models"]):
                 models.setdefault(method, {})[key] = arrays[f"a{i}"]
-    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # noqa: BLE001 - numpy's parser raises many kinds on damage
         raise ResumeError(f"'{arrays_path}' does not hold the models {SERVING_FILE} lists "
                           f"({exc}); rerun into a new --out") from None
     return state, models

@@ -21,8 +21,10 @@ from typing import Any
 
 from fedunlearn import interrupt
 from fedunlearn.checkpoint import (
+    CHECKPOINT_ARRAYS,
     CHECKPOINT_META,
     SERVED_FILE,
+    SERVING_ARRAYS,
     SERVING_FILE,
     TRAINING_FILE,
     Checkpoint,
@@ -41,7 +43,7 @@ from fedunlearn.checkpoint import (
 from fedunlearn.config import Config, from_run_dict
 from fedunlearn.evaluation.summary import summarize
 from fedunlearn.evaluation.verdicts import INCONCLUSIVE
-from fedunlearn.experiment import Setup, prepare, train_federation
+from fedunlearn.experiment import Setup, check_saved_model, prepare, train_federation
 from fedunlearn.federation.flower import Connect, FlowerFederation, run_engine
 from fedunlearn.history import JOURNAL, MANIFEST, HistoryStore, confined
 from fedunlearn.lineage import LineageLog
@@ -153,6 +155,10 @@ class SeedRun:
             self._restore_serving()
             return
         self.start = load_checkpoint(self.out)
+        if self.start is not None:
+            check_saved_model(self.start.model, self.setup.initial,
+                              self.out / CHECKPOINT_ARRAYS,
+                              f"delete {CHECKPOINT_META} to train this seed from round 1")
         if self.start is None and self.store.rounds():
             # killed before the first checkpoint, or the checkpoint was removed: training is
             # redone from round 1 and every stored round is checked against its redone twin
@@ -176,6 +182,11 @@ class SeedRun:
         k = state["next_request"]
         if saved is not None:
             self._check_saved(state)
+            for name, model in models.items():
+                if not name.startswith(STATE_PREFIX):
+                    check_saved_model(model, self.setup.initial, self.out / SERVING_ARRAYS,
+                                      "delete serving.json and serving.npz to serve every request again, "
+                                      "when no request was purged yet")
         answered = {c for r in self.cfg.unlearning.requests[:k] for c in r}
         if stray := sorted(set(self.store.purged()) - answered):
             raise ResumeError(f"seed {self.seed} was interrupted while serving its requests, "

@@ -243,9 +243,6 @@ def _npz_with_corrupt_header(arrays: dict[str, np.ndarray]) -> bytes:
     return bytes(data)
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoint.py's load_checkpoint catches a closed list "
-                                       "of exceptions; widening it is the checkpoint owner's "
-                                       "change (issue 25)")
 def test_a_checkpoint_npz_numpy_cannot_parse_is_one_line(tmp_path):
     import hashlib
     import json

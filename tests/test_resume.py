@@ -29,7 +29,7 @@ from fedunlearn.lineage import LineageLog, params_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "simulations/quickstart.toml"
-SETTINGS = ["experiment.seeds=[]", "data.num_clients=4", "training.rounds=40", "training.local_epochs=1",
+SETTINGS = ["experiment.seeds=[0]", "data.num_clients=4", "training.rounds=40", "training.local_epochs=1",
             "training.learning_rate=0.1", 'data.partition="iid"', "unlearning.requests=[]",
             "verification.mia_shadows=0", "engine.ray_num_cpus=1"]
 

@@ -47,7 +47,7 @@ from fedunlearn.evaluation.shadow import ShadowModels, shadow_epochs, shadow_sam
 from fedunlearn.evaluation.summary import recovery_words
 from fedunlearn.evaluation.verify import Outputs, RequestVerifier
 from fedunlearn.extensions import USER_ERRORS, describe_failure
-from fedunlearn.federation.faults import ClientFailure, nonfinite
+from fedunlearn.federation.faults import ClientFailure, nonfinite, recording_failures
 from fedunlearn.federation.port import Federation
 from fedunlearn.history import HistoryError, HistoryStore
 from fedunlearn.lineage import LineageLog, params_hash
@@ -463,7 +463,8 @@ def _serve(m: Method, ctx: UnlearningContext, request: int, reference_wall: dict
     reached = Counter(getattr(ctx.federation, "reached", ()))
     source = params_hash(ctx.model) if m.role == Role.METHOD else None
     t0 = time.perf_counter()
-    with _users_code(m, f"on request {request}", _then_resume(ctx.cfg, request)):
+    with recording_failures() as dropped, \
+            _users_code(m, f"on request {request}", _then_resume(ctx.cfg, request)):
         result = m.method.unlearn(ctx)
     wall = time.perf_counter() - t0
     if not isinstance(result, UnlearningResult):
@@ -489,6 +490,8 @@ def _serve(m: Method, ctx: UnlearningContext, request: int, reference_wall: dict
         reference_wall[m.setting] = wall
     answer = _answer(m, result, ctx.targets, wall, reference_wall.get(m.setting),
                      after[0] - sent, after[1] - exchanged, verifier, predictor)
+    if dropped:  # clients dropped in this method's client work, as training's are recorded
+        answer.row.details["client_failures"] = [dataclasses.asdict(f) for f in dropped]
     exact = bool(getattr(m.method, "exact", m.role != Role.METHOD))
     lineage.append("model", kind="unlearned", method=m.name, request=request, setting=m.setting,
                    model_hash=answer.row.model_hash, exact=exact,
