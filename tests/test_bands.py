@@ -32,7 +32,7 @@ distillation   0.003  0.958     0.0606 (2.75x)
 
 With 2 local epochs instead of 4, FedEraser ended at 0.9415 test accuracy against retraining's
 0.972, one test input below its band (FedEraser matches retraining only once the later updates
-have become small; see ALGORITHMS.md). Distillation's KL sits close to its band here.
+have become small; see docs/algorithms.md, "FedEraser"). Distillation's KL sits close to its band here.
 
 Each band test was seen to fail with a method broken by hand in a copy of the repository; the
 docstrings of the tests say which.

@@ -10,7 +10,7 @@ history is used and the targets take no part (nor need their data): client-level
 only asks the targets to leave.
 
 The full text of the paper was not accessible while this was written; the method follows
-ALGORITHMS.md ("History-free methods") and the paper's abstract and overview (Figure 2:
+docs/algorithms.md and the paper's abstract and overview (Figure 2:
 "applying layer-wise parameter negation to the global model ... Subsequent fine-tuning rounds
 restore essential knowledge"). The default layer (the first) is the one third-party summaries
 of the paper name as its default. The paper's number of fine-tuning rounds is not known to us,
