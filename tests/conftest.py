@@ -42,6 +42,19 @@ def _no_registration_outlives_its_test(tmp_path_factory: pytest.TempPathFactory)
             del sys.modules[name]
 
 
+@pytest.fixture
+def tripwire(monkeypatch):
+    """Fail the test if a refused command gets as far as starting an engine or training."""
+    from fedunlearn import runner
+    from fedunlearn.federation import local
+
+    def no_work(*args, **kwargs):
+        pytest.fail("a refused command must stop before any engine or training start")
+
+    monkeypatch.setattr(runner, "run_engine", no_work)
+    monkeypatch.setattr(local, "warm_up", no_work)
+
+
 def small_config(*extra: str) -> Config:
     """Four IID clients on digits, three rounds: a federation in a second or two."""
     return load_config(None, [*SMALL, *extra])

@@ -133,19 +133,6 @@ def test_a_directory_given_as_the_config_is_named_as_a_directory(command, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-@pytest.fixture
-def tripwire(monkeypatch):
-    """Fail the test if the run gets as far as starting an engine or training."""
-    from fedunlearn import runner
-    from fedunlearn.federation import local
-
-    def no_work(*args, **kwargs):
-        pytest.fail("validation must stop the run before any engine or training start")
-
-    monkeypatch.setattr(runner, "run_engine", no_work)
-    monkeypatch.setattr(local, "warm_up", no_work)
-
-
 @pytest.mark.parametrize(("config", "args", "needle"), CASES,
                          ids=[" ".join(a) for _, a, _ in CASES])
 def test_bad_run_input_is_one_line_exit_2_nothing_written(config, args, needle, tmp_path,

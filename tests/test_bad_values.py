@@ -26,19 +26,6 @@ from fedunlearn.config import (
 QS = "simulations/quickstart.toml"
 
 
-@pytest.fixture
-def tripwire(monkeypatch):
-    """Fail the test if the run gets as far as starting an engine or training."""
-    from fedunlearn import runner
-    from fedunlearn.federation import local
-
-    def no_work(*args, **kwargs):
-        pytest.fail("validation must stop the run before any engine or training start")
-
-    monkeypatch.setattr(runner, "run_engine", no_work)
-    monkeypatch.setattr(local, "warm_up", no_work)
-
-
 def refused(capsys, tmp_path, *sets: str, config: str = QS) -> str:
     """Run ``fedunlearn run`` with ``sets``; assert exit 2, one stderr line, no --out, a loose
     time bound; return the line."""

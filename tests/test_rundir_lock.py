@@ -55,19 +55,6 @@ def _snapshot(run_dir: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture
-def tripwire(monkeypatch):
-    """Fail the test if a refused command gets as far as starting an engine or training."""
-    from fedunlearn import runner
-    from fedunlearn.federation import local
-
-    def no_work(*args, **kwargs):
-        pytest.fail("a second writer must be refused before any engine or training start")
-
-    monkeypatch.setattr(runner, "run_engine", no_work)
-    monkeypatch.setattr(local, "warm_up", no_work)
-
-
-@pytest.fixture
 def live_run(tmp_path):
     """A run directory (a resumable ``run.json``, a lineage line) held by a live process."""
     out = tmp_path / "run"
