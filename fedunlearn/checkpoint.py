@@ -33,6 +33,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,11 +47,49 @@ from fedunlearn.params import Params
 
 RUN_FILE = "run.json"
 CHECKPOINT_ARRAYS = "checkpoint.npz"
+"""The arrays' name in runs written before array files were named by their content."""
 CHECKPOINT_META = "checkpoint.json"
 TRAINING_FILE = "training.json"
 SERVED_FILE = "served.json"
 SERVING_FILE = "serving.json"
 SERVING_ARRAYS = "serving.npz"
+_ARRAYS = re.compile(r"(checkpoint|serving)(\.[0-9a-f]{16})?\.npz")
+"""Array files of the resume state: ``NAME.<first 16 hex digits of their sha256>.npz`` (the
+JSON file written after them names them, so a crash between the two leaves the previous JSON
+and the arrays it names; older runs used ``NAME.npz``)."""
+
+
+def arrays_name(kind: str, sha256: str) -> str:
+    """``checkpoint.<sha16>.npz`` or ``serving.<sha16>.npz``."""
+    return f"{kind}.{sha256[:16]}.npz"
+
+
+def _arrays_path(seed_dir: Path, state: dict[str, Any], kind: str) -> Path:
+    """The array file a resume-state JSON names (checked to be one of ours), or the name older
+    runs used."""
+    name = state.get("arrays", f"{kind}.npz")
+    if not isinstance(name, str) or not _ARRAYS.fullmatch(name) or not name.startswith(kind):
+        raise ResumeError(f"'{seed_dir}': the resume state names arrays {str(name)[:80]!r}, "
+                          f"not a file of this run; it was edited: rerun into a new --out")
+    return Path(seed_dir) / name
+
+
+def remove_arrays(seed_dir: Path, kind: str, keep: str | None = None) -> None:
+    """Delete ``kind``'s array files in ``seed_dir`` but ``keep``."""
+    for path in sorted(Path(seed_dir).glob(f"{kind}*.npz")):
+        if path.name != keep and _ARRAYS.fullmatch(path.name):
+            remove_file(path)
+
+
+def remove_temp_files(seed_dir: Path) -> list[str]:
+    """Delete the temp files of atomic writes a crash cut short in ``seed_dir`` (our writer
+    names them ``.<file>.<random>.tmp``): they may hold a model a strict purge deleted."""
+    gone = []
+    for path in sorted(Path(seed_dir).glob(".*.tmp")):
+        if path.is_file() and not path.is_symlink():
+            remove_file(path)
+            gone.append(path.name)
+    return gone
 
 
 class ResumeError(ValueError):
@@ -156,15 +195,18 @@ class Checkpointer:
     def round_evaluated(self, server_round: int, model: Params, summary: RoundSummary) -> None:
         self.rounds.append(asdict(summary))
         data = _npz(model)
-        atomic_write(self.dir / CHECKPOINT_ARRAYS, data)
+        sha = hashlib.sha256(data).hexdigest()
+        name = arrays_name("checkpoint", sha)
+        atomic_write(self.dir / name, data)
         write_state(self.dir / CHECKPOINT_META, {
-            "round": server_round, "names": list(model),
-            "sha256": hashlib.sha256(data).hexdigest(), "rounds": self.rounds})
+            "round": server_round, "names": list(model), "arrays": name,
+            "sha256": sha, "rounds": self.rounds})
+        remove_arrays(self.dir, "checkpoint", keep=name)
 
     def finish(self) -> None:
         """Training has finished: the final model is in the history store."""
-        for name in (CHECKPOINT_META, CHECKPOINT_ARRAYS):
-            remove_file(self.dir / name)
+        remove_file(self.dir / CHECKPOINT_META)
+        remove_arrays(self.dir, "checkpoint")
 
 
 def load_checkpoint(seed_dir: Path) -> Checkpoint | None:
@@ -173,13 +215,15 @@ def load_checkpoint(seed_dir: Path) -> Checkpoint | None:
     if not meta_path.exists():
         return None
     meta = read_json(meta_path)
-    arrays_path = Path(seed_dir) / CHECKPOINT_ARRAYS
+    if not isinstance(meta, dict):
+        raise ResumeError(f"'{meta_path}' is damaged (not a JSON object); rerun into a new --out")
+    arrays_path = _arrays_path(Path(seed_dir), meta, "checkpoint")
     if not arrays_path.exists() and not arrays_path.is_symlink():
         raise ResumeError(f"'{arrays_path}' is missing although {CHECKPOINT_META} lists it; the "
                           "checkpoint is incomplete, rerun into a new --out")
     data = read_bytes(arrays_path)
     damaged = (f"'{arrays_path}' is damaged ({{}}); rerun into a new --out, or delete "
-               f"{CHECKPOINT_META} and {CHECKPOINT_ARRAYS} to resume training from round 1")
+               f"{CHECKPOINT_META} and the checkpoint arrays to resume training from round 1")
     if not isinstance(meta, dict) or hashlib.sha256(data).hexdigest() != meta.get("sha256"):
         raise ResumeError(damaged.format(f"it does not match its checksum in {CHECKPOINT_META}"))
     try:
@@ -208,10 +252,12 @@ def write_serving(seed_dir: Path, state: dict[str, Any],
     if models is not None:
         names = [[method, key] for method, params in models.items() for key in params]
         data = _npz({f"{m}/{k}": models[m][k] for m, k in names})
-        atomic_write(Path(seed_dir) / SERVING_ARRAYS, data)
-        arrays = {"models": names, "sha256": hashlib.sha256(data).hexdigest()}
+        sha = hashlib.sha256(data).hexdigest()
+        atomic_write(Path(seed_dir) / arrays_name("serving", sha), data)
+        arrays = {"models": names, "sha256": sha, "arrays": arrays_name("serving", sha)}
     assert arrays is not None, "write_serving needs models, or the arrays already written"
     write_state(Path(seed_dir) / SERVING_FILE, {**state, **arrays})
+    remove_arrays(Path(seed_dir), "serving", keep=arrays["arrays"])
     return arrays
 
 
@@ -223,7 +269,7 @@ def load_serving(seed_dir: Path) -> tuple[dict[str, Any], dict[str, Params]] | N
     state = read_json(meta_path)
     if why := _serving_problem(state):
         raise ResumeError(f"'{meta_path}' is damaged ({why}); rerun into a new --out")
-    arrays_path = Path(seed_dir) / SERVING_ARRAYS
+    arrays_path = _arrays_path(Path(seed_dir), state, "serving")
     data = read_bytes(arrays_path) if arrays_path.exists() or arrays_path.is_symlink() else b""
     if hashlib.sha256(data).hexdigest() != state["sha256"]:
         raise ResumeError(f"'{arrays_path}' is missing or does not match its checksum in "
@@ -263,5 +309,5 @@ def _serving_problem(state: Any) -> str | None:
 
 def clear_serving(seed_dir: Path) -> None:
     """Every request is served: the part-served state goes."""
-    for name in (SERVING_FILE, SERVING_ARRAYS):
-        remove_file(Path(seed_dir) / name)
+    remove_file(Path(seed_dir) / SERVING_FILE)
+    remove_arrays(Path(seed_dir), "serving")

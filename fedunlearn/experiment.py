@@ -18,7 +18,6 @@ import numpy as np
 
 from fedunlearn.aggregation import difference
 from fedunlearn.checkpoint import (
-    CHECKPOINT_ARRAYS,
     CHECKPOINT_META,
     Checkpoint,
     Checkpointer,
@@ -315,9 +314,9 @@ def train_federation(fed: Federation, setup: Setup, store: HistoryStore,
     """
     if start is not None:
         check_saved_model(start.model, setup.initial,
-                          (checkpoints or Path(".")) / CHECKPOINT_ARRAYS,
-                          f"delete {CHECKPOINT_META} and {CHECKPOINT_ARRAYS} to resume training "
-                          "from round 1")
+                          (checkpoints or Path(".")) / CHECKPOINT_META,
+                          f"delete {CHECKPOINT_META} and the checkpoint arrays to resume "
+                          "training from round 1")
     listeners: list[object] = [HistoryRecorder(store)]
     if lineage is not None:
         listeners.append(LineageRecorder(lineage))

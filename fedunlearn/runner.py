@@ -21,10 +21,8 @@ from typing import Any
 
 from fedunlearn import interrupt
 from fedunlearn.checkpoint import (
-    CHECKPOINT_ARRAYS,
     CHECKPOINT_META,
     SERVED_FILE,
-    SERVING_ARRAYS,
     SERVING_FILE,
     TRAINING_FILE,
     Checkpoint,
@@ -36,6 +34,7 @@ from fedunlearn.checkpoint import (
     note_resumption,
     read_json,
     read_run_file,
+    remove_temp_files,
     write_run_file,
     write_serving,
     write_state,
@@ -137,6 +136,8 @@ class SeedRun:
         (:meth:`check_resumable` first)."""
         path = self.out / "history"
         self.lineage = LineageLog(self.out)
+        if self.out.is_dir():  # writes a kill cut short (they may hold a purged model)
+            remove_temp_files(self.out)
         if not path.exists():  # interrupted before its first round: start it afresh
             return
         self.store = HistoryStore.open(path)
@@ -157,7 +158,7 @@ class SeedRun:
         self.start = load_checkpoint(self.out)
         if self.start is not None:
             check_saved_model(self.start.model, self.setup.initial,
-                              self.out / CHECKPOINT_ARRAYS,
+                              self.out / CHECKPOINT_META,
                               f"delete {CHECKPOINT_META} to train this seed from round 1")
         if self.start is None and self.store.rounds():
             # killed before the first checkpoint, or the checkpoint was removed: training is
@@ -184,7 +185,7 @@ class SeedRun:
             self._check_saved(state)
             for name, model in models.items():
                 if not name.startswith(STATE_PREFIX):
-                    check_saved_model(model, self.setup.initial, self.out / SERVING_ARRAYS,
+                    check_saved_model(model, self.setup.initial, self.out / SERVING_FILE,
                                       "delete serving.json and serving.npz to serve every request again, "
                                       "when no request was purged yet")
         answered = {c for r in self.cfg.unlearning.requests[:k] for c in r}

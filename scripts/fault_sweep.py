@@ -40,6 +40,8 @@ def chosen(ops: list[dict], every: bool) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--all", action="store_true", help="every file operation of the run")
+    ap.add_argument("--phases", default=None,
+                    help="only these phases, comma-separated (commit, checkpoint, purge, state)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "fault_sweep.json")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fault-sweep-"))
@@ -53,7 +55,8 @@ def main() -> int:
     ops = harness.operations(log)
     patterns = harness.forbidden_bytes(kept / "history", 0)
     points = []
-    for op in chosen(ops, args.all):
+    phases = set(args.phases.split(",")) if args.phases else None
+    for op in [o for o in chosen(ops, args.all) if phases is None or o["phase"] in phases]:
         out = work / f"kill-{op['n']:04d}"
         killed = harness.child(out, op["n"])
         resumed = harness.child(out, resume=True)

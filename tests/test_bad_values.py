@@ -206,7 +206,7 @@ def test_a_checkpoint_model_that_does_not_fit_the_network_is_one_line(damage, tm
         train_federation(fed, setup, store, progress=False, checkpoints=tmp_path,
                          start=Checkpoint(round=1, model=model))
     message = str(err.value)
-    assert "\n" not in message and f"'{tmp_path / 'checkpoint.npz'}'" in message
+    assert "\n" not in message and f"'{tmp_path / 'checkpoint.json'}'" in message
     assert "does not fit the run's network" in message and "new --out" in message
     assert store.rounds() == []
     # the same model undamaged is accepted
