@@ -4,19 +4,20 @@
     the resolved config and the command (``run`` or ``compare``), written once the config
     has passed every check and before the engine starts; each resumption appends to
     ``resumed``.
-``SEED_DIR/checkpoint.npz`` + ``checkpoint.json``
+``SEED_DIR/checkpoint.<sha>.npz`` + ``checkpoint.json``
     after every committed training round: the exact global model after the round (float32
     as trained, whatever ``history.dtype`` is) and the round summaries so far. The JSON file
-    is written last and names the SHA-256 of the arrays, so a checkpoint is either whole or
-    absent. Both are deleted once training has finished: the final model then lives in the
+    is written last and names the arrays' file, whose name carries their SHA-256, so a kill
+    between the two leaves the previous JSON and the arrays it names (the older arrays file is
+    deleted after the JSON): a checkpoint is whole or absent. Both are deleted once training has finished: the final model then lives in the
     history store (and a strict purge must be able to delete it).
 ``SEED_DIR/training.json``
     the seed's ``training`` block, once training has finished.
-``SEED_DIR/serving.json`` + ``serving.npz``
+``SEED_DIR/serving.json`` + ``serving.<sha>.npz``
     while the federated requests are being served, after each one: its rows, verification
     and purge so far, the next request, each method's model after the last answered request
     and what a method carries into the next one (FedRecover's trajectory) (the arrays; the
-    JSON file is written last and names their SHA-256). Deleted once every request is
+    JSON file is written last and names their file, as for checkpoints). Deleted once every request is
     served.
 ``SEED_DIR/served.json``
     the seed's answered requests (rows, purges), once all its federated requests are served.
