@@ -20,22 +20,18 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
-from fedunlearn.checkpoint import ResumeError
-from fedunlearn.config import ConfigError, load_config
-from fedunlearn.evaluation.shadow import ShadowDiverged
-from fedunlearn.federation.faults import ClientFailure
-from fedunlearn.federation.flower import EngineStartError
-from fedunlearn.history import HistoryError
-from fedunlearn.interrupt import EXIT_CODE, Interrupted
-from fedunlearn.lineage import LineageError
-from fedunlearn.rundir_lock import RunDirLocked
-from fedunlearn.unlearning.base import HistoryNotReplayable
-from fedunlearn.unlearning.service import RequestError
+# Light at import: Flower, Ray and torch are imported by `main` (fedunlearn.run.commands), so a
+# Ctrl-C during that import is caught by `entry`.
+
+EXIT_INTERRUPTED = 130
+"""Exit code after Ctrl-C (128 + SIGINT), as a shell reports it."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,160 +65,39 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _lineage_dirs(run_dir: Path, seed: int | None) -> list[tuple[int | None, Path]]:
-    """The run directories holding a lineage log: RUN_DIR itself, or its ``seed-S/``."""
-    from fedunlearn.lineage import FILENAME
-
-    if (run_dir / FILENAME).exists():
-        if seed is None:
-            return [(None, run_dir)]
-        raise ConfigError(f"'{run_dir}' holds one seed's lineage log ('{FILENAME}'): a "
-                          "single-seed run or one seed's directory; leave out --seed")
-    seeds = sorted((int(d.name[5:]), d) for d in run_dir.glob("seed-*")
-                   if d.name[5:].isdigit() and (d / FILENAME).exists())
-    if seed is not None:
-        chosen = [(s, d) for s, d in seeds if s == seed]
-        if not chosen:
-            have = ", ".join(str(s) for s, _ in seeds) or "none"
-            raise ConfigError(f"no lineage log for seed {seed} under '{run_dir}' (seeds there: "
-                              f"{have})")
-        return chosen
-    if not seeds:
-        raise ConfigError(f"no lineage log at '{run_dir / FILENAME}'; pass a run directory "
-                          "written by `fedunlearn run`")
-    return seeds
-
-
-def _check_client_id(run_dir: Path, client: int) -> None:
-    """Refuse a client id the run never had (its ``run.json`` gives ``data.num_clients``; a
-    run directory from before ``run.json`` existed is not checked)."""
-    from fedunlearn.checkpoint import RUN_FILE, read_json
-
-    # a seed's directory (RUN_DIR/seed-S) has its run's run.json one level up
-    path = next((d / RUN_FILE for d in (run_dir, run_dir.parent) if (d / RUN_FILE).exists()),
-                None)
-    try:
-        n = int(read_json(path)["config"]["data"]["num_clients"]) if path else None
-    except (ValueError, KeyError, TypeError):
-        n = None  # a damaged run.json does not stop a lineage question; the log answers
-    if client < 0 or (n is not None and client >= n):
-        have = f"0 to {n - 1}" if n is not None else "numbered from 0"
-        raise ConfigError(f"client {client} is not a client of the run in '{run_dir}' (its "
-                          f"clients are {have}); pass one of them to --client")
-
-
-def cmd_lineage(args: argparse.Namespace) -> int:
-    import json
-
-    from fedunlearn.lineage import LineageLog, client_lineage, format_client_lineage
-
-    _check_client_id(args.run_dir, args.client)
-    answers = []
-    for seed, run_dir in _lineage_dirs(args.run_dir, args.seed):
-        log = LineageLog(run_dir)
-        info = client_lineage(log.read(), args.client)
-        if log.truncated_tail is not None:
-            info["warning"] = ("the last line of the log was cut short by an interrupted write "
-                               "and was skipped")
-        answers.append((seed, info))
-    if args.json:
-        out = answers[0][1] if len(answers) == 1 else {f"seed-{s}": i for s, i in answers}
-        print(json.dumps(out, indent=2))
-        return 0
-    for seed, info in answers:
-        if seed is not None:
-            print(f"[seed {seed}]")
-        print(format_client_lineage(info))
-        if "warning" in info:
-            print(f"warning: {info['warning']}")
-    return 0
-
-
-def cmd_run(args: argparse.Namespace, *, compare: bool = False) -> int:
-    from fedunlearn.experiment import default_out_dir, with_centralized
-    from fedunlearn.preflight import preflight, writer_lock
-    from fedunlearn.runner import run_experiment
-
-    overrides = list(args.overrides)
-    if args.seeds is not None:
-        overrides.append(f"experiment.seeds=[{_seed_list(args.seeds)}]")
-    cfg = load_config(args.config, overrides)
-    out = args.out = args.out or default_out_dir(cfg)  # (the messages of main name it)
-    command = "compare" if compare else "run"
-    with writer_lock(out, command):  # a live run in --out is refused before anything else
-        preflight(cfg, out)  # the machine and --out, before any extension module is imported
-        if compare:
-            cfg = with_centralized(cfg)
-        run_experiment(cfg, out, command=command)
-    return 0
-
-
-def cmd_resume(args: argparse.Namespace) -> int:
-    from fedunlearn.checkpoint import read_run_file
-    from fedunlearn.config import from_run_dict
-    from fedunlearn.experiment import validate_names
-    from fedunlearn.federation.strategy import keeps_history_identity
-    from fedunlearn.preflight import check_engine, writer_lock
-    from fedunlearn.runner import run_experiment
-
-    out = args.run_dir
-    # a live run is refused before anything is read or written (a missing directory is
-    # named by read_run_file below)
-    with writer_lock(out, "resume") if out.is_dir() else contextlib.nullcontext():
-        if (out / "results.json").exists():
-            raise ConfigError(f"'{out}' already holds results.json: that run finished, there "
-                              "is nothing to resume")
-        run = read_run_file(out)
-        cfg = from_run_dict(run["config"])  # keys added since the run began keep its behaviour
-        validate_names(cfg)  # imports the run's extensions (its strategy may be one of them)
-        t = cfg.training
-        if keeps_history_identity(t.strategy, t.strategy_params) is False:
-            raise ConfigError(f"strategy '{t.strategy}' keeps server state between rounds that "
-                              "is not checkpointed; such a run cannot be resumed")
-        check_engine(cfg)
-        run_experiment(cfg, out, command=run["command"], resume=True)  # notes the resumption
-    return 0
-
-
 def _seed_list(text: str) -> str:
     """``"0,1,2"`` -> ``"0, 1, 2"``; anything but non-negative integers is a ConfigError."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts or not all(p.isdigit() for p in parts):
-        raise ConfigError(f"--seeds expects non-negative integers separated by commas, e.g. "
+        raise ValueError(f"--seeds expects non-negative integers separated by commas, e.g. "
                           f"--seeds 0,1,2; got '{text}'")
     return ", ".join(str(int(p)) for p in parts)
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from fedunlearn.reporting import comparison_table, read_results, verdict_table, write_report
-
-    results = read_results(args.run_dir)
-    written = write_report(args.run_dir, results)
-    if "unlearning" in results:
-        print(comparison_table(results["unlearning"], results.get("summary")))
-        if results.get("summary"):
-            print(verdict_table(results["summary"]))
-    for name, path in written.items():
-        print(f"{name:<15} {path}")
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``fedunlearn`` command; return its exit code."""
     args = _parser().parse_args(argv)
     try:
+        if args.command in ("run", "compare") and args.seeds is not None:
+            args.seeds = _seed_list(args.seeds)
+    except ValueError as exc:
+        print(f"fedunlearn: error: {exc}", file=sys.stderr)
+        return 2
+    from fedunlearn.run import commands
+    from fedunlearn.run.interrupt import EXIT_CODE, Interrupted
+
+    try:
         if args.command == "run":
-            return cmd_run(args)
+            return commands.cmd_run(args)
         if args.command == "compare":
-            return cmd_run(args, compare=True)
+            return commands.cmd_run(args, compare=True)
         if args.command == "resume":
-            return cmd_resume(args)
+            return commands.cmd_resume(args)
         if args.command == "report":
-            return cmd_report(args)
+            return commands.cmd_report(args)
         if args.command == "lineage":
-            return cmd_lineage(args)
-    except (ConfigError, HistoryError, LineageError, RequestError, ResumeError, ShadowDiverged,
-            HistoryNotReplayable, ClientFailure, EngineStartError, RunDirLocked) as exc:
+            return commands.cmd_lineage(args)
+    except commands.USER_ERRORS as exc:
         print(f"fedunlearn: error: {exc}", file=sys.stderr)
         return 2
     except Interrupted:  # the run printed where it stopped and how to resume it
@@ -250,5 +125,55 @@ def _after_write_failure(args: argparse.Namespace) -> str:
     return f"continue with `fedunlearn resume {run_dir}` (what is stored is intact)"
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def entry() -> NoReturn:
+    """The ``fedunlearn`` console script and ``python -m fedunlearn.cli``: :func:`main`, then the
+    process ends with its code. The one place in fedunlearn that ends the process.
+
+    A Ctrl-C while Flower, Ray and torch are being imported (a second or two) is recorded and
+    acted on once the import is done: raised inside torch's native initialisation, a
+    KeyboardInterrupt aborted the process (exit -6). A Ctrl-C outside a run's rounds is one line.
+    """
+    pending: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+    take = previous is not signal.SIG_IGN  # a background job (`cmd &`) ignores Ctrl-C: keep that
+    if take:
+        signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        try:
+            import fedunlearn.run.commands  # noqa: F401  (the heavy import, guarded)
+        finally:
+            if take:
+                signal.signal(signal.SIGINT, previous)
+        if pending:
+            raise KeyboardInterrupt
+        code = main()
+    except KeyboardInterrupt:
+        print("\nfedunlearn: interrupted (Ctrl-C) outside a run's rounds; run the command "
+              "again, or continue a run it had started with `fedunlearn resume RUN_DIR`",
+              file=sys.stderr, flush=True)
+        code = EXIT_INTERRUPTED
+    _leave(code)
+
+
+def _leave(code: int) -> NoReturn:
+    """End the process with ``code`` once what matters of an ordinary exit is done: the other
+    non-daemon threads joined (the history store's deferred deletions), logging flushed and
+    closed, output flushed. The interpreter's teardown of torch and Ray (about 1.8 s per
+    command, docs/engine.md) is skipped; the run has already shut its engine down."""
+    import logging
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more to say
+            pass
+    os._exit(code)
+
+
+if __name__ == "__main__":  # python -m fedunlearn.cli
+    entry()

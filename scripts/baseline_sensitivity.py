@@ -2,7 +2,7 @@
 """How PGA's and NoT's acceptance bands depend on their free choices (in process, per seed).
 
 Trains ``simulations/baselines_digits.toml`` once per seed with the in-process port (the same
-FedAvg as through Flower, ``tests/test_engine.py``; the figures equal the CLI run's for the
+FedAvg as through Flower, ``tests/engine/test_engine.py``; the figures equal the CLI run's for the
 same seed), serves request 0 with retraining and with PGA and NoT under several settings, all
 under the run's own request seed, and writes per seed and variant the test accuracy and the
 backdoor's success (ASR) next to retraining's, and whether issue 12's bands hold (ASR ≤
@@ -28,12 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from fedunlearn.config import load_config
-from fedunlearn.experiment import prepare, train_federation
-from fedunlearn.federation.inprocess import InProcessFederation
-from fedunlearn.history import HistoryStore
+from fedunlearn.config.tree import load_config
+from fedunlearn.engine.inprocess import InProcessFederation
+from fedunlearn.history.store import HistoryStore
+from fedunlearn.models.seeding import derive_seed
 from fedunlearn.reporting import stamp, write_json
-from fedunlearn.seeding import derive_seed
+from fedunlearn.run.experiment import prepare, train_federation
 from fedunlearn.unlearning import UNLEARNERS
 from fedunlearn.unlearning.base import UnlearningContext
 

@@ -2,7 +2,7 @@
 """Distillation's step budget against retraining, on one config, in process.
 
 Trains the config's federation with the in-process port (the same FedAvg as through Flower,
-proven identical in ``tests/test_engine.py``), then serves its first request with ``retrain``
+proven identical in ``tests/engine/test_engine.py``), then serves its first request with ``retrain``
 (and its noise floor) and ``distillation`` at several ``max_steps`` budgets, every model
 verified by the same verifier (bounded samples, shadow models as configured). Writes, per
 method: test / forgotten accuracy, ASR, KL on the forgotten data, the clean-split membership
@@ -23,14 +23,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedunlearn.config import load_config
-from fedunlearn.experiment import prepare, train_federation
-from fedunlearn.federation.inprocess import InProcessFederation
-from fedunlearn.history import HistoryStore
-from fedunlearn.lineage import LineageLog
+from fedunlearn.config.tree import load_config
+from fedunlearn.engine.inprocess import InProcessFederation
+from fedunlearn.history.lineage import LineageLog
+from fedunlearn.history.store import HistoryStore
+from fedunlearn.models.seeding import seed_everything
 from fedunlearn.reporting import stamp, write_json
-from fedunlearn.seeding import seed_everything
-from fedunlearn.unlearning.service import serve_requests
+from fedunlearn.run.experiment import prepare, train_federation
+from fedunlearn.run.serving import serve_requests
 
 KEYS = ("test_accuracy", "forget_accuracy", "backdoor_asr", "backdoor_asr_vs_retrain_p",
         "kl_forget", "mia_loss_auc_clean", "mia_lira_auc_clean", "mia_lira_plain_auc_clean")

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fedunlearn.config import load_config
-from fedunlearn.experiment import prepare
-from fedunlearn.federation.flower import FlowerFederation, run_on_flower
-from fedunlearn.federation.inprocess import InProcessFederation
-from fedunlearn.federation.port import TrainingRun
+from fedunlearn.config.tree import load_config
+from fedunlearn.engine.flower import FlowerFederation, run_on_flower
+from fedunlearn.engine.inprocess import InProcessFederation
+from fedunlearn.engine.port import TrainingRun
+from fedunlearn.models.seeding import seed_everything
 from fedunlearn.reporting import stamp, write_json
-from fedunlearn.seeding import seed_everything
+from fedunlearn.run.experiment import prepare
 
 
 def main() -> int:

@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedunlearn.config import load_config
-from fedunlearn.experiment import prepare
+from fedunlearn.config.tree import load_config
+from fedunlearn.models.seeding import seed_everything
 from fedunlearn.reporting import stamp, write_json
-from fedunlearn.seeding import seed_everything
+from fedunlearn.run.experiment import prepare
 from fedunlearn.unlearning import UNLEARNERS, UnlearningContext
 
 METHODS = ("central_retrain", "sisa", "sisa_random", "newton")

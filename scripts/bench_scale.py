@@ -155,7 +155,7 @@ class Marks:
     """Start-up timestamps, taken by wrapping (not editing) the engine's steps."""
 
     def __init__(self) -> None:
-        from fedunlearn.federation import flower
+        from fedunlearn.engine import flower
 
         self.t: dict[str, float] = {}
         orig_start, orig_discover = flower.start_ray, flower.FlowerFederation._discover
@@ -191,9 +191,9 @@ class Marks:
 
 
 def run_case(name: str) -> dict[str, Any]:
-    from fedunlearn.config import load_config
-    from fedunlearn.runner import run_experiment
-    from fedunlearn.seeding import sample_participants
+    from fedunlearn.config.tree import load_config
+    from fedunlearn.models.seeding import sample_participants
+    from fedunlearn.run.runner import run_experiment
 
     path, overrides = CASES[name]
     cfg = load_config(ROOT / path, overrides)
@@ -231,11 +231,11 @@ def _shapes(cfg: Any) -> list[tuple[int, ...]]:
 
 def run_quickstart(fast: str, repeats: int) -> dict[str, Any]:
     """One in-process FedAvg and one Flower FedAvg (engine started in this call), seed 0."""
-    from fedunlearn.config import load_config
-    from fedunlearn.experiment import prepare
-    from fedunlearn.federation.flower import run_on_flower
-    from fedunlearn.federation.inprocess import InProcessFederation
-    from fedunlearn.seeding import seed_everything
+    from fedunlearn.config.tree import load_config
+    from fedunlearn.engine.flower import run_on_flower
+    from fedunlearn.engine.inprocess import InProcessFederation
+    from fedunlearn.models.seeding import seed_everything
+    from fedunlearn.run.experiment import prepare
 
     cfg = load_config(ROOT / "simulations/quickstart.toml",
                       ["experiment.seeds=[0]", f"engine.fast_dispatch={fast}"])
@@ -257,11 +257,11 @@ def run_quickstart(fast: str, repeats: int) -> dict[str, Any]:
 def run_backdoor(fast: str, repeats: int) -> dict[str, Any]:
     """Train backdoor_digits once, then time ``repeats`` retrainings and FedEraser removals of
     client 0, in one engine."""
-    from fedunlearn.config import load_config
-    from fedunlearn.experiment import prepare, train_federation
-    from fedunlearn.federation.flower import run_on_flower
-    from fedunlearn.history import HistoryStore
-    from fedunlearn.seeding import seed_everything
+    from fedunlearn.config.tree import load_config
+    from fedunlearn.engine.flower import run_on_flower
+    from fedunlearn.history.store import HistoryStore
+    from fedunlearn.models.seeding import seed_everything
+    from fedunlearn.run.experiment import prepare, train_federation
     from fedunlearn.unlearning import UNLEARNERS, UnlearningContext
 
     cfg = load_config(ROOT / "simulations/backdoor_digits.toml",
@@ -304,10 +304,10 @@ def run_backdoor(fast: str, repeats: int) -> dict[str, Any]:
 def run_startup(arg: str, repeats: int) -> dict[str, Any]:
     """Engine start-up and 3 FedAvg rounds at ``N`` nodes (``arg`` = ``"N:true"`` or
     ``"N:false"``, the ``engine.fast_dispatch`` setting)."""
-    from fedunlearn.config import load_config
-    from fedunlearn.experiment import prepare
-    from fedunlearn.federation.flower import run_on_flower
-    from fedunlearn.seeding import seed_everything
+    from fedunlearn.config.tree import load_config
+    from fedunlearn.engine.flower import run_on_flower
+    from fedunlearn.models.seeding import seed_everything
+    from fedunlearn.run.experiment import prepare
 
     n, fast = arg.split(":")
     cfg = load_config(ROOT / SCALE, [f"data.num_clients={n}", "training.rounds=3",
@@ -324,8 +324,8 @@ def run_startup(arg: str, repeats: int) -> dict[str, Any]:
 def run_history(dtype: str, repeats: int, rounds: int = 200, clients: int = 1000,
                 per_round: int = 100) -> dict[str, Any]:
     """Commit ``rounds`` rounds of random scale-MLP updates; time each ``record_round``."""
-    from fedunlearn.config import load_config
-    from fedunlearn.history import HistoryStore
+    from fedunlearn.config.tree import load_config
+    from fedunlearn.history.store import HistoryStore
 
     shapes = _shapes(load_config(ROOT / SCALE, []))
     names = [f"p{i}" for i in range(len(shapes))]
@@ -382,13 +382,13 @@ def main() -> int:
         args.child_out.write_text(json.dumps(result, default=float))
         return 0
 
-    from fedunlearn.config import load_config
+    from fedunlearn.config.tree import load_config
     from fedunlearn.reporting import stamp
 
     parts = args.parts.split(",")
     out: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() and set(
         parts) != {"history", "scale", "startup", "dispatch"} else {}
-    from fedunlearn.provenance import git_commit
+    from fedunlearn.reporting.provenance import git_commit
 
     out.setdefault("parts_run", []).append({"parts": parts, "load_start": load(),
                                             "git_commit": git_commit()})

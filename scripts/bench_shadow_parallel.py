@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedunlearn.config import load_config
+from fedunlearn.config.tree import load_config
 from fedunlearn.evaluation.shadow import shadow_sample
-from fedunlearn.experiment import prepare
 from fedunlearn.models import reinitialise
+from fedunlearn.models.seeding import derive_seed
+from fedunlearn.models.training import local_training, train
 from fedunlearn.reporting import stamp, write_json
-from fedunlearn.seeding import derive_seed
-from fedunlearn.training import local_training, train
+from fedunlearn.run.experiment import prepare
 
 _STATE: dict = {}
 

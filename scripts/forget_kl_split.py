@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fedunlearn.config import load_config
+from fedunlearn.config.tree import load_config
 from fedunlearn.data.backdoor import Trigger
-from fedunlearn.experiment import prepare, train_federation
-from fedunlearn.federation.inprocess import InProcessFederation
-from fedunlearn.history import HistoryStore
-from fedunlearn.seeding import derive_seed
+from fedunlearn.engine.inprocess import InProcessFederation
+from fedunlearn.history.store import HistoryStore
+from fedunlearn.models.seeding import derive_seed
+from fedunlearn.run.experiment import prepare, train_federation
 from fedunlearn.unlearning import UNLEARNERS
 from fedunlearn.unlearning.base import UnlearningContext
 

@@ -51,7 +51,7 @@ def run_scenario(name: str, config: str, partition: str, seeds: str, extra: list
         return _scenario(name, partition, out, None)
     if out.exists():
         shutil.rmtree(out)
-    cmd = [sys.executable, "-m", "fedunlearn", "run", str(ROOT / config), "--seeds", seeds,
+    cmd = [sys.executable, "-m", "fedunlearn.cli", "run", str(ROOT / config), "--seeds", seeds,
            "--set", f'data.partition="{partition}"', "--out", str(out)]
     for item in extra:
         cmd += ["--set", item]

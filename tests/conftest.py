@@ -7,11 +7,11 @@ import sys
 import numpy as np
 import pytest
 
-from fedunlearn.config import Config, load_config
+from fedunlearn.config.tree import Config, load_config
 from fedunlearn.data.sources import SOURCES
-from fedunlearn.federation.strategy import STRATEGIES
+from fedunlearn.engine.strategy import STRATEGIES
 from fedunlearn.models.registry import MODELS
-from fedunlearn.training import OPTIMIZERS, TRAIN_STEPS
+from fedunlearn.models.training import OPTIMIZERS, TRAIN_STEPS
 from fedunlearn.unlearning.base import UNLEARNERS
 
 SMALL = ["data.num_clients=4", "training.rounds=3", "training.local_epochs=1",
@@ -45,8 +45,8 @@ def _no_registration_outlives_its_test(tmp_path_factory: pytest.TempPathFactory)
 @pytest.fixture
 def tripwire(monkeypatch):
     """Fail the test if a refused command gets as far as starting an engine or training."""
-    from fedunlearn import runner
-    from fedunlearn.federation import local
+    from fedunlearn.engine import local
+    from fedunlearn.run import runner
 
     def no_work(*args, **kwargs):
         pytest.fail("a refused command must stop before any engine or training start")

@@ -1,9 +1,9 @@
 """Kill a run at a chosen file operation, resume it, and check it against an uninterrupted run.
 
-Used by ``tests/test_crash_resume.py`` (a few kill points) and ``scripts/fault_sweep.py`` (every
+Used by ``tests/run/test_crash_resume.py`` (a few kill points) and ``scripts/fault_sweep.py`` (every
 kill point). A child process runs a small experiment through ``runner.run_experiment`` on the
 in-process twin of the Flower engine (Flower is not the subject here; the run directory is),
-with :func:`fedunlearn.history.set_file_op_hook` counting every file operation that changes the
+with :func:`fedunlearn.history.store.set_file_op_hook` counting every file operation that changes the
 run directory (history commits and purges, checkpoints, resume state) and SIGKILLing itself
 right before operation ``N``. The parent then resumes the run (``resume=True``, in a second
 child), and checks:
@@ -45,7 +45,7 @@ KILLED = -signal.SIGKILL
 
 def in_process_engine(cfg: Any, job: Any, on_stuck: Any = None) -> Any:
     """``runner.run_engine`` served by the in-process twin of the Flower port."""
-    from fedunlearn.federation.inprocess import InProcessFederation
+    from fedunlearn.engine.inprocess import InProcessFederation
 
     return job(lambda cfg_s, evaluate, data=None: InProcessFederation(cfg_s, evaluate))
 
@@ -54,8 +54,9 @@ def drive(out: Path, kill_at: int, *, resume: bool, settings: Sequence[str],
           log: Path | None = None) -> None:
     """The child: run (or resume) into ``out``; SIGKILL before file operation ``kill_at``
     (1-based; 0 never); with ``log``, write every operation as JSON lines."""
-    from fedunlearn import history, runner
-    from fedunlearn.config import load_config
+    from fedunlearn.config.tree import load_config
+    from fedunlearn.history import store as history
+    from fedunlearn.history.store import runner
 
     runner.run_engine = in_process_engine  # type: ignore[assignment]
     count = 0
@@ -127,7 +128,7 @@ def forbidden_bytes(kept: Path, client: int, *, window: int = 48) -> list[bytes]
     """Byte windows of what a purge of ``client`` must leave nowhere: its stored updates and
     running sum, and (strict) the final model and the global models from its first round on,
     read from a store of the same run that was never purged (``kept``)."""
-    from fedunlearn.history import HistoryStore
+    from fedunlearn.history.store import HistoryStore
 
     store = HistoryStore.open(kept)
     arrays: list[np.ndarray] = []
@@ -166,7 +167,7 @@ def leaks(out: Path, patterns: Sequence[bytes]) -> list[str]:
 def check_resumed(out: Path, reference: Path, patterns: Sequence[bytes],
                   client: int = 0) -> list[str]:
     """What is wrong with a killed-then-resumed run ``out`` (empty: nothing)."""
-    from fedunlearn.history import HistoryStore
+    from fedunlearn.history.store import HistoryStore
 
     problems = []
     if not (out / "results.json").exists():

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedunlearn.config import Config
+from fedunlearn.config.tree import Config
 from fedunlearn.data.backdoor import poison, triggered_test_set
 from fedunlearn.data.dataset import ArrayDataset
 from fedunlearn.data.partition import partition_indices
 from fedunlearn.data.sources import load_source
 from fedunlearn.data.splits import train_test_server_split
-from fedunlearn.seeding import derive_seed
+from fedunlearn.models.seeding import derive_seed
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def build_federated_data(cfg: Config) -> FederatedData:
     triggered = None
     if bd.clients:
         if bd.target_class >= full.num_classes:
-            from fedunlearn.config import ConfigError
+            from fedunlearn.config.tree import ConfigError
             raise ConfigError(f"config key 'backdoor.target_class' = {bd.target_class} exceeds "
                               f"the {full.num_classes} classes; use 0..{full.num_classes - 1}")
         for k in bd.clients:

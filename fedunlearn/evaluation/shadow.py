@@ -32,12 +32,12 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from fedunlearn.engine.faults import nonfinite
 from fedunlearn.evaluation.mia import logit_confidence
-from fedunlearn.federation.faults import nonfinite
 from fedunlearn.models import reinitialise
-from fedunlearn.params import get_params
-from fedunlearn.seeding import derive_seed
-from fedunlearn.training import LocalTraining, batch_bounds, predict_proba, train
+from fedunlearn.models.params import get_params
+from fedunlearn.models.seeding import derive_seed
+from fedunlearn.models.training import LocalTraining, batch_bounds, predict_proba, train
 
 
 class ShadowDiverged(ValueError):
@@ -76,7 +76,7 @@ def shadow_epochs(epochs: float, *, num_shadows: int, samples: int, budget: floa
     target with untrained models).
 
     One batch is counted as training counts it with BatchNorm, whose last batch of one sample
-    joins the batch before (:func:`~fedunlearn.training.batch_bounds`): fewer batches, so the
+    joins the batch before (:func:`~fedunlearn.models.training.batch_bounds`): fewer batches, so the
     floor holds with or without it.
 
     The service passes the retraining's sample-epochs (times ``verification.shadow_budget``) as

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from fedunlearn.evaluation.schema import Role
 from fedunlearn.evaluation.verdicts import (
     ALPHA,
     CRITERIA,
@@ -23,7 +24,6 @@ from fedunlearn.evaluation.verdicts import (
     margin_of,
     t_interval,
 )
-from fedunlearn.schema import Role
 
 COST_FIGURES: tuple[str, ...] = (
     "wall_s", "speedup_vs_retrain", "client_epochs", "rounds", "messages_sent",
@@ -181,7 +181,7 @@ def _exact_replay_parts(estimated: list[float], total: list[int], abnormal: list
 
 def recovery_words(recovery: Mapping[str, Any]) -> str | None:
     """How a watched repair ended, in words, from a row's ``details.recovery`` (``None`` for
-    a fixed number of rounds; :mod:`fedunlearn.unlearning.finetune`). The accuracy is shown
+    a fixed number of rounds; :mod:`fedunlearn.unlearning.federated.finetune`). The accuracy is shown
     beside the target it was compared with: when evaluators did not answer, the target of the
     evaluators that did.
 

@@ -61,7 +61,7 @@ from fedunlearn.evaluation.mia import (
     per_example_loss,
     summarize_attack,
 )
-from fedunlearn.schema import MIA_ATTACKS, MIA_KEYS, MIA_SPLITS, PAIRED_ASR_KEYS  # noqa: F401
+from fedunlearn.evaluation.schema import MIA_ATTACKS, MIA_KEYS, MIA_SPLITS, PAIRED_ASR_KEYS  # noqa: F401
 
 Predict = Callable[[np.ndarray], np.ndarray]
 ShadowFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]

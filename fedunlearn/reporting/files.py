@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedunlearn.config import Config
-from fedunlearn.federation.port import TrainingRun
-from fedunlearn.provenance import git_commit, versions
+from fedunlearn.config.tree import Config
+from fedunlearn.engine.port import TrainingRun
+from fedunlearn.reporting.provenance import git_commit, versions
 
 
 def stamp(cfg: Config) -> dict[str, Any]:
@@ -41,7 +41,7 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 def read_results(run_dir: Path) -> dict[str, Any]:
     """Load ``RUN_DIR/results.json``; a missing or unreadable file is a one-line ConfigError."""
-    from fedunlearn.config import ConfigError
+    from fedunlearn.config.tree import ConfigError
 
     path = Path(run_dir) / "results.json"
     try:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedunlearn.evaluation.schema import Role
 from fedunlearn.reporting.files import _write_text
 from fedunlearn.reporting.plots import (
     plot_fidelity_speedup,
@@ -38,7 +39,6 @@ from fedunlearn.reporting.tables import (
     verification_line,
     write_metrics_csv,
 )
-from fedunlearn.schema import Role
 
 # --- report.md -------------------------------------------------------------------------------
 

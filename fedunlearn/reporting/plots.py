@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedunlearn.evaluation.schema import Role
 from fedunlearn.evaluation.summary import FRESH_KINDS, fresh_kind
 from fedunlearn.reporting.tables import (
     NOISE_FLOOR_LABEL,
@@ -20,7 +21,6 @@ from fedunlearn.reporting.tables import (
     _settings,
     _value,
 )
-from fedunlearn.schema import Role
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

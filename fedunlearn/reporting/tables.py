@@ -9,8 +9,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from fedunlearn.reporting.files import _write_text
-from fedunlearn.schema import (
+from fedunlearn.evaluation.schema import (
     COST_KEYS,
     CSV_COLUMNS,
     METRIC_KEYS,
@@ -20,6 +19,7 @@ from fedunlearn.schema import (
     SETTINGS,
     Role,
 )
+from fedunlearn.reporting.files import _write_text
 
 # --- the removal comparison: rows ------------------------------------------------------------
 

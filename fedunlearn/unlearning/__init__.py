@@ -6,23 +6,25 @@ Importing this package registers the built-in methods: ``retrain`` (the referenc
 (centralized).
 """
 
-from fedunlearn.unlearning import (  # noqa: F401  (registration)
-    central_retrain,
-    distillation,
-    federaser,
-    fedrecover,
-    negation,
-    newton,
-    pga,
-    retrain,
-    sisa,
-)
 from fedunlearn.unlearning.base import (
     UNLEARNERS,
     Cost,
     Unlearner,
     UnlearningContext,
     UnlearningResult,
+)
+from fedunlearn.unlearning.centralized import (  # noqa: F401  (registration)
+    central_retrain,
+    newton,
+    sisa,
+)
+from fedunlearn.unlearning.federated import (  # noqa: F401  (registration)
+    distillation,
+    federaser,
+    fedrecover,
+    negation,
+    pga,
+    retrain,
 )
 
 __all__ = ["UNLEARNERS", "Cost", "Unlearner", "UnlearningContext", "UnlearningResult"]

@@ -35,12 +35,12 @@ from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
 
-from fedunlearn.config import Config
+from fedunlearn.config.registry import Registry
+from fedunlearn.config.tree import Config
 from fedunlearn.data.federated import FederatedData
-from fedunlearn.federation.port import Federation
-from fedunlearn.history import HistoryStore
-from fedunlearn.params import Params
-from fedunlearn.registry import Registry
+from fedunlearn.engine.port import Federation
+from fedunlearn.history.store import HistoryStore
+from fedunlearn.models.params import Params
 
 Setting = Literal["federated", "centralized"]
 

@@ -1,0 +1,158 @@
+"""What one client does, independent of the engine that delivers the request.
+
+Both the Flower ClientApp and the in-process federation call :func:`client_work` (local
+training, :func:`client_train`, or another task of :data:`TASKS`), so the two engines do
+bit-for-bit the same work.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedunlearn.config.extensions import load_extensions
+from fedunlearn.config.tree import Config, from_dict
+from fedunlearn.data import cache as data_cache
+from fedunlearn.data.backdoor import Trigger
+from fedunlearn.data.federated import FederatedData, build_federated_data
+from fedunlearn.models import build_model
+from fedunlearn.models.params import Params, get_params, set_params
+from fedunlearn.models.seeding import derive_seed
+from fedunlearn.models.training import device_for, evaluate, local_training, train
+from fedunlearn.unlearning.federated.pga_ascent import Ascent, projected_ascent
+
+
+@functools.lru_cache(maxsize=4)
+def runtime(job: str) -> tuple[Config, FederatedData]:
+    """Parse a job (config JSON) and build its data once per process (or load the copy the
+    driver published for this machine's client processes, :mod:`fedunlearn.data.cache`)."""
+    cfg = from_dict(json.loads(job))
+    load_extensions(cfg.experiment.extensions)
+    torch.set_num_threads(max(1, int(cfg.engine.num_cpus)))
+    data = data_cache.load(job) or build_federated_data(cfg)  # the driver's copy, if any
+    warm_up(cfg, data)
+    return cfg, data
+
+
+def warm_up(cfg: Config, data: FederatedData) -> None:
+    """One throw-away training step, so torch's one-off start-up cost (autograd engine, kernels,
+    thread pools; about a second) is paid when the process starts, not in the first round."""
+    model = build_model(cfg.model.name, data.input_shape, data.num_classes, seed=0,
+                        **cfg.model.params)
+    local = next(d for d in data.clients if len(d))
+    n = min(len(local), cfg.training.batch_size)
+    train(model, local.x[:n], local.y[:n], local_training(cfg, 1.0), seed=0, device=device_for(cfg))
+
+
+_MODELS: dict[str, nn.Module] = {}
+
+
+def model_for(job: str, cfg: Config, data: FederatedData) -> nn.Module:
+    """A model instance reused across messages of the same job (weights are overwritten)."""
+    if job not in _MODELS:
+        _MODELS.clear()
+        _MODELS[job] = build_model(cfg.model.name, data.input_shape, data.num_classes,
+                                   seed=cfg.seed, **cfg.model.params)
+    return _MODELS[job]
+
+
+def client_train(job: str, params: Params, client: int, *, server_round: int, tag: int = 0,
+                 epochs: float | None = None) -> tuple[Params, int, dict[str, float]]:
+    """Client ``client`` trains from ``params``; returns (new params, #examples, stats)."""
+    cfg, data = runtime(job)
+    model = model_for(job, cfg, data)
+    set_params(model, params)
+    local = data.clients[client]
+    seed = derive_seed(cfg.seed, server_round, client, tag)
+    stats = train(model, local.x, local.y, local_training(cfg, epochs), seed=seed,
+                  device=device_for(cfg))
+    return get_params(model), len(local), stats
+
+
+def client_evaluate(job: str, params: Params, client: int) -> tuple[int, dict[str, float]]:
+    """Client ``client`` evaluates ``params`` on its own training data; returns (#examples,
+    ``{"loss", "accuracy"}``), the figures of Flower's federated evaluation."""
+    cfg, data = runtime(job)
+    model = model_for(job, cfg, data)
+    set_params(model, params)
+    local = data.clients[client]
+    return len(local), evaluate(model, local.x, local.y, device=device_for(cfg))
+
+
+TASKS = ("train", "ascent")
+"""Client jobs a training request may carry: ``"train"`` (local training, the default) and
+``"ascent"`` (projected gradient ascent, the client side of PGA unlearning)."""
+
+ASCENT_PARAMS = ("radius", "threshold", "learning_rate", "momentum", "clip_norm")
+"""The ``task_params`` of ``"ascent"`` (floats, the fields of :class:`~fedunlearn.unlearning.federated.pga_ascent.Ascent`
+but the epochs and batch size); its epochs are the request's ``epochs``."""
+
+
+def clean_samples(cfg: Config, data: FederatedData, client: int) -> np.ndarray:
+    """Boolean per sample of client ``client``'s data: True where the backdoor did not poison it.
+
+    The data keeps no list of the poisoned positions (:func:`fedunlearn.data.backdoor.poison`
+    returns them, :func:`~fedunlearn.data.federated.build_federated_data` drops them), so a
+    backdoored client (one of ``backdoor.clients``) tells its poisoned samples as the
+    verifier does: they carry the trigger (recovered from the test split and its triggered
+    copy, :meth:`~fedunlearn.data.backdoor.Trigger.recover`) *and* the target label. Any other
+    client's samples are all clean.
+    """
+    local = data.clients[client]
+    bd = cfg.backdoor
+    if client not in bd.clients or data.triggered_test is None:
+        return np.ones(len(local), dtype=bool)
+    trigger = Trigger.recover(data.test.x[data.test.y != bd.target_class],
+                              data.triggered_test.x)
+    return ~(trigger.carried_by(local.x) & (local.y == bd.target_class))
+
+
+def client_ascent(job: str, params: Params, client: int, *, server_round: int, tag: int,
+                  epochs: float, radius: float, threshold: float, learning_rate: float,
+                  momentum: float, clip_norm: float) -> tuple[Params, int, dict[str, float]]:
+    """Client ``client`` runs :func:`~fedunlearn.unlearning.federated.pga_ascent.projected_ascent` on its own data from
+    ``params`` (the ball's centre), ``τ`` judged on its clean samples (:func:`clean_samples`);
+    returns (new params, #examples, stats)."""
+    cfg, data = runtime(job)
+    model = model_for(job, cfg, data)
+    set_params(model, params)
+    local = data.clients[client]
+    spec = Ascent(epochs=epochs, batch_size=cfg.training.batch_size,
+                  learning_rate=learning_rate, momentum=momentum, clip_norm=clip_norm,
+                  radius=radius, threshold=threshold)
+    stats = projected_ascent(model, local.x, local.y, spec,
+                             seed=derive_seed(cfg.seed, server_round, client, tag),
+                             device=device_for(cfg), judged=clean_samples(cfg, data, client))
+    return get_params(model), len(local), stats
+
+
+def client_work(job: str, params: Params, client: int, *, server_round: int, tag: int = 0,
+                epochs: float | None = None, task: str = "train",
+                task_params: Mapping[str, float] | None = None
+                ) -> tuple[Params, int, dict[str, float]]:
+    """Run ``task`` (one of :data:`TASKS`) for ``client``; returns (params, #examples, stats).
+
+    Raises
+    ------
+    ValueError
+        For an unknown task, or ``task_params`` that do not fit it.
+    """
+    given = dict(task_params or {})
+    if task == "train":
+        if given:
+            raise ValueError(f"task 'train' takes no task_params, got {sorted(given)}")
+        return client_train(job, params, client, server_round=server_round, tag=tag,
+                            epochs=epochs)
+    if task == "ascent":
+        if sorted(given) != sorted(ASCENT_PARAMS) or epochs is None:
+            raise ValueError(f"task 'ascent' needs epochs and task_params "
+                             f"{', '.join(ASCENT_PARAMS)}; got epochs={epochs}, "
+                             f"task_params {sorted(given)}")
+        return client_ascent(job, params, client, server_round=server_round, tag=tag,
+                             epochs=float(epochs), **{k: float(v) for k, v in given.items()})
+    raise ValueError(f"unknown client task {task!r}; known: {', '.join(TASKS)}")

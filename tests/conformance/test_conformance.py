@@ -1,0 +1,289 @@
+"""One conformance suite over every registered removal method (scikit-learn's
+``parametrize_with_checks`` habit): built-in federated and centralized methods, and a user's
+method registered from an extension module (``tests/conformance_ext.py``).
+
+Each method must implement its setting's written protocol (:mod:`fedunlearn.unlearning.base`),
+store its hyperparameters unchanged in the constructor, validate them in ``check()``, and serve
+a request on a small trained federation without modifying its inputs. A method lacking part of
+the protocol fails here with a message naming what is missing, and the runner refuses it before
+any work with the same words (tested below).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import max_abs_diff, small_config
+
+from fedunlearn.config.extensions import load_extensions
+from fedunlearn.config.tree import ConfigError
+from fedunlearn.engine.inprocess import InProcessFederation
+from fedunlearn.history.store import HistoryStore
+from fedunlearn.run.experiment import prepare, train_federation
+from fedunlearn.run.serving import build_methods
+from fedunlearn.unlearning import UNLEARNERS, UnlearningContext, UnlearningResult
+from fedunlearn.unlearning.base import REQUIRED, protocol_gaps, setting_of
+
+load_extensions(["conformance_ext"])  # the user's method, as `experiment.extensions` does
+
+ALL = UNLEARNERS.names()
+FEDERATED = [n for n in ALL if setting_of(UNLEARNERS.get(n)) == "federated"]
+CENTRALIZED = [n for n in ALL if setting_of(UNLEARNERS.get(n)) == "centralized"]
+CFG = ["data.num_clients=5", "training.rounds=4", "training.local_epochs=3",
+       "training.learning_rate=0.2", "training.momentum=0.5", "history.retention_interval=1",
+       "data.server_fraction=0.1", "backdoor.clients=[1]", "backdoor.fraction=0.5"]
+TARGET = 1
+
+
+class Spy:
+    """A federation that records which clients were asked to work, and delegates."""
+
+    def __init__(self, inner: InProcessFederation) -> None:
+        self.inner = inner
+        self.num_clients = inner.num_clients
+        self.trained: list[int] = []
+        self.asked: list[tuple[str, list[int]]] = []  # tasks other than training (PGA's ascent)
+        self.evaluated: list[int] = []  # federated evaluation (PGA's and NoT's recovery)
+
+    @property
+    def messages_sent(self) -> int:
+        return self.inner.messages_sent
+
+    @property
+    def bytes_exchanged(self) -> int:
+        return self.inner.bytes_exchanged
+
+    def fedavg(self, initial, *, exclude=frozenset(), listener=None, variant=0, stream=0,
+               start=None):
+        self.trained += [k for k in range(self.num_clients) if k not in exclude]
+        return self.inner.fedavg(initial, exclude=exclude, listener=listener, variant=variant,
+                                 start=start)
+
+    def train_clients(self, model, clients: Sequence[int], **kw):
+        task = kw.get("task", "train")
+        if task == "train":
+            self.trained += list(clients)
+        else:
+            self.asked.append((task, list(clients)))
+        return self.inner.train_clients(model, clients, **kw)
+
+    def evaluate_clients(self, model, clients: Sequence[int], **kw):
+        self.evaluated += list(clients)
+        return self.inner.evaluate_clients(model, clients, **kw)
+
+    def __getattr__(self, name):  # any further port member a method uses
+        return getattr(self.inner, name)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    cfg = small_config(*CFG)
+    setup = prepare(cfg)
+    fed = InProcessFederation(cfg, setup.evaluator())
+    store = HistoryStore.create(tmp_path_factory.mktemp("c") / "history", retention_interval=1)
+    run = train_federation(fed, setup, store, progress=False)
+    return cfg, setup, fed, store, run
+
+
+def _context(trained, targets: tuple[int, ...], federation=None) -> UnlearningContext:
+    cfg, setup, fed, store, run = trained
+    return UnlearningContext(cfg=cfg, targets=targets, removed=frozenset(targets),
+                             model=run.final, initial=setup.initial, history=store,
+                             federation=federation or fed, data=setup.data,
+                             build_model=setup.build_model, seed=7)
+
+
+def test_the_suite_covers_the_built_in_and_the_users_methods():
+    assert {"retrain", "federaser", "fedaccum", "distillation",
+            "user_scaled_subtraction"} <= set(FEDERATED)
+    assert {"central_retrain", "sisa", "sisa_random", "newton"} <= set(CENTRALIZED)
+    assert sorted(FEDERATED + CENTRALIZED) == ALL  # every method declares a known setting
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_protocol_and_hyperparameters(name):
+    factory = UNLEARNERS.get(name)
+    assert not protocol_gaps(factory), f"'{name}' lacks {', '.join(protocol_gaps(factory))}"
+    method = factory()  # every hyperparameter has a default
+    assert not protocol_gaps(method), f"'{name}' lacks {', '.join(protocol_gaps(method))}"
+    # the constructor only stores: each parameter is kept under its own name, unchanged
+    for p in inspect.signature(factory).parameters.values():
+        if p.name != "self":
+            assert p.default is not inspect.Parameter.empty, f"'{name}': {p.name} needs a default"
+            assert getattr(method, p.name) == p.default, f"'{name}' does not store {p.name}"
+    method.check()  # the defaults are valid
+
+
+@pytest.mark.parametrize("name", FEDERATED)
+def test_federated_method_serves_a_request(name, trained):
+    _, setup, fed, store, run = trained
+    before = {k: v.copy() for k, v in run.final.items()}
+    files_before = sorted((p.name, p.stat().st_size) for p in store.path.rglob("*"))
+    spy = Spy(fed)
+    method = UNLEARNERS.get(name)()
+    result = method.unlearn(_context(trained, (TARGET,), federation=spy))
+    assert isinstance(result, UnlearningResult)
+    assert result.model is not None and list(result.model) == list(run.final)
+    for k, v in result.model.items():
+        assert v.shape == run.final[k].shape and v.dtype == run.final[k].dtype
+        assert np.all(np.isfinite(v))
+    c = result.cost
+    assert min(c.client_epochs, c.rounds, c.messages_sent, c.server_epochs) >= 0
+    assert (c.messages_sent > 0) == (c.client_epochs > 0), c  # work is counted as messages
+    # the trained run is untouched: model, stored files, and the store still verifies
+    assert max_abs_diff(run.final, before) == 0.0
+    assert sorted((p.name, p.stat().st_size) for p in store.path.rglob("*")) == files_before
+    HistoryStore.open(store.path)
+    # the target never trains; only a method declaring it needs the target may send it
+    # another task (PGA's ascent on its own data), and that task goes to the targets only
+    assert TARGET not in spy.trained, f"'{name}' had the client it forgets train"
+    assert TARGET not in spy.evaluated, f"'{name}' had the client it forgets evaluate"
+    if getattr(method, "needs_target_client", False):
+        assert spy.asked and all(clients == [TARGET] for _, clients in spy.asked), spy.asked
+    else:
+        assert not spy.asked, f"'{name}' contacted the client it forgets"
+    assert setup.evaluator()(result.model)["accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("name", CENTRALIZED)
+def test_centralized_method_fits_and_serves_a_request(name, trained):
+    _, setup, _, _, run = trained
+    data = setup.data
+    x_before = [d.x.copy() for d in data.clients]
+    method = UNLEARNERS.get(name)()
+    assert method.fit(_context(trained, ())) is method
+    assert hasattr(method, "original_params_"), f"'{name}'.fit does not set original_params_"
+    if method.original_params_ is not None:
+        assert list(method.original_params_) == list(run.final)
+    k = data.num_classes
+    for proba_of in (method.predict_proba_original,):
+        p = proba_of(data.test.x)
+        assert p.shape == (len(data.test.x), k) and np.allclose(p.sum(axis=1), 1, atol=1e-5)
+    result = method.unlearn(_context(trained, (TARGET,)))
+    assert result.model is not None or result.predict_proba is not None
+    predict = result.predict_proba or setup.predictor()(result.model)
+    p = predict(data.test.x)
+    assert p.shape == (len(data.test.x), k) and np.allclose(p.sum(axis=1), 1, atol=1e-5)
+    assert float(np.mean(p.argmax(axis=1) == data.test.y)) > 0.5
+    assert result.cost.messages_sent == 0 and result.cost.client_epochs == 0  # no federation
+    assert all(np.array_equal(a, d.x) for a, d in zip(x_before, data.clients, strict=True))
+
+
+# --- a method lacking part of the protocol is named, and refused before any work ------------
+
+class _NoUnlearn:
+    setting = "federated"
+
+    def check(self) -> None: ...
+
+
+class _NoCheck:
+    setting = "federated"
+
+    def unlearn(self, ctx): ...
+
+
+class _CentralWithoutFit:
+    setting = "centralized"
+    exact = False
+
+    def check(self) -> None: ...
+
+    def unlearn(self, ctx): ...
+
+    def predict_proba_original(self, x): ...
+
+
+class _CentralWithoutExact(_CentralWithoutFit):
+    exact = None  # type: ignore[assignment]
+
+    def fit(self, ctx):
+        return self
+
+
+class _NoSetting:
+    def check(self) -> None: ...
+
+    def unlearn(self, ctx): ...
+
+
+class _UnknownSetting(_NoSetting):
+    setting = "quantum"
+
+
+BROKEN = [(_NoUnlearn, "unlearn(ctx)"), (_NoCheck, "check()"), (_UnknownSetting, "'setting'"),
+          (_CentralWithoutFit, "fit(ctx)"), (_CentralWithoutExact, "'exact'"),
+          (_NoSetting, "'setting'")]
+
+
+@pytest.mark.parametrize(("cls", "missing"), BROKEN, ids=[c.__name__ for c, _ in BROKEN])
+def test_a_method_lacking_part_of_the_protocol_is_named_and_refused(cls, missing, monkeypatch,
+                                                                    tmp_path: Path):
+    gaps = protocol_gaps(cls)
+    assert len(gaps) == 1 and missing in gaps[0], gaps
+    monkeypatch.setitem(UNLEARNERS._items, "broken_method", cls)
+    cfg = small_config("unlearning.methods=[\"retrain\", \"broken_method\"]",
+                       "unlearning.requests=[[0]]")
+    with pytest.raises(ConfigError, match=r"'broken_method'.*lacks .*" + missing.replace(
+            "(", r"\(").replace(")", r"\)")):
+        build_methods(cfg)
+
+
+def test_required_members_are_those_the_runner_calls():
+    """The runner calls fit and predict_proba_original on centralized methods only."""
+    assert set(REQUIRED["federated"]) == {"check", "unlearn"}
+    assert set(REQUIRED["centralized"]) == {"check", "unlearn", "fit", "predict_proba_original"}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_bad_hyperparameter_is_refused_when_the_config_is_read(name):
+    """Every numeric hyperparameter set to -1 (an out-of-range value for all of them, by
+    design) is refused by ``check()``, before any work, unless -1 is documented as valid."""
+    factory = UNLEARNERS.get(name)
+    numeric = [p for p in inspect.signature(factory).parameters.values()
+               if isinstance(p.default, (int, float)) and not isinstance(p.default, bool)]
+    for p in numeric:
+        method = factory(**{p.name: -1})
+        with pytest.raises(ValueError):
+            method.check()
+
+
+def test_base_doctests():
+    import doctest
+
+    from fedunlearn.unlearning import base
+    failed, attempted = doctest.testmod(base)
+    assert attempted >= 2 and failed == 0
+
+
+@pytest.mark.parametrize("module", ["fedunlearn.run.serving", "fedunlearn.config.extensions",
+                                    "fedunlearn.engine.faults",
+                                    "fedunlearn.engine.messages", "fedunlearn.models.training",
+                                    "fedunlearn.evaluation.shadow", "fedunlearn.config.tree",
+                                    "fedunlearn.reporting.tables",
+                                    "fedunlearn.unlearning.federated.finetune",
+                                    "fedunlearn.unlearning.federated.negation"])
+def test_doctests_of_the_protocol_checks(module):
+    """The answer check (_misfit), describe_failure, Flower's error unwrapping, the 0-d round
+    trip through a Flower record and the batch bounds, each against hand-written values."""
+    import doctest
+    import importlib
+
+    failed, attempted = doctest.testmod(importlib.import_module(module))
+    assert attempted >= 1 and failed == 0
+
+
+def test_an_unlearn_that_returns_no_result_is_one_line(trained):
+    from fedunlearn.evaluation.schema import Role
+    from fedunlearn.run.serving import Method, RequestError, _serve
+
+    class ReturnsNothing(_NoCheck):
+        def check(self) -> None: ...
+
+    with pytest.raises(RequestError, match="returned NoneType, not an UnlearningResult"):
+        _serve(Method("nothing", ReturnsNothing(), Role.METHOD), _context(trained, (TARGET,)),
+               0, {}, None, None, None, None)  # type: ignore[arg-type]
