@@ -156,16 +156,12 @@ def entry() -> NoReturn:
 
 
 def _leave(code: int) -> NoReturn:
-    """End the process with ``code`` once what matters of an ordinary exit is done: the other
-    non-daemon threads joined (the history store's deferred deletions), logging flushed and
-    closed, output flushed. The interpreter's teardown of torch and Ray (about 1.8 s per
-    command, docs/engine.md) is skipped; the run has already shut its engine down."""
+    """End the process with ``code`` once logging and output are flushed. The run has shut its
+    engine down and waited for its history store's deferred deletions before returning; the
+    interpreter's teardown of torch and Ray (about 1.8 s per command, docs/engine.md) is
+    skipped."""
     import logging
-    import threading
 
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:

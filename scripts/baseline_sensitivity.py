@@ -33,7 +33,7 @@ from fedunlearn.engine.inprocess import InProcessFederation
 from fedunlearn.history.store import HistoryStore
 from fedunlearn.models.seeding import derive_seed
 from fedunlearn.reporting import stamp, write_json
-from fedunlearn.run.experiment import prepare, train_federation
+from fedunlearn.run.pipeline import prepare, train_federation
 from fedunlearn.unlearning import UNLEARNERS
 from fedunlearn.unlearning.base import UnlearningContext
 

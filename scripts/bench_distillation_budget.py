@@ -29,7 +29,7 @@ from fedunlearn.history.lineage import LineageLog
 from fedunlearn.history.store import HistoryStore
 from fedunlearn.models.seeding import seed_everything
 from fedunlearn.reporting import stamp, write_json
-from fedunlearn.run.experiment import prepare, train_federation
+from fedunlearn.run.pipeline import prepare, train_federation
 from fedunlearn.run.serving import serve_requests
 
 KEYS = ("test_accuracy", "forget_accuracy", "backdoor_asr", "backdoor_asr_vs_retrain_p",

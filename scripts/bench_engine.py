@@ -30,7 +30,7 @@ from fedunlearn.engine.inprocess import InProcessFederation
 from fedunlearn.engine.port import TrainingRun
 from fedunlearn.models.seeding import seed_everything
 from fedunlearn.reporting import stamp, write_json
-from fedunlearn.run.experiment import prepare
+from fedunlearn.run.pipeline import prepare
 
 
 def main() -> int:

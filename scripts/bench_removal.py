@@ -28,7 +28,7 @@ from typing import Any
 from fedunlearn.config.tree import load_config
 from fedunlearn.models.seeding import seed_everything
 from fedunlearn.reporting import stamp, write_json
-from fedunlearn.run.experiment import prepare
+from fedunlearn.run.pipeline import prepare
 from fedunlearn.unlearning import UNLEARNERS, UnlearningContext
 
 METHODS = ("central_retrain", "sisa", "sisa_random", "newton")

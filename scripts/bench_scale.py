@@ -193,7 +193,7 @@ class Marks:
 def run_case(name: str) -> dict[str, Any]:
     from fedunlearn.config.tree import load_config
     from fedunlearn.models.seeding import sample_participants
-    from fedunlearn.run.runner import run_experiment
+    from fedunlearn.run.pipeline import run_experiment
 
     path, overrides = CASES[name]
     cfg = load_config(ROOT / path, overrides)
@@ -235,7 +235,7 @@ def run_quickstart(fast: str, repeats: int) -> dict[str, Any]:
     from fedunlearn.engine.flower import run_on_flower
     from fedunlearn.engine.inprocess import InProcessFederation
     from fedunlearn.models.seeding import seed_everything
-    from fedunlearn.run.experiment import prepare
+    from fedunlearn.run.pipeline import prepare
 
     cfg = load_config(ROOT / "simulations/quickstart.toml",
                       ["experiment.seeds=[0]", f"engine.fast_dispatch={fast}"])
@@ -261,7 +261,7 @@ def run_backdoor(fast: str, repeats: int) -> dict[str, Any]:
     from fedunlearn.engine.flower import run_on_flower
     from fedunlearn.history.store import HistoryStore
     from fedunlearn.models.seeding import seed_everything
-    from fedunlearn.run.experiment import prepare, train_federation
+    from fedunlearn.run.pipeline import prepare, train_federation
     from fedunlearn.unlearning import UNLEARNERS, UnlearningContext
 
     cfg = load_config(ROOT / "simulations/backdoor_digits.toml",
@@ -307,7 +307,7 @@ def run_startup(arg: str, repeats: int) -> dict[str, Any]:
     from fedunlearn.config.tree import load_config
     from fedunlearn.engine.flower import run_on_flower
     from fedunlearn.models.seeding import seed_everything
-    from fedunlearn.run.experiment import prepare
+    from fedunlearn.run.pipeline import prepare
 
     n, fast = arg.split(":")
     cfg = load_config(ROOT / SCALE, [f"data.num_clients={n}", "training.rounds=3",

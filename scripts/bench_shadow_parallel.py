@@ -27,7 +27,7 @@ from fedunlearn.models import reinitialise
 from fedunlearn.models.seeding import derive_seed
 from fedunlearn.models.training import local_training, train
 from fedunlearn.reporting import stamp, write_json
-from fedunlearn.run.experiment import prepare
+from fedunlearn.run.pipeline import prepare
 
 _STATE: dict = {}
 

@@ -1,11 +1,12 @@
 """A user's removal method registered from their own module (an ``experiment.extensions``
-entry), so the conformance suite covers extension methods as well as the built-in ones."""
+entry), so the conformance suite covers extension methods as well as the built-in ones. It does
+not subclass the protocol: conformance is structural."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from fedunlearn.unlearning import UNLEARNERS, Cost, UnlearningResult
+from fedunlearn.unlearning import UNLEARNERS, Capabilities, Cost, UnlearningResult
 
 
 @UNLEARNERS.register("user_scaled_subtraction")
@@ -13,6 +14,7 @@ class ScaledSubtraction:
     """Subtract ``scale`` times the targets' stored running sums (no client work)."""
 
     setting = "federated"
+    capabilities = Capabilities(needs_replayable_history=True)  # it subtracts stored sums
 
     def __init__(self, scale: float = 1.0) -> None:
         self.scale = scale

@@ -46,7 +46,7 @@ def _no_registration_outlives_its_test(tmp_path_factory: pytest.TempPathFactory)
 def tripwire(monkeypatch):
     """Fail the test if a refused command gets as far as starting an engine or training."""
     from fedunlearn.engine import local
-    from fedunlearn.run import runner
+    from fedunlearn.run import pipeline as runner
 
     def no_work(*args, **kwargs):
         pytest.fail("a refused command must stop before any engine or training start")

@@ -56,7 +56,7 @@ def drive(out: Path, kill_at: int, *, resume: bool, settings: Sequence[str],
     (1-based; 0 never); with ``log``, write every operation as JSON lines."""
     from fedunlearn.config.tree import load_config
     from fedunlearn.history import store as history
-    from fedunlearn.history.store import runner
+    from fedunlearn.run import pipeline as runner
 
     runner.run_engine = in_process_engine  # type: ignore[assignment]
     count = 0

@@ -74,7 +74,7 @@ def raised_in_user_code(exc: BaseException) -> bool:
     return any(_is_user_file(f.filename) for f in traceback.extract_tb(exc.__traceback__))
 
 
-_PACKAGE = str(Path(__file__).resolve().parent)
+_PACKAGE = str(Path(__file__).resolve().parents[1])
 
 
 def _is_user_file(filename: str) -> bool:

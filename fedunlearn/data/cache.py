@@ -2,8 +2,9 @@
 machine, so Flower's client processes do not rebuild it.
 
 Every client process derives its data from the config (:func:`build_federated_data`): import
-scikit-learn and flwr-datasets, load the source, split, partition, poison. That is about 2 s per
-process, paid by every Ray actor when the engine starts, while the driver has built the very
+scikit-learn and flwr-datasets, load the source, split, partition, poison. That is seconds per
+process (docs/benchmarks.md, "Figures from docstrings"), paid by every Ray actor when the engine
+starts, while the driver has built the very
 same data already. The driver writes it once per job (:func:`publish`) into the directory named
 by the environment variable :data:`ENV`, which Ray's local processes inherit; a client process
 loads it (:func:`load`, ``np.load`` without pickle) and falls back to building the data when

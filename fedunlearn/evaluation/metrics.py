@@ -131,7 +131,7 @@ def binomial_p_value(successes: int, trials: int, p0: float) -> float:
     >>> binomial_p_value(3, 3, 0.5)
     0.125
     """
-    from scipy.stats import binomtest  # scipy.stats takes 0.4 s to import: only when used
+    from scipy.stats import binomtest  # slow to import (docs/benchmarks.md): only when used
 
     return float(binomtest(int(successes), int(trials), p0, alternative="greater").pvalue)
 

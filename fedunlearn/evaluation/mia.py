@@ -69,7 +69,7 @@ def roc_auc(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> float:
     if len(members) == 0 or len(nonmembers) == 0:
         return float("nan")
     labels = np.concatenate([np.ones(len(members)), np.zeros(len(nonmembers))])
-    from sklearn.metrics import roc_auc_score  # about 1 s to import: only when an attack runs
+    from sklearn.metrics import roc_auc_score  # slow to import: only when an attack runs
 
     return float(roc_auc_score(labels, np.concatenate([members, nonmembers])))
 

@@ -7,19 +7,20 @@ requires. Scoring is in :mod:`fedunlearn.evaluation.mia`.
 Cost. Each shadow trains on a seeded random half of the pool, cut to at most ``max_samples``
 samples, so the shadows cost at most ``num_shadows × epochs × max_samples`` sample-epochs
 however large the federation is; :func:`shadow_epochs` also cuts the epochs so that they cost
-no more than the retraining they judge (on a short run of a costly model the fixed 20 epochs
-cost 7 to 12 times the retraining). :class:`ShadowModels` keeps the trained models, so one set of
+no more than the retraining they judge (on a short run of a costly model fixed epochs would
+cost several times the retraining; docs/benchmarks.md, "Verification's cost").
+:class:`ShadowModels` keeps the trained models, so one set of
 shadows answers every method and every request whose queries lie outside its pool.
 
 Threads. The shadows are small models trained in small batches; torch's intra-op threads only
-add synchronisation there. Measured on a shared 2-core machine, one 20-epoch shadow of the
-``simulations/scale_1000.toml`` MLP on 1,000 samples took 6.5 s with torch's default 2 threads
-and 0.75 s with 1, so :class:`ShadowModels` trains with ``threads`` torch threads (the service
-passes ``engine.num_cpus``, as each client gets) and restores the caller's setting afterwards.
-A fork-started process pool of 2 ran 4 such shadows in 2.9 s against 7.7 s one after another
+add synchronisation there (one thread was several times faster than torch's default on the
+shared 2-core machine; docs/benchmarks.md, "Verification's cost"), so :class:`ShadowModels`
+trains with ``threads`` torch threads (:mod:`fedunlearn.run.verification` passes
+``engine.num_cpus``, as each client gets) and restores the caller's setting afterwards. The
+shadows train one after another: a fork-started process pool was faster
 (``scripts/bench_shadow_parallel.py``), but forking the Flower driver, which runs Ray's and
-gRPC's threads, is unsafe, and a spawned pool pays torch's import per worker (seconds) for
-shadows that now take about a second each: not used.
+gRPC's threads, is unsafe, and a spawned pool pays torch's import per worker for shadows that
+take about a second each.
 """
 
 from __future__ import annotations
@@ -79,10 +80,10 @@ def shadow_epochs(epochs: float, *, num_shadows: int, samples: int, budget: floa
     joins the batch before (:func:`~fedunlearn.models.training.batch_bounds`): fewer batches, so the
     floor holds with or without it.
 
-    The service passes the retraining's sample-epochs (times ``verification.shadow_budget``) as
-    ``budget``: the shadows then cost no more than the retraining they help to judge, and on a
-    short run they see each sample about as often as the target did, which is what LiRA's
-    shadows are meant to imitate (Carlini et al., S&P 2022, sec. IV: shadows trained "on the
+    The run (:mod:`fedunlearn.run.verification`) passes the retraining's sample-epochs (times
+    ``verification.shadow_budget``) as ``budget``: the shadows then cost no more than the
+    retraining they help to judge, and on a short run they see each sample about as often as
+    the target did, which is what LiRA's shadows are meant to imitate (Carlini et al., S&P 2022, sec. IV: shadows trained "on the
     same training procedure" as the target).
 
     >>> shadow_epochs(20, num_shadows=4, samples=1000, budget=180_000, batch_size=32)

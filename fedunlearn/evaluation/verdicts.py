@@ -110,7 +110,7 @@ def _finite(values: Sequence[float | None]) -> np.ndarray:
 
 
 def _t(q: float, df: int) -> float:
-    from scipy.stats import t as student_t  # 0.4 s to import: only when used
+    from scipy.stats import t as student_t  # slow to import (docs/benchmarks.md): only when used
 
     return float(student_t.ppf(q, df))
 

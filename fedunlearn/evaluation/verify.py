@@ -115,7 +115,7 @@ class RequestVerifier:
         sample not drawn as a non-member).
     shadow_pool : ArrayDataset or None
         What the shadows are trained on (default the retain set); it must hold no query. The
-        service passes the clients outside every request, so one set of shadows serves all.
+        run passes the clients outside every request, so one set of shadows serves all.
 
     Attributes
     ----------

@@ -35,9 +35,10 @@ place: a changed sum, round meta or updates file gets a new name. ``manifest.jso
 last, so a crash leaves the previous consistent state plus, at worst, unlisted files. Each
 ``.npz`` holds its array names in order as ``arr_0`` and the arrays as ``arr_1``, ``arr_2``, ...
 
-A round's updates share one file (format version 2; version 1 kept one file per client): at
-1,000 clients a round wrote 201 files and the manifest listed every one of them, and the
-commit took 15 % of a round. Reading an update loads its round's file once (the last one read
+A round's updates share one file (format version 2; version 1 kept one file per client, so
+a round at 1,000 clients wrote 201 files and the manifest listed every one of them; the
+commit's share of a round, before and after, is in docs/benchmarks.md, "History store
+commits"). Reading an update loads its round's file once (the last one read
 is kept), so replaying round by round costs one read per round; the price is memory: a read
 holds the whole round (participants × parameters × 4 bytes, e.g. 76 MiB for 40 clients of a
 500k-parameter model) where format 1 held one update. On load, the file's ids must be the
@@ -241,8 +242,9 @@ def _sync_paths(root: Path, paths: Iterable[Path]) -> None:
     """Make files written with ``sync=False`` under ``root``, and their renames, durable.
 
     A round writes a few hundred files at 1,000 clients; one fsync per file and per rename
-    cost about 0.6 s a round on this machine's disk. ``syncfs`` on the store's file system
-    flushes them all at once (Linux); elsewhere every file and directory is fsynced.
+    is slow on a disk (docs/benchmarks.md, "Figures from docstrings"). ``syncfs`` on the
+    store's file system flushes them all at once (Linux); elsewhere every file and directory
+    is fsynced.
     """
     paths = list(paths)
     if not paths:
@@ -346,8 +348,9 @@ def _updates_file(clients: Sequence[int], rows: Mapping[str, np.ndarray]) -> byt
 def _copy(manifest: dict) -> dict:
     """A copy of ``manifest`` that a round or a purge can change without touching the original.
 
-    Entries are replaced, never changed in place, so copying the containers is enough; a deep
-    copy (through JSON) took a quarter of a commit at 1,000 clients and 200 rounds.
+    Entries are replaced, never changed in place, so copying the containers is enough (a deep
+    copy through JSON grows with the manifest: docs/benchmarks.md, "Figures from
+    docstrings").
     """
     return {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
             for k, v in manifest.items()}

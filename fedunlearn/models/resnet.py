@@ -14,7 +14,7 @@ of Decentralized Machine Learning") propose in place of BatchNorm for training o
 partitions; ``groups = 2`` by default. It keeps no running statistics, so the model's state is
 its parameters only. ``norm = "batch"`` gives the
 paper's BatchNorm, whose running mean and variance are float buffers and
-``num_batches_tracked`` an integer one; see "BatchNorm buffers" in the README for how the
+``num_batches_tracked`` an integer one; see docs/models.md, "BatchNorm buffers", for how the
 history store, FedAvg and FedEraser treat them. GroupNorm and BatchNorm have the same number
 of parameters (a scale and a shift per channel).
 

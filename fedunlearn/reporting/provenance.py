@@ -20,8 +20,7 @@ def versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[dist] = "not installed"
     # Training trajectories depend on the CPU's vector instructions (torch's kernels round
-    # differently with AVX2 and AVX-512): seed 0 of baselines_digits gave PGA an ASR of 0.053
-    # on one machine and 0.136 on another (README, "Figures depend on the CPU").
+    # differently with AVX2 and AVX-512; docs/benchmarks.md, "Figures depend on the CPU").
     out["machine"] = platform.machine()
     try:
         import torch

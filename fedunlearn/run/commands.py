@@ -14,9 +14,9 @@ from fedunlearn.engine.flower import EngineStartError
 from fedunlearn.evaluation.shadow import ShadowDiverged
 from fedunlearn.history.lineage import LineageError
 from fedunlearn.history.store import HistoryError
+from fedunlearn.run.checks import RequestError
 from fedunlearn.run.lock import RunDirLocked
 from fedunlearn.run.resume import ResumeError
-from fedunlearn.run.serving import RequestError
 from fedunlearn.unlearning.base import HistoryNotReplayable
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -95,9 +95,8 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace, *, compare: bool = False) -> int:
-    from fedunlearn.run.experiment import default_out_dir, with_centralized
-    from fedunlearn.run.preflight import preflight, writer_lock
-    from fedunlearn.run.runner import run_experiment
+    from fedunlearn.run.checks import preflight, writer_lock
+    from fedunlearn.run.pipeline import default_out_dir, run_experiment, with_centralized
 
     overrides = list(args.overrides)
     if args.seeds is not None:
@@ -116,10 +115,9 @@ def cmd_run(args: argparse.Namespace, *, compare: bool = False) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from fedunlearn.config.tree import from_run_dict
     from fedunlearn.engine.strategy import keeps_history_identity
-    from fedunlearn.run.experiment import validate_names
-    from fedunlearn.run.preflight import check_engine, writer_lock
+    from fedunlearn.run.checks import check_engine, validate_names, writer_lock
+    from fedunlearn.run.pipeline import run_experiment
     from fedunlearn.run.resume import read_run_file
-    from fedunlearn.run.runner import run_experiment
 
     out = args.run_dir
     # a live run is refused before anything is read or written (a missing directory is

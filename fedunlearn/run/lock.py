@@ -1,6 +1,6 @@
 """One writer per run directory: an exclusive ``flock`` on ``RUN_DIR/.fedunlearn.lock``.
 
-A run (``fedunlearn run``/``compare``, :func:`fedunlearn.run.runner.run_experiment`) and
+A run (``fedunlearn run``/``compare``, :func:`fedunlearn.run.pipeline.run_experiment`) and
 ``fedunlearn resume`` hold this lock from before they write anything until they end, however
 they end. A second writer is refused at once with one line naming the holder (pid, host, since
 when), before it writes anything: :class:`RunDirLocked`.

@@ -35,16 +35,35 @@ import io
 import json
 import os
 import re
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedunlearn.config.tree import Config, from_run_dict
 from fedunlearn.engine.port import RoundReport, RoundSummary
-from fedunlearn.history.store import atomic_write, remove_file
+from fedunlearn.history.lineage import LineageLog
+from fedunlearn.history.store import (
+    JOURNAL,
+    MANIFEST,
+    HistoryStore,
+    atomic_write,
+    confined,
+    remove_file,
+)
 from fedunlearn.models.params import Params
+from fedunlearn.run import interrupt
+from fedunlearn.run.checks import Method, build_methods, check_saved_model, settings_in
+from fedunlearn.run.events import Purged, RequestAnswered, ServingListener
+from fedunlearn.unlearning.base import can_resume, saved_state
+
+if TYPE_CHECKING:
+    from fedunlearn.run.pipeline import SeedRun
 
 RUN_FILE = "run.json"
 CHECKPOINT_ARRAYS = "checkpoint.npz"
@@ -312,3 +331,291 @@ def clear_serving(seed_dir: Path) -> None:
     """Every request is served: the part-served state goes."""
     remove_file(Path(seed_dir) / SERVING_FILE)
     remove_arrays(Path(seed_dir), "serving")
+
+
+STATE_PREFIX = "#state:"  # serving.npz: a method's carried state, beside the methods' models
+
+
+@dataclass
+class Resumption:
+    """Where an interrupted federated pass goes on: at request ``next_request``, each method
+    from the model it left (``current``, by method name); ``pending_purge``: the purge of
+    request ``next_request - 1`` may not have happened (it is done again, a no-op if it had)."""
+
+    next_request: int
+    current: dict[str, Params]
+    pending_purge: bool = False
+    before_purge: dict[str, int] | None = None
+    """``files`` and ``bytes`` of the store before the pending purge (see :func:`_purge`)."""
+    states: dict[str, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=dict)
+    """Method name -> what it carries into the next request (:func:`carried_state`)."""
+
+
+def resumable(method: object) -> bool:
+    """Whether a run with ``method`` can be resumed between requests: it carries nothing
+    into the next request, or it can save and restore what it carries
+    (its capabilities, :func:`fedunlearn.unlearning.base.can_resume`)."""
+    return can_resume(method)
+
+
+def carried_state(methods: list[Method]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """What each method that carries state into the next request would carry now."""
+    return {m.name: tuple(s) for m in methods  # type: ignore[misc]
+            if (s := saved_state(m.method)) is not None}
+
+
+def store_files(store: HistoryStore) -> int:
+    """Files under the store's directory (what a purge's ``files_removed`` counts)."""
+    return sum(1 for p in store.path.rglob("*") if p.is_file())
+
+
+class ResumeJournal(ServingListener):
+    """Saves a seed's federated pass after each request (``serving.json``), so that an
+    interrupted pass goes on from the next request (:func:`restore`); a listener of the serving
+    loop."""
+
+    def __init__(self, run: SeedRun) -> None:
+        self.run = run
+        resumed = run.resumption
+        self.models: dict[str, Params] = dict(resumed.current if resumed else {})
+        self.states = dict(resumed.states if resumed else {})
+        self.next_request = resumed.next_request if resumed else 0
+        self.arrays: dict[str, Any] | None = None  # the arrays this journal last wrote
+
+    def request_answered(self, event: RequestAnswered) -> None:
+        rows, verification = self.run._tagged(
+            event.rows, [event.verification] if event.verification is not None else [])
+        self.run.rows += rows
+        self.run.verification += verification
+        self.models.update(event.current)
+        self.states = dict(event.states)
+        self.next_request = event.request + 1
+        self.arrays = None  # new models to write
+        self._save(pending=event.purge_pending)
+
+    def purged(self, event: Purged) -> None:
+        self.run.purges.append(event.purge)
+        self._save(pending=False)  # the arrays of the answer it follows are kept
+
+    def _save(self, *, pending: bool) -> None:
+        run = self.run
+        assert run.store is not None
+        # what the store held before a pending purge: a purge done before an interruption
+        # that came ahead of the next save is recorded from it on resume
+        before = ({"files": store_files(run.store), "bytes": run.store.bytes_used()}
+                  if pending else None)
+        models = None if self.arrays is not None else {
+            **self.models, **{STATE_PREFIX + name: a for name, (_, a) in self.states.items()}}
+        self.arrays = write_serving(
+            run.out, {"next_request": self.next_request, "pending_purge": pending,
+                      "before_purge": before, "rows": run.rows, "verification": run.verification,
+                      "purges": run.purges,
+                      "states": {name: m for name, (m, _) in self.states.items()}},
+            models, arrays=self.arrays)
+
+
+def check_resumable(run: SeedRun, root: Path) -> None:
+    """Refuse, reading files only (nothing is written, deleted or completed), a seed that
+    cannot be resumed: every refusal happens before any seed's store is opened, since
+    opening finishes an interrupted purge.
+
+    Raises
+    ------
+    ResumeError, UnsafePathError
+        A seed whose directory or history passes through a symbolic link; a seed
+        interrupted with requests left after a strict purge (done or journaled), whose
+        trained model those requests are measured against is gone; a seed whose methods
+        carry in-memory state into requests still to serve.
+    """
+    rel = run.out.relative_to(root).as_posix() if run.out != root else ""
+    history = confined(root, f"{rel}/history" if rel else "history", "the run directory")
+    if not history.exists() or (run.out / SERVED_FILE).exists() \
+            or not (run.out / TRAINING_FILE).exists():
+        return
+    k = _saved_next_request(run.out)
+    left = len(run.cfg.unlearning.requests) - k
+    if left > 0 and k > 0 and (why := _stateful_reason(run.cfg)):
+        raise _final_stop(run, k, why)
+    if left > 0 and _strict_purge_on_disk(history):
+        raise _final_stop(run, k, _STRICT_REASON)
+
+
+def restore(run: SeedRun) -> None:
+    """Reopen a seed of an interrupted run at its most advanced saved state
+    (:meth:`check_resumable` first)."""
+    path = run.out / "history"
+    run.lineage = LineageLog(run.out)
+    if run.out.is_dir():  # writes a kill cut short (they may hold a purged model)
+        remove_temp_files(run.out)
+    if not path.exists():  # interrupted before its first round: start it afresh
+        return
+    run.store = HistoryStore.open(path)
+    if (run.out / SERVED_FILE).exists():
+        saved = read_json(run.out / SERVED_FILE)
+        run.training, run.rows = saved["training"], saved["rows"]
+        run.purges = saved["purges"]
+        run.history_bytes_after_purge = saved["history_bytes_after_purge"]
+        run.verification = saved.get("verification", [])
+        run.served = True
+        if "centralized" in settings_in(run.cfg):  # that pass is done again
+            run.resume_event = {"request": 0, "setting": "centralized"}
+        return
+    if (run.out / TRAINING_FILE).exists():
+        run.training = read_json(run.out / TRAINING_FILE)
+        _restore_serving(run)
+        return
+    run.start = load_checkpoint(run.out)
+    if run.start is not None:
+        check_saved_model(run.start.model, run.setup.initial,
+                          run.out / CHECKPOINT_META,
+                          f"delete {CHECKPOINT_META} to train this seed from round 1")
+    if run.start is None and run.store.rounds():
+        # killed before the first checkpoint, or the checkpoint was removed: training is
+        # redone from round 1 and every stored round is checked against its redone twin
+        print(f"[resume] seed {run.seed}: no checkpoint ({CHECKPOINT_META}); training "
+              f"restarts from round 1 and the {len(run.store.rounds())} stored rounds are "
+              "checked against the redone ones", file=sys.stderr, flush=True)
+        run.resume_event = {"round": 0}
+
+
+def _restore_serving(run: SeedRun) -> None:
+    """Trained, interrupted while serving: go on after the last answered request (its
+    state saved by :class:`_Journal`), or from the first if none was answered.
+
+    Raises
+    ------
+    ResumeError
+        If the store was purged beyond the saved state, or a strict purge deleted the
+        trained model the remaining requests are compared against."""
+    assert run.store is not None and run.lineage is not None
+    saved = load_serving(run.out)
+    state, models = saved if saved is not None else ({"next_request": 0}, {})
+    k = state["next_request"]
+    if saved is not None:
+        _check_saved(run, state)
+        for name, model in models.items():
+            if not name.startswith(STATE_PREFIX):
+                check_saved_model(model, run.setup.initial, run.out / SERVING_FILE,
+                                  "delete serving.json and serving.npz to serve every request again, "
+                                  "when no request was purged yet")
+    answered = {c for r in run.cfg.unlearning.requests[:k] for c in r}
+    if stray := sorted(set(run.store.purged()) - answered):
+        raise ResumeError(f"seed {run.seed} was interrupted while serving its requests, "
+                          f"after clients {stray} were purged without a saved answer; "
+                          "this seed cannot be resumed - rerun it into a new --out")
+    left = len(run.cfg.unlearning.requests) - k
+    if run.store.globals_deleted_from() is not None and left:  # (check_resumable's)
+        raise _final_stop(run, k, _STRICT_REASON)
+    if saved is not None:
+        run.rows, run.verification = state["rows"], state["verification"]
+        run.purges = state["purges"]
+        states = {name: (meta, models.pop(STATE_PREFIX + name, {}))
+                  for name, meta in state.get("states", {}).items()}
+        run.resumption = Resumption(k, models, state["pending_purge"],
+                                     state.get("before_purge"), states)
+    # after the last request's strict purge no request is left to measure against the
+    # trained model, which that purge deleted: the seed only finishes its bookkeeping
+    run.final = run.store.final_model() if left else None
+    run.trained = True
+    run.resume_event = {"request": k, "setting": "federated"}
+
+
+def _final_stop(run: SeedRun, k: int, why: str) -> ResumeError:
+    return ResumeError(f"seed {run.seed} was interrupted after answering {k} of its "
+                       f"{len(run.cfg.unlearning.requests)} requests, but {why}, so it "
+                       "cannot be resumed - rerun it into a new --out")
+
+
+def _check_saved(run: SeedRun, state: dict[str, Any]) -> None:
+    """``serving.json`` must describe requests ``0..k-1`` of this config: their rows and,
+    when purging, their purges (the last one possibly pending)."""
+    requests = [sorted(r) for r in run.cfg.unlearning.requests]
+    k = state["next_request"]
+    done = requests[:k] if 0 <= k <= len(requests) else None
+    rows = {tuple(sorted(r.get("request", []))) for r in state["rows"]
+            if isinstance(r, dict) and r.get("setting") == "federated"}
+    purged = [sorted(p.get("clients", [])) for p in state["purges"] if isinstance(p, dict)]
+    expected = [] if not run.cfg.unlearning.purge or done is None else (
+        done[:-1] if state["pending_purge"] else done)
+    if done is None or rows != {tuple(r) for r in done} or purged != expected:
+        raise ResumeError(f"'{run.out / SERVING_FILE}' does not describe requests 0..{k - 1} "
+                          f"of this run ({len(requests)} requests); it was edited or "
+                          "damaged - rerun it into a new --out")
+
+
+@contextmanager
+def _farewell_on_stop(out: Path) -> Iterator[None]:
+    try:
+        yield
+    except interrupt.Interrupted:
+        print(farewell(out), file=sys.stderr, flush=True)
+        raise
+
+
+def farewell(out: Path) -> str:
+    """The last line of an interrupted run: how to resume it, or why it cannot be (see
+    :meth:`SeedRun._restore_serving`)."""
+    why = _not_resumable(out)
+    if why is not None:
+        return (f"interrupted: the partial run is in {out}, but {why}, so it cannot be "
+                "resumed; rerun it into a new --out")
+    return (f"interrupted: the partial run is in {out} (history store consistent); continue it "
+            f"with: fedunlearn resume {out}")
+
+
+_STRICT_REASON = ("a strict purge deleted the trained model its remaining requests are "
+                  "measured against (history.purge = \"updates\" keeps such runs resumable)")
+
+
+def _stateful_reason(cfg: Config) -> str | None:
+    """Why a run of ``cfg`` stopped between requests cannot go on: its methods that carry
+    state into the next request and cannot save it (:func:`resumable`); ``None`` if none."""
+    if stateful := [m.name for m in build_methods(cfg) if not resumable(m.method)]:
+        return (f"{', '.join(stateful)} carries what it recovered for one request into the "
+                "next in memory only")
+    return None
+
+
+def _saved_next_request(seed_out: Path) -> int:
+    """The next request a part-served seed's ``serving.json`` names (0 without one)."""
+    if not (seed_out / SERVING_FILE).exists() and not (seed_out / SERVING_FILE).is_symlink():
+        return 0
+    state = read_json(seed_out / SERVING_FILE)
+    k = state.get("next_request") if isinstance(state, dict) else None
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise ResumeError(f"'{seed_out / SERVING_FILE}' is damaged ('next_request' is not a "
+                          "request number); rerun into a new --out")
+    return k
+
+
+def _strict_purge_on_disk(history: Path) -> bool:
+    """Whether a strict purge deleted the store's global models, or is journaled to (read
+    only: the store is not opened, so an interrupted purge is not finished here)."""
+    manifest = read_json(history / MANIFEST)
+    if isinstance(manifest, dict) and manifest.get("globals_deleted_from") is not None:
+        return True
+    journal = history / JOURNAL
+    if journal.exists() or journal.is_symlink():
+        entry = read_json(journal)
+        return isinstance(entry, dict) and entry.get("level") == "strict"
+    return False
+
+
+def _not_resumable(out: Path) -> str | None:
+    """Why a part-served seed of ``out`` cannot be resumed, read from its files (``None`` if
+    nothing stands in the way; never raises, the farewell must always be printed)."""
+    try:
+        cfg = from_run_dict(read_json(out / "run.json")["config"])
+        for seed_out in (out, *sorted(out.glob("seed-*"))):
+            if (seed_out / SERVED_FILE).exists() or not (seed_out / "history").exists():
+                continue
+            k = _saved_next_request(seed_out)
+            if k >= len(cfg.unlearning.requests):
+                continue  # only bookkeeping is left (a last purge, results)
+            if _strict_purge_on_disk(seed_out / "history"):
+                return _STRICT_REASON
+            if k > 0 and (why := _stateful_reason(cfg)):
+                return why
+    except Exception:  # noqa: BLE001 - a farewell never fails; resume will say what is wrong
+        return None
+    return None

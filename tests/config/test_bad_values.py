@@ -141,7 +141,7 @@ def _never_sampled_slow(cfg: Config) -> list[int]:
 def test_the_sampling_check_agrees_with_drawing_every_round(seed):
     """The check stops drawing rounds once every requested client was seen; it must refuse
     exactly the configs the full draw refuses (some of these do, some do not)."""
-    from fedunlearn.run.experiment import _check_requests_against_sampling
+    from fedunlearn.run.checks import _check_requests_against_sampling
 
     rng = np.random.default_rng(seed)
     for _ in range(20):
@@ -161,7 +161,7 @@ def test_the_sampling_check_agrees_with_drawing_every_round(seed):
 
 
 def test_the_sampling_check_is_fast_at_the_round_limit():
-    from fedunlearn.run.experiment import _check_requests_against_sampling
+    from fedunlearn.run.checks import _check_requests_against_sampling
 
     cfg = load_config(None, [f"training.rounds={MAX_ROUNDS}", "data.num_clients=100",
                              "training.sample_fraction=0.1", "unlearning.requests=[[3], [7]]"])
@@ -175,7 +175,7 @@ def test_the_sampling_check_is_fast_at_the_round_limit():
 
 def _training_setup():
     from fedunlearn.engine.inprocess import InProcessFederation
-    from fedunlearn.run.experiment import prepare
+    from fedunlearn.run.pipeline import prepare
 
     cfg = small_config("unlearning.requests=[]")
     setup = prepare(cfg)
@@ -187,7 +187,8 @@ def test_a_checkpoint_model_that_does_not_fit_the_network_is_one_line(damage, tm
     """A ``checkpoint.npz`` whose checksum matches (it was rewritten with its checksum) but
     whose model is not the network's: one ResumeError line, nothing trained."""
     from fedunlearn.history.store import HistoryStore
-    from fedunlearn.run.experiment import check_saved_model, train_federation
+    from fedunlearn.run.checks import check_saved_model
+    from fedunlearn.run.pipeline import train_federation
     from fedunlearn.run.resume import Checkpoint, ResumeError
 
     setup, fed = _training_setup()

@@ -6,7 +6,7 @@ import pytest
 
 from fedunlearn.cli import main
 from fedunlearn.config.tree import ConfigError, load_config, parse_override
-from fedunlearn.run.experiment import prepare
+from fedunlearn.run.pipeline import prepare
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -84,7 +84,7 @@ def test_cli_refuses_a_non_empty_out_dir(tmp_path, capsys):
 def test_method_and_strategy_parameters_fail_before_any_work(
         override, message, tmp_path, capsys, monkeypatch):
     from fedunlearn.engine import local
-    from fedunlearn.run import runner
+    from fedunlearn.run import pipeline as runner
 
     def no_work(*args, **kwargs):
         pytest.fail("validation must stop the run before any engine or training start")
@@ -106,8 +106,8 @@ def test_resume_keeps_the_behaviour_a_run_began_with_for_keys_added_since(
     today's default (1.0). A run that recorded the key keeps its value."""
     import json
 
-    from fedunlearn.run import runner
-    from fedunlearn.run.preflight import check_engine  # noqa: F401 - patched below
+    from fedunlearn.run import pipeline as runner
+    from fedunlearn.run.checks import check_engine  # noqa: F401 - patched below
 
     config = load_config("simulations/quickstart.toml", []).to_dict()
     if written is None:
@@ -119,6 +119,6 @@ def test_resume_keeps_the_behaviour_a_run_began_with_for_keys_added_since(
     seen = {}
     monkeypatch.setattr(runner, "run_experiment",
                         lambda cfg, out, **kw: seen.setdefault("cfg", cfg))
-    monkeypatch.setattr("fedunlearn.run.preflight.check_engine", lambda cfg: None)
+    monkeypatch.setattr("fedunlearn.run.checks.check_engine", lambda cfg: None)
     assert main(["resume", str(tmp_path)]) == 0
     assert seen["cfg"].verification.shadow_budget == expected

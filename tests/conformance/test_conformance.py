@@ -3,15 +3,19 @@
 method registered from an extension module (``tests/conformance_ext.py``).
 
 Each method must implement its setting's written protocol (:mod:`fedunlearn.unlearning.base`),
-store its hyperparameters unchanged in the constructor, validate them in ``check()``, and serve
-a request on a small trained federation without modifying its inputs. A method lacking part of
-the protocol fails here with a message naming what is missing, and the runner refuses it before
-any work with the same words (tested below).
+implement exactly the hooks of the capabilities it declares (``Capabilities``), store its
+hyperparameters unchanged in the constructor, validate them in ``check()``, and serve a request
+on a small trained federation without modifying its inputs. A method lacking part of the
+protocol, or whose hooks and declared capabilities disagree, fails here with a message naming
+what is missing (the capability, for a capability), and the runner refuses it before any work
+with the same words (tested below).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,10 +27,24 @@ from fedunlearn.config.extensions import load_extensions
 from fedunlearn.config.tree import ConfigError
 from fedunlearn.engine.inprocess import InProcessFederation
 from fedunlearn.history.store import HistoryStore
-from fedunlearn.run.experiment import prepare, train_federation
-from fedunlearn.run.serving import build_methods
+from fedunlearn.run.checks import build_methods
+from fedunlearn.run.pipeline import prepare, train_federation
 from fedunlearn.unlearning import UNLEARNERS, UnlearningContext, UnlearningResult
-from fedunlearn.unlearning.base import REQUIRED, protocol_gaps, setting_of
+from fedunlearn.unlearning.base import (
+    HOOKS,
+    REQUIRED,
+    Capabilities,
+    FederatedUnlearner,
+    call_check_config,
+    call_check_model,
+    can_resume,
+    capabilities_of,
+    capability_gaps,
+    protocol_gaps,
+    restore_state,
+    saved_state,
+    setting_of,
+)
 
 load_extensions(["conformance_ext"])  # the user's method, as `experiment.extensions` does
 
@@ -118,6 +136,31 @@ def test_protocol_and_hyperparameters(name):
     method.check()  # the defaults are valid
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_declared_capabilities_match_the_hooks(name, tmp_path):
+    """Each method declares a Capabilities and implements exactly the hooks of what it
+    declares; the declared hooks answer through the guarded calls the run makes."""
+    factory = UNLEARNERS.get(name)
+    assert isinstance(capabilities_of(factory), Capabilities)
+    gaps = capability_gaps(factory)
+    assert not gaps, f"'{name}': its capabilities and hooks disagree: {'; '.join(gaps)}"
+    method = factory()
+    declared = capabilities_of(method)
+    cfg = small_config(*CFG, "unlearning.requests=[[1]]")
+    call_check_config(method, cfg)  # the defaults fit the suite's config
+    if declared.checks_model:
+        call_check_model(method, prepare(cfg).build_model())
+    assert can_resume(method) == (not declared.carries_state or declared.saves_state)
+    state = saved_state(method)
+    assert (state is None) == (not declared.saves_state)
+    if state is not None:  # what it saves, a fresh instance restores and saves again
+        fresh = factory()
+        restore_state(fresh, state, store=str(tmp_path))
+        again = saved_state(fresh)
+        assert again is not None and again.meta == state.meta
+        assert sorted(again.arrays) == sorted(state.arrays)
+
+
 @pytest.mark.parametrize("name", FEDERATED)
 def test_federated_method_serves_a_request(name, trained):
     _, setup, fed, store, run = trained
@@ -142,7 +185,7 @@ def test_federated_method_serves_a_request(name, trained):
     # another task (PGA's ascent on its own data), and that task goes to the targets only
     assert TARGET not in spy.trained, f"'{name}' had the client it forgets train"
     assert TARGET not in spy.evaluated, f"'{name}' had the client it forgets evaluate"
-    if getattr(method, "needs_target_client", False):
+    if capabilities_of(method).needs_target_client:
         assert spy.asked and all(clients == [TARGET] for _, clients in spy.asked), spy.asked
     else:
         assert not spy.asked, f"'{name}' contacted the client it forgets"
@@ -198,8 +241,8 @@ class _CentralWithoutFit:
     def predict_proba_original(self, x): ...
 
 
-class _CentralWithoutExact(_CentralWithoutFit):
-    exact = None  # type: ignore[assignment]
+class _CentralOldStyleExact(_CentralWithoutFit):
+    exact = True  # the old way to declare it: no longer read
 
     def fit(self, ctx):
         return self
@@ -215,12 +258,83 @@ class _UnknownSetting(_NoSetting):
     setting = "quantum"
 
 
+class _Plain:
+    setting = "federated"
+
+    def check(self) -> None: ...
+
+    def unlearn(self, ctx): ...
+
+
+class _DeclaresChecksConfigWithoutHook(_Plain):
+    capabilities = Capabilities(checks_config=True)
+
+
+class _DeclaresChecksModelWithoutHook(_Plain):
+    capabilities = Capabilities(checks_model=True)
+
+
+class _DeclaresSavesStateWithoutHooks(_Plain):
+    capabilities = Capabilities(carries_state=True, saves_state=True)
+
+
+class _DeclaresSavesStateWithHalfTheHooks(_DeclaresSavesStateWithoutHooks):
+    def state_arrays(self):
+        return {}, {}
+
+
+class _UndeclaredCheckConfig(_Plain):  # its hook would be silently ignored
+    def check_config(self, cfg) -> None: ...
+
+
+class _UndeclaredCheckModel(FederatedUnlearner):  # a subclass of the protocol, too
+    setting = "federated"
+
+    def check(self) -> None: ...
+
+    def unlearn(self, ctx): ...
+
+    def check_model(self, net) -> None: ...
+
+
+class _UndeclaredStateHooks(_Plain):
+    def state_arrays(self):
+        return {}, {}
+
+    def load_state(self, meta, arrays, *, store) -> None: ...
+
+
+class _OldStyleAttribute(_Plain):  # the old way to declare it: no longer read
+    needs_replayable_history = True
+
+
+class _OldStyleAttributeOnASubclass(_UndeclaredCheckModel):
+    capabilities = Capabilities(checks_model=True)
+    keeps_state_across_requests = True
+
+
+class _CapabilitiesNotACapabilities(_Plain):
+    capabilities = ("exact",)  # not a Capabilities
+
+
 BROKEN = [(_NoUnlearn, "unlearn(ctx)"), (_NoCheck, "check()"), (_UnknownSetting, "'setting'"),
-          (_CentralWithoutFit, "fit(ctx)"), (_CentralWithoutExact, "'exact'"),
-          (_NoSetting, "'setting'")]
+          (_CentralWithoutFit, "fit(ctx)"), (_NoSetting, "'setting'")]
+CAPABILITY_BROKEN = [
+    (_DeclaresChecksConfigWithoutHook, "'checks_config'"),
+    (_DeclaresChecksModelWithoutHook, "'checks_model'"),
+    (_DeclaresSavesStateWithoutHooks, "'saves_state'"),
+    (_DeclaresSavesStateWithHalfTheHooks, "'saves_state'"),
+    (_UndeclaredCheckConfig, "'checks_config'"),
+    (_UndeclaredCheckModel, "'checks_model'"),
+    (_UndeclaredStateHooks, "'saves_state'"),
+    (_OldStyleAttribute, "'needs_replayable_history'"),
+    (_OldStyleAttributeOnASubclass, "'carries_state'"),
+    (_CentralOldStyleExact, "'exact'"),
+    (_CapabilitiesNotACapabilities, "'capabilities'")]
 
 
-@pytest.mark.parametrize(("cls", "missing"), BROKEN, ids=[c.__name__ for c, _ in BROKEN])
+@pytest.mark.parametrize(("cls", "missing"), BROKEN + CAPABILITY_BROKEN,
+                         ids=[c.__name__ for c, _ in BROKEN + CAPABILITY_BROKEN])
 def test_a_method_lacking_part_of_the_protocol_is_named_and_refused(cls, missing, monkeypatch,
                                                                     tmp_path: Path):
     gaps = protocol_gaps(cls)
@@ -231,6 +345,93 @@ def test_a_method_lacking_part_of_the_protocol_is_named_and_refused(cls, missing
     with pytest.raises(ConfigError, match=r"'broken_method'.*lacks .*" + missing.replace(
             "(", r"\(").replace(")", r"\)")):
         build_methods(cfg)
+
+
+@pytest.mark.parametrize(("cls", "capability"), CAPABILITY_BROKEN,
+                         ids=[c.__name__ for c, _ in CAPABILITY_BROKEN])
+def test_the_conformance_check_names_the_capability(cls, capability, monkeypatch, tmp_path):
+    """The check the suite runs over every registered method
+    (:func:`test_declared_capabilities_match_the_hooks`) fails for a registered method whose
+    capabilities and hooks disagree, and its message names the capability."""
+    monkeypatch.setitem(UNLEARNERS._items, "broken_method", cls)
+    with pytest.raises(AssertionError, match=f"'broken_method'.*{capability}"):
+        test_declared_capabilities_match_the_hooks("broken_method", tmp_path)
+
+
+def test_capabilities_are_typed():
+    with pytest.raises(ValueError, match=r"saves_state=True\) needs carries_state=True"):
+        Capabilities(saves_state=True)
+    with pytest.raises(TypeError, match="exact"):
+        Capabilities(exact=1)  # type: ignore[arg-type]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Capabilities().exact = True  # type: ignore[misc]
+    assert set(HOOKS) <= {f.name for f in dataclasses.fields(Capabilities)}
+
+
+def test_a_hook_runs_only_when_its_capability_is_declared():
+    calls: list[str] = []
+
+    class Declared(_Plain):
+        capabilities = Capabilities(checks_config=True, checks_model=True)
+
+        def check_config(self, cfg) -> None:
+            calls.append("config")
+
+        def check_model(self, net) -> None:
+            calls.append("model")
+
+    class Undeclared(Declared):
+        capabilities = Capabilities()
+
+    call_check_config(Undeclared(), None)
+    call_check_model(Undeclared(), None)
+    assert calls == [] and saved_state(Undeclared()) is None
+    call_check_config(Declared(), None)
+    call_check_model(Declared(), None)
+    assert calls == ["config", "model"]
+    carries = type("Carries", (_Plain,), {"capabilities": Capabilities(carries_state=True)})
+    assert can_resume(_Plain()) and not can_resume(carries())
+    with pytest.raises(ValueError, match="saves_state"):
+        restore_state(_Plain(), ({}, {}), store="")
+
+
+def test_a_new_method_file_registers_itself(tmp_path: Path, monkeypatch):
+    """A built-in method is one file in federated/ or centralized/: importing the package
+    imports it, and its decorator registers it (no list to edit)."""
+    import fedunlearn.unlearning as package
+    from fedunlearn.unlearning import federated
+
+    (tmp_path / "zz_new_method.py").write_text(
+        "from fedunlearn.unlearning.base import UNLEARNERS, FederatedUnlearner\n"
+        "@UNLEARNERS.register('zz_new_method')\n"
+        "class NewMethod(FederatedUnlearner):\n"
+        "    setting = 'federated'\n"
+        "    def check(self): ...\n"
+        "    def unlearn(self, ctx): ...\n")
+    monkeypatch.setattr(federated, "__path__", [*federated.__path__, str(tmp_path)])
+    monkeypatch.setattr(UNLEARNERS, "_items", dict(UNLEARNERS._items))
+    try:
+        package._import_method_files()
+        assert "zz_new_method" in UNLEARNERS
+        assert not protocol_gaps(UNLEARNERS.get("zz_new_method"))
+    finally:
+        sys.modules.pop("fedunlearn.unlearning.federated.zz_new_method", None)
+
+
+def test_the_built_in_methods_and_their_registration_order():
+    built_in = [n for n in UNLEARNERS._items
+                if UNLEARNERS.get(n).__module__.startswith("fedunlearn.unlearning.")]
+    assert built_in == ["central_retrain", "newton", "sisa", "sisa_random", "distillation",
+                        "fedaccum", "federaser", "fedrecover", "not", "pga", "retrain"]
+
+
+def test_importing_the_methods_does_not_load_scipy():
+    import subprocess
+
+    code = "import fedunlearn.unlearning, sys; print('scipy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_required_members_are_those_the_runner_calls():
@@ -279,11 +480,12 @@ def test_doctests_of_the_protocol_checks(module):
 
 def test_an_unlearn_that_returns_no_result_is_one_line(trained):
     from fedunlearn.evaluation.schema import Role
-    from fedunlearn.run.serving import Method, RequestError, _serve
+    from fedunlearn.run.checks import Method, RequestError
+    from fedunlearn.run.serving import _serve
 
     class ReturnsNothing(_NoCheck):
         def check(self) -> None: ...
 
     with pytest.raises(RequestError, match="returned NoneType, not an UnlearningResult"):
         _serve(Method("nothing", ReturnsNothing(), Role.METHOD), _context(trained, (TARGET,)),
-               0, {}, None, None, None, None)  # type: ignore[arg-type]
+               0, {})

@@ -18,7 +18,7 @@ from fedunlearn.config.tree import load_config
 from fedunlearn.engine.inprocess import InProcessFederation
 from fedunlearn.evaluation.metrics import accuracy, attack_success_rate, kl_divergence
 from fedunlearn.history.store import HistoryStore
-from fedunlearn.run.experiment import prepare, train_federation
+from fedunlearn.run.pipeline import prepare, train_federation
 from fedunlearn.unlearning import UNLEARNERS, UnlearningContext
 
 CFG = ["data.source=\"mnist_5k\"", "model.name=\"cnn\"", "data.num_clients=5",

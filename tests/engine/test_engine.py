@@ -17,8 +17,7 @@ from conftest import max_abs_diff, small_config
 from fedunlearn.engine.aggregation import apply_update
 from fedunlearn.engine.inprocess import InProcessFederation
 from fedunlearn.history.store import HistoryStore
-from fedunlearn.run.experiment import prepare, train_federation
-from fedunlearn.run.runner import run_experiment
+from fedunlearn.run.pipeline import prepare, run_experiment, train_federation
 
 FLOWER_CFG = ["data.num_clients=4", "training.rounds=3", "training.sample_fraction=0.75",
               "training.local_epochs=3",

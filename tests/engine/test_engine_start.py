@@ -1,9 +1,11 @@
-"""Ray start-up failures end the run in bounded time with one line, leaving no Ray process.
+"""Ray start-up failures end the call in bounded time with one line, leaving no Ray process.
 
 Ray's own start-up gives up after a fixed 30 s (under a file-size limit, for instance), with
 tracebacks from every layer; a start still waiting after ``engine.startup_timeout_s`` is
-stopped.
-Both are checked in a subprocess, which is the process whose descendants Ray's are.
+abandoned: :func:`start_ray` raises at once and the start stops its own processes when Ray's
+``ray.init`` returns (:class:`fedunlearn.engine.flower.RayStart`). Both are checked in a
+subprocess, which is the process whose descendants Ray's are; the subprocess lives on after
+the failure (it prints what it finds afterwards).
 """
 
 from __future__ import annotations
@@ -20,15 +22,18 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = textwrap.dedent('''
     import sys, time
     from fedunlearn.config.tree import load_config
-    from fedunlearn.engine.flower import EngineStartError, start_ray
+    from fedunlearn.engine.flower import EngineStartError, start_ray, wait_for_ray_start
     from fedunlearn.run import interrupt
     cfg = load_config("simulations/quickstart.toml", [])
+    t0 = time.monotonic()
     try:
         start_ray(cfg, timeout_s=float(sys.argv[1]))
         print("STARTED")
     except EngineStartError as exc:
         print("ERROR", exc)
-    time.sleep(1.0)
+    print("RETURNED_AFTER", round(time.monotonic() - t0, 1))
+    print("START_ENDED", wait_for_ray_start(120))
+    time.sleep(0.5)
 
     def alive(pid):  # killed children stay zombies until Ray reaps them: they are gone
         try:
@@ -39,32 +44,32 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _one_line_and_nothing_left(run: subprocess.CompletedProcess, reason: str) -> None:
-    """Either start_ray raised (the caller prints the line) and no live Ray process remains, or
-    ray.init ignored the end of its processes and the watchdog left with the line itself."""
-    if run.returncode == 2:
-        last = run.stderr.strip().splitlines()[-1]
-        assert last.startswith("fedunlearn: error: Ray could not start (no answer within"), last
-        return
+def _one_line_and_nothing_left(run: subprocess.CompletedProcess, reason: str,
+                               limit: float) -> None:
+    """start_ray raised within about ``limit`` seconds (the caller prints the line), the
+    process lived on, and once the abandoned start has ended no Ray process remains."""
     out = run.stdout.strip().splitlines()
     assert run.returncode == 0 and out, run.stderr[-2000:]
     assert out[0].startswith(f"ERROR Ray could not start ({reason}"), out
-    assert "ulimit -f" in out[0] and out[-1] == "LEFT 0", out
+    assert "ulimit -f" in out[0], out
+    returned = float(out[1].split()[1])
+    assert returned < limit + 10, f"start_ray took {returned} s to give up (limit {limit} s)"
+    assert out[-2:] == ["START_ENDED True", "LEFT 0"], out
 
 
 @pytest.mark.flower
 def test_a_ray_start_past_the_timeout_is_stopped_with_one_line():
-    # 0.2 s is far shorter than Ray needs to start, so the watchdog stops the start-up
+    # 0.2 s is far shorter than Ray needs to start, so the start is abandoned
     run = subprocess.run([sys.executable, "-c", SCRIPT, "0.2"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120, check=False)
-    _one_line_and_nothing_left(run, "no answer within engine.startup_timeout_s = 0.2 s")
+                         text=True, timeout=180, check=False)
+    _one_line_and_nothing_left(run, "no answer within engine.startup_timeout_s = 0.2 s", 0.2)
 
 
 @pytest.mark.flower
 def test_a_ray_failing_under_a_file_size_limit_is_one_line():
     script = "import resource; resource.setrlimit(resource.RLIMIT_FSIZE, (200 * 1024,) * 2)\n"
-    # Ray's own start gives up after a fixed 30 s here; engine.startup_timeout_s = 4 ends it
-    # sooner (either way: one line, no process left)
+    # Ray's own start gives up after a fixed 30 s here; engine.startup_timeout_s = 4 returns
+    # control sooner (either way: one line, and no process left once Ray has given up)
     run = subprocess.run([sys.executable, "-c", script + SCRIPT, "4"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=150, check=False)
-    _one_line_and_nothing_left(run, "")
+                         capture_output=True, text=True, timeout=180, check=False)
+    _one_line_and_nothing_left(run, "", 4)

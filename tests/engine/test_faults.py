@@ -25,7 +25,8 @@ from fedunlearn.engine.inprocess import InProcessFederation
 from fedunlearn.history.lineage import LineageLog
 from fedunlearn.history.store import HistoryStore
 from fedunlearn.models.seeding import derive_seed
-from fedunlearn.run.experiment import HistoryRecorder, LineageRecorder, Listeners, prepare
+from fedunlearn.run.listeners import HistoryRecorder, LineageRecorder, Listeners
+from fedunlearn.run.pipeline import prepare
 from fedunlearn.unlearning.base import UnlearningContext
 from fedunlearn.unlearning.federated.calibration import calibrate, renormalised_weights
 from fedunlearn.unlearning.federated.federaser import _CALIBRATION_PURPOSE, FedEraser
@@ -339,7 +340,7 @@ def test_flower_stalled_client_abort_drop_and_retry(tmp_path):
 
 def test_cli_reports_client_failure_in_one_line(tmp_path, capsys, monkeypatch):
     """The CLI turns a ClientFailure raised anywhere in the run into one line and exit 2."""
-    from fedunlearn.run import runner
+    from fedunlearn.run import pipeline as runner
 
     def fail(*args: object, **kwargs: object) -> None:
         raise ClientFailure("client 1 sent no reply within engine.client_timeout_s = 2 s in "

@@ -27,8 +27,7 @@ from conftest import max_abs_diff, small_config
 
 from fedunlearn.engine.inprocess import InProcessFederation
 from fedunlearn.history.store import HistoryStore
-from fedunlearn.run.experiment import prepare, train_federation
-from fedunlearn.run.runner import run_experiment
+from fedunlearn.run.pipeline import prepare, run_experiment, train_federation
 
 START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 30.0
@@ -125,7 +124,7 @@ def ray_head() -> Iterator[tuple[str, Path, dict[str, float]]]:
 def test_experiment_runs_on_a_ray_cluster_started_here(ray_head, tmp_path):
     address, head_dir, timings = ray_head
     # ResNet-20 with BatchNorm: Flower's own FedAvg aggregates the running statistics and
-    # the integer counters, so this also checks the Flower path keeps them as the README says
+    # the integer counters, so this also checks the Flower path keeps them as docs/models.md ("BatchNorm buffers") says
     cfg = small_config(f'engine.address="{address}"', "engine.ray_num_cpus=0",
                        "training.sample_fraction=0.75",
                        'model.name="resnet20"', 'model.params={norm="batch"}')

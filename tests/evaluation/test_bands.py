@@ -52,7 +52,7 @@ from fedunlearn.engine.inprocess import InProcessFederation
 from fedunlearn.evaluation.metrics import accuracy, attack_success_rate, kl_divergence
 from fedunlearn.history.store import HistoryStore
 from fedunlearn.models.params import Params
-from fedunlearn.run.experiment import prepare, train_federation
+from fedunlearn.run.pipeline import prepare, train_federation
 from fedunlearn.unlearning import UNLEARNERS
 from fedunlearn.unlearning.base import UnlearningContext
 from fedunlearn.unlearning.federated.retrain import Retrain

@@ -12,8 +12,8 @@ import numpy as np
 from fedunlearn.engine.inprocess import InProcessFederation
 from fedunlearn.history.lineage import params_hash
 from fedunlearn.history.store import HistoryStore
-from fedunlearn.run.experiment import prepare
-from fedunlearn.run.serving import build_methods
+from fedunlearn.run.checks import build_methods
+from fedunlearn.run.pipeline import prepare
 from fedunlearn.unlearning.base import UnlearningContext
 from fedunlearn.unlearning.federated.retrain import Retrain
 from tests.conftest import small_config

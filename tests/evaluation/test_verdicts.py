@@ -329,7 +329,7 @@ def test_sequential_run_stops_when_decided_and_spends_alpha_over_its_looks() -> 
     every look is made at α / looks (Bonferroni spending over the planned looks)."""
     from types import SimpleNamespace
 
-    from fedunlearn.run.runner import planned_looks, undecided
+    from fedunlearn.run.pipeline import planned_looks, undecided
     from tests.conftest import small_config
 
     cfg = small_config("experiment.seeds=[0, 1]", "experiment.seeds_until_decided=6")

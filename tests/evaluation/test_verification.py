@@ -19,7 +19,7 @@ from fedunlearn.evaluation.verify import MIA_KEYS, PAIRED_ASR_KEYS, RequestVerif
 from fedunlearn.history.lineage import LineageLog
 from fedunlearn.history.store import HistoryStore
 from fedunlearn.models.seeding import derive_seed
-from fedunlearn.run.experiment import prepare, train_federation
+from fedunlearn.run.pipeline import prepare, train_federation
 from fedunlearn.run.serving import serve_requests
 
 CFG = ["data.num_clients=5", "training.rounds=6", "training.local_epochs=2",

@@ -21,9 +21,9 @@ from fedunlearn.history.lineage import LineageLog
 from fedunlearn.history.store import HistoryStore
 from fedunlearn.models.training import OPTIMIZERS, local_training
 from fedunlearn.reporting import report_markdown, verification_line, verification_summary
-from fedunlearn.run.experiment import prepare, train_federation
-from fedunlearn.run.runner import verification_block
+from fedunlearn.run.pipeline import prepare, train_federation
 from fedunlearn.run.serving import serve_requests
+from fedunlearn.run.verification import verification_block
 from fedunlearn.unlearning.base import UnlearningContext
 from fedunlearn.unlearning.federated.distillation import Distillation
 
@@ -373,7 +373,7 @@ def test_the_shadows_budget_is_what_retraining_trains(tmp_path):
     """Oracle: the participants the training stored in its history, round by round (retraining
     draws the same ones, minus the removed). With 6 clients at sample_fraction 0.25 a round
     takes max(1, round(1.5)) = 2 clients, not 1.5: the plain fraction would be off by a third."""
-    from fedunlearn.run.serving import retraining_sample_epochs
+    from fedunlearn.run.verification import retraining_sample_epochs
 
     cfg = small_config("data.num_clients=6", "training.rounds=3", "training.local_epochs=2",
                        "training.sample_fraction=0.25", "unlearning.requests=[]")

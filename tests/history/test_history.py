@@ -562,7 +562,9 @@ def test_the_cli_reports_a_write_failure_in_one_line(monkeypatch, capsys, tmp_pa
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.npz"))
 
-    monkeypatch.setattr(cli, "cmd_run", full_disk)
+    from fedunlearn.run import commands
+
+    monkeypatch.setattr(commands, "cmd_run", full_disk)
     code = cli.main(["run", "simulations/quickstart.toml", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err

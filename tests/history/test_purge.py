@@ -32,7 +32,7 @@ from fedunlearn.history.store import (
     HistoryPurgedError,
     HistoryStore,
 )
-from fedunlearn.run.experiment import prepare, train_federation
+from fedunlearn.run.pipeline import prepare, train_federation
 from fedunlearn.run.serving import serve_requests
 
 TRAIN = ["data.num_clients=4", "training.rounds=5", "training.sample_fraction=0.5",

@@ -1,6 +1,6 @@
 """BatchNorm state in federated training, the history store and the history methods.
 
-The rule (README "BatchNorm buffers"): float buffers (running mean and variance) are averaged by
+The rule (docs/models.md, "BatchNorm buffers"): float buffers (running mean and variance) are averaged by
 FedAvg and stored as updates like weights, so ``M_{t+1} = M_t + Σ_k w_k U_k`` holds for them;
 integer buffers (``num_batches_tracked``) are not aggregated, every global model keeps ``M_1``'s
 value and dtype; FedEraser takes the running statistics from the calibration training as they
@@ -22,7 +22,7 @@ from fedunlearn.engine.inprocess import InProcessFederation
 from fedunlearn.engine.port import ClientResult
 from fedunlearn.history.store import HistoryStore
 from fedunlearn.models.params import Params, is_float
-from fedunlearn.run.experiment import prepare, train_federation
+from fedunlearn.run.pipeline import prepare, train_federation
 from fedunlearn.unlearning.base import UnlearningContext
 from fedunlearn.unlearning.federated.calibration import calibrate
 from fedunlearn.unlearning.federated.federaser import FedAccum, FedEraser

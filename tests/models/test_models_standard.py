@@ -71,7 +71,7 @@ def test_parameter_counts_match_the_layer_sums(name, shape):
 
 def test_parameter_counts_match_the_papers_and_the_readme():
     # McMahan et al. 2017: "1,663,370 total parameters"; He et al. 2016, Table 6: ResNet-20
-    # has 0.27 M. The README's table lists these exact numbers.
+    # has 0.27 M. docs/models.md lists these exact numbers.
     counts = {(n, s): n_params(build_model(n, s, 10, seed=0)) for n, s in EXPECTED}
     assert counts["mcmahan_cnn", MNIST] == 1_663_370
     assert counts["mcmahan_cnn", CIFAR] == 2_156_490

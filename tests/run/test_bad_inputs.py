@@ -148,9 +148,9 @@ def test_bad_run_input_is_one_line_exit_2_nothing_written(config, args, needle, 
 
 
 def test_params_of_an_unlisted_method_are_accepted(tmp_path, monkeypatch):
-    """The README's extension example sets parameters for a method the run may not list."""
+    """The extension example of docs/extending.md sets parameters for a method the run may not list."""
     from fedunlearn.config.tree import load_config
-    from fedunlearn.run.serving import build_methods
+    from fedunlearn.run.checks import build_methods
 
     cfg = load_config(BD, ["unlearning.methods=[\"distillation\"]",
                            "unlearning.params.federaser.r=1"])
@@ -310,7 +310,7 @@ def test_a_broken_extension_is_one_line_before_any_round(body, sets, needle, tmp
     """A user's source, model, train step or strategy that fails, or does not fit the
     protocol, stops the run in one line naming it (and where in the user's file), before the
     engine starts and with nothing written; one batch of local training is part of the check."""
-    from fedunlearn.run import runner
+    from fedunlearn.run import pipeline as runner
 
     def no_engine(*args, **kwargs):
         pytest.fail("the run must stop before the engine starts")
@@ -333,7 +333,7 @@ def test_resume_imports_the_runs_extensions_before_checking_its_strategy(tmp_pat
     was a KeyError traceback: the strategy check ran before the extensions were imported)."""
     from fedunlearn.config.tree import load_config
     from fedunlearn.engine.strategy import STRATEGIES
-    from fedunlearn.run import runner
+    from fedunlearn.run import pipeline as runner
     from fedunlearn.run.resume import write_run_file
 
     (tmp_path / "ext_strategy.py").write_text(EXT_HEAD + (
@@ -381,7 +381,7 @@ def test_a_model_that_cannot_train_on_a_clients_last_batch_is_refused_before_any
     (training.batch_bounds): the same batch size passes, and trains."""
     from fedunlearn.config.tree import load_config
     from fedunlearn.models.training import local_training, train
-    from fedunlearn.run.experiment import prepare
+    from fedunlearn.run.pipeline import prepare
 
     (tmp_path / "ext_small.py").write_text(EXT_HEAD + PICKY + (
         "@MODELS.register('bn')\ndef bn(input_shape, num_classes, seed=0):\n"
@@ -409,7 +409,7 @@ def test_unusual_but_valid_extensions_pass_the_checks(tmp_path, monkeypatch):
     step_params), a strategy whose parameter is required, a model that fails on small
     batches that half an epoch never reaches."""
     from fedunlearn.config.tree import load_config
-    from fedunlearn.run.experiment import prepare
+    from fedunlearn.run.pipeline import prepare
 
     (tmp_path / "ext_ok.py").write_text(EXT_HEAD + (
         "@TRAIN_STEPS.register('req')\ndef req(model, x, y, ctx, *, mu):\n"
@@ -438,13 +438,13 @@ def test_a_write_failure_names_the_run_directory_not_a_placeholder(command, tmp_
                                                                    monkeypatch):
     import errno
 
-    from fedunlearn import cli
+    from fedunlearn.run import commands
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.npz"))
 
     out = tmp_path / "my-run"
-    monkeypatch.setattr(cli, f"cmd_{command}", full_disk)
+    monkeypatch.setattr(commands, f"cmd_{command}", full_disk)
     args = ["run", QS, "--out", str(out)] if command == "run" else [command, str(out)]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -459,7 +459,7 @@ def test_a_write_failure_names_the_run_directory_not_a_placeholder(command, tmp_
 def test_long_client_lists_in_messages_are_a_count_and_the_first_few():
     from fedunlearn.config.tree import load_config
     from fedunlearn.engine.faults import ClientFailure, FaultPolicy
-    from fedunlearn.run.experiment import _check_requests_against_sampling
+    from fedunlearn.run.checks import _check_requests_against_sampling
 
     with pytest.raises(ClientFailure) as err:
         FaultPolicy(on_failure="drop").settle({c: "timeout" for c in range(100_000)}, [],
@@ -585,7 +585,7 @@ def test_clients_dropped_from_a_methods_client_work_are_recorded(tmp_path, monke
     from fedunlearn.engine.faults import recording_failures
     from fedunlearn.engine.inprocess import InProcessFederation
     from fedunlearn.history.store import HistoryStore
-    from fedunlearn.run.experiment import prepare
+    from fedunlearn.run.pipeline import prepare
     from fedunlearn.unlearning.base import UnlearningContext
     from fedunlearn.unlearning.federated.retrain import Retrain
 
@@ -651,7 +651,7 @@ def test_on_flower_a_retraining_behind_a_stalled_client_names_it(tmp_path, monke
     from fedunlearn.config.tree import load_config
     from fedunlearn.engine.faults import ClientFailure
     from fedunlearn.engine.flower import run_on_flower
-    from fedunlearn.run.experiment import prepare
+    from fedunlearn.run.pipeline import prepare
 
     (tmp_path / "stall_once_ext.py").write_text(STALL_EXT)
     monkeypatch.syspath_prepend(str(tmp_path))

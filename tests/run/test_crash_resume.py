@@ -15,7 +15,7 @@ import crash_harness as harness
 import pytest
 
 from fedunlearn.config.tree import load_config
-from fedunlearn.run import runner
+from fedunlearn.run import pipeline as runner
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ from fedunlearn.config.tree import load_config
 from fedunlearn.engine.inprocess import InProcessFederation
 from fedunlearn.history.lineage import LineageLog, params_hash
 from fedunlearn.history.store import HistoryStore
-from fedunlearn.run.experiment import prepare, train_federation
 from fedunlearn.run.interrupt import descendants, wait_gone
+from fedunlearn.run.pipeline import prepare, train_federation
 from fedunlearn.run.resume import CHECKPOINT_META
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -190,7 +190,7 @@ def test_a_command_started_with_ctrl_c_ignored_keeps_ignoring_it(tmp_path: Path)
     the SIGINT half-way through the import then ended it (exit 130)."""
     # `trap "" INT` ignores SIGINT, and an ignored signal stays ignored across exec
     proc = subprocess.Popen(
-        ["sh", "-c", 'trap "" INT; exec "$0" -m fedunlearn --help', sys.executable], cwd=ROOT,
+        ["sh", "-c", 'trap "" INT; exec "$0" -m fedunlearn.cli --help', sys.executable], cwd=ROOT,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     time.sleep(0.5)
     assert proc.poll() is None, "the command ended before the signal: the test proves nothing"

@@ -14,6 +14,7 @@ purge the same stop leaves a run that cannot be resumed, and both the last line 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -26,18 +27,18 @@ from fedunlearn.engine.inprocess import InProcessFederation
 from fedunlearn.history.lineage import LineageLog, client_lineage
 from fedunlearn.history.store import HistoryStore
 from fedunlearn.run import interrupt
-from fedunlearn.run import runner as runner_module
-from fedunlearn.run.experiment import prepare, train_federation
+from fedunlearn.run import resume as resume_module
+from fedunlearn.run.pipeline import prepare, run_experiment, train_federation
 from fedunlearn.run.resume import (
     SERVED_FILE,
     SERVING_FILE,
     TRAINING_FILE,
     ResumeError,
+    farewell,
     write_run_file,
     write_serving,
     write_state,
 )
-from fedunlearn.run.runner import farewell, run_experiment
 from fedunlearn.unlearning.federated.federaser import FedEraser
 from fedunlearn.unlearning.federated.fedrecover import FedRecover
 
@@ -90,9 +91,9 @@ def test_a_run_stopped_while_serving_goes_on_from_the_next_request(
     # records it was saved: the next resumption must record that purge with its real files
     # and bytes (it recorded 0 and 0), not redo it
     with monkeypatch.context() as m:
-        def killed(self: Any, request: int, purge: Any) -> None:
+        def killed(self: Any, event: Any) -> None:
             raise interrupt.Interrupted("SIGKILL")
-        m.setattr(runner_module._Journal, "purged", killed)
+        m.setattr(resume_module.ResumeJournal, "purged", killed)
         with pytest.raises(interrupt.Interrupted):
             run_experiment(cfg, out, quiet=True, resume=True)
     state = json.loads((out / SERVING_FILE).read_text())
@@ -172,7 +173,10 @@ def test_a_stop_that_cannot_be_resumed_says_so_and_resume_changes_nothing(
     instead of "resume", and ``resume`` refuses in one line before writing anything
     (run.json, the lineage)."""
     if "fedrecover" in why:
+        monkeypatch.setattr(FedRecover, "capabilities",
+                            dataclasses.replace(FedRecover.capabilities, saves_state=False))
         monkeypatch.delattr(FedRecover, "state_arrays")
+        monkeypatch.delattr(FedRecover, "load_state")
     out = tmp_path / "run"
     cfg = _stopped_after_request_0(out, *extra)
     assert why in farewell(out) and "cannot be resumed" in farewell(out)

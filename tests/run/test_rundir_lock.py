@@ -88,7 +88,7 @@ def test_a_second_writer_is_refused_at_once_and_changes_nothing(command, live_ru
 
 
 def test_the_python_api_is_refused_too(live_run, tripwire):
-    from fedunlearn.run.runner import run_experiment
+    from fedunlearn.run.pipeline import run_experiment
 
     out, proc = live_run
     before = _snapshot(out)

@@ -17,8 +17,7 @@ from fedunlearn.cli import main
 from fedunlearn.engine.inprocess import InProcessFederation
 from fedunlearn.history.lineage import params_hash
 from fedunlearn.run import interrupt
-from fedunlearn.run.experiment import prepare
-from fedunlearn.run.runner import run_experiment
+from fedunlearn.run.pipeline import prepare, run_experiment
 
 EXTRA = ["backdoor.clients=[0]", "backdoor.fraction=0.8", "unlearning.requests=[[0]]",
          "training.rounds=3", "data.num_clients=4", "training.local_epochs=1",

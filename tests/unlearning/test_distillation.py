@@ -18,7 +18,7 @@ from fedunlearn.history.store import HistoryStore
 from fedunlearn.models import build_model
 from fedunlearn.models.params import Params, set_params
 from fedunlearn.models.training import predict_proba
-from fedunlearn.run.experiment import Setup, prepare, train_federation
+from fedunlearn.run.pipeline import Setup, prepare, train_federation
 from fedunlearn.unlearning.base import UNLEARNERS, UnlearningContext
 from fedunlearn.unlearning.federated.distillation import Distillation
 

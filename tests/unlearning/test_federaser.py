@@ -24,13 +24,20 @@ from fedunlearn.engine.strategy import (
 )
 from fedunlearn.history.store import HistoryStore
 from fedunlearn.models.params import Params
-from fedunlearn.run import runner
-from fedunlearn.run.experiment import Setup, check_replayable, prepare, train_federation
-from fedunlearn.unlearning.base import UNLEARNERS, HistoryNotReplayable, UnlearningContext
+from fedunlearn.run import pipeline as runner
+from fedunlearn.run.checks import check_replayable
+from fedunlearn.run.pipeline import Setup, prepare, train_federation
+from fedunlearn.unlearning.base import (
+    UNLEARNERS,
+    HistoryNotReplayable,
+    UnlearningContext,
+    capabilities_of,
+)
 from fedunlearn.unlearning.federated import calibration
 from fedunlearn.unlearning.federated.calibration import calibrate, renormalised_weights
 from fedunlearn.unlearning.federated.distillation import Distillation
 from fedunlearn.unlearning.federated.federaser import FedAccum, FedEraser
+from fedunlearn.unlearning.federated.fedrecover import FedRecover
 
 # Two momentum-SGD epochs a round: after 6 rounds the model is far from its initial 12 %.
 BASE = ["data.num_clients=5", "training.rounds=6", "training.local_epochs=2",
@@ -503,8 +510,8 @@ def test_momentum_like_history_is_refused_before_any_work(tmp_path: Path):
             method.unlearn(hand_context(store, initial, fed))
         assert "\n" not in str(err.value) and "fedavg" in str(err.value)
     assert fed.messages_sent == 0
-    assert FedEraser.needs_replayable_history and FedAccum.needs_replayable_history
-    assert Distillation.needs_replayable_history
+    assert all(capabilities_of(m).needs_replayable_history
+               for m in (FedEraser, FedAccum, FedRecover, Distillation))
 
 
 def test_in_process_training_with_server_momentum_is_flagged(

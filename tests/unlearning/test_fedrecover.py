@@ -40,7 +40,8 @@ from fedunlearn.evaluation.metrics import accuracy, attack_success_rate, kl_dive
 from fedunlearn.history.lineage import LineageLog, params_hash
 from fedunlearn.history.store import HistoryStore
 from fedunlearn.models.seeding import derive_seed, variant_tag
-from fedunlearn.run.experiment import check_replayable, prepare, train_federation
+from fedunlearn.run.checks import check_replayable
+from fedunlearn.run.pipeline import prepare, train_federation
 from fedunlearn.run.serving import serve_requests
 from fedunlearn.unlearning import UNLEARNERS
 from fedunlearn.unlearning.base import HistoryNotReplayable, UnlearningContext
@@ -680,7 +681,7 @@ def test_retention_interval_other_than_one_is_refused_before_training(tmp_path: 
                                     "{abnormal_threshold=\"1\"}", "{abnormal_quantile=0.0}",
                                     "{abnormal_quantile=1.5}", "{abnormal_quantile=true}"])
 def test_bad_hyperparameters_are_one_line_config_errors(params: str) -> None:
-    from fedunlearn.run.serving import build_methods
+    from fedunlearn.run.checks import build_methods
 
     # a value of the wrong kind (true for a number) is named by the generic type check, a
     # non-finite one (inf, nan) by the config loader

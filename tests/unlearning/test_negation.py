@@ -20,8 +20,8 @@ from fedunlearn.evaluation.metrics import accuracy, attack_success_rate
 from fedunlearn.evaluation.summary import recovery_words
 from fedunlearn.history.store import HistoryStore
 from fedunlearn.models.params import Params
-from fedunlearn.run.experiment import Setup, prepare, train_federation
-from fedunlearn.run.serving import _create
+from fedunlearn.run.checks import _create
+from fedunlearn.run.pipeline import Setup, prepare, train_federation
 from fedunlearn.unlearning import UNLEARNERS
 from fedunlearn.unlearning.base import UnlearningContext
 from fedunlearn.unlearning.federated.finetune import evaluators
@@ -118,7 +118,7 @@ def test_a_chain_longer_than_its_layers_is_refused_before_any_work(
     starts, also for a method whose parameters are given but that is not run this time."""
     from fedunlearn.cli import main
     from fedunlearn.engine import local
-    from fedunlearn.run import runner
+    from fedunlearn.run import pipeline as runner
 
     def no_work(*args: object, **kwargs: object) -> None:
         pytest.fail("validation must stop the run before any engine or training start")

@@ -11,7 +11,7 @@ from conftest import small_config
 from scipy.special import expit
 from sklearn.datasets import load_digits
 
-from fedunlearn.run.experiment import prepare
+from fedunlearn.run.pipeline import prepare
 from fedunlearn.unlearning import UNLEARNERS, UnlearningContext
 from fedunlearn.unlearning.centralized.certified import (
     OvRCertified,

@@ -23,7 +23,7 @@ from fedunlearn.models import build_model, reinitialise
 from fedunlearn.models.params import Params, get_params
 from fedunlearn.models.seeding import derive_seed
 from fedunlearn.models.training import LocalTraining, train
-from fedunlearn.run.experiment import Setup, prepare, train_federation
+from fedunlearn.run.pipeline import Setup, prepare, train_federation
 from fedunlearn.unlearning.base import UnlearningContext
 from fedunlearn.unlearning.centralized import sisa as sisa_module
 from fedunlearn.unlearning.centralized.sisa import SisaEnsemble

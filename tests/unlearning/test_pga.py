@@ -25,8 +25,8 @@ from fedunlearn.evaluation.metrics import accuracy, attack_success_rate
 from fedunlearn.history.store import HistoryStore
 from fedunlearn.models import build_model
 from fedunlearn.models.params import Params, get_params
-from fedunlearn.run.experiment import Setup, prepare, train_federation
-from fedunlearn.run.serving import _create
+from fedunlearn.run.checks import _create
+from fedunlearn.run.pipeline import Setup, prepare, train_federation
 from fedunlearn.unlearning import UNLEARNERS
 from fedunlearn.unlearning.base import UnlearningContext
 from fedunlearn.unlearning.federated.pga import PGA, ball_radius, project_params, reference_model
@@ -461,7 +461,7 @@ def test_a_later_request_starts_from_the_earlier_answer_and_keeps_the_first_targ
     Not asserted: the acceptance band (retraining's ASR + 0.10). This second answer misses it
     on the 2026-11-26 AVX2 machine, 0.173 against retraining's 0.003 (0.115 with the default
     repair), after passing it on the machine the test was written on: PGA's repair lets part
-    of a removed backdoor back (README, "Purge levels")."""
+    of a removed backdoor back (docs/history.md, purge levels)."""
     t = _train(tmp_path)
     first = PGA(rounds=2, until="rounds").unlearn(t.context((0,)))
     t.store.purge_clients([0], level=level)
@@ -595,7 +595,7 @@ def test_build_model_params_are_untouched_by_the_random_models(trained: Trained)
 
 def test_a_run_with_several_strictly_purged_requests_passes_the_config_checks():
     """Later requests read no stored model, so PGA no longer refuses a strict purge."""
-    from fedunlearn.run.serving import build_methods
+    from fedunlearn.run.checks import build_methods
 
     cfg = load_config(None, ["unlearning.methods=[\"retrain\", \"pga\"]",
                              "unlearning.requests=[[0], [1]]", "history.purge=\"strict\""])

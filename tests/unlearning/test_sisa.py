@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits
 from fedunlearn.models import build_model
 from fedunlearn.models.seeding import derive_seed
 from fedunlearn.models.training import LocalTraining, local_training, train
-from fedunlearn.run.experiment import prepare
+from fedunlearn.run.pipeline import prepare
 from fedunlearn.unlearning import UNLEARNERS, UnlearningContext, UnlearningResult
 from fedunlearn.unlearning.centralized.central_retrain import CentralRetrain
 from fedunlearn.unlearning.centralized.sisa import (

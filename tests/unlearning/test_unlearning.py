@@ -16,9 +16,9 @@ from fedunlearn.engine.messages import job_json
 from fedunlearn.history.lineage import LineageLog, client_lineage, params_hash
 from fedunlearn.history.store import HistoryStore
 from fedunlearn.models.seeding import sample_participants
-from fedunlearn.run.experiment import prepare, train_federation
-from fedunlearn.run.runner import run_experiment
-from fedunlearn.run.serving import RequestError, build_methods, serve_requests
+from fedunlearn.run.checks import RequestError, build_methods
+from fedunlearn.run.pipeline import prepare, run_experiment, train_federation
+from fedunlearn.run.serving import serve_requests
 from fedunlearn.unlearning import UNLEARNERS, UnlearningContext
 
 UNLEARN_CFG = ["data.num_clients=5", "training.rounds=4", "training.local_epochs=3",
@@ -379,7 +379,7 @@ CHECKING = '''
 import numpy as np
 import torch
 
-from fedunlearn.unlearning import UNLEARNERS, Cost, UnlearningResult
+from fedunlearn.unlearning import UNLEARNERS, Capabilities, Cost, UnlearningResult
 
 
 @UNLEARNERS.register("c_zeroes")
@@ -387,6 +387,7 @@ class Zeroes:
     """Its check_model zeroes the network it is shown."""
 
     setting = "federated"
+    capabilities = Capabilities(checks_model=True)
 
     def check(self):
         pass
@@ -402,6 +403,8 @@ class Zeroes:
 
 @UNLEARNERS.register("c_keyerror")
 class KeyErr(Zeroes):
+    capabilities = Capabilities(checks_config=True, checks_model=True)
+
     def check_model(self, net):
         pass
 
@@ -412,7 +415,7 @@ class KeyErr(Zeroes):
 @UNLEARNERS.register("c_central")
 class Central:
     setting = "centralized"
-    exact = False
+    capabilities = Capabilities(exact=False)
 
     def __init__(self, mode="fit"):
         self.mode = mode

@@ -19,6 +19,8 @@ from fedunlearn.models.seeding import derive_seed
 from fedunlearn.models.training import device_for, local_training, predict_proba, train
 from fedunlearn.unlearning.base import (
     UNLEARNERS,
+    Capabilities,
+    CentralizedUnlearner,
     Cost,
     Setting,
     UnlearningContext,
@@ -30,7 +32,7 @@ _CENTRAL_SEED = 0xCE17
 
 
 @UNLEARNERS.register("central_retrain")
-class CentralRetrain:
+class CentralRetrain(CentralizedUnlearner):
     """Train the experiment's model on the pooled data of the clients not removed.
 
     Parameters
@@ -49,7 +51,7 @@ class CentralRetrain:
     """
 
     setting: ClassVar[Setting] = "centralized"
-    exact: ClassVar[bool] = True
+    capabilities: ClassVar[Capabilities] = Capabilities(exact=True)
 
     def __init__(self, epochs: float = 20.0, learning_rate: float | None = None,
                  variant: int = 0, stream: int = 0) -> None:

@@ -54,13 +54,15 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy.linalg import blas, cho_factor, cho_solve, eigvalsh
-from scipy.optimize import minimize
-from scipy.special import expit, logsumexp
-from threadpoolctl import ThreadpoolController
+
+if TYPE_CHECKING:
+    from threadpoolctl import ThreadpoolController
+
+# SciPy and threadpoolctl are imported where they are used, so that importing the methods
+# (fedunlearn.unlearning) does not load SciPy.
 
 GAMMA = 0.25
 """Lipschitz constant used for the logistic loss' second derivative (Guo et al.)."""
@@ -89,7 +91,9 @@ def _blas_threads_for(n: int, d: int) -> Iterator[None]:
 
 @functools.cache
 def _controller() -> ThreadpoolController:
-    """One scan of the loaded BLAS libraries per process (a scan costs ~4 ms)."""
+    """One scan of the loaded BLAS libraries per process."""
+    from threadpoolctl import ThreadpoolController
+
     return ThreadpoolController()
 
 
@@ -106,11 +110,15 @@ def logistic_loss(z: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def logistic_dloss(z: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Element-wise ``dl/dz = -y sigmoid(-y z)``; the gradient in w is ``dl/dz * x``."""
+    from scipy.special import expit
+
     return -y * expit(-y * z)
 
 
 def logistic_d2loss(z: np.ndarray) -> np.ndarray:
     """Element-wise ``d2l/dz2 = sigmoid(z) sigmoid(-z)`` (independent of y since y^2 = 1)."""
+    from scipy.special import expit
+
     return expit(z) * expit(-z)
 
 
@@ -133,6 +141,8 @@ def gradient(w: np.ndarray, X: np.ndarray, y: np.ndarray, lam: float,
 
 def hessian(w: np.ndarray, X: np.ndarray, lam: float) -> np.ndarray:
     """``hess L(w) = X^T diag(l''(Xw)) X + lam n I`` with ``n = len(X)`` (b does not enter)."""
+    from scipy.linalg import blas
+
     a = X * np.sqrt(logistic_d2loss(X @ w))[:, None]
     upper = blas.dsyrk(1.0, a, trans=1)  # A^T A, upper triangle only: half a GEMM's work
     H = np.triu(upper) + np.triu(upper, 1).T
@@ -142,6 +152,8 @@ def hessian(w: np.ndarray, X: np.ndarray, lam: float) -> np.ndarray:
 
 def spectral_norm(X: np.ndarray) -> float:
     """``||X||_2``, the largest singular value, from the top eigenvalue of ``X^T X``."""
+    from scipy.linalg import eigvalsh
+
     if X.size == 0:
         return 0.0
     gram = X.T @ X if X.shape[0] >= X.shape[1] else X @ X.T
@@ -221,6 +233,8 @@ def _minimise(X: np.ndarray, y: np.ndarray, lam: float, b: np.ndarray | None, w:
 
 def _lbfgs(X: np.ndarray, y: np.ndarray, lam: float, b: np.ndarray | None,
            w: np.ndarray) -> np.ndarray:
+    from scipy.optimize import minimize
+
     def fun(v: np.ndarray) -> tuple[float, np.ndarray]:
         return objective(v, X, y, lam, b), gradient(v, X, y, lam, b)
 
@@ -233,6 +247,8 @@ def _newton_polish(X: np.ndarray, y: np.ndarray, lam: float, b: np.ndarray | Non
                    w: np.ndarray, max_newton: int) -> tuple[np.ndarray, float]:
     """Newton iterations (step halved until the gradient norm decreases) until
     ``||grad L|| <= ABS_TOL * n`` or float64 stops progress; returns ``(w, ||grad L(w)||)``."""
+    from scipy.linalg import cho_factor, cho_solve
+
     target = ABS_TOL * X.shape[0]
     g = gradient(w, X, y, lam, b)
     gnorm = float(np.linalg.norm(g))
@@ -262,6 +278,8 @@ def _chord_all(X: np.ndarray, Y: np.ndarray, W: np.ndarray, lam: float, B: np.nd
     or when a step fails to halve its gradient norm (the per-class Newton polish of
     :func:`train_logistic` finishes the job from there).
     """
+    from scipy.linalg import cho_solve
+
     n = X.shape[0]
     target = ABS_TOL * n
 
@@ -351,6 +369,8 @@ def _newton_step(X: np.ndarray, y: np.ndarray, w: np.ndarray, lam: float, mask: 
                  b: np.ndarray | None,
                  x_spectral_norm: float | None) -> tuple[np.ndarray, dict[str, float], Any]:
     """The body of :func:`newton_removal` on validated inputs."""
+    from scipy.linalg import cho_factor, cho_solve
+
     n, m = X.shape[0], int(mask.sum())
     keep = ~mask
     Xr, yr = X[keep], y[keep]
@@ -416,6 +436,8 @@ class LinearOvR:
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Per-class sigmoid scores normalised per row, shape ``(N, K)``, float64."""
+        from scipy.special import logsumexp
+
         z = self.features(X) @ self.W.T
         log_s = -np.logaddexp(0.0, -z)  # log sigmoid, stable
         return np.exp(log_s - logsumexp(log_s, axis=1, keepdims=True))

@@ -28,6 +28,8 @@ from fedunlearn.models.seeding import derive_seed
 from fedunlearn.models.training import local_training, train
 from fedunlearn.unlearning.base import (
     UNLEARNERS,
+    Capabilities,
+    CentralizedUnlearner,
     Cost,
     Setting,
     UnlearningContext,
@@ -70,7 +72,7 @@ def _compose(features: Callable[[np.ndarray], np.ndarray],
 
 
 @UNLEARNERS.register("newton")
-class NewtonRemoval:
+class NewtonRemoval(CentralizedUnlearner):
     """Certified removal with a Newton step on a loss-perturbed linear model (Guo et al. 2020).
 
     Parameters
@@ -100,7 +102,8 @@ class NewtonRemoval:
     """
 
     setting: ClassVar[Setting] = "centralized"
-    exact: ClassVar[bool] = False  # (ε, δ)-certified, not equal to retraining
+    capabilities: ClassVar[Capabilities] = Capabilities(checks_config=True)
+    """Not exact: (ε, δ)-certified, not equal to retraining."""
 
     def __init__(self, lam: float = 1e-3, sigma: float = 1.0, epsilon: float = 1.0,
                  delta: float = 1e-4, features: str = "raw",

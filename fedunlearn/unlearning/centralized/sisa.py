@@ -43,6 +43,8 @@ from fedunlearn.models.training import (
 )
 from fedunlearn.unlearning.base import (
     UNLEARNERS,
+    Capabilities,
+    CentralizedUnlearner,
     Cost,
     Setting,
     UnlearningContext,
@@ -456,7 +458,7 @@ def pooled_clients(data: FederatedData) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 @UNLEARNERS.register("sisa")
-class Sisa:
+class Sisa(CentralizedUnlearner):
     """SISA on the pooled data of all clients (centralized).
 
     Parameters
@@ -479,7 +481,8 @@ class Sisa:
     """
 
     setting: ClassVar[Setting] = "centralized"
-    exact: ClassVar[bool] = True  # the ensemble equals one trained without the removed ids
+    capabilities: ClassVar[Capabilities] = Capabilities(exact=True, checks_config=True)
+    """Exact: the ensemble equals one trained without the removed ids."""
 
     def __init__(self, shards: int = 5, slices: int = 4, epochs: float = 20.0,
                  shard_by: str = "client", aggregate: str = "vote",

@@ -9,11 +9,11 @@ the model before the removal (teacher) into ``M'`` (student) on its own *unlabel
 the teacher's soft labels at temperature ``T``, loss ``KL(p_T^teacher ‖ p_T^student) · T²``.
 No client takes part.
 
-Budget. The repair's cost would grow with the server split (``epochs`` passes over it: 120
-steps on digits' 180 server inputs, 8,000 on the 12,800 of a 1,000-client synthetic run), so
-``max_steps`` bounds the optimizer steps: the passes stop after ``max_steps`` mini-batches,
-and the teacher then labels only the batches drawn. The default (500) does not bind on the
-embedded data sets, whose results are unchanged.
+Budget. The repair's cost would grow with the server split (``epochs`` passes over it), so
+``max_steps`` bounds the optimizer steps: the passes stop after ``max_steps`` mini-batches, and
+the teacher then labels only the batches drawn. Invariants: no client is contacted, only the
+server's unlabeled inputs are read, ``ctx`` is not modified. The measurements behind the
+defaults are in ``docs/_docstring_figures.md`` (distillation.py).
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ from fedunlearn.models.seeding import derive_seed
 from fedunlearn.models.training import OPTIMIZERS, batch_bounds, has_batchnorm
 from fedunlearn.unlearning.base import (
     UNLEARNERS,
+    Capabilities,
     Cost,
+    FederatedUnlearner,
     Setting,
     UnlearningContext,
     UnlearningResult,
@@ -65,14 +67,11 @@ def subtract_targets(ctx: UnlearningContext) -> tuple[Params, float]:
 
 
 @UNLEARNERS.register("distillation")
-class Distillation:
+class Distillation(FederatedUnlearner):
     """Subtract the targets' running sums, then distil the previous model into the result.
 
-    The paper publishes no distillation hyperparameters. The defaults below were measured on
-    the default data (digits, 10 clients, a 10 % server split of about 180 inputs, MLP and
-    CNN, client 0 backdoored): they bring the clean accuracy lost by the subtraction back to
-    within a few points of retraining while the backdoor's attack success stays within a few
-    points of retraining's, and the result hardly changes between 15 and 40 epochs.
+    Wu, Zhu and Mitra (2022) publish no distillation hyperparameters; the defaults below were
+    chosen by measurement (``docs/_docstring_figures.md``, distillation.py).
 
     Parameters
     ----------
@@ -81,25 +80,22 @@ class Distillation:
         2–10: the teacher's decisions stay sharp, and since the ``T²``-scaled loss has
         gradients growing with ``T``, a low ``T`` also keeps the steps small).
     epochs : int, optional
-        Passes over the server's inputs (default 20, about 120 steps on the default server
-        split; accuracy plateaus after about 15). ``0`` returns the subtracted model.
+        Passes over the server's inputs (default 20). ``0`` returns the subtracted model.
     learning_rate : float, optional
-        Step size (default 0.05, the default local learning rate; 0.3 diverged).
+        Step size (default 0.05, the default local learning rate).
     batch_size : int, optional
         Mini-batch size (default 32, as in local training).
     optimizer : str, optional
         A name in :data:`~fedunlearn.models.training.OPTIMIZERS` (default ``"sgd"``, without
         momentum). Plain SGD moves a weight in proportion to its gradient, so weights the
         clean server inputs barely touch (those reading a trigger) stay where the subtraction
-        put them. Adam rescales every weight's step to a similar size and pulled those weights
-        back towards the teacher: with Adam (learning rate 0.01, 10 epochs) the backdoor's
-        success came back to 0.19 where retraining had 0.003; with these defaults it was 0.006.
+        put them. Adam rescales every weight's step to a similar size and pulls those weights
+        back towards the teacher (and the backdoor with them).
     max_steps : int or None, optional
         At most this many optimizer steps in all (default 500; None: no cap). With ``epochs``
         passes of ``ceil(n / batch_size)`` steps each over ``n`` server inputs, the budget binds
         once ``n > max_steps · batch_size / epochs`` (800 inputs at the defaults); the server
-        cost is then bounded whatever the server split's size. The defaults run 120 steps on
-        digits and 320 on mnist_5k, where the cap does not bind.
+        cost is then bounded whatever the server split's size.
 
     Notes
     -----
@@ -115,7 +111,7 @@ class Distillation:
     """
 
     setting: ClassVar[Setting] = "federated"
-    needs_replayable_history: ClassVar[bool] = True
+    capabilities: ClassVar[Capabilities] = Capabilities(needs_replayable_history=True)
 
     def __init__(self, temperature: float = 2.0, epochs: int = 20, learning_rate: float = 0.05,
                  batch_size: int = 32, optimizer: str = "sgd",

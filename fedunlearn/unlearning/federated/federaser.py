@@ -70,7 +70,9 @@ from fedunlearn.models.seeding import derive_seed
 from fedunlearn.models.training import evaluate
 from fedunlearn.unlearning.base import (
     UNLEARNERS,
+    Capabilities,
     Cost,
+    FederatedUnlearner,
     HistoryNotReplayable,
     Setting,
     UnlearningContext,
@@ -148,7 +150,7 @@ class Step:
     uncalibrated: frozenset[str] = frozenset()
 
 
-class HistoryReplay:
+class HistoryReplay(FederatedUnlearner):
     """The replay loop shared by FedAccum, FedEraser and FedRecover; subclasses override
     :meth:`step` (and, to replay another record than the store's or to act in the first
     retained round, :meth:`replay_round` and :meth:`first_step`).
@@ -165,7 +167,7 @@ class HistoryReplay:
     """
 
     setting: ClassVar[Setting] = "federated"
-    needs_replayable_history: ClassVar[bool] = True
+    capabilities: ClassVar[Capabilities] = Capabilities(needs_replayable_history=True)
     fresh_kind: ClassVar[str | None] = None
     """What :attr:`Step.fresh` holds, so the diagnostics (``details.replay_summary.fresh_kind``)
     say what their ratio and cosine compare the stored update with: ``"calibration"``

@@ -91,8 +91,10 @@ from fedunlearn.models.params import Params, float_keys
 from fedunlearn.models.seeding import derive_seed
 from fedunlearn.unlearning.base import (
     UNLEARNERS,
+    Capabilities,
     Cost,
     HistoryNotReplayable,
+    MethodState,
     UnlearningContext,
     UnlearningResult,
 )
@@ -309,11 +311,12 @@ class FedRecover(HistoryReplay):
         The trajectory recovered by the last request, the history of the next one.
     """
 
-    needs_every_round: ClassVar[bool] = True
-    keeps_state_across_requests: ClassVar[bool] = True
-    """``trajectory_`` serves the next request (see the module docstring); a run saves it
-    between requests with :meth:`state_arrays` and restores it with :meth:`load_state`."""
-    """Needs the global model and every client's update of every round (``Δt = 1``)."""
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        needs_replayable_history=True, needs_every_round=True, carries_state=True,
+        saves_state=True)
+    """Needs the global model and every client's update of every round (``Δt = 1``);
+    ``trajectory_`` serves the next request (module docstring), saved between requests with
+    :meth:`state_arrays` and restored with :meth:`load_state`."""
     fresh_kind: ClassVar[str | None] = "exact"
     """The replay diagnostics' ``ratio`` and ``cosine`` compare, in the rounds whose updates
     were all exact, the stored update ``ḡ_k^t`` with the exact one from ``ŵ_t``:
@@ -396,7 +399,7 @@ class FedRecover(HistoryReplay):
             self._run = None
         return result
 
-    def state_arrays(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    def state_arrays(self) -> MethodState:
         """``trajectory_`` as JSON-able ``meta`` and named arrays (for a resumable run).
 
         >>> m, a = FedRecover().state_arrays()
@@ -405,7 +408,7 @@ class FedRecover(HistoryReplay):
         """
         t = self.trajectory_
         if t is None:
-            return {"trajectory": None}, {}
+            return MethodState({"trajectory": None}, {})
         rounds: dict[str, Any] = {}
         arrays: dict[str, np.ndarray] = {}
         for r, rec in t.rounds.items():
@@ -415,7 +418,8 @@ class FedRecover(HistoryReplay):
             arrays.update({f"{r}/m/{k}": v for k, v in rec.model.items()})
             for i, u in enumerate(rec.round.stored):
                 arrays.update({f"{r}/u{i}/{k}": v for k, v in u.items()})
-        return {"trajectory": {"removed": sorted(t.removed), "rounds": rounds}}, arrays
+        return MethodState({"trajectory": {"removed": sorted(t.removed), "rounds": rounds}},
+                           arrays)
 
     def load_state(self, meta: dict[str, Any], arrays: dict[str, np.ndarray], *,
                    store: str) -> None:

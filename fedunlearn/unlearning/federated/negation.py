@@ -31,6 +31,8 @@ from fedunlearn.config.tree import Config
 from fedunlearn.models.params import Params
 from fedunlearn.unlearning.base import (
     UNLEARNERS,
+    Capabilities,
+    FederatedUnlearner,
     Setting,
     UnlearningContext,
     UnlearningResult,
@@ -97,18 +99,13 @@ def chain_layers(n: int, layers: Sequence[int], request: int) -> list[int]:
 
     Negation is its own inverse: negating the first request's layers again, in the model
     that answered it, restores the pairing of those layers with what fine-tuning left of the
-    original's other layers, and with it an earlier target's contribution (on
-    ``backdoor_digits``, requests ``[[0], [1]]``, seed 0: test accuracy 0.616 after 40 repair
-    rounds, ASR 0.037; 0.195 through Flower). So no layer is negated twice in a chain, and no
-    layer ever returns to the sign it had in an earlier model: the layers form units
-    (``layers`` as one unit, then every other layer alone, in model order) and request ``k``
-    negates unit ``k``. The first request negates ``layers``, as in the paper.
-
-    Measured on ``backdoor_digits`` (in process, seeds 0–2, requests ``[[0], [1], [2]]``):
-    the second answer is within 0.02 of retraining's test accuracy; the third, which negates
-    the MLP's output layer, ends at 0.883, 0.953 and 0.407 (two repairs reach their cap);
-    flipping the first layer back instead (a Gray code over the units) gave 0.911, 0.501 and
-    0.100. No layer restored is the guarantee; the repair's utility is reported per request.
+    original's other layers, and with it an earlier target's contribution. So no layer is
+    negated twice in a chain, and no layer ever returns to the sign it had in an earlier
+    model: the layers form units (``layers`` as one unit, then every other layer alone, in
+    model order) and request ``k`` negates unit ``k``. The first request negates ``layers``,
+    as in the paper (Khalil et al. 2025). No layer restored is the invariant; the repair's
+    utility is reported per request (measurements: ``docs/_docstring_figures.md``,
+    negation.py).
 
     >>> [chain_layers(3, [0], k) for k in range(3)]
     [[0], [1], [2]]
@@ -134,7 +131,7 @@ def chain_layers(n: int, layers: Sequence[int], request: int) -> list[int]:
 
 
 @UNLEARNERS.register("not")
-class NoT:
+class NoT(FederatedUnlearner):
     """Negate selected layers, then FedAvg rounds over the remaining clients (Khalil et al.
     2025).
 
@@ -160,17 +157,16 @@ class NoT:
 
     Notes
     -----
-    The default was five fixed rounds, chosen on seed 0 of ``backdoor_digits``; on the three
-    seeds of ``baselines_digits`` five rounds left the test accuracy 0.05–0.12 below
-    retraining's, ten were enough, and how many the paper uses is not known to us. The
-    recovery rule replaces that guess with what a server can observe
-    (``scripts/baseline_sensitivity.py`` shows both, and the tolerance's effect).
-    The backdoor does not come back: the targets never train again and the negated first
-    layer no longer computes the trigger's features. Later requests of a chain negate other
+    How many fine-tuning rounds the paper uses is not known to us, and a fixed number chosen on
+    one data set did not carry over to another (``docs/_docstring_figures.md``, negation.py),
+    so by default the repair stops on what a server can observe: the remaining clients'
+    accuracy. The backdoor does not come back: the targets never train again and the negated
+    first layer no longer computes the trigger's features. Later requests of a chain negate other
     layers (:func:`chain_layers`): negating the first layer again would bring it back.
     """
 
     setting: ClassVar[Setting] = "federated"
+    capabilities: ClassVar[Capabilities] = Capabilities(checks_config=True, checks_model=True)
 
     def __init__(self, layers: Sequence[int] = (0,), rounds: int | None = None,
                  until: str = "recovered", tolerance: float = 0.01,

@@ -64,7 +64,9 @@ from fedunlearn.models.params import Params, get_params
 from fedunlearn.models.seeding import derive_seed
 from fedunlearn.unlearning.base import (
     UNLEARNERS,
+    Capabilities,
     Cost,
+    FederatedUnlearner,
     Setting,
     UnlearningContext,
     UnlearningResult,
@@ -141,7 +143,7 @@ def last_reference_round(history: HistoryStore, removed: frozenset[int]) -> int:
 
 
 @UNLEARNERS.register("pga")
-class PGA:
+class PGA(FederatedUnlearner):
     """Projected gradient ascent by the target, then post-training (Halimi et al. 2022).
 
     Parameters
@@ -184,7 +186,7 @@ class PGA:
     """
 
     setting: ClassVar[Setting] = "federated"
-    needs_target_client: ClassVar[bool] = True
+    capabilities: ClassVar[Capabilities] = Capabilities(needs_target_client=True)
     """The forgotten clients are asked for work (the ascent, on their own data); they never
     train in the ordinary sense (the conformance suite checks both)."""
 

@@ -19,7 +19,9 @@ from fedunlearn.models.params import get_params
 from fedunlearn.models.seeding import run_seed
 from fedunlearn.unlearning.base import (
     UNLEARNERS,
+    Capabilities,
     Cost,
+    FederatedUnlearner,
     Setting,
     UnlearningContext,
     UnlearningResult,
@@ -27,7 +29,7 @@ from fedunlearn.unlearning.base import (
 
 
 @UNLEARNERS.register("retrain")
-class Retrain:
+class Retrain(FederatedUnlearner):
     """Federated retraining without the removed clients (the gold standard).
 
     Parameters
@@ -41,6 +43,7 @@ class Retrain:
     """
 
     setting: ClassVar[Setting] = "federated"
+    capabilities: ClassVar[Capabilities] = Capabilities(exact=True)
 
     def __init__(self, variant: int = 0, stream: int = 0) -> None:
         self.variant = variant
