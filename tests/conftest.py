@@ -81,3 +81,28 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     longest = "test_resume"  # four CLI runs in subprocesses: started first, it ends in time
     items.sort(key=lambda item: (item.module.__name__ != longest,  # type: ignore[attr-defined]
                                  item.module.__name__ not in heavy))  # type: ignore[attr-defined]
+
+
+TRAINED_CFG = ["data.num_clients=5", "training.rounds=4", "training.local_epochs=3",
+               "training.learning_rate=0.2", "training.momentum=0.5",
+               "history.retention_interval=1", "data.server_fraction=0.1", "backdoor.clients=[1]",
+               "backdoor.fraction=0.5"]
+"""The session's trained federation: five clients on digits, client 1 backdoored, four rounds
+with every round's updates kept (in process, a couple of seconds)."""
+
+
+@pytest.fixture(scope="session")
+def trained_federation(tmp_path_factory):
+    """One federation trained once per session (per pytest worker) for the tests that only read
+    it: ``(cfg, setup, federation, store, run)``. A test that purges or writes makes its own."""
+    from fedunlearn.engine.inprocess import InProcessFederation
+    from fedunlearn.history.store import HistoryStore
+    from fedunlearn.run.pipeline import prepare, train_federation
+
+    cfg = small_config(*TRAINED_CFG)
+    setup = prepare(cfg)
+    fed = InProcessFederation(cfg, setup.evaluator())
+    store = HistoryStore.create(tmp_path_factory.mktemp("session") / "history",
+                                retention_interval=1)
+    run = train_federation(fed, setup, store, progress=False)
+    return cfg, setup, fed, store, run

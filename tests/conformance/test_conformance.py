@@ -28,7 +28,7 @@ from fedunlearn.config.tree import ConfigError
 from fedunlearn.engine.inprocess import InProcessFederation
 from fedunlearn.history.store import HistoryStore
 from fedunlearn.run.checks import build_methods
-from fedunlearn.run.pipeline import prepare, train_federation
+from fedunlearn.run.pipeline import prepare
 from fedunlearn.unlearning import UNLEARNERS, UnlearningContext, UnlearningResult
 from fedunlearn.unlearning.base import (
     HOOKS,
@@ -97,14 +97,11 @@ class Spy:
         return getattr(self.inner, name)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    cfg = small_config(*CFG)
-    setup = prepare(cfg)
-    fed = InProcessFederation(cfg, setup.evaluator())
-    store = HistoryStore.create(tmp_path_factory.mktemp("c") / "history", retention_interval=1)
-    run = train_federation(fed, setup, store, progress=False)
-    return cfg, setup, fed, store, run
+@pytest.fixture
+def trained(trained_federation):
+    """The session's trained federation (tests/conftest.py), whose config is :data:`CFG`."""
+    assert trained_federation[0] == small_config(*CFG)
+    return trained_federation
 
 
 def _context(trained, targets: tuple[int, ...], federation=None) -> UnlearningContext:

@@ -26,14 +26,10 @@ UNLEARN_CFG = ["data.num_clients=5", "training.rounds=4", "training.local_epochs
                "history.retention_interval=2", "data.server_fraction=0.1"]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    cfg = small_config(*UNLEARN_CFG)
-    setup = prepare(cfg)
-    fed = InProcessFederation(cfg, setup.evaluator())
-    store = HistoryStore.create(tmp_path_factory.mktemp("u") / "history", retention_interval=2)
-    run = train_federation(fed, setup, store, progress=False)
-    return cfg, setup, fed, store, run
+@pytest.fixture
+def trained(trained_federation):
+    """The session's trained federation (tests/conftest.py)."""
+    return trained_federation
 
 
 def context(trained, targets=(1,), federation=None) -> UnlearningContext:

@@ -13,7 +13,7 @@ Budget. The repair's cost would grow with the server split (``epochs`` passes ov
 ``max_steps`` bounds the optimizer steps: the passes stop after ``max_steps`` mini-batches, and
 the teacher then labels only the batches drawn. Invariants: no client is contacted, only the
 server's unlabeled inputs are read, ``ctx`` is not modified. The measurements behind the
-defaults are in ``docs/_docstring_figures.md`` (distillation.py).
+defaults are in ``docs/benchmarks.md`` (distillation.py).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class Distillation(FederatedUnlearner):
     """Subtract the targets' running sums, then distil the previous model into the result.
 
     Wu, Zhu and Mitra (2022) publish no distillation hyperparameters; the defaults below were
-    chosen by measurement (``docs/_docstring_figures.md``, distillation.py).
+    chosen by measurement (``docs/benchmarks.md``, distillation.py).
 
     Parameters
     ----------

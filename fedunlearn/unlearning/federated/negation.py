@@ -104,7 +104,7 @@ def chain_layers(n: int, layers: Sequence[int], request: int) -> list[int]:
     model: the layers form units (``layers`` as one unit, then every other layer alone, in
     model order) and request ``k`` negates unit ``k``. The first request negates ``layers``,
     as in the paper (Khalil et al. 2025). No layer restored is the invariant; the repair's
-    utility is reported per request (measurements: ``docs/_docstring_figures.md``,
+    utility is reported per request (measurements: ``docs/benchmarks.md``,
     negation.py).
 
     >>> [chain_layers(3, [0], k) for k in range(3)]
@@ -158,7 +158,7 @@ class NoT(FederatedUnlearner):
     Notes
     -----
     How many fine-tuning rounds the paper uses is not known to us, and a fixed number chosen on
-    one data set did not carry over to another (``docs/_docstring_figures.md``, negation.py),
+    one data set did not carry over to another (``docs/benchmarks.md``, negation.py),
     so by default the repair stops on what a server can observe: the remaining clients'
     accuracy. The backdoor does not come back: the targets never train again and the negated
     first layer no longer computes the trigger's features. Later requests of a chain negate other
