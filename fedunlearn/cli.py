@@ -98,7 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "lineage":
             return commands.cmd_lineage(args)
     except commands.USER_ERRORS as exc:
-        print(f"fedunlearn: error: {exc}", file=sys.stderr)
+        message = str(exc)
+        if (run_dir := _run_dir(args)) is not None:  # the library says RUN_DIR; name it
+            message = message.replace("resume RUN_DIR", f"resume {run_dir}")
+        print(f"fedunlearn: error: {message}", file=sys.stderr)
         return 2
     except Interrupted:  # the run printed where it stopped and how to resume it
         return EXIT_CODE
@@ -115,11 +118,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
 
 
+def _run_dir(args: argparse.Namespace) -> Path | None:
+    """The run directory a ``run``, ``compare`` or ``resume`` command writes (None otherwise)."""
+    if args.command in ("run", "compare"):
+        return getattr(args, "out", None)
+    return args.run_dir if args.command == "resume" else None
+
+
 def _after_write_failure(args: argparse.Namespace) -> str:
     """What to do once a write failure is fixed: for a run, resume it in its directory
     (named); for ``report``, run the command again."""
-    run_dir = args.out if args.command in ("run", "compare") else (
-        args.run_dir if args.command == "resume" else None)
+    run_dir = _run_dir(args)
     if run_dir is None:
         return "run the command again"
     return f"continue with `fedunlearn resume {run_dir}` (what is stored is intact)"

@@ -20,15 +20,24 @@ federation: ``_check_stored_messages``) and marking them delivered exactly as
 ``dispatch_interval`` per ``get``: the engine's worker threads wait 1 s on them between checks
 of its stop event, so every run ended up to a second after its ServerApp had finished (measured:
 about 1 s per engine run). Nothing else changes. Measured effects are in the README
-(*Engine benchmark*) and ``benchmarks/scale.json``. It relies on the in-memory link state's
-internals (``lock``, ``message_ins_store``, ``_check_stored_messages``): on a link state
-without them it falls back to the per-node public call, and on an engine whose loop has another
-signature Flower's own loop stays (with a warning). ``fast_dispatch = false`` restores
-Flower's loop, untouched.
+(*Engine benchmark*), ``benchmarks/scale.json`` (``scripts/bench_scale.py --parts dispatch``)
+and ``docs/engine.md``.
+
+The patch is written against flwr 1.41 and relies on its internals (the loop's signature, the
+in-memory link state's ``lock``, ``message_ins_store`` and ``_check_stored_messages``):
+
+- under another flwr release (:data:`SUPPORTED_FLWR`) it is not installed: Flower's own loop
+  stays, with one warning;
+- on an engine whose loop has another signature, likewise;
+- on a link state without those internals it falls back to the per-node public call.
+
+``fast_dispatch = false`` restores Flower's loop, untouched. Only ``vce_api`` module attributes
+are replaced (``add_messages_to_queue``, ``Queue``), and only while the option is on.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import threading
 import time
@@ -36,7 +45,31 @@ import warnings
 from queue import Queue
 from typing import Any, ClassVar
 
+SUPPORTED_FLWR = "1.41."
+"""The flwr release series the patch is written against (a version prefix)."""
 _EXPECTED = ["state", "queue", "nodes_mapping", "f_stop"]
+
+
+def flwr_version() -> str:
+    """The installed flwr version ("" if unknown)."""
+    try:
+        return importlib.metadata.version("flwr")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def supported(version: str | None = None) -> bool:
+    """True if the patch is written for ``version`` (default: the installed flwr)."""
+    return (flwr_version() if version is None else version).startswith(SUPPORTED_FLWR)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
 _INTERNALS = ("lock", "message_ins_store", "_check_stored_messages")
 
 
@@ -130,9 +163,16 @@ def install(interval: float, *, enabled: bool = True) -> bool:
         vce_api.add_messages_to_queue = original
         vce_api.Queue = Queue
         return False
+    if not supported():
+        vce_api.add_messages_to_queue = original
+        vce_api.Queue = Queue
+        _warn_once(f"engine.fast_dispatch is written for flwr {SUPPORTED_FLWR}x, not the "
+                   f"installed {flwr_version() or 'unknown version'}; keeping Flower's own "
+                   "dispatch loop (the option has no effect)")
+        return False
     if list(inspect.signature(original).parameters) != _EXPECTED:
-        warnings.warn("unexpected Flower engine internals; keeping its 0.1 s dispatch loop "
-                      "(engine.fast_dispatch has no effect)", stacklevel=2)
+        _warn_once("unexpected Flower engine internals; keeping its 0.1 s dispatch loop "
+                   "(engine.fast_dispatch has no effect)")
         return False
 
     def add_messages_to_queue(state: Any, queue: Queue[Any], nodes_mapping: dict[int, int],

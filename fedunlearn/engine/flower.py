@@ -82,6 +82,7 @@ if TYPE_CHECKING:
     from fedunlearn.run.resume import Checkpoint
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 POLL_SHARE = 0.1
@@ -440,9 +441,12 @@ class RayStart:
                 return
             finally:
                 self.initialized.set()
-            while not self.finish.wait(REFRESH_S):
+            while not self.finish.wait(REFRESH_S):  # this thread must outlive Ray (above)
                 if self.local is not None:
-                    self.local.refresh()
+                    try:
+                        self.local.refresh()
+                    except Exception:  # the record only: never end this thread
+                        log.debug("cannot refresh the Ray process record", exc_info=True)
             if self.abandoned:
                 self._clean_up(ray)
         finally:

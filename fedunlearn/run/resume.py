@@ -429,15 +429,24 @@ def check_resumable(run: SeedRun, root: Path) -> None:
     """
     rel = run.out.relative_to(root).as_posix() if run.out != root else ""
     history = confined(root, f"{rel}/history" if rel else "history", "the run directory")
-    if not history.exists() or (run.out / SERVED_FILE).exists() \
-            or not (run.out / TRAINING_FILE).exists():
-        return
-    k = _saved_next_request(run.out)
-    left = len(run.cfg.unlearning.requests) - k
-    if left > 0 and k > 0 and (why := _stateful_reason(run.cfg)):
-        raise _final_stop(run, k, why)
-    if left > 0 and _strict_purge_on_disk(history):
-        raise _final_stop(run, k, _STRICT_REASON)
+    if (stop := _final_reason(run.cfg, run.out, history)) is not None:
+        raise _final_stop(run, *stop)
+
+
+def _final_reason(cfg: Config, seed_out: Path, history: Path) -> tuple[int, str] | None:
+    """``(k, why)`` when a seed stopped after answering ``k`` requests, with requests left, can
+    never go on (read only); ``None`` when it can, or has nothing left to serve."""
+    if not history.exists() or (seed_out / SERVED_FILE).exists() \
+            or not (seed_out / TRAINING_FILE).exists():
+        return None
+    k = _saved_next_request(seed_out)
+    if k >= len(cfg.unlearning.requests):
+        return None  # only bookkeeping is left (a last purge, results)
+    if k > 0 and (why := _stateful_reason(cfg)):
+        return k, why
+    if _strict_purge_on_disk(history):
+        return k, _STRICT_REASON
+    return None
 
 
 def restore(run: SeedRun) -> None:
@@ -607,15 +616,8 @@ def _not_resumable(out: Path) -> str | None:
     try:
         cfg = from_run_dict(read_json(out / "run.json")["config"])
         for seed_out in (out, *sorted(out.glob("seed-*"))):
-            if (seed_out / SERVED_FILE).exists() or not (seed_out / "history").exists():
-                continue
-            k = _saved_next_request(seed_out)
-            if k >= len(cfg.unlearning.requests):
-                continue  # only bookkeeping is left (a last purge, results)
-            if _strict_purge_on_disk(seed_out / "history"):
-                return _STRICT_REASON
-            if k > 0 and (why := _stateful_reason(cfg)):
-                return why
+            if (stop := _final_reason(cfg, seed_out, seed_out / "history")) is not None:
+                return stop[1]
     except Exception:  # noqa: BLE001 - a farewell never fails; resume will say what is wrong
         return None
     return None

@@ -692,3 +692,21 @@ def test_on_flower_a_retraining_behind_a_stalled_client_names_it(tmp_path, monke
                               "was still unanswered on the engine"), said[1]
     assert "(client 2's request of round 3 (an unlearning method's client training))" in said[1]
     assert "find what stalls clients [2] " in said[1] and "\n" not in said[1]
+
+
+def test_a_users_method_failing_names_the_run_directory_to_resume(tmp_path, capsys, monkeypatch):
+    """The library's hint says ``fedunlearn resume RUN_DIR``; the command line names the run's
+    directory instead of the placeholder."""
+    from fedunlearn.run import commands
+    from fedunlearn.run.checks import RequestError
+
+    def failing(args, **kwargs):
+        args.out = tmp_path / "the-run"
+        raise RequestError("unlearning method 'x' failed on request 1: ValueError: no; fix it "
+                           "(the requests answered before are kept: `fedunlearn resume RUN_DIR` "
+                           "goes on from this one), or leave it out")
+
+    monkeypatch.setattr(commands, "cmd_run", failing)
+    assert main(["run", QS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"`fedunlearn resume {tmp_path / 'the-run'}`" in err[0], err
