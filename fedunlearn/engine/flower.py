@@ -11,6 +11,12 @@ in time, answers with an error or sends NaN/Inf is handled by ``engine.on_client
 client process, is bounded by ``engine.startup_timeout_s`` instead and is not subject to the
 policy: a node that does not come up or answer in time stops the run with
 :class:`~fedunlearn.engine.faults.ClientFailure`.
+
+Process control is limited to what the run started (:mod:`fedunlearn.engine.processes`): the
+processes of its own local Ray start, recorded by pid and start time. On every failure path
+(a Ray start past ``engine.startup_timeout_s``, a client call that never returns at shutdown,
+a stop forced after Ctrl-C) those are stopped and the call raises; nothing here ends the
+process or signals a process the run did not start.
 """
 
 from __future__ import annotations
