@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import threading
 import time
 
+import pytest
 from flwr.server.superlink.fleet.vce import vce_api
 
 from fedunlearn.engine import dispatch
@@ -23,6 +25,35 @@ def test_fast_dispatch_installs_and_restores_flowers_loop() -> None:
         assert vce_api.add_messages_to_queue is flowers
     finally:
         vce_api.add_messages_to_queue = flowers
+
+
+def test_fast_dispatch_is_refused_under_another_flwr_release(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under flwr 1.42.0 (as the installed version reads) the patch is not installed: install()
+    returns False with a warning and Flower's own loop and queue stay; under the installed 1.41
+    it is installed."""
+    from queue import Queue
+
+    real_version = importlib.metadata.version
+    flowers = getattr(vce_api, "_fedunlearn_original", vce_api.add_messages_to_queue)
+    try:
+        dispatch.install(0.02, enabled=False)
+        monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.42.0"
+                            if name == "flwr" else real_version(name))
+        monkeypatch.setattr(dispatch, "_warned", set())
+        assert dispatch.flwr_version() == "1.42.0"
+        with pytest.warns(UserWarning, match="not the installed 1.42.0"):
+            assert dispatch.install(0.02, enabled=True) is False
+        assert vce_api.add_messages_to_queue is flowers
+        assert vce_api.Queue is Queue
+        monkeypatch.undo()
+        assert dispatch.flwr_version().startswith("1.41.")
+        assert dispatch.install(0.02, enabled=True) is True
+        assert vce_api.add_messages_to_queue is not flowers
+    finally:
+        dispatch.install(0.02, enabled=False)
+        vce_api.add_messages_to_queue = flowers
+        vce_api.Queue = Queue
 
 
 class _PerNodeState:

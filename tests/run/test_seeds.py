@@ -66,7 +66,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.flower
 def test_the_engine_leaves_no_ray_process_behind(two_seeds: Any) -> None:
-    """The engine stops its local Ray without the graceful wait (flower._stop_without_grace):
+    """The engine stops the Ray processes it recorded itself (fedunlearn/engine/processes.py):
     raylet, GCS, their agents and the client actors must all be gone, not orphaned."""
     *_, seen = two_seeds
     assert len(seen) >= 4, seen  # GCS, raylet, agents, actors were seen while it ran
