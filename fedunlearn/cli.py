@@ -167,8 +167,8 @@ def entry() -> NoReturn:
 def _leave(code: int) -> NoReturn:
     """End the process with ``code`` once logging and output are flushed. The run has shut its
     engine down and waited for its history store's deferred deletions before returning; the
-    interpreter's teardown of torch and Ray (about 1.8 s per command, docs/engine.md) is
-    skipped."""
+    interpreter's teardown of torch and Ray, a fixed cost paid by every command for nothing
+    (figures: docs/benchmarks.md, *Engine benchmark*; docs/engine.md), is skipped."""
     import logging
 
     logging.shutdown()

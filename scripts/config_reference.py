@@ -23,11 +23,12 @@ import inspect
 import math
 import re
 import sys
-import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from fedunlearn.config.tree import type_name
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "docs" / "config.md"
@@ -57,18 +58,6 @@ class Section:
     summary: str
     keys: tuple[Key, ...]
     stale: tuple[str, ...]  # documented names that are not fields
-
-
-def type_name(annotation: Any) -> str:
-    """The field's type as a TOML user reads it: ``int``, ``list[list[int]]``, ``table``."""
-    origin = typing.get_origin(annotation)
-    if origin in (list, Sequence):
-        return f"list[{type_name(typing.get_args(annotation)[0])}]"
-    if origin in (dict, Mapping):
-        return "table"
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(type_name(a) for a in typing.get_args(annotation))
-    return getattr(annotation, "__name__", str(annotation))
 
 
 def toml_value(value: Any) -> str:

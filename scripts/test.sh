@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 # Two workers by default: the Flower tests spend most of their time waiting (engine start-up,
 # timeouts), so two pytest-xdist workers cut the wall time by about 30 % on 2 cores.
 # FEDUNLEARN_TEST_WORKERS=0 runs everything in one process.
-exec .venv/bin/python -m pytest -n "${FEDUNLEARN_TEST_WORKERS:-2}" --dist worksteal "$@"
+exec .venv/bin/python -m pytest -n "${FEDUNLEARN_TEST_WORKERS:-3}" --dist worksteal "$@"

@@ -566,15 +566,15 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     return isinstance(value, annotation)
 
 
-def _type_name(annotation: Any) -> str:
+def type_name(annotation: Any) -> str:
     """``list[list[int]]``, ``float``, ``str | None``: the type as a user would write it."""
     origin = typing.get_origin(annotation)
     if origin in (list, Sequence):
-        return f"list[{_type_name(typing.get_args(annotation)[0])}]"
+        return f"list[{type_name(typing.get_args(annotation)[0])}]"
     if origin in (dict, Mapping):
         return "table"
     if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(annotation))
+        return " | ".join(type_name(a) for a in typing.get_args(annotation))
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -586,7 +586,7 @@ def _culprit(value: Any, annotation: Any) -> str:
     for v in value:
         if not _type_ok(v, item):
             inner = _culprit(v, item)
-            return inner or f" ({v!r} is {type(v).__name__}, not {_type_name(item)})"
+            return inner or f" ({v!r} is {type(v).__name__}, not {type_name(item)})"
     return ""
 
 
@@ -602,7 +602,7 @@ def _section(cls: type, table: Any, name: str) -> Any:
                               f"{', '.join(allowed)}")
         if not _type_ok(value, hints[key]):
             raise ConfigError(f"config key '{name}.{key}' must be of type "
-                              f"{_type_name(hints[key])}, got {value!r}{_culprit(value, hints[key])}")
+                              f"{type_name(hints[key])}, got {value!r}{_culprit(value, hints[key])}")
         _check_finite(f"{name}.{key}", value)
         kwargs[key] = float(value) if hints[key] is float else value
     return cls(**kwargs)

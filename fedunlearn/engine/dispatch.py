@@ -18,10 +18,10 @@ nodes in **one pass** over the messages in flight, applying the same checks (exp
 federation: ``_check_stored_messages``) and marking them delivered exactly as
 ``get_message_ins`` does. It also makes the engine's queues (:class:`PromptQueue`) wait at most
 ``dispatch_interval`` per ``get``: the engine's worker threads wait 1 s on them between checks
-of its stop event, so every run ended up to a second after its ServerApp had finished (measured:
-about 1 s per engine run). Nothing else changes. Measured effects are in the README
-(*Engine benchmark*), ``benchmarks/scale.json`` (``scripts/bench_scale.py --parts dispatch``)
-and ``docs/engine.md``.
+of its stop event, so every run ended up to a second after its ServerApp had finished.
+Nothing else changes. Measured effects are in ``docs/benchmarks.md`` (*Engine benchmark*),
+``benchmarks/scale.json`` (``scripts/bench_scale.py --parts dispatch``) and
+``docs/engine.md``.
 
 The patch is written against flwr 1.41 and relies on its internals (the loop's signature, the
 in-memory link state's ``lock``, ``message_ins_store`` and ``_check_stored_messages``):

@@ -109,18 +109,20 @@ class PacedGrid:
     delegated).
 
     Flower's in-memory grid checks every message still awaited on each poll, under the link
-    state's lock: with 1,000 messages in flight (node discovery at 1,000 nodes) a poll costs
-    milliseconds, and polling every 0.01 s holds the lock and the driver's GIL about half the
-    time, slowing the threads that hand messages to the Ray actors and store their replies.
+    state's lock: with 1,000 messages in flight (node discovery at 1,000 nodes) a poll is no
+    longer cheap, and polling at a fixed short interval holds the lock and the driver's GIL for
+    a large share of the time, slowing the threads that hand messages to the Ray actors and
+    store their replies (figures: docs/benchmarks.md, *Engine benchmark*).
     Here the pause after a poll is at least ``(1 - POLL_SHARE) / POLL_SHARE`` times the poll's
     own duration, so polling takes at most :data:`POLL_SHARE` of the driver's time.
 
     With ``engine.fast_dispatch`` the waits are also woken by events
     (:mod:`~fedunlearn.engine.dispatch`): a push wakes the engine's sweep
     (:data:`~fedunlearn.engine.dispatch.PUSHED`) and a stored reply wakes the next poll
-    (:data:`~fedunlearn.engine.dispatch.STORED`). On backdoor_digits' FedEraser rounds the
-    first client started 16.2 → 2.6 ms after the push and the last reply was collected 7.5 →
-    2.4 ms after the client finished (medians over 19 rounds), 78 → 59 ms per exchange.
+    (:data:`~fedunlearn.engine.dispatch.STORED`), so neither the first client's start nor the
+    collection of the last reply waits for an interval to run out; the intervals only bound
+    the waits. The effect on an exchange's fixed cost is measured in docs/benchmarks.md
+    (*Scale benchmark*, "Where a round's fixed cost went").
     """
 
     def __init__(self, grid: Grid, pull_interval: float) -> None:
@@ -418,8 +420,9 @@ class RayStart:
     started them ends; the thread therefore stays, refreshing the record of the processes
     (:class:`~fedunlearn.engine.processes.LocalRay`) every :data:`REFRESH_S`, until
     :meth:`release`. Why a start that takes too long is not stopped at once: stopping Ray's GCS
-    while ``ray.init`` talks to it makes Ray's GCS client end the whole process 60 s later
-    ("Failed to connect to GCS within 60 seconds ... The program will terminate", measured), so
+    while ``ray.init`` talks to it makes Ray's GCS client end the whole process once its 60 s
+    reconnection wait runs out ("Failed to connect to GCS within 60 seconds ... The program
+    will terminate"; observed, docs/engine.md), so
     an abandoned start is left to return (Ray's own start gives up after about 30 s) and its
     thread then shuts Ray down and stops every process it recorded.
     """
@@ -495,9 +498,9 @@ class RayStart:
         """At the end of a run, SIGKILL the heads that hold nothing (:data:`_IDLE_AT_END`).
 
         ``ray.shutdown`` stops the GCS before the autoscaler monitor, which then spends its
-        one-second grace trying to report its own end to the GCS that is gone (1.0 s of the
-        1.2-1.6 s ``ray.shutdown`` took, measured); stopped first, it costs nothing and Ray
-        skips it (its process handle has exited)."""
+        one-second grace trying to report its own end to the GCS that is gone, most of what
+        ``ray.shutdown`` takes (figures: docs/benchmarks.md, *Process control*); stopped
+        first, it costs nothing and Ray skips it (its process handle has exited)."""
         if self.local is None:
             return
         for head in self.local.heads:
@@ -552,8 +555,9 @@ def start_ray(cfg: Config, *, timeout_s: float | None = None) -> float:
         raise EngineStartError(f"{where} could not start (a previous start in this process "
                                f"has not ended within {PREVIOUS_START_WAIT_S:g} s)")
     # A local Ray inherits this environment, PYTHONPATH included: a job-level runtime_env (what
-    # Flower passes) would cost about 1 s at start and 0.7 s at the first task (measured), for
-    # nothing. Workers of a cluster started elsewhere need it.
+    # Flower passes) would slow Ray's start and make the first task wait for Ray's runtime-env
+    # agent (figures: docs/benchmarks.md, Engine benchmark), for nothing. Workers of a cluster
+    # started elsewhere need it.
     local = None
     if cfg.engine.address:
         init_args["runtime_env"] = {"env_vars": {"PYTHONPATH": pythonpath}}

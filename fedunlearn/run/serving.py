@@ -305,21 +305,6 @@ def users_code(m: Method, where: str, then: str = "") -> Iterator[None]:
                            f"{describe_failure(exc)}; fix it{then}, or leave it out") from exc
 
 
-def _checked_predictor(m: Method, predict: Callable[[np.ndarray], np.ndarray],
-                       classes: int) -> Callable[[np.ndarray], np.ndarray]:
-    """``predict`` of a method's answer, refusing in one line probabilities that are not one
-    row of ``classes`` per input."""
-    def checked(x: np.ndarray) -> np.ndarray:
-        with users_code(m, "in the predict_proba it answered with"):
-            proba = np.asarray(predict(x))
-        if proba.shape != (len(x), classes):
-            raise RequestError(f"unlearning method '{m.name}' predicted probabilities of shape "
-                               f"{proba.shape} for {len(x)} inputs, not ({len(x)}, {classes}): "
-                               "one row per input, one column per class")
-        return proba
-    return checked
-
-
 def _then_resume(cfg: Config, request: int) -> str:
     """How a run stopped by a failing method in ``request`` goes on once the method is fixed."""
     if request > 0 and cfg.unlearning.purge and cfg.history.purge == "strict":
