@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-# Two workers by default: the Flower tests spend most of their time waiting (engine start-up,
-# timeouts), so two pytest-xdist workers cut the wall time by about 30 % on 2 cores.
-# FEDUNLEARN_TEST_WORKERS=0 runs everything in one process.
+# Three pytest-xdist workers by default on 2 cores: the Flower tests spend most of their time
+# waiting (engine start-up, Ray's fixed give-up, timeouts), and a third worker fills that wait
+# (docs/benchmarks.md, "Test suite"). FEDUNLEARN_TEST_WORKERS=0 runs everything in one process.
 exec .venv/bin/python -m pytest -n "${FEDUNLEARN_TEST_WORKERS:-3}" --dist worksteal "$@"
