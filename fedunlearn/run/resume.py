@@ -489,7 +489,7 @@ def restore(run: SeedRun) -> None:
 
 def _restore_serving(run: SeedRun) -> None:
     """Trained, interrupted while serving: go on after the last answered request (its
-    state saved by :class:`_Journal`), or from the first if none was answered.
+    state saved by :class:`ResumeJournal`), or from the first if none was answered.
 
     Raises
     ------
@@ -563,7 +563,7 @@ def _farewell_on_stop(out: Path) -> Iterator[None]:
 
 def farewell(out: Path) -> str:
     """The last line of an interrupted run: how to resume it, or why it cannot be (see
-    :meth:`SeedRun._restore_serving`)."""
+    :func:`_restore_serving`)."""
     why = _not_resumable(out)
     if why is not None:
         return (f"interrupted: the partial run is in {out}, but {why}, so it cannot be "

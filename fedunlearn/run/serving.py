@@ -95,7 +95,7 @@ def serve_requests(cfg: Config, *, data: FederatedData, trained: Params, initial
     the run's listeners: verification, the lineage log, progress lines on ``stream`` (none when
     ``None``) and the resume ``journal``; see the module docstring.
 
-    The runner serves the federated methods inside the live Flower engine, then the centralized
+    The pipeline serves the federated methods inside the live Flower engine, then the centralized
     ones after it has shut down (a single site runs no federation engine). ``shadow_cache``
     (request index -> shadow models' confidences) lets the second pass reuse the first pass's
     shadow models. ``resume`` starts the pass at a later request (the earlier ones' rows are the

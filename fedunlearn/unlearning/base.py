@@ -6,7 +6,7 @@ hyperparameters (each with a default), :meth:`~Unlearner.check` validates them w
 that is declared, typed, in its class attribute ``capabilities`` (:class:`Capabilities`, after
 scikit-learn's estimator tags); a hook (``check_config``, ``check_model``, the state hooks) is
 implemented exactly when its capability is declared. :func:`protocol_gaps` names what a method
-lacks; the runner refuses such a method before any work and the conformance suite checks every
+lacks; the run refuses such a method before any work and the conformance suite checks every
 registered one. Federated methods reach clients only through ``ctx.federation`` and read the
 server's history through ``ctx.history``; centralized ones use the pooled ``ctx.data``::
 
