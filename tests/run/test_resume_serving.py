@@ -27,6 +27,7 @@ from fedunlearn.engine.inprocess import InProcessFederation
 from fedunlearn.history.lineage import LineageLog, client_lineage
 from fedunlearn.history.store import HistoryStore
 from fedunlearn.run import interrupt
+from fedunlearn.run import pipeline as runner_module
 from fedunlearn.run import resume as resume_module
 from fedunlearn.run.pipeline import prepare, run_experiment, train_federation
 from fedunlearn.run.resume import (
@@ -69,9 +70,14 @@ def _answers(results: dict[str, Any]) -> list[tuple[Any, ...]]:
              (r.get("details") or {}).get("replayed_from")) for r in results["unlearning"]]
 
 
-@pytest.mark.flower
 def test_a_run_stopped_while_serving_goes_on_from_the_next_request(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resuming while serving, on the in-process twin of the engine (Flower is not the subject
+    here: tests/run/test_resume.py resumes through Flower, and the twin gives the same rows,
+    tests/run/test_crash_resume.py)."""
+    from crash_harness import in_process_engine
+
+    monkeypatch.setattr(runner_module, "run_engine", in_process_engine)
     cfg = small_config(*EXTRA, 'history.purge="updates"')
     reference = run_experiment(cfg, tmp_path / "reference", quiet=True)
 
