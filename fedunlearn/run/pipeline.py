@@ -271,7 +271,7 @@ class SeedRun:
                                 resume=self.resumption if federated else None,
                                 journal=journal)
         if not federated:
-            rows, verification = self._tagged(served.rows, served.verification)
+            rows, verification = self.tagged(served.rows, served.verification)
             self.rows += rows
             self.verification += verification
             return
@@ -282,7 +282,7 @@ class SeedRun:
             "verification": self.verification})
         clear_serving(self.out)
 
-    def _tagged(self, rows: list[Row], verification: list[dict[str, Any]]
+    def tagged(self, rows: list[Row], verification: list[dict[str, Any]]
                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Rows and verification entries as stored, each with the seed."""
         return ([{"seed": self.seed, **dataclasses.asdict(r)} for r in rows],

@@ -383,7 +383,7 @@ class ResumeJournal(ServingListener):
         self.arrays: dict[str, Any] | None = None  # the arrays this journal last wrote
 
     def request_answered(self, event: RequestAnswered) -> None:
-        rows, verification = self.run._tagged(
+        rows, verification = self.run.tagged(
             event.rows, [event.verification] if event.verification is not None else [])
         self.run.rows += rows
         self.run.verification += verification

@@ -55,16 +55,28 @@ class Verification(ServingListener):
         self.settings = settings
         self.federated = "federated" in settings
         self.shadow_cache = {} if shadow_cache is None else shadow_cache
-        requested = {c for r in cfg.unlearning.requests for c in r}
-        self.shadows = _shadow_models(cfg, build_model, data, requested)
-        self.shadow_pool = data.pooled(exclude=requested) if self.shadows is not None else None
+        self.build_model = build_model
+        self.shadows: ShadowModels | None = None
+        self.shadow_pool: Any = None
+        self.ready = False  # the shadows and their pool are set up at the first request
         self.target_class = cfg.backdoor.target_class if cfg.backdoor.clients else None
         self.verifier: RequestVerifier | None = None
         self.answers: list[_Answer] = []
         self.verify_s = 0.0
 
+    def _set_up(self) -> None:
+        """The seed's shadow models (trained on first use) and the pool they are drawn from:
+        set up once the loop's checks have passed and a request is served, not before."""
+        requested = {c for r in self.cfg.unlearning.requests for c in r}
+        self.shadows = _shadow_models(self.cfg, self.build_model, self.data, requested)
+        if self.shadows is not None:
+            self.shadow_pool = self.data.pooled(exclude=requested)
+        self.ready = True
+
     def request_started(self, event: RequestStarted) -> None:
         t0 = time.perf_counter()
+        if not self.ready:
+            self._set_up()
         v = self.cfg.verification
         self.verifier = RequestVerifier(
             self.data, targets=event.targets, removed=event.removed,
