@@ -171,10 +171,18 @@ def test_a_client_that_never_returns_cannot_hold_the_run(tmp_path):
 
 
 def test_a_ctrl_c_while_the_command_is_still_importing_is_one_line(tmp_path: Path) -> None:
-    """SIGINT half a second after launch lands while ``fedunlearn.cli`` imports Flower and
-    torch, before any run handler exists: one line, exit code 130, no traceback, no Ray."""
+    """SIGINT once torch's library is mapped lands while ``fedunlearn.cli`` imports Flower and
+    torch, before any run handler exists: one line, exit code 130, no traceback, no Ray.
+
+    The signal waits for the import to be under way (``/proc/PID/maps``): a fixed delay landed,
+    on a loaded machine, before Python had imported its own ``site`` module."""
     proc = _start(tmp_path / "run", "run", CONFIG, "--out", str(tmp_path / "run"))
-    time.sleep(0.5)
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 60
+    while "libtorch" not in maps.read_text() and proc.poll() is None:
+        assert time.monotonic() < deadline, "torch was never imported"
+        time.sleep(0.01)
+    assert proc.poll() is None, "the command ended before the signal: the test proves nothing"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
