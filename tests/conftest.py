@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,16 +74,40 @@ def max_abs_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     return max(float(np.max(np.abs(np.asarray(a[k], np.float64) - b[k]))) for k in a)
 
 
+DURATIONS = Path(__file__).with_name("durations.json")
+"""Seconds per test (set-up, call and tear-down) of an earlier run, used only to order the
+tests; refresh with ``FEDUNLEARN_TEST_DURATIONS=tests/durations.json ./scripts/test.sh``."""
+UNKNOWN_S = 1.0  # a test not in the file (new): ordered as a slowish one
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
                                   items: list[pytest.Item]) -> None:
-    """Run the modules with Flower tests first (whole modules, so module fixtures are built
-    once): they are the long ones, and with pytest-xdist a long test started last sets the
-    wall time. Order within a module is kept."""
-    heavy = {item.module.__name__ for item in items  # type: ignore[attr-defined]
-             if item.get_closest_marker("flower") is not None}
-    longest = "test_resume"  # four CLI runs in subprocesses: started first, it ends in time
-    items.sort(key=lambda item: (item.module.__name__ != longest,  # type: ignore[attr-defined]
-                                 item.module.__name__ not in heavy))  # type: ignore[attr-defined]
+    """Modules longest first, each kept whole. ``scripts/test.sh`` runs pytest-xdist's
+    ``loadfile`` scheduling in this order: each idle worker takes the next module (longest
+    processing time first: a long module started last sets the wall time), and a module's
+    fixtures are built once. Order within a module is kept."""
+    known = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    cost: dict[str, float] = {}
+    for item in items:
+        cost[item.path] = cost.get(item.path, 0.0) + known.get(item.nodeid, UNKNOWN_S)
+    items.sort(key=lambda item: -cost[item.path])  # stable: a module's order is kept
+
+
+_SPENT: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _SPENT[report.nodeid] = _SPENT.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """With ``FEDUNLEARN_TEST_DURATIONS=FILE``, write each test's seconds to FILE (in the
+    controlling process, which sees every worker's reports)."""
+    path = os.environ.get("FEDUNLEARN_TEST_DURATIONS")
+    if path and not hasattr(session.config, "workerinput") and _SPENT:
+        Path(path).write_text(json.dumps({k: round(v, 2) for k, v in sorted(_SPENT.items())},
+                                         indent=0) + "\n")
 
 
 TRAINED_CFG = ["data.num_clients=5", "training.rounds=4", "training.local_epochs=3",
@@ -106,3 +133,4 @@ def trained_federation(tmp_path_factory):
                                 retention_interval=1)
     run = train_federation(fed, setup, store, progress=False)
     return cfg, setup, fed, store, run
+

@@ -225,11 +225,6 @@ class SeedRun:
             update_dtype=self.cfg.history.dtype)
         self.lineage = LineageLog(self.out)
 
-
-
-
-
-
     def check_resumable(self, root: Path) -> None:
         """Refuse, reading files only, a seed that cannot be resumed (:func:`resume.check_resumable`)."""
         resume.check_resumable(self, root)
@@ -395,10 +390,11 @@ def _federated(runs: list[SeedRun], cfg: Config, out: Path, *, quiet: bool) -> N
     """Step 3: one engine for every seed not yet served; a sequential run adds seeds on it
     until its verdicts are decided (:func:`undecided`) or its cap is reached."""
     cap = cfg.experiment.seeds_until_decided
-    todo = [run for run in runs if not run.served]
+    requests = bool(cfg.unlearning.requests)
+    # a resumed seed that is trained and has no request left needs no engine
+    todo = [run for run in runs if not run.served and (requests or not run.trained)]
     if not todo and not (cap and len(runs) < cap and undecided(runs, cfg)):
         return
-    requests = bool(cfg.unlearning.requests)
 
     def one(run: SeedRun, connect: Connect) -> None:
         if len(runs) > 1 and not quiet:

@@ -29,7 +29,8 @@ from fedunlearn.run.resume import CHECKPOINT_META
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = "simulations/quickstart.toml"
-SETTINGS = ["experiment.seeds=[0]", "data.num_clients=4", "training.rounds=40", "training.local_epochs=1",
+ROUNDS = 16  # stopped after round 3 or later, 3 more, 3 more: at least 4 left for the last resume
+SETTINGS = ["experiment.seeds=[0]", "data.num_clients=4", f"training.rounds={ROUNDS}", "training.local_epochs=1",
             "training.learning_rate=0.1", 'data.partition="iid"', "unlearning.requests=[]",
             "verification.mia_shadows=0", "engine.ray_num_cpus=1"]
 
@@ -75,7 +76,7 @@ def _reference_hash(where: Path) -> str:
 def test_sigint_then_kill9_then_resume_gives_the_uninterrupted_model(tmp_path):
     out = tmp_path / "run"
     proc = _start(out, "run", CONFIG, *_overrides(), "--out", str(out))
-    stopped_at = _wait_round(out, 5, proc)
+    stopped_at = _wait_round(out, 3, proc)
     ray = descendants(proc.pid)
     assert ray, "the run should have started Ray processes"
     t0 = time.monotonic()
@@ -100,7 +101,7 @@ def test_sigint_then_kill9_then_resume_gives_the_uninterrupted_model(tmp_path):
     assert err.strip().splitlines()[-1].endswith(f"fedunlearn resume {out}"), err[-500:]
 
     proc = _start(out, "resume", str(out))
-    _wait_round(out, stopped_at + 5, proc)
+    _wait_round(out, stopped_at + 3, proc)
     os.killpg(proc.pid, signal.SIGKILL)  # kill -9 of the whole job
     proc.communicate(timeout=15)
 
@@ -113,61 +114,10 @@ def test_sigint_then_kill9_then_resume_gives_the_uninterrupted_model(tmp_path):
     events = [e["event"] for e in LineageLog(out).read()]
     assert events.count("resume") == 3
     rounds = [e["round"] for e in LineageLog(out).read() if e["event"] == "round"]
-    assert sorted(set(rounds)) == list(range(1, 41))
+    assert sorted(set(rounds)) == list(range(1, ROUNDS + 1))
     again = subprocess.run([sys.executable, "-m", "fedunlearn.cli", "resume", str(out)], cwd=ROOT,
                            capture_output=True, text=True, timeout=60, check=False)
     assert again.returncode == 2 and "nothing to resume" in again.stderr
-
-
-STALL_EXT = '''
-import os, sys, time
-import torch.nn.functional as F
-from fedunlearn.models.training import TRAIN_STEPS
-CALLS = [0]
-
-@TRAIN_STEPS.register("stall_forever")
-def stall_forever(model, x, y, ctx, marker=""):
-    """The fifth step of one Ray worker never returns (the driver's warm-up is spared)."""
-    CALLS[0] += 1
-    if "worker" in " ".join(sys.argv) and CALLS[0] == 5:
-        try:
-            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
-            time.sleep(100000)
-        except FileExistsError:
-            pass
-    return F.cross_entropy(model(x), y)
-'''
-
-
-@pytest.mark.flower
-def test_a_client_that_never_returns_cannot_hold_the_run(tmp_path):
-    """Dropped after client_timeout_s, the stalled client still blocks Flower's shutdown; the
-    engine watchdog stops Ray in bounded time, says where the work is, and resume finishes."""
-    (tmp_path / "stall_ext.py").write_text(STALL_EXT)
-    out = tmp_path / "run"
-    sets = [*_overrides(), "--set", "training.rounds=3", "--set", "data.num_clients=3",
-            "--set", 'experiment.extensions=["stall_ext"]',
-            "--set", 'training.step="stall_forever"',
-            "--set", f'training.step_params={{marker="{tmp_path / "once"}"}}',
-            "--set", "engine.client_timeout_s=4", "--set", 'engine.on_client_failure="drop"',
-            "--set", "engine.shutdown_grace_s=2",
-            "--set", "engine.ray_num_cpus=0"]  # two client processes: one of them stalls
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
-    # Without the engine watchdog the run never ends: the subprocess timeout is the bound (no
-    # wall-time assertion, which a loaded machine would break without a hang).
-    run = subprocess.run([sys.executable, "-m", "fedunlearn.cli", "run", str(ROOT / CONFIG), *sets,
-                          "--out", str(out)], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=180, check=False)
-    assert (tmp_path / "once").exists(), "the stall never happened"
-    assert run.returncode == 2, run.stderr[-2000:]
-    last = run.stderr.strip().splitlines()[-1]
-    assert "a client never returned" in last and f"fedunlearn resume {out}" in last, last
-    done = subprocess.run([sys.executable, "-m", "fedunlearn.cli", "resume", str(out)], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    results = json.loads((out / "results.json").read_text())
-    failures = results["training"]["client_failures"]
-    assert failures and failures[0]["reason"] == "timeout", failures
 
 
 def test_a_ctrl_c_while_the_command_is_still_importing_is_one_line(tmp_path: Path) -> None:

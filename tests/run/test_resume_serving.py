@@ -24,7 +24,7 @@ import pytest
 from conftest import small_config
 
 from fedunlearn.engine.inprocess import InProcessFederation
-from fedunlearn.history.lineage import LineageLog, client_lineage
+from fedunlearn.history.lineage import LineageLog, client_lineage, params_hash
 from fedunlearn.history.store import HistoryStore
 from fedunlearn.run import interrupt
 from fedunlearn.run import pipeline as runner_module
@@ -195,3 +195,32 @@ def test_a_stop_that_cannot_be_resumed_says_so_and_resume_changes_nothing(
     with pytest.raises(ResumeError, match=why):
         run_experiment(cfg, out, quiet=True, resume=True)
     assert files() == before  # not one file written, finished or swept
+
+
+def test_a_trained_run_with_nothing_left_to_serve_resumes_without_an_engine(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped after training with no request to serve, a run resumes to the same results
+    without starting an engine (one was started for nothing: about 10 s of Ray and Flower)."""
+    from crash_harness import in_process_engine
+
+    monkeypatch.setattr(runner_module, "run_engine", in_process_engine)
+    cfg = small_config("unlearning.requests=[]")
+    reference = run_experiment(cfg, tmp_path / "reference", quiet=True)
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        def stop(*args: Any, **kwargs: Any) -> None:
+            raise interrupt.Interrupted("SIGINT")
+        m.setattr(runner_module, "_centralized", stop)
+        with pytest.raises(interrupt.Interrupted):
+            run_experiment(cfg, out, quiet=True)
+    assert not (out / "results.json").exists()
+
+    def no_engine(*args: Any, **kwargs: Any) -> None:
+        pytest.fail("nothing was left for the engine, yet it was started")
+
+    monkeypatch.setattr(runner_module, "run_engine", no_engine)
+    resumed = run_experiment(cfg, out, quiet=True, resume=True)
+    assert resumed["training"]["final_test_accuracy"] == reference["training"]["final_test_accuracy"]
+    final = [params_hash(HistoryStore.open(where / "history").final_model())
+             for where in (out, tmp_path / "reference")]
+    assert final[0] == final[1]
