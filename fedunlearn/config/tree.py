@@ -14,6 +14,7 @@ Only typed objects travel inward: code below the command line never sees a raw d
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import tomllib
@@ -24,6 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedunlearn.config.requests import (
+    Request,
+    RequestSyntaxError,
+    parse_request,
+    parse_requests,
+)
 from fedunlearn.run.console import listed
 
 
@@ -376,10 +383,13 @@ class UnlearningSection:
 
     Attributes
     ----------
-    requests : list of list of int
-        Removal requests served in order; each lists the client ids to forget together
-        (default none: training only). Each request starts from the model the previous one
-        left, per method.
+    requests : list of requests
+        Removal requests served in order (default none: training only): ``[3, 7]`` forgets
+        clients 3 and 7 together; ``{client = 3, samples = "backdoor"}``, ``{client = 3,
+        samples = [4, 17]}`` or ``{client = 3, fraction = 0.1}`` some of client 3's samples;
+        ``{label = 7}`` every sample of class 7 (:mod:`fedunlearn.config.requests`). Each
+        request starts from the model the previous one left, per method, and sees what the
+        earlier requests left of the data.
     methods : list of str
         Registered methods to compare (default ``["retrain", "federaser", "fedaccum",
         "distillation"]``). ``retrain`` is always run first: it is the reference.
@@ -389,25 +399,18 @@ class UnlearningSection:
         Hyperparameters per method, e.g. ``[unlearning.params.federaser] r = 0.5``.
     """
 
-    requests: list[list[int]] = field(default_factory=list)
+    requests: list[list[int] | dict[str, Any]] = field(default_factory=list)
     methods: list[str] = field(default_factory=lambda: ["retrain", "federaser", "fedaccum",
                                                         "distillation"])
     purge: bool = True
     params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        seen: set[int] = set()
-        for i, request in enumerate(self.requests):
-            _check(bool(request), "unlearning.requests", f"entry {i} is empty")
-            twice = sorted({c for c in request if request.count(c) > 1}) \
-                if len(set(request)) != len(request) else []
-            _check(not twice, "unlearning.requests",
-                   f"entry {i} names a client twice ({listed(twice)})")
-            again = sorted(seen & set(request))
-            _check(not again, "unlearning.requests",
-                   f"entry {i} asks again for {listed(again)}, already removed by an earlier "
-                   "request")
-            seen |= set(request)
+        for i, request in enumerate(self.requests):  # the shape alone; ids: Config
+            try:
+                parse_request(i, request)
+            except RequestSyntaxError as exc:
+                raise ConfigError(f"config key 'unlearning.requests' {exc}") from None
         _check(len(set(self.methods)) == len(self.methods), "unlearning.methods",
                "lists a method twice")
         for name, table in self.params.items():
@@ -513,12 +516,17 @@ class Config:
         bad = [c for c in self.backdoor.clients if not 0 <= c < k]
         _check(not bad, "backdoor.clients", f"lists {listed(bad, 'id')}, which are not clients; "
                f"use ids in 0..{k - 1}")
-        asked = sorted({c for r in self.unlearning.requests for c in r})
-        bad = [c for c in asked if not 0 <= c < k]
-        _check(not bad, "unlearning.requests", f"lists {listed(bad, 'id')}, which are not "
-               f"clients; use ids in 0..{k - 1}")
-        _check(len(asked) < k, "unlearning.requests", "would remove every client; keep at "
-               "least one")
+        try:
+            parse_requests(self.unlearning.requests, num_clients=k,
+                           backdoor_clients=self.backdoor.clients)
+        except RequestSyntaxError as exc:
+            raise ConfigError(f"config key 'unlearning.requests' {exc}") from None
+
+    @functools.cached_property
+    def requests(self) -> tuple[Request, ...]:
+        """``unlearning.requests`` as typed :class:`~fedunlearn.config.requests.Request`s."""
+        return parse_requests(self.unlearning.requests, num_clients=self.data.num_clients,
+                              backdoor_clients=self.backdoor.clients)
 
     @property
     def seed(self) -> int:
@@ -585,7 +593,11 @@ def _culprit(value: Any, annotation: Any) -> str:
     (item,) = typing.get_args(annotation)
     for v in value:
         if not _type_ok(v, item):
-            inner = _culprit(v, item)
+            # within a union (``list[int] | table``), the member of the value's own kind
+            kind = next((a for a in typing.get_args(item)
+                         if typing.get_origin(a) in (list, Sequence) and isinstance(v, list)),
+                        item)
+            inner = _culprit(v, kind)
             return inner or f" ({v!r} is {type(v).__name__}, not {type_name(item)})"
     return ""
 

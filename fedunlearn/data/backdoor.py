@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedunlearn.data.dataset import ArrayDataset
+
+if TYPE_CHECKING:
+    from fedunlearn.config.tree import Config
+    from fedunlearn.data.federated import FederatedData
 
 
 def stamp_trigger(x: np.ndarray, *, size: int = 2, value: float = 1.0) -> np.ndarray:
@@ -185,3 +190,22 @@ def _rows(x: np.ndarray) -> np.ndarray:
 def _check_target(target_class: int, num_classes: int) -> None:
     if not 0 <= target_class < num_classes:
         raise ValueError(f"target_class must lie in 0..{num_classes - 1}, got {target_class}")
+
+
+def clean_samples(cfg: Config, data: FederatedData, client: int) -> np.ndarray:
+    """Boolean per sample of client ``client``'s data: True where the backdoor did not poison it.
+
+    The data keeps no list of the poisoned positions (:func:`fedunlearn.data.backdoor.poison`
+    returns them, :func:`~fedunlearn.data.federated.build_federated_data` drops them), so a
+    backdoored client (one of ``backdoor.clients``) tells its poisoned samples as the
+    verifier does: they carry the trigger (recovered from the test split and its triggered
+    copy, :meth:`~fedunlearn.data.backdoor.Trigger.recover`) *and* the target label. Any other
+    client's samples are all clean.
+    """
+    local = data.clients[client]
+    bd = cfg.backdoor
+    if client not in bd.clients or data.triggered_test is None:
+        return np.ones(len(local), dtype=bool)
+    trigger = Trigger.recover(data.test.x[data.test.y != bd.target_class],
+                              data.triggered_test.x)
+    return ~(trigger.carried_by(local.x) & (local.y == bd.target_class))

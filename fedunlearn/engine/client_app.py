@@ -26,6 +26,7 @@ from fedunlearn.engine.messages import (
     METRICS,
     NUM_EXAMPLES,
     PARTITION,
+    REMOVED_THROUGH,
     TASK,
     TASK_PREFIX,
     from_record,
@@ -56,7 +57,8 @@ def train(msg: Message, context: Context) -> Message:
     Config keys: ``job`` (experiment JSON), ``server-round``; optional ``epochs`` (overrides
     ``training.local_epochs``, e.g. FedEraser's calibration), ``tag`` (seed purpose) and
     ``task`` with its ``task.<name>`` parameters (another client job than training, e.g.
-    PGA's ``"ascent"``; its stats are replied as ``task.<stat>`` metrics).
+    PGA's ``"ascent"``; its stats are replied as ``task.<stat>`` metrics), ``removed-through``
+    (train without the samples the first that many removal requests removed).
     """
     t0 = time.perf_counter()
     config = msg.content[CONFIG]
@@ -67,7 +69,8 @@ def train(msg: Message, context: Context) -> Message:
         params, n, stats = client_work(str(config[JOB]), from_record(msg.content[ARRAYS]), pid,
                                        server_round=int(config.get("server-round", 0)),
                                        tag=int(config.get("tag", 0)), epochs=epochs, task=task,
-                                       task_params=task_params_of(config))
+                                       task_params=task_params_of(config),
+                                       removed_through=int(config.get(REMOVED_THROUGH, 0)))
     except USER_ERRORS as exc:  # Flower passes on only str(exc): keep the type and the place
         raise RuntimeError(describe_failure(exc)) from exc
     extra = {} if task == "train" else {TASK_PREFIX + k: float(v) for k, v in stats.items()}
@@ -82,8 +85,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received model on this client's training data."""
     pid = _partition(context)
     try:
-        n, res = client_evaluate(str(msg.content[CONFIG][JOB]),
-                                 from_record(msg.content[ARRAYS]), pid)
+        config = msg.content[CONFIG]
+        n, res = client_evaluate(str(config[JOB]), from_record(msg.content[ARRAYS]), pid,
+                                 removed_through=int(config.get(REMOVED_THROUGH, 0)))
     except USER_ERRORS as exc:  # a user's model or data: keep the type and the place
         raise RuntimeError(describe_failure(exc)) from exc
     metrics = MetricRecord({PARTITION: pid, NUM_EXAMPLES: n,

@@ -57,6 +57,7 @@ from fedunlearn.engine.messages import (
     JOB,
     METRICS,
     NUM_EXAMPLES,
+    REMOVED_THROUGH,
     TASK,
     TASK_PREFIX,
     array_bytes,
@@ -102,6 +103,11 @@ def _unless_forced() -> None:
     if interrupt.FORCED.is_set():
         raise interrupt.Interrupted("stop forced")
 
+
+
+def _through(removed_through: int) -> dict[str, int]:
+    """The message config entry of ``removed_through`` (none when 0: messages as before)."""
+    return {REMOVED_THROUGH: int(removed_through)} if removed_through else {}
 
 class PacedGrid:
     """A view of a Flower grid whose ``send_and_receive`` polls for replies every
@@ -260,7 +266,7 @@ class FlowerFederation:
 
     def fedavg(self, initial: Params, *, exclude: frozenset[int] = frozenset(),
                listener: RoundListener | None = None, variant: int = 0, stream: int = 0,
-               start: Checkpoint | None = None) -> TrainingRun:
+               start: Checkpoint | None = None, removed_through: int = 0) -> TrainingRun:
         """Run the configured strategy for ``training.rounds`` rounds via ``Strategy.start``
         (the rounds after ``start.round`` when a run is resumed)."""
         t = self.cfg.training
@@ -292,8 +298,9 @@ class FlowerFederation:
         result = strategy.start(grid=self.paced,  # type: ignore[arg-type]
                                 initial_arrays=to_record(initial),
                                 num_rounds=t.rounds - first, timeout=self.timeout_s,
-                                train_config=self._config(tag=variant_tag(variant, stream)),
-                                evaluate_config=self._config(),
+                                train_config=self._config(tag=variant_tag(variant, stream),
+                                                          **_through(removed_through)),
+                                evaluate_config=self._config(**_through(removed_through)),
                                 evaluate_fn=evaluate_fn)
         self.messages_sent += strategy.messages_sent
         self.bytes_exchanged += strategy.bytes_exchanged
@@ -306,8 +313,8 @@ class FlowerFederation:
 
     def train_clients(self, model: Params, clients: Sequence[int], *, epochs: float,
                       server_round: int, tag: int, task: str = "train",
-                      task_params: Mapping[str, float] | None = None
-                      ) -> dict[int, ClientResult]:
+                      task_params: Mapping[str, float] | None = None,
+                      removed_through: int = 0) -> dict[int, ClientResult]:
         """Send a train message to each client and collect their models (failed clients are
         asked again ``client_retries`` times, then missing under ``"drop"``).
 
@@ -317,7 +324,7 @@ class FlowerFederation:
         sending (:func:`fedunlearn.run.interrupt.check`)."""
         interrupt.check()
         self.reached.update(clients)
-        extra: dict[str, Any] = {"server-round": int(server_round)}
+        extra: dict[str, Any] = {"server-round": int(server_round), **_through(removed_through)}
         if task != "train":
             extra[TASK] = task
             extra.update({TASK_PREFIX + k: float(v) for k, v in (task_params or {}).items()})
@@ -338,13 +345,14 @@ class FlowerFederation:
                                   stats=task_stats(msg.content[METRICS]))
                 for pid, msg in sorted(ok.items())}
 
-    def evaluate_clients(self, model: Params, clients: Sequence[int], *, server_round: int
-                         ) -> dict[int, ClientEvaluation]:
+    def evaluate_clients(self, model: Params, clients: Sequence[int], *, server_round: int,
+                         removed_through: int = 0) -> dict[int, ClientEvaluation]:
         """Send an evaluate message (Flower's federated evaluation) to each client; failed
         clients are asked again ``client_retries`` times, then missing under ``"drop"``."""
         interrupt.check()
         content = RecordDict({ARRAYS: to_record(model),
-                              CONFIG: self._config(**{"server-round": int(server_round)})})
+                              CONFIG: self._config(**{"server-round": int(server_round)},
+                                                   **_through(removed_through))})
 
         def attempt(cs: list[int]) -> Screened:
             msgs = [Message(content, dst_node_id=self.node_of[c],

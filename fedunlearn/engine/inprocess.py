@@ -72,7 +72,7 @@ class InProcessFederation:
 
     def fedavg(self, initial: Params, *, exclude: frozenset[int] = frozenset(),
                listener: RoundListener | None = None, variant: int = 0, stream: int = 0,
-               start: Checkpoint | None = None) -> TrainingRun:
+               start: Checkpoint | None = None, removed_through: int = 0) -> TrainingRun:
         """The configured FedAvg (``training.strategy`` must be ``fedavg``)."""
         t = self.cfg.training
         if t.strategy != "fedavg":
@@ -90,7 +90,8 @@ class InProcessFederation:
                 before = self.bytes_exchanged
                 sent_before = self.messages_sent
                 results, failures = self._train(model, pids, epochs=t.local_epochs,
-                                                server_round=r, tag=variant_tag(variant, stream))
+                                                server_round=r, tag=variant_tag(variant, stream),
+                                                removed_through=removed_through)
                 exchanged += self.bytes_exchanged - before
                 sent += self.messages_sent - sent_before
                 tracker.failed(failures)
@@ -110,17 +111,18 @@ class InProcessFederation:
 
     def train_clients(self, model: Params, clients: Sequence[int], *, epochs: float,
                       server_round: int, tag: int, task: str = "train",
-                      task_params: Mapping[str, float] | None = None
-                      ) -> dict[int, ClientResult]:
+                      task_params: Mapping[str, float] | None = None,
+                      removed_through: int = 0) -> dict[int, ClientResult]:
         """Run ``task`` on each client in turn (failed clients are missing under ``"drop"``);
         a requested stop (Ctrl-C) is honoured first, as by the Flower federation."""
         interrupt.check()
         self.reached.update(clients)
         return self._train(model, clients, epochs=epochs, server_round=server_round,
-                           tag=tag, task=task, task_params=task_params)[0]
+                           tag=tag, task=task, task_params=task_params,
+                           removed_through=removed_through)[0]
 
-    def evaluate_clients(self, model: Params, clients: Sequence[int], *, server_round: int
-                         ) -> dict[int, ClientEvaluation]:
+    def evaluate_clients(self, model: Params, clients: Sequence[int], *, server_round: int,
+                         removed_through: int = 0) -> dict[int, ClientEvaluation]:
         """Each client evaluates ``model`` on its own data in turn (failed clients are
         missing under ``"drop"``); a requested stop (Ctrl-C) is honoured first."""
         interrupt.check()
@@ -131,7 +133,8 @@ class InProcessFederation:
             failed: dict[int, str] = {}
             for c in cs:
                 try:
-                    n, res = client_evaluate(self.job, model, c)
+                    n, res = client_evaluate(self.job, model, c,
+                                             removed_through=removed_through)
                 except USER_ERRORS as exc:  # a client error, as Flower reports it
                     failed[c] = error_reason(describe_failure(exc))
                     continue
@@ -146,7 +149,7 @@ class InProcessFederation:
 
     def _train(self, model: Params, clients: Sequence[int], *, epochs: float,
                server_round: int, tag: int, task: str = "train",
-               task_params: Mapping[str, float] | None = None
+               task_params: Mapping[str, float] | None = None, removed_through: int = 0
                ) -> tuple[dict[int, ClientResult], list[Failure]]:
         """Train ``clients`` with retries, then apply the fault policy."""
 
@@ -159,7 +162,8 @@ class InProcessFederation:
                     params, n, stats = client_work(self.job, model, c,
                                                    server_round=server_round, tag=tag,
                                                    epochs=epochs, task=task,
-                                                   task_params=task_params)
+                                                   task_params=task_params,
+                                                   removed_through=removed_through)
                 except USER_ERRORS as exc:  # a client error, as Flower reports it
                     failed[c] = error_reason(describe_failure(exc))
                     continue

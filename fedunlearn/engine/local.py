@@ -18,8 +18,10 @@ from torch import nn
 from fedunlearn.config.extensions import load_extensions
 from fedunlearn.config.tree import Config, from_dict
 from fedunlearn.data import cache as data_cache
-from fedunlearn.data.backdoor import Trigger
+from fedunlearn.data.backdoor import clean_samples
+from fedunlearn.data.dataset import ArrayDataset
 from fedunlearn.data.federated import FederatedData, build_federated_data
+from fedunlearn.data.removal import Step, resolve, retained_mask
 from fedunlearn.models import build_model
 from fedunlearn.models.params import Params, get_params, set_params
 from fedunlearn.models.seeding import derive_seed
@@ -61,26 +63,48 @@ def model_for(job: str, cfg: Config, data: FederatedData) -> nn.Module:
     return _MODELS[job]
 
 
+@functools.lru_cache(maxsize=4)
+def _steps(job: str) -> tuple[Step, ...]:
+    cfg, data = runtime(job)
+    return resolve(cfg, data)
+
+
+def client_data(job: str, client: int, removed_through: int = 0) -> ArrayDataset:
+    """Client ``client``'s training data without what the first ``removed_through`` removal
+    requests removed from it (:mod:`fedunlearn.data.removal`, resolved from the job alone):
+    the data as built when ``removed_through`` is 0 or the requests left the client whole."""
+    _, data = runtime(job)
+    local = data.clients[client]
+    if removed_through <= 0:
+        return local
+    keep = retained_mask(_steps(job), client, removed_through, len(local))
+    return local if keep is None else local.subset(np.flatnonzero(keep))
+
+
 def client_train(job: str, params: Params, client: int, *, server_round: int, tag: int = 0,
-                 epochs: float | None = None) -> tuple[Params, int, dict[str, float]]:
-    """Client ``client`` trains from ``params``; returns (new params, #examples, stats)."""
+                 epochs: float | None = None, removed_through: int = 0
+                 ) -> tuple[Params, int, dict[str, float]]:
+    """Client ``client`` trains from ``params`` on the data it keeps after the first
+    ``removed_through`` removal requests; returns (new params, #examples, stats)."""
     cfg, data = runtime(job)
     model = model_for(job, cfg, data)
     set_params(model, params)
-    local = data.clients[client]
+    local = client_data(job, client, removed_through)
     seed = derive_seed(cfg.seed, server_round, client, tag)
     stats = train(model, local.x, local.y, local_training(cfg, epochs), seed=seed,
                   device=device_for(cfg))
     return get_params(model), len(local), stats
 
 
-def client_evaluate(job: str, params: Params, client: int) -> tuple[int, dict[str, float]]:
-    """Client ``client`` evaluates ``params`` on its own training data; returns (#examples,
-    ``{"loss", "accuracy"}``), the figures of Flower's federated evaluation."""
+def client_evaluate(job: str, params: Params, client: int, *, removed_through: int = 0
+                    ) -> tuple[int, dict[str, float]]:
+    """Client ``client`` evaluates ``params`` on the training data it keeps after the first
+    ``removed_through`` removal requests; returns (#examples, ``{"loss", "accuracy"}``), the
+    figures of Flower's federated evaluation."""
     cfg, data = runtime(job)
     model = model_for(job, cfg, data)
     set_params(model, params)
-    local = data.clients[client]
+    local = client_data(job, client, removed_through)
     return len(local), evaluate(model, local.x, local.y, device=device_for(cfg))
 
 
@@ -91,25 +115,6 @@ TASKS = ("train", "ascent")
 ASCENT_PARAMS = ("radius", "threshold", "learning_rate", "momentum", "clip_norm")
 """The ``task_params`` of ``"ascent"`` (floats, the fields of :class:`~fedunlearn.unlearning.federated.pga_ascent.Ascent`
 but the epochs and batch size); its epochs are the request's ``epochs``."""
-
-
-def clean_samples(cfg: Config, data: FederatedData, client: int) -> np.ndarray:
-    """Boolean per sample of client ``client``'s data: True where the backdoor did not poison it.
-
-    The data keeps no list of the poisoned positions (:func:`fedunlearn.data.backdoor.poison`
-    returns them, :func:`~fedunlearn.data.federated.build_federated_data` drops them), so a
-    backdoored client (one of ``backdoor.clients``) tells its poisoned samples as the
-    verifier does: they carry the trigger (recovered from the test split and its triggered
-    copy, :meth:`~fedunlearn.data.backdoor.Trigger.recover`) *and* the target label. Any other
-    client's samples are all clean.
-    """
-    local = data.clients[client]
-    bd = cfg.backdoor
-    if client not in bd.clients or data.triggered_test is None:
-        return np.ones(len(local), dtype=bool)
-    trigger = Trigger.recover(data.test.x[data.test.y != bd.target_class],
-                              data.triggered_test.x)
-    return ~(trigger.carried_by(local.x) & (local.y == bd.target_class))
 
 
 def client_ascent(job: str, params: Params, client: int, *, server_round: int, tag: int,
@@ -133,9 +138,10 @@ def client_ascent(job: str, params: Params, client: int, *, server_round: int, t
 
 def client_work(job: str, params: Params, client: int, *, server_round: int, tag: int = 0,
                 epochs: float | None = None, task: str = "train",
-                task_params: Mapping[str, float] | None = None
+                task_params: Mapping[str, float] | None = None, removed_through: int = 0
                 ) -> tuple[Params, int, dict[str, float]]:
     """Run ``task`` (one of :data:`TASKS`) for ``client``; returns (params, #examples, stats).
+    Training uses the data the client keeps after the first ``removed_through`` requests.
 
     Raises
     ------
@@ -147,7 +153,7 @@ def client_work(job: str, params: Params, client: int, *, server_round: int, tag
         if given:
             raise ValueError(f"task 'train' takes no task_params, got {sorted(given)}")
         return client_train(job, params, client, server_round=server_round, tag=tag,
-                            epochs=epochs)
+                            epochs=epochs, removed_through=removed_through)
     if task == "ascent":
         if sorted(given) != sorted(ASCENT_PARAMS) or epochs is None:
             raise ValueError(f"task 'ascent' needs epochs and task_params "

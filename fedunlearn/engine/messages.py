@@ -24,6 +24,9 @@ NUM_EXAMPLES = "num-examples"
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
 TASK = "task"
+REMOVED_THROUGH = "removed-through"
+"""Train or evaluate without the samples the first N removal requests removed
+(:func:`fedunlearn.engine.local.client_data`); absent means 0."""
 TASK_PREFIX = "task."
 """A client task's parameters travel as ``task.<name>`` config entries, its stats as
 ``task.<stat>`` metrics."""

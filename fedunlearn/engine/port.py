@@ -124,8 +124,10 @@ class Federation(Protocol):
 
     def fedavg(self, initial: Params, *, exclude: frozenset[int] = frozenset(),
                listener: RoundListener | None = None, variant: int = 0, stream: int = 0,
-               start: Any = None) -> TrainingRun:
-        """Run the configured FedAvg from ``initial`` with ``exclude`` left out of every round.
+               start: Any = None, removed_through: int = 0) -> TrainingRun:
+        """Run the configured FedAvg from ``initial`` with ``exclude`` left out of every round
+        and every client training on what it keeps after the first ``removed_through`` removal
+        requests (:func:`fedunlearn.engine.local.client_data`).
 
         ``start`` (a :class:`fedunlearn.run.resume.Checkpoint`) continues a resumed run: its
         model after ``start.round`` rounds, the remaining rounds numbered on from there.
@@ -138,9 +140,10 @@ class Federation(Protocol):
 
     def train_clients(self, model: Params, clients: Sequence[int], *, epochs: float,
                       server_round: int, tag: int, task: str = "train",
-                      task_params: Mapping[str, float] | None = None
-                      ) -> dict[int, ClientResult]:
-        """Have ``clients`` train ``epochs`` local epochs from ``model``; seeds derive from
+                      task_params: Mapping[str, float] | None = None,
+                      removed_through: int = 0) -> dict[int, ClientResult]:
+        """Have ``clients`` train ``epochs`` local epochs from ``model`` (on what each keeps
+        after the first ``removed_through`` removal requests); seeds derive from
         ``(seed, server_round, client, tag)``.
 
         ``task`` selects the client job (:data:`fedunlearn.engine.local.TASKS`): local
@@ -153,9 +156,10 @@ class Federation(Protocol):
         "abort"``; under ``"drop"`` it is missing from the result (never all of them)."""
         ...
 
-    def evaluate_clients(self, model: Params, clients: Sequence[int], *, server_round: int
-                         ) -> dict[int, ClientEvaluation]:
-        """Have ``clients`` evaluate ``model`` on their own training data (one message each,
+    def evaluate_clients(self, model: Params, clients: Sequence[int], *, server_round: int,
+                         removed_through: int = 0) -> dict[int, ClientEvaluation]:
+        """Have ``clients`` evaluate ``model`` on their own training data (what each keeps
+        after the first ``removed_through`` removal requests; one message each,
         counted in ``messages_sent``; the model's bytes in ``bytes_exchanged``).
 
         Failures follow the fault policy as in :meth:`train_clients`, except that under

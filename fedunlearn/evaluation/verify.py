@@ -143,12 +143,14 @@ class RequestVerifier:
                  shadows: ShadowFn | None = None, seed: int = 0,
                  shadow_phi: np.ndarray | None = None, resamples: int = 400,
                  max_members: int | None = None, max_population: int | None = None,
-                 shadow_pool: ArrayDataset | None = None) -> None:
+                 shadow_pool: ArrayDataset | None = None, forget: ArrayDataset | None = None,
+                 retain: ArrayDataset | None = None) -> None:
         everyone = set(range(len(data.clients)))
         test = data.test
         self.data = data
-        self.forget = data.pooled(exclude=everyone - set(targets))
-        self.retain = data.pooled(exclude=set(removed))
+        self.forget = forget if forget is not None else data.pooled(
+            exclude=everyone - set(targets))
+        self.retain = retain if retain is not None else data.pooled(exclude=set(removed))
         self.target_class = target_class
         self.alpha = alpha
         self.seed = seed

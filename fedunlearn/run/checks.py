@@ -35,6 +35,7 @@ from fedunlearn.config.extensions import (
     load_extensions,
 )
 from fedunlearn.config.registry import Registry
+from fedunlearn.config.requests import GRANULARITIES
 from fedunlearn.config.tree import Config, ConfigError
 from fedunlearn.data.federated import FederatedData
 from fedunlearn.data.sources import SOURCES
@@ -412,7 +413,7 @@ def _check_requests_against_sampling(cfg: Config) -> None:
     ``training.rounds`` (at most :data:`~fedunlearn.config.tree.MAX_ROUNDS`) only for a client the
     run truly never samples."""
     t = cfg.training
-    unseen = {c for r in cfg.unlearning.requests for c in r}
+    unseen = {c for r in cfg.requests if r.granularity != "class" for c in r.clients}
     for r in range(1, t.rounds + 1):
         if not unseen:
             return
@@ -611,6 +612,7 @@ def build_methods(cfg: Config) -> list[Method]:
         role = Role.REFERENCE if name in EXACT else Role.METHOD
         method = _create(cfg, name)
         _check_config(cfg, name, method)
+        check_granularities(cfg, name, method)
         out.append(Method(name, method, role))
         if role == Role.REFERENCE and cfg.verification.noise_floor:
             out.append(Method(name + NOISE_SUFFIX, _create(cfg, name, stream=1),
@@ -620,6 +622,21 @@ def build_methods(cfg: Config) -> list[Method]:
                               Role.CONTEXT))
     unlisted_methods(cfg, {m.name for m in out})
     return out
+
+
+def check_granularities(cfg: Config, name: str, method: Unlearner) -> None:
+    """Refuse, before any work, a method asked for a request granularity it does not serve
+    (``Capabilities.granularities``): it is never served at another level instead."""
+    serves = capabilities_of(method).granularities
+    for i, request in enumerate(cfg.requests):
+        if request.granularity not in serves:
+            kinds = ", ".join(g for g in GRANULARITIES if g in serves)
+            what = {"client": "a client", "samples": "samples", "class": "a class"}
+            raise ConfigError(
+                f"config key 'unlearning.methods': method '{name}' serves {kinds} requests "
+                f"only, and request {i} ({request.describe()}) removes "
+                f"{what[request.granularity]}; leave '{name}' out of unlearning.methods "
+                "or drop that request")
 
 
 def unlisted_methods(cfg: Config, listed: Collection[str]) -> list[tuple[str, Unlearner]]:
@@ -645,10 +662,10 @@ def check_requests(cfg: Config, store: HistoryStore, start: int = 0) -> None:
     """Every target of request ``start`` and later (the ones still to serve) must have taken
     part in training and still be in the store."""
     present = set(store.clients())
-    for i, request in enumerate(cfg.unlearning.requests):
-        if i < start:
-            continue
-        absent = sorted(set(request) - present)
+    for i, request in enumerate(cfg.requests):
+        if i < start or request.granularity != "client":
+            continue  # samples: their clients stay, and retraining needs no history
+        absent = sorted(set(request.clients) - present)
         if absent:
             raise RequestError(f"request {i} asks to remove clients {absent}, which never took "
                                "part in training (or were already purged); nothing was changed")

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedunlearn.data.removal import Step
 from fedunlearn.evaluation.schema import Row
 from fedunlearn.models.params import Params
 from fedunlearn.run.checks import Method
@@ -21,12 +22,13 @@ from fedunlearn.unlearning.base import UnlearningContext, UnlearningResult
 
 @dataclass
 class RequestStarted:
-    """Request ``request`` (clients ``targets``; every client removed so far: ``removed``) is
-    about to be served."""
+    """Request ``request`` (clients ``targets``; every client out of the federation so far:
+    ``removed``; what it removes: ``step``) is about to be served."""
 
     request: int
     targets: tuple[int, ...]
     removed: frozenset[int]
+    step: Step | None = None
 
 
 @dataclass

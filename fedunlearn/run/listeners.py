@@ -5,10 +5,14 @@ fan-out to several) and of the serving loop (the lineage log, progress lines); s
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections import Counter
 from typing import Any, TextIO
 
+import numpy as np
+
+from fedunlearn.data.removal import Step
 from fedunlearn.engine.aggregation import difference
 from fedunlearn.engine.port import RoundReport, RoundSummary
 from fedunlearn.evaluation.summary import recovery_words
@@ -122,7 +126,8 @@ class LineageListener(ServingListener):
 
     def request_started(self, event: RequestStarted) -> None:
         if self.federated:
-            self.log.append("request", request=event.request, clients=list(event.targets))
+            self.log.append("request", request=event.request, clients=list(event.targets),
+                            **_removal_entry(event.step))
 
     def method_answered(self, event: MethodAnswered) -> None:
         m = event.method
@@ -205,3 +210,19 @@ class ServingProgress(ServingListener):
 
     def fitted(self, event: Fitted) -> None:
         self._say(f"[central] fitted {event.method.name:<22} {event.wall_s:7.2f}s on pooled data")
+
+
+def _removal_entry(step: Step | None) -> dict[str, Any]:
+    """What the lineage records of a sample or class request: its granularity and label, how
+    many samples it removes and a SHA-256 of their positions per client, never the samples;
+    nothing for a client request (its clients are the record)."""
+    if step is None or step.request.granularity == "client":
+        return {}
+    digest = hashlib.sha256()
+    for client, idx in sorted(step.forget.items()):
+        digest.update(f"{client}:".encode() + np.asarray(idx, dtype="<i8").tobytes() + b";")
+    entry: dict[str, Any] = {"granularity": step.request.granularity,
+                             "samples": step.num_forgotten, "samples_sha256": digest.hexdigest()}
+    if step.request.label is not None:
+        entry["label"] = step.request.label
+    return entry

@@ -33,6 +33,7 @@ from fedunlearn.config.extensions import (
 )
 from fedunlearn.config.tree import Config, ConfigError
 from fedunlearn.data.federated import FederatedData, build_federated_data
+from fedunlearn.data.removal import resolve
 from fedunlearn.engine.flower import Connect, FlowerFederation, run_engine
 from fedunlearn.engine.port import Federation, TrainingRun
 from fedunlearn.evaluation.schema import Row
@@ -146,6 +147,7 @@ def prepare(cfg: Config) -> Setup:
     if empty:
         raise ConfigError(f"{listed(empty)} received no data; lower data.num_clients or raise "
                           "data.alpha")
+    resolve(cfg, data)  # every request fits the data (RemovalError, a ConfigError)
     model = checked_model(cfg, data)
     initial = get_params(model)
     _check_methods_against_model(cfg, copy.deepcopy(model))  # a check must not edit M_1

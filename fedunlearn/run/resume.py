@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedunlearn.config.tree import Config, from_run_dict
+from fedunlearn.data.removal import resolve
 from fedunlearn.engine.port import RoundReport, RoundSummary
 from fedunlearn.history.lineage import LineageLog
 from fedunlearn.history.store import (
@@ -507,7 +508,7 @@ def _restore_serving(run: SeedRun) -> None:
                 check_saved_model(model, run.setup.initial, run.out / SERVING_FILE,
                                   "delete serving.json and serving.npz to serve every request again, "
                                   "when no request was purged yet")
-    answered = {c for r in run.cfg.unlearning.requests[:k] for c in r}
+    answered = {c for step in resolve(run.cfg, run.setup.data)[:k] for c in step.targets}
     if stray := sorted(set(run.store.purged()) - answered):
         raise ResumeError(f"seed {run.seed} was interrupted while serving its requests, "
                           f"after clients {stray} were purged without a saved answer; "
@@ -538,7 +539,7 @@ def _final_stop(run: SeedRun, k: int, why: str) -> ResumeError:
 def _check_saved(run: SeedRun, state: dict[str, Any]) -> None:
     """``serving.json`` must describe requests ``0..k-1`` of this config: their rows and,
     when purging, their purges (the last one possibly pending)."""
-    requests = [sorted(r) for r in run.cfg.unlearning.requests]
+    requests = [list(step.targets) for step in resolve(run.cfg, run.setup.data)]
     k = state["next_request"]
     done = requests[:k] if 0 <= k <= len(requests) else None
     rows = {tuple(sorted(r.get("request", []))) for r in state["rows"]

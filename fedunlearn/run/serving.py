@@ -35,6 +35,7 @@ import numpy as np
 from fedunlearn.config.extensions import USER_ERRORS, describe_failure
 from fedunlearn.config.tree import Config, ConfigError
 from fedunlearn.data.federated import FederatedData
+from fedunlearn.data.removal import resolve
 from fedunlearn.engine.faults import ClientFailure, nonfinite, recording_failures
 from fedunlearn.engine.port import Federation
 from fedunlearn.evaluation.schema import (
@@ -132,6 +133,8 @@ def serve(cfg: Config, methods: list[Method], *, trained: Params, initial: Param
         check_requests(cfg, store, start)
         check_replayable_history(methods, store)
 
+    steps = resolve(cfg, data)
+
     def context(targets: tuple[int, ...], removed: frozenset[int], model: Params,
                 request: int) -> UnlearningContext:
         # its own copies: a method that edits ctx.model or ctx.initial in place must not
@@ -142,7 +145,8 @@ def serve(cfg: Config, methods: list[Method], *, trained: Params, initial: Param
                                  history=store, federation=federation,
                                  data=data, build_model=build_model,
                                  seed=derive_seed(cfg.seed, 0xA11, request),
-                                 request=max(request, 0))
+                                 request=max(request, 0),
+                                 removal=steps[request] if request >= 0 else None)
 
     fit_wall = _fit_centralized(methods, context((), frozenset(), trained, -1), listener,
                                 after_federated=not federated)
@@ -162,16 +166,15 @@ def serve(cfg: Config, methods: list[Method], *, trained: Params, initial: Param
         for m in methods:
             if m.name in resume.states:
                 restore_state(m.method, resume.states[m.name], store=str(store.path))
-        removed = frozenset(c for r in cfg.unlearning.requests[:start] for c in r)
+        removed = steps[start - 1].gone if start else frozenset()
         if resume.pending_purge and purging:
-            purge(start - 1, tuple(sorted(cfg.unlearning.requests[start - 1])),
-                  before=resume.before_purge)
-    for i, request in enumerate(cfg.unlearning.requests):
+            purge(start - 1, steps[start - 1].targets, before=resume.before_purge)
+    for i, step in enumerate(steps):
         if i < start:
             continue
-        targets = tuple(sorted(request))
-        removed = removed | set(targets)
-        listener.request_started(RequestStarted(i, targets, removed))
+        targets = step.targets
+        removed = step.gone
+        listener.request_started(RequestStarted(i, targets, removed, step))
         reference_wall: dict[str, float] = {}
         for m in methods:
             interrupt.check()

@@ -22,6 +22,7 @@ import numpy as np
 
 from fedunlearn.config.tree import Config
 from fedunlearn.data.federated import FederatedData
+from fedunlearn.data.removal import forget_set, resolve, retain_set
 from fedunlearn.evaluation.schema import (
     Role,
     Row,
@@ -67,10 +68,13 @@ class Verification(ServingListener):
     def _set_up(self) -> None:
         """The seed's shadow models (trained on first use) and the pool they are drawn from:
         set up once the loop's checks have passed and a request is served, not before."""
-        requested = {c for r in self.cfg.unlearning.requests for c in r}
+        steps = resolve(self.cfg, self.data)
+        requested = {c for s in steps if s.request.granularity != "class" for c in s.targets}
         self.shadows = _shadow_models(self.cfg, self.build_model, self.data, requested)
-        if self.shadows is not None:
-            self.shadow_pool = self.data.pooled(exclude=requested)
+        if self.shadows is not None:  # no sample a request removes: not a query's twin
+            self.shadow_pool = (retain_set(self.data, steps[-1], exclude=requested)
+                                if any(s.request.granularity == "class" for s in steps)
+                                else self.data.pooled(exclude=requested))
         self.ready = True
 
     def request_started(self, event: RequestStarted) -> None:
@@ -78,8 +82,14 @@ class Verification(ServingListener):
         if not self.ready:
             self._set_up()
         v = self.cfg.verification
+        # the forget set is what the request removes; the retain set what stays in
+        step = event.step
+        whole = step is None or all(r.granularity == "client"
+                                    for r in self.cfg.requests[:event.request + 1])
         self.verifier = RequestVerifier(
             self.data, targets=event.targets, removed=event.removed,
+            forget=None if whole else forget_set(self.data, step),
+            retain=None if whole else retain_set(self.data, step),
             target_class=self.target_class, alpha=v.alpha, shadows=self.shadows,
             seed=derive_seed(self.cfg.seed, 0x3E7, event.request),
             shadow_phi=self.shadow_cache.get(event.request), max_members=v.max_members,

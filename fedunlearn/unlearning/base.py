@@ -38,8 +38,10 @@ from typing import Any, ClassVar, Literal, NamedTuple, Protocol, cast
 import numpy as np
 
 from fedunlearn.config.registry import Registry
+from fedunlearn.config.requests import GRANULARITIES, Granularity
 from fedunlearn.config.tree import Config
 from fedunlearn.data.federated import FederatedData
+from fedunlearn.data.removal import Step
 from fedunlearn.engine.port import Federation
 from fedunlearn.history.store import HistoryStore
 from fedunlearn.models.params import Params
@@ -57,7 +59,10 @@ class UnlearningContext:
     server's stored rounds (purging is the orchestrator's job). ``data``: federated methods may
     use ``data.server.x`` only, centralized ones pool ``data.clients``. ``build_model()`` returns
     a fresh network of the experiment's architecture. ``request`` is the position of this request
-    in ``cfg.unlearning.requests``.
+    in ``cfg.unlearning.requests`` and ``removal`` what it removes, resolved against the data
+    (:class:`~fedunlearn.data.removal.Step`: per client the positions it removes, ``forget``,
+    and everything removed so far); for a sample or class request ``targets`` are the clients it
+    removes samples from, who stay in the federation (``removed`` lists those out of it).
     """
 
     cfg: Config
@@ -71,6 +76,19 @@ class UnlearningContext:
     build_model: Callable[[], Any]
     seed: int
     request: int = 0
+    removal: Step | None = None
+
+    @property
+    def removed_through(self) -> int:
+        """How many requests' samples the clients leave out once this one is served (pass it
+        to ``federation.fedavg``/``train_clients``): ``request + 1``, or 0 when every client
+        still in the federation keeps all its samples (client requests only)."""
+        return self.request + 1 if self.removal is not None and self.removal.partial else 0
+
+    @property
+    def granularity(self) -> Granularity:
+        """The request's granularity (``"client"`` when the context has no resolved request)."""
+        return self.removal.request.granularity if self.removal is not None else "client"
 
 
 @dataclass
@@ -98,12 +116,16 @@ class UnlearningResult:
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a method declares beyond ``check`` and ``unlearn``; every field defaults to False.
+    """What a method declares beyond ``check`` and ``unlearn``; every field but
+    ``granularities`` (default: client requests only) defaults to False.
 
     Invariant: ``saves_state`` implies ``carries_state``; :func:`protocol_gaps` checks that the
     hooks of ``checks_config``, ``checks_model`` and ``saves_state`` exist exactly when declared.
     """
 
+    granularities: frozenset[Granularity] = frozenset({"client"})
+    """The request granularities the method serves (:data:`~fedunlearn.config.requests.GRANULARITIES`):
+    a request of another is refused before any work, never served at client level."""
     exact: bool = False
     """The answer equals retraining without the targets (retrain, central_retrain, SISA); the
     lineage log records it."""
@@ -130,9 +152,14 @@ class Capabilities:
     (:class:`SavesState`): the carried state is saved after each request, restored on resume."""
 
     def __post_init__(self) -> None:
-        bad = [k for k, v in dataclasses.asdict(self).items() if not isinstance(v, bool)]
+        bad = [k for k, v in dataclasses.asdict(self).items()
+               if k != "granularities" and not isinstance(v, bool)]
         if bad:
             raise TypeError(f"Capabilities fields are True or False; {', '.join(bad)} is not")
+        if not isinstance(self.granularities, frozenset) or not self.granularities or not (
+                self.granularities <= set(GRANULARITIES)):
+            raise TypeError(f"Capabilities.granularities must be a non-empty frozenset of "
+                            f"{', '.join(GRANULARITIES)}; got {self.granularities!r}")
         if self.saves_state and not self.carries_state:
             raise ValueError("Capabilities(saves_state=True) needs carries_state=True")
 

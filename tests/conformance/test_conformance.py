@@ -76,10 +76,10 @@ class Spy:
         return self.inner.bytes_exchanged
 
     def fedavg(self, initial, *, exclude=frozenset(), listener=None, variant=0, stream=0,
-               start=None):
+               start=None, removed_through=0):
         self.trained += [k for k in range(self.num_clients) if k not in exclude]
         return self.inner.fedavg(initial, exclude=exclude, listener=listener, variant=variant,
-                                 start=start)
+                                 stream=stream, start=start, removed_through=removed_through)
 
     def train_clients(self, model, clients: Sequence[int], **kw):
         task = kw.get("task", "train")

@@ -2,7 +2,8 @@
 
 The same FL configuration (seed, rounds, local epochs, sampling) is run again through the
 federation port with the removed clients excluded from every round: each round's participants
-are the original round's sampled participants minus the removed clients.
+are the original round's sampled participants minus the removed clients. At sample and class
+level the clients stay and train on the samples they keep (a client left with none is out).
 
 The noise floor of every comparison with retraining is a second retraining that shares what the
 methods share with the reference — the initial model and the participants — and draws fresh
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from fedunlearn.config.requests import GRANULARITIES
 from fedunlearn.models import reinitialise
 from fedunlearn.models.params import get_params
 from fedunlearn.models.seeding import run_seed
@@ -43,7 +45,8 @@ class Retrain(FederatedUnlearner):
     """
 
     setting: ClassVar[Setting] = "federated"
-    capabilities: ClassVar[Capabilities] = Capabilities(exact=True)
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        exact=True, granularities=frozenset(GRANULARITIES))
 
     def __init__(self, variant: int = 0, stream: int = 0) -> None:
         self.variant = variant
@@ -56,14 +59,17 @@ class Retrain(FederatedUnlearner):
                 raise ValueError(f"{name} must be an integer >= 0, got {value}")
 
     def unlearn(self, ctx: UnlearningContext) -> UnlearningResult:
-        """Run FedAvg from the initial model with every removed client left out."""
+        """Run FedAvg from the initial model with every removed client left out and every other
+        client training on the samples it keeps."""
         initial = ctx.initial
         if self.variant:
             model = ctx.build_model()
             reinitialise(model, run_seed(ctx.cfg.seed, self.variant))
             initial = get_params(model)
-        run = ctx.federation.fedavg(initial, exclude=ctx.removed, variant=self.variant,
-                                    stream=self.stream)
+        through = ctx.removed_through  # (passed only when needed: a client request's
+        run = ctx.federation.fedavg(  # federation need not know samples)
+            initial, exclude=ctx.removed, variant=self.variant, stream=self.stream,
+            **({"removed_through": through} if through else {}))
         rounds = sum(1 for r in run.rounds if r.participants)
         return UnlearningResult(
             model=run.final,
