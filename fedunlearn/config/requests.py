@@ -178,6 +178,17 @@ def parse_requests(raw: Sequence[Any], *, num_clients: int,
     return requests
 
 
+def labels(requests: Sequence[Request]) -> list[str]:
+    """:meth:`Request.describe` of each request, a repeated one numbered (``class 3 #2``) so
+    that every request has its own label in the tables."""
+    out: list[str] = []
+    for r in requests:
+        text = r.describe()
+        n = sum(1 for o in requests[:len(out)] if o.describe() == text)
+        out.append(text if n == 0 else f"{text} #{n + 1}")
+    return out
+
+
 def granularities(requests: Sequence[Request]) -> set[Granularity]:
     """The granularities a list of requests uses."""
     return {r.granularity for r in requests}

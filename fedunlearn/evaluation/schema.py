@@ -85,8 +85,8 @@ COST_KEYS: tuple[str, ...] = (
     "bytes_exchanged", "sample_epochs", "server_epochs")
 """Cost keys of a comparison row, in the column order of ``metrics.csv``."""
 
-CSV_COLUMNS: tuple[str, ...] = ("request", "seed", "setting", "role", "method", *METRIC_KEYS,
-                                 *COST_KEYS)
+CSV_COLUMNS: tuple[str, ...] = ("request", "granularity", "seed", "setting", "role", "method",
+                                 *METRIC_KEYS, *COST_KEYS)
 """The header of ``metrics.csv``."""
 
 SETTINGS: tuple[str, ...] = ("federated", "centralized")
@@ -111,5 +111,16 @@ class Row:
     metrics: dict[str, Any]
     model_hash: str
     details: dict[str, Any] = field(default_factory=dict)
+    granularity: str = "client"
+    """``client``, ``samples`` or ``class`` (:mod:`fedunlearn.config.requests`)."""
+    removes: str = ""
+    """What a sample or class request removes, in words (``samples of client 3 (backdoor)``,
+    ``class 7``); empty for a client request, whose clients are ``request``."""
+
+
+def request_key(row: Any) -> tuple[tuple[int, ...], str]:
+    """What identifies a row's request across seeds: its clients and what it removes (two
+    sample requests of one client differ in the second)."""
+    return tuple(int(c) for c in row.get("request") or []), str(row.get("removes") or "")
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from fedunlearn.evaluation.schema import Role
+from fedunlearn.evaluation.schema import Role, request_key
 from fedunlearn.evaluation.verdicts import (
     ALPHA,
     CRITERIA,
@@ -34,7 +34,7 @@ MCNEMAR_KEY = "backdoor_asr_vs_retrain_p"
 """Metric holding one seed's exact McNemar p-value of the method's triggered inputs against
 retraining's (a per-seed diagnostic; never the verdict)."""
 
-Key = tuple[tuple[int, ...], str, str]
+Key = tuple[tuple[tuple[int, ...], str], str, str]
 
 
 def _number(x: Any) -> float | None:
@@ -61,7 +61,7 @@ def describe(values: Sequence[float | None]) -> dict[str, Any]:
 
 
 def _key(row: Mapping[str, Any]) -> Key:
-    return tuple(int(c) for c in row["request"]), str(row["setting"]), str(row["method"])
+    return request_key(row), str(row["setting"]), str(row["method"])
 
 
 def _by_seed(rows: Iterable[Mapping[str, Any]]) -> dict[int, Mapping[str, Any]]:
@@ -97,7 +97,8 @@ def summarize(rows: Sequence[Mapping[str, Any]], *, alpha: float = ALPHA,
     groups: dict[Key, list[Mapping[str, Any]]] = {}
     for r in rows:
         groups.setdefault(_key(r), []).append(r)
-    role_rows: dict[tuple[tuple[int, ...], str, str], dict[int, Mapping[str, Any]]] = {}
+    role_rows: dict[tuple[tuple[tuple[int, ...], str], str, str],
+                    dict[int, Mapping[str, Any]]] = {}
     for (request, setting, _), members in groups.items():
         for role in (Role.ORIGINAL, Role.REFERENCE, Role.NOISE_FLOOR):
             chosen = [r for r in members if r.get("role") == role]
@@ -108,13 +109,15 @@ def summarize(rows: Sequence[Mapping[str, Any]], *, alpha: float = ALPHA,
         seeds = sorted({int(r.get("seed", 0)) for r in members})
         metric_keys = list(dict.fromkeys(k for r in members for k in (r.get("metrics") or {})))
         entry: dict[str, Any] = {
-            "request": list(request), "setting": setting, "method": method,
+            "request": list(request[0]), "setting": setting, "method": method,
             "role": members[0].get("role"), "seeds": seeds,
             "metrics": {k: describe([_metric(r, k) for r in members]) for k in metric_keys
                         if any(_metric(r, k) is not None for r in members)},
             "costs": {k: describe([_number(r.get(k)) for r in members]) for k in COST_FIGURES},
             "verdicts": {}, "notes": sorted({n for r in members for n in r.get("notes") or []}),
         }
+        if request[1]:  # a sample or class request: what it removes
+            entry.update(granularity=members[0].get("granularity"), removes=request[1])
         if entry["role"] == Role.METHOD:
             ref = role_rows.get((request, setting, Role.REFERENCE), {})
             floor = role_rows.get((request, setting, Role.NOISE_FLOOR), {})

@@ -146,7 +146,9 @@ def _md_request(index: int, clients: list[int], rows: list[dict[str, Any]], *,
                 show_setting: bool, backdoor: bool, verification: str | None = None) -> str:
     refs = ", ".join(f"`{r['method']}`" for r in _by_role(rows, Role.REFERENCE).values())
     return "\n\n".join([
-        f"## Request {index}: forget clients {clients}",
+        f"## Request {index}: forget "
+        + (f"{rows[0]['removes']} ({rows[0].get('granularity')} level)"
+           if rows and rows[0].get("removes") else f"clients {clients}"),
         "### Comparison",
         _md_table(_comparison_columns(rows, show_setting, backdoor), rows),
         *([v] if (v := _md_verdicts(rows)) else []),

@@ -18,6 +18,7 @@ from fedunlearn.evaluation.schema import (
     ROLES,
     SETTINGS,
     Role,
+    request_key,
 )
 from fedunlearn.reporting.files import _write_text
 
@@ -71,9 +72,15 @@ def _request_clients(request: Any) -> list[int]:
     return [int(request)]
 
 
-def request_label(clients: Sequence[int]) -> str:
-    """``"0"`` or ``"0+3"``: the clients a request forgets."""
-    return "+".join(str(c) for c in clients) or MISSING
+def request_label(clients: Sequence[int], removes: str = "") -> str:
+    """``"0"`` or ``"0+3"``: the clients a request forgets; what a sample or class request
+    removes (``removes``) when it has it."""
+    return removes or "+".join(str(c) for c in clients) or MISSING
+
+
+def row_label(row: Mapping[str, Any]) -> str:
+    """:func:`request_label` of a row or summary entry."""
+    return request_label(row.get("request") or [], str(row.get("removes") or ""))
 
 
 def ordered_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -90,9 +97,9 @@ def ordered_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         Rows from :func:`normalize_row`; the sort is stable, so methods keep their order.
     """
     norm = [normalize_row(r) for r in rows]
-    requests = _unique(tuple(r["request"]) for r in norm)
+    requests = _unique(request_key(r) for r in norm)
     settings = _settings(norm)
-    return sorted(norm, key=lambda r: (requests.index(tuple(r["request"])),
+    return sorted(norm, key=lambda r: (requests.index(request_key(r)),
                                        settings.index(r["setting"]), _rank(ROLES, r["role"])))
 
 
@@ -112,10 +119,10 @@ def _settings(rows: Iterable[Mapping[str, Any]]) -> list[str]:
 
 def _request_groups(rows: list[dict[str, Any]]) -> list[tuple[list[int], list[dict[str, Any]]]]:
     """``(clients, rows)`` per request, for rows already in :func:`ordered_rows` order."""
-    groups: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+    groups: dict[tuple[tuple[int, ...], str], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault(tuple(r["request"]), []).append(r)
-    return [(list(k), v) for k, v in groups.items()]
+        groups.setdefault(request_key(r), []).append(r)
+    return [(list(k[0]), v) for k, v in groups.items()]
 
 
 def _first_request(results: Mapping[str, Any]) -> tuple[list[int], list[dict[str, Any]]]:
@@ -140,7 +147,7 @@ def display_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
         verdicts = {_entry_key(e): e for e in summary}
         rows = ordered_rows(results.get("unlearning") or [])
         for r in rows:
-            e = verdicts.get((tuple(r["request"]), r["setting"], r["method"]))
+            e = verdicts.get((request_key(r), r["setting"], r["method"]))
             if e is not None:
                 r["verdicts"] = e.get("verdicts") or {}
                 r["notes"] = e.get("notes") or r.get("notes") or []
@@ -148,9 +155,8 @@ def display_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     return ordered_rows([_summary_row(e, results.get("unlearning") or []) for e in summary])
 
 
-def _entry_key(e: Mapping[str, Any]) -> tuple[tuple[int, ...], str, str]:
-    return tuple(int(c) for c in e.get("request") or []), str(e.get("setting")), \
-        str(e.get("method"))
+def _entry_key(e: Mapping[str, Any]) -> tuple[tuple[tuple[int, ...], str], str, str]:
+    return request_key(e), str(e.get("setting")), str(e.get("method"))
 
 
 def _summary_row(entry: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -166,6 +172,8 @@ def _summary_row(entry: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) ->
              if _entry_key(r) == key]
     flags = [f for f in flags if isinstance(f, bool)]
     return {"request": list(entry.get("request") or []), "setting": entry.get("setting"),
+            "granularity": entry.get("granularity") or "client",
+            "removes": entry.get("removes") or "",
             "method": entry.get("method"), "role": entry.get("role"),
             "metrics": mean(metrics), **mean(costs), "spread": {**half(metrics), **half(costs)},
             "n": len(entry.get("seeds") or []), "verdicts": entry.get("verdicts") or {},
@@ -305,7 +313,7 @@ def _terminal_columns(backdoor: bool) -> list[_Column]:
         seeds = r.get("trigger_active")
         return f"{seeds[0]}/{seeds[1]}" if seeds is not None else trigger[_trigger_flag(r)]
 
-    cols = [_Column("request", lambda r: request_label(r["request"]), False),
+    cols = [_Column("request", row_label, False),
             _Column("setting", lambda r: r["setting"], False),
             _Column("method", lambda r: r["method"], False),
             _metric_column("test", "test_accuracy", ".3f"),
@@ -345,7 +353,18 @@ def comparison_table(rows: list[dict[str, Any]],
     cols = _terminal_columns(_has_backdoor(norm))
     if _multi_seed(summary):
         cols.insert(3, _Column("seeds", lambda r: str(r.get("n", 1))))
+    if granular(norm):
+        cols.insert(1, GRANULARITY_COLUMN)
     return _fixed_width(cols, norm)
+
+
+GRANULARITY_COLUMN = _Column("granularity", lambda r: str(r.get("granularity") or "client"),
+                             False)
+
+
+def granular(rows: Iterable[Mapping[str, Any]]) -> bool:
+    """Some row answers a sample or class request (the tables then show the granularity)."""
+    return any((r.get("granularity") or "client") != "client" for r in rows)
 
 
 # --- verdicts against retraining -------------------------------------------------------------
@@ -398,8 +417,7 @@ def verdict_cell(v: Mapping[str, Any] | None, spec: str) -> str:
 
 
 def _verdict_columns(show_request: bool = True) -> list[_Column]:
-    lead = [_Column("request", lambda r: request_label(r["request"]), False)] \
-        if show_request else []
+    lead = [_Column("request", row_label, False)] if show_request else []
     lead += [_Column("setting", lambda r: r["setting"], False),
              _Column("method", lambda r: r["method"], False)]
     return lead + [_Column(h, lambda r, c=c, spec=spec: verdict_cell(
@@ -417,10 +435,10 @@ def verdict_table(summary: Sequence[Mapping[str, Any]] | None) -> str:
     if not rows:
         return "verdicts       none (no method row beside a retraining)"
     lines = [_fixed_width(_verdict_columns(), rows), rule_of(rows)]
-    several = len({request_label(r["request"]) for r in rows}) > 1  # say which one
+    several = len({row_label(r) for r in rows}) > 1  # say which one
 
     def where(r: Mapping[str, Any]) -> str:
-        return f"request {request_label(r['request'])}, " if several else ""
+        return f"request {row_label(r)}, " if several else ""
 
     lines += [f"note: {where(r)}{r['method']}: {n}" for r in rows for n in r.get("notes") or []]
     return "\n".join(lines)
@@ -457,7 +475,8 @@ def metrics_table_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def _flat_row(row: dict[str, Any]) -> dict[str, Any]:
-    flat: dict[str, Any] = {"request": request_label(row["request"]),
+    flat: dict[str, Any] = {"request": row_label(row),
+                            "granularity": row.get("granularity") or "client",
                             "seed": row.get("seed"), "setting": row["setting"],
                             "role": row["role"], "method": row["method"]}
     flat.update({k: row["metrics"].get(k) for k in METRIC_KEYS})
@@ -527,10 +546,9 @@ def verification_line(results: Mapping[str, Any], request: int) -> str | None:
     entries = [v for v in block.get("requests") or [] if v.get("request") == request]
     if not entries:
         return None
-    rows = ordered_rows(results.get("unlearning") or [])
-    clients = entries[0].get("clients") or []
-    retrain = sum(_value(r.get("wall_s")) or 0.0 for r in rows
-                  if r["role"] == Role.REFERENCE and r["request"] == list(clients))
+    groups = _request_groups(ordered_rows(results.get("unlearning") or []))  # request order
+    rows = groups[request][1] if 0 <= request < len(groups) else []
+    retrain = sum(_value(r.get("wall_s")) or 0.0 for r in rows if r["role"] == Role.REFERENCE)
     wall = sum(_value(v.get("wall_s")) or 0.0 for v in entries)
     shadow = sum(_value(v.get("shadow_s")) or 0.0 for v in entries)
     seeds = len({v.get("seed") for v in entries})

@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from fedunlearn.config.requests import labels
 from fedunlearn.config.tree import Config
 from fedunlearn.data.federated import FederatedData
-from fedunlearn.data.removal import forget_set, resolve, retain_set
+from fedunlearn.data.removal import Step, forget_set, resolve, retain_set
 from fedunlearn.evaluation.schema import (
     Role,
     Row,
@@ -62,6 +63,7 @@ class Verification(ServingListener):
         self.ready = False  # the shadows and their pool are set up at the first request
         self.target_class = cfg.backdoor.target_class if cfg.backdoor.clients else None
         self.verifier: RequestVerifier | None = None
+        self.step: Step | None = None
         self.answers: list[_Answer] = []
         self.verify_s = 0.0
 
@@ -83,7 +85,7 @@ class Verification(ServingListener):
             self._set_up()
         v = self.cfg.verification
         # the forget set is what the request removes; the retain set what stays in
-        step = event.step
+        step = self.step = event.step
         whole = step is None or all(r.granularity == "client"
                                     for r in self.cfg.requests[:event.request + 1])
         self.verifier = RequestVerifier(
@@ -116,6 +118,12 @@ class Verification(ServingListener):
         t0 = time.perf_counter()
         fits = getattr(self.shadows, "fits_", 0)
         event.rows = _with_distances(self.answers, verifier)
+        step = self.step
+        if step is not None and step.request.granularity != "client":
+            for row in event.rows:  # what the request removes (its clients vary with the
+                row.granularity = step.request.granularity  # seed for a class)
+                row.removes = labels(self.cfg.requests)[event.request]
+                row.request = list(step.request.clients)
         if verifier.shadow_phi is not None:
             self.shadow_cache[event.request] = verifier.shadow_phi
         verify_s = (self.verify_s + time.perf_counter() - t0

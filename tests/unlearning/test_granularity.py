@@ -128,3 +128,29 @@ def test_through_flower_sample_and_class_retraining_is_the_in_process_one(tmp_pa
     for request, row in enumerate(rows):
         twin, _ = _retrain(cfg, setup, tmp_path / f"twin{request}", request)
         assert row["model_hash"] == params_hash(twin)
+
+
+def test_each_request_is_its_own_line_over_seeds_whatever_clients_it_touches(
+        tmp_path, monkeypatch) -> None:
+    """Two identical sample requests of one client and a class request (whose clients differ
+    from seed to seed) summarise as three requests over both seeds, labelled by what they
+    remove, with the granularity in its own column."""
+    from crash_harness import in_process_engine
+
+    from fedunlearn.reporting.tables import comparison_table
+    from fedunlearn.run import pipeline
+
+    monkeypatch.setattr(pipeline, "run_engine", in_process_engine)
+    cfg = small_config(*BD, "experiment.seeds=[0, 1]", 'unlearning.methods=["retrain"]',
+                       "unlearning.requests=[{client = 0, fraction = 0.3},"
+                       " {client = 0, fraction = 0.3}, {label = 3}]",
+                       "verification.mia_shadows=0", "unlearning.purge=false")
+    results = pipeline.run_experiment(cfg, tmp_path / "run", quiet=True)
+    references = [e for e in results["summary"] if e["method"] == "retrain"]
+    assert [(e["removes"], e["granularity"], e["seeds"]) for e in references] == [
+        ("samples of client 0 (fraction 0.3)", "samples", [0, 1]),
+        ("samples of client 0 (fraction 0.3) #2", "samples", [0, 1]),
+        ("class 3", "class", [0, 1])]
+    table = comparison_table(results["unlearning"], results["summary"]).splitlines()
+    assert table[0].split()[:2] == ["request", "granularity"]
+    assert sum("class 3" in line and " class " in line for line in table) == 3
