@@ -126,6 +126,17 @@ def retain_set(data: FederatedData, step: Step, exclude: frozenset[int] | set[in
     return _pool(parts, data.num_classes, "retain")
 
 
+def pooled_ids(data: FederatedData, forget: Mapping[int, np.ndarray]) -> np.ndarray:
+    """Positions in ``data.pooled()`` (every client, in client order) of the samples
+    ``forget`` names per client: how a centralized method, holding the pooled data, finds a
+    request's samples. Sorted."""
+    offsets = np.concatenate([[0], np.cumsum([len(d) for d in data.clients])])
+    if not forget:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([offsets[c] + np.asarray(idx, dtype=np.int64)
+                           for c, idx in sorted(forget.items())])
+
+
 def _pool(parts: list[ArrayDataset], num_classes: int, name: str) -> ArrayDataset:
     return ArrayDataset(x=np.concatenate([p.x for p in parts]),
                         y=np.concatenate([p.y for p in parts]), num_classes=num_classes,

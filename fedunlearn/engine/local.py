@@ -77,7 +77,11 @@ def client_data(job: str, client: int, removed_through: int = 0) -> ArrayDataset
     local = data.clients[client]
     if removed_through <= 0:
         return local
-    keep = retained_mask(_steps(job), client, removed_through, len(local))
+    steps = _steps(job)
+    if removed_through > len(steps):
+        raise ValueError(f"asked to leave out what {removed_through} removal requests removed, "
+                         f"but the job's config has {len(steps)} (unlearning.requests)")
+    keep = retained_mask(steps, client, removed_through, len(local))
     return local if keep is None else local.subset(np.flatnonzero(keep))
 
 

@@ -486,3 +486,38 @@ def test_an_unlearn_that_returns_no_result_is_one_line(trained):
     with pytest.raises(RequestError, match="returned NoneType, not an UnlearningResult"):
         _serve(Method("nothing", ReturnsNothing(), Role.METHOD), _context(trained, (TARGET,)),
                0, {})
+
+
+# --- every granularity a method declares, served -------------------------------------------
+
+GRANULAR = [(name, g) for name in ALL
+            for g in sorted(capabilities_of(UNLEARNERS.get(name)).granularities)
+            if g != "client"]
+
+
+@pytest.mark.parametrize(("name", "granularity"), GRANULAR)
+def test_a_method_serves_every_granularity_it_declares(name, granularity, trained):
+    """A sample request (the backdoored client's poisoned samples) or a class request, resolved
+    against the data: the method answers with a usable model or predictor, and a federated
+    method asks only the clients still in the federation for work."""
+    import dataclasses
+
+    from fedunlearn.data.removal import resolve
+
+    _, setup, _, _, _ = trained
+    request = {"samples": f'[{{client = {TARGET}, samples = "backdoor"}}]',
+               "class": "[{label = 3}]"}[granularity]
+    cfg = small_config(*CFG, f"unlearning.requests={request}")
+    (step,) = resolve(cfg, setup.data)
+    method = UNLEARNERS.get(name)()
+    spy = Spy(InProcessFederation(cfg, setup.evaluator()))  # its clients know the request
+    ctx = dataclasses.replace(_context(trained, step.targets, spy), cfg=cfg,
+                              removed=step.gone, removal=step)
+    if setting_of(type(method)) == "centralized":
+        method.fit(dataclasses.replace(ctx, removal=None, targets=(), removed=frozenset()))
+    result = method.unlearn(ctx)
+    predict = result.predict_proba or setup.predictor()(result.model)
+    p = predict(setup.data.test.x)
+    assert p.shape == (len(setup.data.test.x), setup.data.num_classes)
+    assert float(np.mean(p.argmax(axis=1) == setup.data.test.y)) > 0.5
+    assert not set(spy.trained) & step.gone

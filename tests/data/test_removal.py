@@ -14,6 +14,7 @@ from fedunlearn.data.removal import (
     FRACTION_STREAM,
     RemovalError,
     forget_set,
+    pooled_ids,
     resolve,
     retain_set,
     retained_mask,
@@ -93,3 +94,17 @@ def test_a_request_that_does_not_fit_the_data_is_one_line(requests: str, says: s
     with pytest.raises(RemovalError) as err:
         resolve(cfg, data)
     assert says in str(err.value) and "\n" not in str(err.value), err.value
+
+
+def test_pooled_ids_point_at_the_same_samples_in_the_pool() -> None:
+    cfg, data = _setup("[{client = 2, samples = [0, 7]}, {label = 5}]")
+    pool = data.pooled()
+    for step in resolve(cfg, data):
+        ids = pooled_ids(data, step.forget)
+        expect_x = np.concatenate([data.clients[c].x[idx] for c, idx in sorted(step.forget.items())])
+        expect_y = np.concatenate([data.clients[c].y[idx] for c, idx in sorted(step.forget.items())])
+        assert np.array_equal(pool.x[ids], expect_x) and np.array_equal(pool.y[ids], expect_y)
+        assert len(np.unique(ids)) == step.num_forgotten
+    # by hand: client 2's sample 7 sits after clients 0 and 1 in the pool
+    offset = len(data.clients[0]) + len(data.clients[1])
+    assert pooled_ids(data, {2: np.array([7])}).tolist() == [offset + 7]

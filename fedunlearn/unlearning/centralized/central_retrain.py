@@ -13,6 +13,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from fedunlearn.config.requests import GRANULARITIES
+from fedunlearn.data.removal import Step, retain_set
 from fedunlearn.models import reinitialise
 from fedunlearn.models.params import Params, get_params, set_params
 from fedunlearn.models.seeding import derive_seed
@@ -51,7 +53,8 @@ class CentralRetrain(CentralizedUnlearner):
     """
 
     setting: ClassVar[Setting] = "centralized"
-    capabilities: ClassVar[Capabilities] = Capabilities(exact=True)
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        exact=True, granularities=frozenset(GRANULARITIES))
 
     def __init__(self, epochs: float = 20.0, learning_rate: float | None = None,
                  variant: int = 0, stream: int = 0) -> None:
@@ -82,14 +85,18 @@ class CentralRetrain(CentralizedUnlearner):
         return predict_proba(model, x)
 
     def unlearn(self, ctx: UnlearningContext) -> UnlearningResult:
-        """Retrain from scratch without every client in ``ctx.removed``."""
-        params, n = self._train(ctx, ctx.removed)
+        """Retrain from scratch on the pooled data without every sample removed so far (every
+        client in ``ctx.removed``, and the samples sample and class requests took)."""
+        params, n = self._train(ctx, ctx.removed, kept=ctx.removal)
         return UnlearningResult(model=params, cost=Cost(sample_epochs=n * self.epochs),
                                 details={"samples": n})
 
-    def _train(self, ctx: UnlearningContext, removed: frozenset[int]) -> tuple[Params, int]:
+    def _train(self, ctx: UnlearningContext, removed: frozenset[int],
+               kept: Step | None = None) -> tuple[Params, int]:
         """The one training run behind ``fit`` and ``unlearn``: (params, #samples)."""
-        pooled = ctx.data.pooled(exclude=removed)  # the config keeps at least one client
+        # the config keeps at least one client (and one sample); in client order either way
+        pooled = retain_set(ctx.data, kept) if kept is not None else ctx.data.pooled(
+            exclude=removed)
         x, y = pooled.x, pooled.y
         spec = local_training(ctx.cfg, self.epochs, learning_rate=self.learning_rate)
         model = ctx.build_model()

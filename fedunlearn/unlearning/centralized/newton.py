@@ -23,7 +23,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from fedunlearn.config.requests import GRANULARITIES
 from fedunlearn.config.tree import Config
+from fedunlearn.data.removal import pooled_ids
 from fedunlearn.models.seeding import derive_seed
 from fedunlearn.models.training import local_training, train
 from fedunlearn.unlearning.base import (
@@ -102,7 +104,8 @@ class NewtonRemoval(CentralizedUnlearner):
     """
 
     setting: ClassVar[Setting] = "centralized"
-    capabilities: ClassVar[Capabilities] = Capabilities(checks_config=True)
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        checks_config=True, granularities=frozenset(GRANULARITIES))
     """Not exact: (ε, δ)-certified, not equal to retraining."""
 
     def __init__(self, lam: float = 1e-3, sigma: float = 1.0, epsilon: float = 1.0,
@@ -164,11 +167,18 @@ class NewtonRemoval(CentralizedUnlearner):
         return self.original_.predict_proba(self.feature_map_(x))
 
     def unlearn(self, ctx: UnlearningContext) -> UnlearningResult:
-        """Remove the rows of ``ctx.targets`` with one Newton step per class."""
+        """Remove the request's rows (a client's, some of a client's, a class's) with one
+        Newton step per class."""
         if not hasattr(self, "model_"):
             raise RuntimeError("NewtonRemoval.unlearn called before fit(ctx)")
-        fresh = sorted(set(ctx.targets) - self.removed_)
-        rows = np.isin(self.owners_, fresh)
+        if ctx.removal is not None:  # what this request removes, as positions in the pool
+            rows = np.zeros(len(self.owners_), dtype=bool)
+            rows[pooled_ids(ctx.data, ctx.removal.forget)] = True
+            fresh = sorted(set(ctx.targets) - self.removed_) \
+                if ctx.removal.request.granularity == "client" else []
+        else:
+            fresh = sorted(set(ctx.targets) - self.removed_)
+            rows = np.isin(self.owners_, fresh)
         info = self.model_.remove(rows)
         self.removed_ |= set(fresh)
         details: dict[str, Any] = {key: info[key] for key in (

@@ -29,8 +29,10 @@ from typing import Any, ClassVar
 import numpy as np
 from torch import nn
 
+from fedunlearn.config.requests import GRANULARITIES
 from fedunlearn.config.tree import Config
 from fedunlearn.data.federated import FederatedData
+from fedunlearn.data.removal import pooled_ids
 from fedunlearn.models import reinitialise
 from fedunlearn.models.params import Params, get_params, num_bytes, set_params
 from fedunlearn.models.seeding import derive_seed
@@ -481,7 +483,8 @@ class Sisa(CentralizedUnlearner):
     """
 
     setting: ClassVar[Setting] = "centralized"
-    capabilities: ClassVar[Capabilities] = Capabilities(exact=True, checks_config=True)
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        exact=True, checks_config=True, granularities=frozenset(GRANULARITIES))
     """Exact: the ensemble equals one trained without the removed ids."""
 
     def __init__(self, shards: int = 5, slices: int = 4, epochs: float = 20.0,
@@ -528,11 +531,15 @@ class Sisa(CentralizedUnlearner):
         return self.original_(x)
 
     def unlearn(self, ctx: UnlearningContext) -> UnlearningResult:
-        """Remove the targets' samples: retrain their shards from the last unaffected slice."""
+        """Remove the request's samples (a client's, some of a client's, a class's): retrain
+        the shards holding them from the last unaffected slice."""
         if not hasattr(self, "ensemble_"):
             raise RuntimeError("Sisa.unlearn called before fit(ctx)")
-        ids = np.concatenate([self.client_ids_[k] for k in ctx.targets]) if ctx.targets \
-            else np.zeros(0, np.int64)
+        if ctx.removal is not None:  # what this request removes, as positions in the pool
+            ids = pooled_ids(ctx.data, ctx.removal.forget)
+        else:
+            ids = np.concatenate([self.client_ids_[k] for k in ctx.targets]) if ctx.targets \
+                else np.zeros(0, np.int64)
         stats = self.ensemble_.remove(ids)
         details: dict[str, Any] = {
             **stats, "shards": self.ensemble_.shards, "slices": self.ensemble_.slices,
