@@ -26,7 +26,7 @@ from fedunlearn.models import build_model
 from fedunlearn.models.params import Params, get_params, set_params
 from fedunlearn.models.seeding import derive_seed
 from fedunlearn.models.training import device_for, evaluate, local_training, train
-from fedunlearn.unlearning.federated.pga_ascent import Ascent, projected_ascent
+from fedunlearn.unlearning.federated.pga_ascent import ASCENT_FORGET, Ascent, projected_ascent
 
 
 @functools.lru_cache(maxsize=4)
@@ -123,20 +123,26 @@ but the epochs and batch size); its epochs are the request's ``epochs``."""
 
 def client_ascent(job: str, params: Params, client: int, *, server_round: int, tag: int,
                   epochs: float, radius: float, threshold: float, learning_rate: float,
-                  momentum: float, clip_norm: float) -> tuple[Params, int, dict[str, float]]:
+                  momentum: float, clip_norm: float, forget_of: int = 0
+                  ) -> tuple[Params, int, dict[str, float]]:
     """Client ``client`` runs :func:`~fedunlearn.unlearning.federated.pga_ascent.projected_ascent` on its own data from
-    ``params`` (the ball's centre), ``τ`` judged on its clean samples (:func:`clean_samples`);
-    returns (new params, #examples, stats)."""
+    ``params`` (the ball's centre), ``τ`` judged on its clean samples (:func:`clean_samples`),
+    or with ``forget_of`` on the samples request ``forget_of - 1`` removes from it, ``τ`` judged
+    on them; returns (new params, #examples, stats)."""
     cfg, data = runtime(job)
     model = model_for(job, cfg, data)
     set_params(model, params)
     local = data.clients[client]
+    judged = clean_samples(cfg, data, client)
+    if forget_of > 0:  # a sample or class request: ascend on (and judge) what it removes
+        local = local.subset(_steps(job)[forget_of - 1].forget[client])
+        judged = np.ones(len(local), dtype=bool)
     spec = Ascent(epochs=epochs, batch_size=cfg.training.batch_size,
                   learning_rate=learning_rate, momentum=momentum, clip_norm=clip_norm,
                   radius=radius, threshold=threshold)
     stats = projected_ascent(model, local.x, local.y, spec,
                              seed=derive_seed(cfg.seed, server_round, client, tag),
-                             device=device_for(cfg), judged=clean_samples(cfg, data, client))
+                             device=device_for(cfg), judged=judged)
     return get_params(model), len(local), stats
 
 
@@ -159,10 +165,12 @@ def client_work(job: str, params: Params, client: int, *, server_round: int, tag
         return client_train(job, params, client, server_round=server_round, tag=tag,
                             epochs=epochs, removed_through=removed_through)
     if task == "ascent":
+        forget_of = int(given.pop(ASCENT_FORGET, 0))
         if sorted(given) != sorted(ASCENT_PARAMS) or epochs is None:
             raise ValueError(f"task 'ascent' needs epochs and task_params "
                              f"{', '.join(ASCENT_PARAMS)}; got epochs={epochs}, "
                              f"task_params {sorted(given)}")
         return client_ascent(job, params, client, server_round=server_round, tag=tag,
-                             epochs=float(epochs), **{k: float(v) for k, v in given.items()})
+                             epochs=float(epochs), forget_of=forget_of,
+                             **{k: float(v) for k, v in given.items()})
     raise ValueError(f"unknown client task {task!r}; known: {', '.join(TASKS)}")

@@ -154,3 +154,24 @@ def test_each_request_is_its_own_line_over_seeds_whatever_clients_it_touches(
     table = comparison_table(results["unlearning"], results["summary"]).splitlines()
     assert table[0].split()[:2] == ["request", "granularity"]
     assert sum("class 3" in line and " class " in line for line in table) == 3
+
+
+def test_a_sample_request_ascent_runs_on_the_samples_it_removes_and_judges_them() -> None:
+    """PGA's client task below the client level: the ascent's data is what the request
+    removes from that client (here the poisoned half), judged on those samples."""
+    from fedunlearn.engine.local import client_work, runtime
+    from fedunlearn.engine.messages import job_json
+
+    cfg = small_config(*BD, 'unlearning.methods=["retrain", "pga"]',
+                       'unlearning.requests=[{client = 1, samples = "backdoor"}]')
+    setup = prepare(cfg)
+    job = job_json(cfg)
+    (step,) = resolve(*runtime(job))
+    spec = {"radius": 1.0, "threshold": 0.0, "learning_rate": 0.01, "momentum": 0.0,
+            "clip_norm": 5.0}
+    _, n, stats = client_work(job, setup.initial, 1, server_round=1, tag=0, epochs=1.0,
+                              task="ascent", task_params={**spec, "forget_of": 1.0})
+    assert n == len(step.forget[1]) == stats["judged"] < len(setup.data.clients[1])
+    _, whole, stats = client_work(job, setup.initial, 1, server_round=1, tag=0, epochs=1.0,
+                                  task="ascent", task_params=spec)
+    assert whole == len(setup.data.clients[1])  # a client request: the whole data

@@ -164,6 +164,9 @@ def remaining_rounds(ctx: UnlearningContext, model: Params, rounds: int, *, epoc
     """
     t = ctx.cfg.training
     tag = derive_seed(ctx.seed, purpose) + 1
+    # below the client level the clients train and evaluate on what they keep (the argument
+    # only when needed: a client request's federation need not know samples)
+    kept = {"removed_through": ctx.removed_through} if ctx.removed_through else {}
     out = {k: v.copy() for k, v in model.items()}
     repair = Repair(model=out, cost=Cost())
     watch: list[int] = []
@@ -171,7 +174,8 @@ def remaining_rounds(ctx: UnlearningContext, model: Params, rounds: int, *, epoc
     before: Mapping[int, ClientEvaluation] = {}
     if tolerance is not None and rounds > 0:
         watch = evaluators(ctx, purpose)
-        before = ctx.federation.evaluate_clients(ctx.model, watch, server_round=first_round)
+        before = ctx.federation.evaluate_clients(ctx.model, watch, server_round=first_round,
+                                                 **kept)
         repair.cost.messages_sent += len(watch)
         reference = pooled_accuracy(before, list(before))
         repair.recovery = {"evaluators": watch, "reference_accuracy": reference,
@@ -187,7 +191,7 @@ def remaining_rounds(ctx: UnlearningContext, model: Params, rounds: int, *, epoc
         if not clients:
             continue
         results = ctx.federation.train_clients(out, clients, epochs=epochs, server_round=r,
-                                               tag=tag)
+                                               tag=tag, **kept)
         done = [k for k in clients if k in results]
         weights = fedavg_weights([results[k].num_examples for k in done])
         out = apply_update(out, weighted_sum([difference(results[k].model, out) for k in done],
@@ -198,7 +202,7 @@ def remaining_rounds(ctx: UnlearningContext, model: Params, rounds: int, *, epoc
         entry: dict[str, Any] = {"round": r, "clients": list(clients), "answered": done}
         repair.log.append(entry)
         if watch:
-            now = ctx.federation.evaluate_clients(out, watch, server_round=r)
+            now = ctx.federation.evaluate_clients(out, watch, server_round=r, **kept)
             repair.cost.messages_sent += len(watch)
             both = [k for k in watch if k in now and k in before]
             accuracy, reference = pooled_accuracy(now, both), pooled_accuracy(before, both)

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+from fedunlearn.config.requests import GRANULARITIES
 from fedunlearn.config.tree import Config
 from fedunlearn.models.params import Params
 from fedunlearn.unlearning.base import (
@@ -166,7 +167,8 @@ class NoT(FederatedUnlearner):
     """
 
     setting: ClassVar[Setting] = "federated"
-    capabilities: ClassVar[Capabilities] = Capabilities(checks_config=True, checks_model=True)
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        checks_config=True, checks_model=True, granularities=frozenset(GRANULARITIES))
 
     def __init__(self, layers: Sequence[int] = (0,), rounds: int | None = None,
                  until: str = "recovered", tolerance: float = 0.01,

@@ -57,6 +57,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from fedunlearn.config.requests import GRANULARITIES
 from fedunlearn.engine.aggregation import apply_update, difference, weighted_sum
 from fedunlearn.history.store import HistoryPurgedError, HistoryStore
 from fedunlearn.models import reinitialise
@@ -74,6 +75,7 @@ from fedunlearn.unlearning.base import (
 )
 from fedunlearn.unlearning.federated.calibration import renormalised_weights
 from fedunlearn.unlearning.federated.finetune import check_repair, repair
+from fedunlearn.unlearning.federated.pga_ascent import ASCENT_FORGET
 
 _ASCENT_PURPOSE = 0xA5CE
 _RANDOM_PURPOSE = 0x4A4D
@@ -186,7 +188,8 @@ class PGA(FederatedUnlearner):
     """
 
     setting: ClassVar[Setting] = "federated"
-    capabilities: ClassVar[Capabilities] = Capabilities(needs_target_client=True)
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        needs_target_client=True, granularities=frozenset(GRANULARITIES))
     """The forgotten clients are asked for work (the ascent, on their own data); they never
     train in the ordinary sense (the conformance suite checks both)."""
 
@@ -239,7 +242,8 @@ class PGA(FederatedUnlearner):
         self.check()
         history = ctx.history
         earlier = sorted(set(ctx.removed) - set(ctx.targets))
-        if earlier:  # the stored rounds still hold the earlier targets: start from ctx.model
+        granular = ctx.granularity != "client"  # the targets stay: no one's round to drop
+        if earlier or granular:  # start from ctx.model (the stored rounds hold what is gone)
             t, others = None, []
             w_ref = {k: v.copy() for k, v in ctx.model.items()}
         else:
@@ -264,6 +268,8 @@ class PGA(FederatedUnlearner):
         lr = self.learning_rate
         ascent = {"radius": radius, "threshold": threshold, "learning_rate": lr,
                   "momentum": float(self.ascent_momentum), "clip_norm": float(self.clip_norm)}
+        if granular:  # each target ascends on the samples the request removes from it
+            ascent[ASCENT_FORGET] = float(ctx.request + 1)
 
         first = len(history.rounds()) + 1
         results = ctx.federation.train_clients(
@@ -289,8 +295,10 @@ class PGA(FederatedUnlearner):
         cost.messages_sent += post.cost.messages_sent
         details: dict[str, Any] = {
             "reference_round": t, "reference_clients": list(others),
-            "reference": ("the model the request starts from (earlier targets "
-                          f"{earlier} removed)" if earlier else "stored round"),
+            "reference": ("the model the request starts from ("
+                          + (f"a {ctx.granularity} request" if granular else
+                             f"earlier targets {earlier} removed") + ")"
+                          if earlier or granular else "stored round"),
             "radius": radius,
             "threshold": threshold, "learning_rate": lr,
             "ascent_momentum": self.ascent_momentum, "clip_norm": self.clip_norm,

@@ -30,6 +30,12 @@ from torch import nn
 
 from fedunlearn.models.training import batch_bounds, has_batchnorm
 
+ASCENT_FORGET = "forget_of"
+"""Optional ``task_params`` entry of the client task ``"ascent"``: N > 0 ascends on the samples
+removal request N - 1 removes from the client (a sample or class request), judged on them,
+instead of on the client's whole data judged on its clean samples
+(:func:`fedunlearn.engine.local.client_ascent`)."""
+
 
 @dataclass(frozen=True)
 class Ascent:
