@@ -126,6 +126,17 @@ def retain_set(data: FederatedData, step: Step, exclude: frozenset[int] | set[in
     return _pool(parts, data.num_classes, "retain")
 
 
+def kept_set(data: FederatedData, step: Step) -> ArrayDataset:
+    """What the request's clients keep after it (a sample request: the client's other
+    samples), pooled in client order."""
+    parts = [data.clients[c].subset(np.flatnonzero(~step.removed[c])) for c in step.targets
+             if c not in step.gone]
+    if not parts:
+        return ArrayDataset(x=data.clients[0].x[:0], y=data.clients[0].y[:0],
+                            num_classes=data.num_classes, name="kept")
+    return _pool(parts, data.num_classes, "kept")
+
+
 def pooled_ids(data: FederatedData, forget: Mapping[int, np.ndarray]) -> np.ndarray:
     """Positions in ``data.pooled()`` (every client, in client order) of the samples
     ``forget`` names per client: how a centralized method, holding the pooled data, finds a

@@ -73,8 +73,14 @@ the reference does). Present when both have triggered predictions."""
 
 
 
+GRANULAR_KEYS: tuple[str, ...] = ("removed_class_accuracy", "other_classes_accuracy",
+                                   "kept_accuracy")
+"""Below the client level: a class request's test accuracy on the removed class and on every
+other class; a sample request's accuracy on what its clients keep of their data."""
+
 METRIC_KEYS: tuple[str, ...] = (
-    "test_accuracy", "retain_accuracy", "forget_accuracy", "backdoor_asr", "backdoor_p_value",
+    "test_accuracy", "retain_accuracy", "forget_accuracy", *GRANULAR_KEYS, "backdoor_asr",
+    "backdoor_p_value",
     "backdoor_trigger_active", *PAIRED_ASR_KEYS, "acc_err", "acc_dis", "param_distance",
     "kl_forget", "kl_test", "pred_diff_forget", "pred_diff_test", *MIA_KEYS)
 """Metric keys of a comparison row, in the column order of ``metrics.csv`` (the membership

@@ -80,6 +80,7 @@ class Outputs:
     members: np.ndarray
     nonmembers: np.ndarray
     triggered: np.ndarray | None
+    kept: np.ndarray | None = None
 
 
 class RequestVerifier:
@@ -144,7 +145,8 @@ class RequestVerifier:
                  shadow_phi: np.ndarray | None = None, resamples: int = 400,
                  max_members: int | None = None, max_population: int | None = None,
                  shadow_pool: ArrayDataset | None = None, forget: ArrayDataset | None = None,
-                 retain: ArrayDataset | None = None) -> None:
+                 retain: ArrayDataset | None = None, removed_label: int | None = None,
+                 kept: ArrayDataset | None = None) -> None:
         everyone = set(range(len(data.clients)))
         test = data.test
         self.data = data
@@ -152,6 +154,8 @@ class RequestVerifier:
             exclude=everyone - set(targets))
         self.retain = retain if retain is not None else data.pooled(exclude=set(removed))
         self.target_class = target_class
+        self.removed_label = removed_label
+        self.kept = kept
         self.alpha = alpha
         self.seed = seed
         self.resamples = resamples
@@ -246,13 +250,21 @@ class RequestVerifier:
         return Outputs(test=test, retain=predict(self.retain.x), forget=forget,
                        members=forget[self.member_idx], nonmembers=nonmembers,
                        triggered=predict(trig.x) if trig is not None and self.target_class
-                       is not None else None)
+                       is not None else None,
+                       kept=predict(self.kept.x) if self.kept is not None else None)
 
     def basic(self, out: Outputs) -> dict[str, Any]:
         """Accuracies, backdoor ASR and its test, membership inference (no reference needed)."""
         m: dict[str, Any] = {"test_accuracy": accuracy(out.test, self.data.test.y),
                              "retain_accuracy": accuracy(out.retain, self.retain.y),
                              "forget_accuracy": accuracy(out.forget, self.forget.y)}
+        if self.removed_label is not None:  # a class request: that class and the others
+            y = self.data.test.y
+            gone = y == self.removed_label
+            m["removed_class_accuracy"] = accuracy(out.test[gone], y[gone])
+            m["other_classes_accuracy"] = accuracy(out.test[~gone], y[~gone])
+        if out.kept is not None and self.kept is not None:  # a sample request's clients
+            m["kept_accuracy"] = accuracy(out.kept, self.kept.y)
         if out.triggered is not None and self.target_class is not None:
             asr = attack_success_rate(out.triggered, self.target_class)
             m["backdoor_asr"] = asr

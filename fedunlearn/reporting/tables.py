@@ -355,7 +355,16 @@ def comparison_table(rows: list[dict[str, Any]],
         cols.insert(3, _Column("seeds", lambda r: str(r.get("n", 1))))
     if granular(norm):
         cols.insert(1, GRANULARITY_COLUMN)
+        at = next(i for i, c in enumerate(cols) if c.header == "forget") + 1
+        present = [(h, k) for h, k in GRANULAR_COLUMNS
+                   if any(k in (r.get("metrics") or {}) for r in norm)]
+        cols[at:at] = [_metric_column(h, k, ".3f") for h, k in present]
     return _fixed_width(cols, norm)
+
+
+GRANULAR_COLUMNS = (("class", "removed_class_accuracy"), ("others", "other_classes_accuracy"),
+                    ("kept", "kept_accuracy"))
+"""Columns of the terminal table below the client level (headers, metric keys)."""
 
 
 GRANULARITY_COLUMN = _Column("granularity", lambda r: str(r.get("granularity") or "client"),

@@ -23,7 +23,7 @@ import numpy as np
 from fedunlearn.config.requests import labels
 from fedunlearn.config.tree import Config
 from fedunlearn.data.federated import FederatedData
-from fedunlearn.data.removal import Step, forget_set, resolve, retain_set
+from fedunlearn.data.removal import Step, forget_set, kept_set, resolve, retain_set
 from fedunlearn.evaluation.schema import (
     Role,
     Row,
@@ -92,6 +92,9 @@ class Verification(ServingListener):
             self.data, targets=event.targets, removed=event.removed,
             forget=None if whole else forget_set(self.data, step),
             retain=None if whole else retain_set(self.data, step),
+            removed_label=step.request.label if step is not None else None,
+            kept=kept_set(self.data, step) if step is not None
+            and step.request.granularity == "samples" else None,
             target_class=self.target_class, alpha=v.alpha, shadows=self.shadows,
             seed=derive_seed(self.cfg.seed, 0x3E7, event.request),
             shadow_phi=self.shadow_cache.get(event.request), max_members=v.max_members,

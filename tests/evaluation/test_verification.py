@@ -316,3 +316,34 @@ def test_a_shadow_model_that_diverges_is_one_line(tmp_path):
     with pytest.raises(ShadowDiverged, match=r"^verification: shadow model 0 diverged .* lower "
                                              r"training\.learning_rate"):
         shadows.fit(pool.x, pool.y)
+
+
+def test_class_and_kept_accuracies_are_those_of_the_named_samples() -> None:
+    """Below the client level: accuracy on the removed class's test samples and on the
+    others', and on what a sample request's client keeps, against a hand count."""
+    from fedunlearn.data.removal import kept_set, resolve
+
+    cfg = small_config('unlearning.requests=[{client = 1, samples = [0, 1, 2]}, {label = 2}]')
+    data = build_federated_data(cfg)
+    s0, s1 = resolve(cfg, data)
+    def predict(x: np.ndarray) -> np.ndarray:  # a fixed, input-dependent guess
+        p = np.zeros((len(x), data.num_classes))
+        guess = np.round(x.sum(axis=tuple(range(1, x.ndim)))) % data.num_classes
+        p[np.arange(len(x)), guess.astype(int)] = 1
+        return p
+
+    y = data.test.y
+    guess = predict(data.test.x).argmax(axis=1)
+    v = RequestVerifier(data, targets=s1.targets, removed=s1.gone, target_class=None,
+                        removed_label=2, seed=1)
+    m = v.basic(v.outputs(predict))
+    assert m["removed_class_accuracy"] == np.mean(guess[y == 2] == 2)
+    assert m["other_classes_accuracy"] == np.mean(guess[y != 2] == y[y != 2])
+    kept = kept_set(data, s0)
+    assert len(kept) == len(data.clients[1]) - 3
+    v = RequestVerifier(data, targets=s0.targets, removed=s0.gone, target_class=None,
+                        kept=kept, seed=1)
+    m = v.basic(v.outputs(predict))
+    own = data.clients[1]
+    expect = np.mean(predict(own.x[3:]).argmax(axis=1) == own.y[3:])
+    assert m["kept_accuracy"] == expect and "removed_class_accuracy" not in m
