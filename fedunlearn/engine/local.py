@@ -112,9 +112,11 @@ def client_evaluate(job: str, params: Params, client: int, *, removed_through: i
     return len(local), evaluate(model, local.x, local.y, device=device_for(cfg))
 
 
-TASKS = ("train", "ascent")
-"""Client jobs a training request may carry: ``"train"`` (local training, the default) and
-``"ascent"`` (projected gradient ascent, the client side of PGA unlearning)."""
+TASKS = ("train", "ascent", "activations")
+"""Client jobs a training request may carry: ``"train"`` (local training, the default),
+``"ascent"`` (projected gradient ascent, the client side of PGA unlearning) and
+``"activations"`` (per-class mean channel activations, the client side of class-discriminative
+pruning; the model comes back unchanged)."""
 
 ASCENT_PARAMS = ("radius", "threshold", "learning_rate", "momentum", "clip_norm")
 """The ``task_params`` of ``"ascent"`` (floats, the fields of :class:`~fedunlearn.unlearning.federated.pga_ascent.Ascent`
@@ -146,6 +148,22 @@ def client_ascent(job: str, params: Params, client: int, *, server_round: int, t
     return get_params(model), len(local), stats
 
 
+def client_activations(job: str, params: Params, client: int, *, removed_through: int = 0
+                       ) -> tuple[Params, int, dict[str, float]]:
+    """Client ``client``'s per-class mean channel activations of ``params`` on the data it
+    keeps after the first ``removed_through`` requests
+    (:func:`~fedunlearn.unlearning.federated.class_pruning.class_activations`); returns
+    (``params`` unchanged, #examples, the activations as stats)."""
+    from fedunlearn.unlearning.federated.class_pruning import class_activations
+
+    cfg, data = runtime(job)
+    model = model_for(job, cfg, data)
+    set_params(model, params)
+    local = client_data(job, client, removed_through)
+    stats = class_activations(model, local.x, local.y, data.num_classes, device=device_for(cfg))
+    return dict(params), len(local), {"loss": 0.0, "steps": 0.0, **stats}
+
+
 def client_work(job: str, params: Params, client: int, *, server_round: int, tag: int = 0,
                 epochs: float | None = None, task: str = "train",
                 task_params: Mapping[str, float] | None = None, removed_through: int = 0
@@ -164,6 +182,12 @@ def client_work(job: str, params: Params, client: int, *, server_round: int, tag
             raise ValueError(f"task 'train' takes no task_params, got {sorted(given)}")
         return client_train(job, params, client, server_round=server_round, tag=tag,
                             epochs=epochs, removed_through=removed_through)
+    if task == "activations":
+        if set(given) - {"through"}:
+            raise ValueError(f"task 'activations' takes task_params 'through' only, got "
+                             f"{sorted(given)}")
+        return client_activations(job, params, client,
+                                  removed_through=int(given.get("through", 0)))
     if task == "ascent":
         forget_of = int(given.pop(ASCENT_FORGET, 0))
         if sorted(given) != sorted(ASCENT_PARAMS) or epochs is None:
