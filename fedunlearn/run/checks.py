@@ -21,7 +21,7 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from fedunlearn.config.registry import Registry
 from fedunlearn.config.requests import GRANULARITIES
 from fedunlearn.config.tree import Config, ConfigError
 from fedunlearn.data.federated import FederatedData
+from fedunlearn.data.removal import Step
 from fedunlearn.data.sources import SOURCES
 from fedunlearn.evaluation.schema import (
     INDEPENDENT_SUFFIX,
@@ -682,3 +683,17 @@ def check_replayable_history(methods: list[Method], store: HistoryStore) -> None
             f"rounds {rounds[:5]}{' ...' if len(rounds) > 5 else ''} (a server-side optimiser "
             f"such as momentum), so {', '.join(needy)} cannot use it; train with fedavg or "
             "fedprox, or drop those methods")
+
+
+def check_purged_before(steps: Sequence[Step]) -> None:
+    """Refuse, before any work, a client request for a client whose stored updates the purge
+    after an earlier sample or class request deletes (docs/history.md)."""
+    touched: dict[int, int] = {}
+    for i, step in enumerate(steps):
+        if step.request.granularity != "client":
+            touched.update({c: i for c in step.targets if c not in touched})
+        elif hit := sorted(set(step.targets) & set(touched)):
+            raise ConfigError(
+                f"request {i} asks to remove client {hit[0]}, whose stored updates the purge "
+                f"after request {touched[hit[0]]} ({steps[touched[hit[0]]].request.describe()}) "
+                "deletes; put the client request first, or set unlearning.purge=false")

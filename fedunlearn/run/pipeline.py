@@ -63,6 +63,7 @@ from fedunlearn.run.checks import (
     _check_methods_against_model,
     _check_requests_against_sampling,
     check_local_training,
+    check_purged_before,
     check_replayable,
     check_saved_model,
     checked_model,
@@ -147,7 +148,9 @@ def prepare(cfg: Config) -> Setup:
     if empty:
         raise ConfigError(f"{listed(empty)} received no data; lower data.num_clients or raise "
                           "data.alpha")
-    resolve(cfg, data)  # every request fits the data (RemovalError, a ConfigError)
+    steps = resolve(cfg, data)  # every request fits the data (RemovalError, a ConfigError)
+    if cfg.unlearning.purge:
+        check_purged_before(steps)
     model = checked_model(cfg, data)
     initial = get_params(model)
     _check_methods_against_model(cfg, copy.deepcopy(model))  # a check must not edit M_1

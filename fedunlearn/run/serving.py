@@ -134,6 +134,7 @@ def serve(cfg: Config, methods: list[Method], *, trained: Params, initial: Param
         check_replayable_history(methods, store)
 
     steps = resolve(cfg, data)
+    purging = federated and cfg.unlearning.purge
 
     def context(targets: tuple[int, ...], removed: frozenset[int], model: Params,
                 request: int) -> UnlearningContext:
@@ -153,7 +154,6 @@ def serve(cfg: Config, methods: list[Method], *, trained: Params, initial: Param
     current = {m.name: trained for m in methods}
     removed: frozenset[int] = frozenset()
     served = Served(rows=[], purges=[])
-    purging = federated and cfg.unlearning.purge
 
     def purge(request: int, targets: tuple[int, ...], *,
               before: dict[str, int] | None = None) -> None:

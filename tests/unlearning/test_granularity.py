@@ -175,3 +175,17 @@ def test_a_sample_request_ascent_runs_on_the_samples_it_removes_and_judges_them(
     _, whole, stats = client_work(job, setup.initial, 1, server_round=1, tag=0, epochs=1.0,
                                   task="ascent", task_params=spec)
     assert whole == len(setup.data.clients[1])  # a client request: the whole data
+
+
+def test_a_client_request_after_its_samples_were_purged_is_refused_before_any_work() -> None:
+    """The purge after a sample request deletes the client's stored updates: a later request
+    for the whole client is refused at preparation (one line), allowed without purging."""
+    requests = "unlearning.requests=[{client = 1, fraction = 0.2}, [1]]"
+    with pytest.raises(ConfigError) as err:
+        prepare(small_config(*BD, requests, 'unlearning.methods=["retrain"]'))
+    assert "request 1 asks to remove client 1" in str(err.value)
+    assert "set unlearning.purge=false" in str(err.value) and "\n" not in str(err.value)
+    prepare(small_config(*BD, requests, 'unlearning.methods=["retrain"]',
+                         "unlearning.purge=false"))
+    prepare(small_config(*BD, "unlearning.requests=[[1], {client = 2, fraction = 0.2}]",
+                         'unlearning.methods=["retrain"]'))
