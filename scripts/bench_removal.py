@@ -6,10 +6,13 @@ embedded digits), every repeat fits fresh instances of ``central_retrain``, ``si
 client), ``sisa_random`` and ``newton`` on the pooled data (not timed), then times each one's
 removal of the same request, side by side in one process. Single removals of a few tens of
 milliseconds are noisy on a shared machine, so the figures are medians over ``--repeats``.
-Usage::
+With ``--samples 1,10,100`` the request is instead, per case, that many samples of client 0
+(positions drawn with the config's seed; a sample-level request, ``{client = 0, samples =
+[...]}``), and the figures are written per case with Newton's certificate check (its
+data-dependent bound against its budget, and whether it fell back to retraining). Usage::
 
     .venv/bin/python scripts/bench_removal.py [--config ...] [--set section.key=value ...]
-        [--repeats 5] [--out benchmarks/removal.json]
+        [--repeats 5] [--samples 1,10,100] [--out benchmarks/removal.json]
 
 Figures written (per method): ``wall_s`` (every repeat), ``median_s``, ``speedup`` (median
 retraining time over the method's median), and for ``newton`` the Newton step alone
@@ -25,7 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedunlearn.config.tree import load_config
+from fedunlearn.data.removal import resolve
 from fedunlearn.models.seeding import seed_everything
 from fedunlearn.reporting import stamp, write_json
 from fedunlearn.run.pipeline import prepare
@@ -39,17 +45,43 @@ def main() -> int:
     ap.add_argument("--config", default="simulations/federated_vs_centralized.toml")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--samples", default="",
+                    help="comma-separated sample counts of client 0 to remove, one case each")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/removal.json"))
     args = ap.parse_args()
-    cfg = load_config(args.config, args.overrides)
+    if not args.samples:
+        cfg = load_config(args.config, args.overrides)
+        return _write(args, cfg, [_case(args, cfg, None)])
+    base = load_config(args.config, args.overrides)
+    client = prepare(base).data.clients[0]
+    order = np.random.default_rng(base.seed).permutation(len(client))
+    cases = []
+    for n in (int(v) for v in args.samples.split(",")):
+        if not 0 < n <= len(client):
+            raise SystemExit(f"--samples {n}: client 0 holds {len(client)} samples")
+        positions = ", ".join(str(int(p)) for p in sorted(order[:n]))
+        cfg = load_config(args.config, [*args.overrides, 'unlearning.methods=["retrain"]',
+                                        (f"unlearning.requests=[{{client = 0, samples = "
+                                         f"[{positions}]}}]")])
+        cases.append(_case(args, cfg, n))
+    return _write(args, base, cases)
+
+
+def _case(args: argparse.Namespace, cfg: Any, n: int | None) -> dict[str, Any]:
+    """One request's figures: every method's removal timed side by side, ``args.repeats``
+    times; ``n`` removed samples of client 0 (None: the config's first client request)."""
     seed_everything(cfg.seed)
     setup = prepare(cfg)
-    targets = tuple(cfg.unlearning.requests[0]) if cfg.unlearning.requests else (0,)
+    step = resolve(cfg, setup.data)[0] if n is not None else None
+    targets = step.targets if step is not None else (
+        tuple(cfg.unlearning.requests[0]) if cfg.unlearning.requests else (0,))
 
     def ctx(t: tuple[int, ...]) -> UnlearningContext:
-        return UnlearningContext(cfg=cfg, targets=t, removed=frozenset(t), model=setup.initial,
+        return UnlearningContext(cfg=cfg, targets=t, removed=step.gone if step and t else
+                                 frozenset(t), model=setup.initial,
                                  initial=setup.initial, history=None, federation=None,  # type: ignore[arg-type]
-                                 data=setup.data, build_model=setup.build_model, seed=cfg.seed)
+                                 data=setup.data, build_model=setup.build_model, seed=cfg.seed,
+                                 removal=step if t else None)
 
     walls: dict[str, list[float]] = {m: [] for m in METHODS}
     extra: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
@@ -76,13 +108,27 @@ def main() -> int:
                              retrained=extra["newton"][0]["retrained"],
                              data_dependent_bound=extra["newton"][0]["data_dependent_bound"],
                              budget=extra["newton"][0]["budget"])
-    write_json(args.out, {**stamp(cfg), "request": list(targets), "repeats": args.repeats,
-                          "methods": figures})
-    for name in METHODS:
-        f = figures[name]
-        print(f"{name:<16} median {f['median_s']:8.4f}s  speed-up {f['speedup']:6.1f}x"
-              + (f"  (Newton step alone {f['step_median_s']:.4f}s, {f['step_speedup']:.0f}x)"
-                 if name == "newton" else ""))
+    pooled = sum(len(d) for d in setup.data.clients)
+    return {"request": list(targets), "removed_samples": n, "pooled_samples": pooled,
+            "removed_fraction": None if n is None else n / pooled, "methods": figures}
+
+
+def _write(args: argparse.Namespace, cfg: Any, cases: list[dict[str, Any]]) -> int:
+    body: dict[str, Any] = {**stamp(cfg), "repeats": args.repeats}
+    body.update(cases[0] if len(cases) == 1 and cases[0]["removed_samples"] is None
+                else {"cases": cases})
+    write_json(args.out, body)
+    for case in cases:
+        if case["removed_samples"] is not None:
+            print(f"-- {case['removed_samples']} samples of client 0 "
+                  f"({100 * case['removed_fraction']:.2f} % of {case['pooled_samples']})")
+        for name in METHODS:
+            f = case["methods"][name]
+            print(f"{name:<16} median {f['median_s']:8.4f}s  speed-up {f['speedup']:6.1f}x"
+                  + (f"  (Newton step alone {f['step_median_s']:.4f}s, "
+                     f"{f['step_speedup']:.0f}x; bound {f['data_dependent_bound']:.3g} of "
+                     f"budget {f['budget']:.3g}, retrained {f['retrained']})"
+                     if name == "newton" else ""))
     print(f"written to {args.out}")
     return 0
 

@@ -163,7 +163,10 @@ class RequestVerifier:
                         if target_class is not None and data.triggered_test is not None
                         else None)
         rng = np.random.default_rng(seed)
-        n = min(len(self.forget), len(test))
+        # a class request's members are all of the class: its non-members are too (test
+        # samples of the class), so the attack measures membership, not the class
+        same = np.flatnonzero(test.y == removed_label) if removed_label is not None else None
+        n = min(len(self.forget), len(test) if same is None else len(same))
         if max_members is not None:
             n = min(n, max_members)
         self.member_idx = np.sort(rng.choice(len(self.forget), size=n, replace=False))
@@ -173,7 +176,11 @@ class RequestVerifier:
             & (self.member_y == target_class) if self.trigger is not None
             else np.zeros(n, dtype=bool))
         n_triggered = int(self.member_triggered.sum())
-        order = rng.permutation(len(test))
+        if same is None:
+            order = rng.permutation(len(test))
+        else:  # the class's test samples first (the non-members), then the others
+            order = np.concatenate([rng.permutation(same), rng.permutation(
+                np.setdiff1d(np.arange(len(test)), same))])
         clean, bases = order[:n - n_triggered], order[n - n_triggered:n]
         self.nonmember_idx = np.concatenate([np.sort(clean), np.sort(bases)])
         self.nonmember_triggered = np.arange(n) >= n - n_triggered

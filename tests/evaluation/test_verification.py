@@ -321,7 +321,7 @@ def test_a_shadow_model_that_diverges_is_one_line(tmp_path):
 def test_class_and_kept_accuracies_are_those_of_the_named_samples() -> None:
     """Below the client level: accuracy on the removed class's test samples and on the
     others', and on what a sample request's client keeps, against a hand count."""
-    from fedunlearn.data.removal import kept_set, resolve
+    from fedunlearn.data.removal import forget_set, kept_set, resolve, retain_set
 
     cfg = small_config('unlearning.requests=[{client = 1, samples = [0, 1, 2]}, {label = 2}]')
     data = build_federated_data(cfg)
@@ -335,8 +335,12 @@ def test_class_and_kept_accuracies_are_those_of_the_named_samples() -> None:
     y = data.test.y
     guess = predict(data.test.x).argmax(axis=1)
     v = RequestVerifier(data, targets=s1.targets, removed=s1.gone, target_class=None,
-                        removed_label=2, seed=1)
+                        removed_label=2, seed=1, forget=forget_set(data, s1),
+                        retain=retain_set(data, s1))
     m = v.basic(v.outputs(predict))
+    # the members are all of class 2, and so are the non-members (membership, not the class)
+    assert (v.member_y == 2).all() and (y[v.nonmember_idx] == 2).all()
+    assert len(v.nonmember_idx) == min(len(v.forget), int(np.sum(y == 2)))
     assert m["removed_class_accuracy"] == np.mean(guess[y == 2] == 2)
     assert m["other_classes_accuracy"] == np.mean(guess[y != 2] == y[y != 2])
     kept = kept_set(data, s0)
