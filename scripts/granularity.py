@@ -7,7 +7,7 @@ Runs ``fedunlearn run`` (Flower on Ray) three times on one config (default
 include it, then writes every comparison and verdict table to ``OUT/granularity.md``. Usage::
 
     .venv/bin/python scripts/granularity.py [--config ...] [--out runs/granularity]
-        [--set section.key=value ...]
+        [--kinds client,samples,class] [--set section.key=value ...]
 """
 
 from __future__ import annotations
@@ -40,9 +40,16 @@ def main() -> int:
     ap.add_argument("--config", default="simulations/granularity_digits.toml")
     ap.add_argument("--out", type=Path, default=Path("runs/granularity"))
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--kinds", default=",".join(REQUESTS),
+                    help="comma-separated granularities to run (default: all three)")
     args = ap.parse_args()
+    kinds = args.kinds.split(",")
+    if unknown := sorted(set(kinds) - set(REQUESTS)):
+        ap.error(f"--kinds: unknown {', '.join(unknown)}; use {', '.join(REQUESTS)}")
     sections = [f"# Removal at every granularity\n\nconfig `{args.config}`"]
     for kind, request in REQUESTS.items():
+        if kind not in kinds:
+            continue
         methods = json.dumps(methods_serving(kind))
         out = args.out / kind
         cmd = [sys.executable, "-m", "fedunlearn.cli", "run", args.config,
