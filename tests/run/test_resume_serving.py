@@ -224,3 +224,37 @@ def test_a_trained_run_with_nothing_left_to_serve_resumes_without_an_engine(
     final = [params_hash(HistoryStore.open(where / "history").final_model())
              for where in (out, tmp_path / "reference")]
     assert final[0] == final[1]
+
+
+def test_a_run_stopped_between_sample_and_class_requests_resumes_to_the_same_answers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests below the client level survive a stop while serving: resumed, every answer
+    (and the purges of the clients the samples came from) equals an uninterrupted run's."""
+    from crash_harness import in_process_engine
+
+    from fedunlearn.unlearning.federated.negation import NoT
+
+    monkeypatch.setattr(runner_module, "run_engine", in_process_engine)
+    cfg = small_config("unlearning.requests=[{client = 1, fraction = 0.3}, {label = 2}]",
+                       'unlearning.methods=["retrain","not"]', 'history.purge="updates"',
+                       "verification.mia_shadows=0", "verification.noise_floor=false")
+    reference = run_experiment(cfg, tmp_path / "reference", quiet=True)
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        real = NoT.unlearn
+
+        def unlearn(self: Any, ctx: Any) -> Any:
+            if ctx.request == 1:
+                interrupt.STOP.set()  # the repair's first exchange honours it
+            return real(self, ctx)
+
+        m.setattr(NoT, "unlearn", unlearn)
+        with pytest.raises(interrupt.Interrupted):
+            run_experiment(cfg, out, quiet=True)
+    assert json.loads((out / SERVING_FILE).read_text())["next_request"] == 1
+    resumed = run_experiment(cfg, out, quiet=True, resume=True)
+    assert _answers(resumed) == _answers(reference)
+    assert [r["removes"] for r in resumed["unlearning"] if r["method"] == "retrain"] == [
+        "samples of client 1 (fraction 0.3)", "class 2"]
+    assert [p["clients"] for p in resumed["purges"]] == [p["clients"]
+                                                        for p in reference["purges"]]
