@@ -146,7 +146,7 @@ class RequestVerifier:
                  max_members: int | None = None, max_population: int | None = None,
                  shadow_pool: ArrayDataset | None = None, forget: ArrayDataset | None = None,
                  retain: ArrayDataset | None = None, removed_label: int | None = None,
-                 kept: ArrayDataset | None = None) -> None:
+                 kept: ArrayDataset | None = None, match_classes: bool = False) -> None:
         everyone = set(range(len(data.clients)))
         test = data.test
         self.data = data
@@ -176,11 +176,14 @@ class RequestVerifier:
             & (self.member_y == target_class) if self.trigger is not None
             else np.zeros(n, dtype=bool))
         n_triggered = int(self.member_triggered.sum())
-        if same is None:
-            order = rng.permutation(len(test))
-        else:  # the class's test samples first (the non-members), then the others
+        if same is not None:  # the class's test samples first (the non-members), then the others
             order = np.concatenate([rng.permutation(same), rng.permutation(
                 np.setdiff1d(np.arange(len(test)), same))])
+        elif match_classes:
+            order = _class_matched(rng.permutation(len(test)), test.y,
+                                   self.member_y[~self.member_triggered], n - n_triggered)
+        else:
+            order = rng.permutation(len(test))
         clean, bases = order[:n - n_triggered], order[n - n_triggered:n]
         self.nonmember_idx = np.concatenate([np.sort(clean), np.sort(bases)])
         self.nonmember_triggered = np.arange(n) >= n - n_triggered
@@ -332,6 +335,26 @@ class RequestVerifier:
         """Test and forget accuracy only (for SAPE against the reference)."""
         return {"test_accuracy": accuracy(out.test, self.data.test.y),
                 "forget_accuracy": accuracy(out.forget, self.forget.y)}
+
+
+def _class_matched(perm: np.ndarray, y: np.ndarray, member_y: np.ndarray, k: int
+                   ) -> np.ndarray:
+    """``perm`` (test positions in a random order) reordered so that its first ``k`` hold, per
+    class, as many samples as ``member_y`` (the clean members' labels), in ``perm``'s order;
+    a class with too few test samples is made up from the others, in ``perm``'s order.
+
+    >>> _class_matched(np.array([0, 1, 2, 3, 4]), np.array([0, 0, 1, 1, 2]),
+    ...                np.array([1, 2]), 2).tolist()
+    [2, 4, 0, 1, 3]
+    """
+    first = np.zeros(len(perm), dtype=bool)
+    labels = y[perm]
+    for c, count in zip(*np.unique(member_y, return_counts=True), strict=True):
+        first[np.flatnonzero(labels == c)[:count]] = True
+    short = k - int(first.sum())
+    if short > 0:
+        first[np.flatnonzero(~first)[:short]] = True
+    return np.concatenate([perm[first], perm[~first]])
 
 
 def _keys(attack: str, split: str, summary: AttackSummary) -> dict[str, Any]:

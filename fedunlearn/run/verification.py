@@ -95,6 +95,7 @@ class Verification(ServingListener):
             removed_label=step.request.label if step is not None else None,
             kept=kept_set(self.data, step) if step is not None
             and step.request.granularity == "samples" else None,
+            match_classes=step is not None and step.request.granularity == "samples",
             target_class=self.target_class, alpha=v.alpha, shadows=self.shadows,
             seed=derive_seed(self.cfg.seed, 0x3E7, event.request),
             shadow_phi=self.shadow_cache.get(event.request), max_members=v.max_members,

@@ -346,8 +346,10 @@ def test_class_and_kept_accuracies_are_those_of_the_named_samples() -> None:
     kept = kept_set(data, s0)
     assert len(kept) == len(data.clients[1]) - 3
     v = RequestVerifier(data, targets=s0.targets, removed=s0.gone, target_class=None,
-                        kept=kept, seed=1)
+                        kept=kept, seed=1, forget=forget_set(data, s0), match_classes=True)
     m = v.basic(v.outputs(predict))
+    # a sample request's non-members: test samples of the members' classes, class for class
+    assert sorted(v.member_y.tolist()) == sorted(y[v.nonmember_idx].tolist())
     own = data.clients[1]
     expect = np.mean(predict(own.x[3:]).argmax(axis=1) == own.y[3:])
     assert m["kept_accuracy"] == expect and "removed_class_accuracy" not in m
