@@ -70,7 +70,7 @@ def test_tfidf_by_hand() -> None:
 def test_pruning_zeroes_what_produces_the_channels_and_nothing_else() -> None:
     net = _net()
     params = get_params(net)
-    pruned = prune_channels(params, net, "1", [0, 2])
+    pruned = prune_channels(params, "1", [0, 2])
     assert not pruned["1.weight"][[0, 2]].any() and not pruned["1.bias"][[0, 2]].any()
     assert np.array_equal(pruned["1.weight"][[1, 3]], params["1.weight"][[1, 3]])
     assert all(np.array_equal(pruned[k], params[k]) for k in params if not k.startswith("1."))

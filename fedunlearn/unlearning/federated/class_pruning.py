@@ -141,12 +141,10 @@ def tfidf(acts: np.ndarray, target: int) -> np.ndarray:
     return tf * idf
 
 
-def prune_channels(params: Params, model: nn.Module, layer: str, channels: Sequence[int]
-                   ) -> Params:
+def prune_channels(params: Params, layer: str, channels: Sequence[int]) -> Params:
     """A copy of ``params`` with the weights and bias producing ``channels`` of ``layer``
     (a module name of :func:`channel_layers`) set to zero."""
     out = {k: v.copy() for k, v in params.items()}
-    del model
     for suffix in ("weight", "bias"):
         key = f"{layer}.{suffix}"
         if key in out and len(channels):
@@ -216,7 +214,7 @@ class ClassPruning(FederatedUnlearner):
             n = max(1, math.floor(self.ratio * a.shape[1]))
             top = np.argsort(-tfidf(a, label), kind="stable")[:n]
             chosen[name] = sorted(int(c) for c in top)
-            pruned = prune_channels(pruned, net, name, chosen[name])
+            pruned = prune_channels(pruned, name, chosen[name])
         epochs = ctx.cfg.training.local_epochs if self.epochs is None else self.epochs
         done = repair(ctx, pruned, rounds=self.rounds, until=self.until,
                       tolerance=self.tolerance, epochs=epochs, first_round=first + 1,
