@@ -6,6 +6,7 @@ sees is what the earlier ones left::
     requests = [
         [0],                                  # client 0, whole (client level)
         [3, 7],                               # clients 3 and 7 together
+        {client = 4},                         # client 4, whole (as [4])
         {client = 3, samples = "backdoor"},   # client 3's backdoored samples (sample level)
         {client = 5, samples = [4, 17, 90]},  # those samples of client 5 (positions in its data)
         {client = 5, fraction = 0.1},         # a tenth of what client 5 still holds, drawn
@@ -33,7 +34,7 @@ GRANULARITIES: tuple[Granularity, ...] = ("client", "samples", "class")
 """Every granularity, in the order tables list them."""
 
 _SAMPLE_KEYS = {"client", "samples", "fraction", "seed"}
-_FORMS = ("[0] or [3, 7] (clients), {client = 3, samples = \"backdoor\"}, "
+_FORMS = ("[0], [3, 7] or {client = 3} (clients), {client = 3, samples = \"backdoor\"}, "
           "{client = 3, samples = [4, 17]}, {client = 3, fraction = 0.1} or {label = 7}")
 
 

@@ -193,13 +193,13 @@ def _forget(cfg: Config, data: FederatedData, i: int, request: Request,
             cfg.seed, FRACTION_STREAM, i)
         rng = np.random.default_rng(seed)
         return {c: np.sort(rng.choice(avail, size=take, replace=False))}
-    idx = np.asarray(request.indices, dtype=np.int64)
     n = len(data.clients[c])
-    past = idx[idx >= n]
-    if len(past):
+    past = [p for p in request.indices if p >= n]  # as Python ints: no overflow
+    if past:
         raise RemovalError(f"config key 'unlearning.requests' entry {i} asks for sample "
-                           f"{int(past[0])} of client {c}, which holds {n} samples "
+                           f"{past[0]} of client {c}, which holds {n} samples "
                            f"(positions 0..{n - 1})")
+    idx = np.asarray(request.indices, dtype=np.int64)
     again = idx[~held[idx]]
     if len(again):
         raise RemovalError(f"config key 'unlearning.requests' entry {i} asks for sample "
@@ -212,5 +212,5 @@ def _why_nothing(request: Request, gone: set[int]) -> str:
     if request.granularity == "class":
         return f"no client still in the federation holds class {request.label}"
     if request.backdoor:
-        return "the client holds no poisoned sample any more"
+        return "the client holds no poisoned sample (none was poisoned, or all are removed)"
     return "the client holds no sample any more"

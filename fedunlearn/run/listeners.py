@@ -171,15 +171,26 @@ class ServingProgress(ServingListener):
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
+        self.what: dict[int, str] = {}  # request -> how its lines name it
 
     def _say(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
+
+    def _named(self, request: int, targets: Any) -> str:
+        return self.what.get(request) or str(list(targets))
+
+    def request_started(self, event: RequestStarted) -> None:
+        """A sample or class request is named by what it removes (clients: by their ids)."""
+        step = event.step
+        if step is not None and step.request.granularity != "client":
+            self.what[event.request] = f"({step.request.describe()})"
 
     def method_answered(self, event: MethodAnswered) -> None:
         row = event.row
         assert row is not None, "the verification listener comes first"
         repaired = recovery_words(event.result.details.get("recovery") or {})
-        self._say(f"[unlearn] request {event.request} {list(event.ctx.targets)}  "
+        self._say(f"[unlearn] request {event.request} "
+                  f"{self._named(event.request, event.ctx.targets)}  "
                   f"{event.method.name:<22} {event.wall_s:7.2f}s  "
                   f"test {row.metrics['test_accuracy']:.3f}  "
                   f"forget {row.metrics['forget_accuracy']:.3f}"
@@ -190,7 +201,8 @@ class ServingProgress(ServingListener):
         if v is None:
             return
         sizes, epochs = v["sizes"], v["shadow_epochs"]
-        self._say(f"[verify] request {event.request} {list(event.targets)}  {v['wall_s']:7.2f}s"
+        self._say(f"[verify] request {event.request} {self._named(event.request, event.targets)}"
+                  f"  {v['wall_s']:7.2f}s"
                   f"  (shadows {v['shadow_s']:.2f}s"
                   f"{'' if epochs is None else f', {epoch_count(epochs)}'}; "
                   f"members {sizes['members']} of {sizes['members_available']}, population "
@@ -203,7 +215,8 @@ class ServingProgress(ServingListener):
         files = (f"{counts['deleted']} files deleted, {counts['written']} written anew without "
                  f"the client{'s' if len(targets) > 1 else ''}" if counts else
                  f"{purge['files_removed']} fewer files")
-        self._say(f"[purge] request {event.request} {targets}  {purge['level']}: "
+        self._say(f"[purge] request {event.request} {self._named(event.request, targets)}  "
+                  f"{purge['level']}: "
                   f"{files}, {purge['bytes_freed']} bytes freed"
                   + (f"; global models from round {cut} on and the final model deleted"
                      if cut is not None else "; global models kept (re-solvable)"))

@@ -82,7 +82,9 @@ def test_a_seed_of_its_own_draws_other_samples_and_repeats() -> None:
     ("[{label = 10}]", "label = 10 is not a class of the data (0..9)"),
     ("[{label = 2}, {label = 2}]", "entry 1 (class 2) removes nothing"),
     ('[{client = 1, samples = "backdoor"}, {client = 1, samples = "backdoor"}]',
-     "holds no poisoned sample any more"),
+     "holds no poisoned sample (none was poisoned, or all are removed)"),
+    ("[{client = 0, samples = [9223372036854775808]}]",
+     "asks for sample 9223372036854775808 of client 0, which holds"),
     ("[{client = 0, fraction = 1.0}, {client = 0, samples = [0]}]",
      "client 0, which no longer holds any"),
     (("[{client = 0, fraction = 1.0}, {client = 1, fraction = 1.0},"

@@ -189,3 +189,23 @@ def test_a_client_request_after_its_samples_were_purged_is_refused_before_any_wo
                          "unlearning.purge=false"))
     prepare(small_config(*BD, "unlearning.requests=[[1], {client = 2, fraction = 0.2}]",
                          'unlearning.methods=["retrain"]'))
+
+
+@pytest.mark.parametrize("level", ["strict", "updates"])
+def test_pga_serves_a_client_request_after_a_purged_sample_request(level, tmp_path,
+                                                                    monkeypatch) -> None:
+    """The purge after a sample request deletes that client's updates (and, strict, the global
+    models): PGA's later client request starts from its earlier answer instead of a stored
+    round, as after a client request, and the run finishes."""
+    from crash_harness import in_process_engine
+
+    from fedunlearn.run import pipeline
+
+    monkeypatch.setattr(pipeline, "run_engine", in_process_engine)
+    cfg = small_config(*BD, "unlearning.requests=[{client = 3, samples = [1, 2]}, [4]]",
+                       'unlearning.methods=["retrain", "pga", "not"]', f'history.purge="{level}"',
+                       "verification.mia_shadows=0")
+    results = pipeline.run_experiment(cfg, tmp_path / "run", quiet=True)
+    pga = [r for r in results["unlearning"] if r["method"] == "pga"]
+    assert len(pga) == 2
+    assert pga[1]["details"]["reference"].startswith("the model the request starts from")

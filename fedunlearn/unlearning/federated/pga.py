@@ -32,7 +32,7 @@ forward passes of its early-stop checks in epochs of the target's data (``check_
 pass over m of its n samples is m/n), and the post-training's epochs; the post-training's
 evaluations are messages, as in :mod:`~fedunlearn.unlearning.federated.finetune`.
 
-A **later request** (an earlier one was served: ``ctx.removed`` holds more than the targets)
+A **later request** (an earlier one of any kind was served)
 starts instead from the model it is given, ``w_ref = ctx.model``, the answer to the earlier
 request: the stored rounds describe the original training, whose global models still hold the
 earlier targets' contributions, and a reference built from them would bring those back. So a
@@ -243,7 +243,9 @@ class PGA(FederatedUnlearner):
         history = ctx.history
         earlier = sorted(set(ctx.removed) - set(ctx.targets))
         granular = ctx.granularity != "client"  # the targets stay: no one's round to drop
-        if earlier or granular:  # start from ctx.model (the stored rounds hold what is gone)
+        # a later request (after any kind) starts from ctx.model: the stored rounds still hold
+        # what earlier requests removed, and their purges may have deleted what a reference needs
+        if earlier or granular or ctx.request > 0:
             t, others = None, []
             w_ref = {k: v.copy() for k, v in ctx.model.items()}
         else:
@@ -297,8 +299,9 @@ class PGA(FederatedUnlearner):
             "reference_round": t, "reference_clients": list(others),
             "reference": ("the model the request starts from ("
                           + (f"a {ctx.granularity} request" if granular else
-                             f"earlier targets {earlier} removed") + ")"
-                          if earlier or granular else "stored round"),
+                             f"earlier targets {earlier} removed" if earlier else
+                             "earlier requests served") + ")"
+                          if earlier or granular or ctx.request > 0 else "stored round"),
             "radius": radius,
             "threshold": threshold, "learning_rate": lr,
             "ascent_momentum": self.ascent_momentum, "clip_norm": self.clip_norm,
