@@ -157,9 +157,19 @@ def client_lineage(events: list[dict[str, Any]], client: int) -> dict[str, Any]:
     free = [{k: e[k] for k in keys if k in e} for e in events if e["event"] == "model" and client in e.get("forgot", [])]
     requests = [e for e in events if e["event"] == "request" and client in e["clients"]]
     purges = [e for e in events if e["event"] == "purge" and client in e["clients"]]
+    # every request that removed any of its data (a redone one: its last record), with the
+    # models that answered it and its purge
+    latest = {e["request"]: e for e in requests}
+    every = [{**entry,
+              "served_by": [{k: m[k] for k in keys if k in m} for m in events
+                            if m["event"] == "model" and m.get("kind") == "unlearned"
+                            and m.get("request") == i],
+              "purge": next((p for p in purges if p.get("request") == i), None)}
+             for i, entry in sorted(latest.items())]
     return {"client": client, "rounds": rounds, "models_trained_with_data": models,
             "removal_request": requests[-1] if requests else None,  # a redone one is the last
-            "models_after_removal": free, "purge": purges[0] if purges else None}
+            "models_after_removal": free, "purge": purges[0] if purges else None,
+            "requests": every}
 
 
 _DISCARDED = "  [discarded: its serving pass was interrupted and done again]"
@@ -174,18 +184,35 @@ def format_client_lineage(info: dict[str, Any]) -> str:
               f"{'round ' + str(m['round']) if 'round' in m else m.get('method', '')}  {m['time']}"
               f"{_DISCARDED if m.get('discarded') else ''}"
               for m in info["models_trained_with_data"]]
-    req = info["removal_request"]
-    if req is None:
+    every = info.get("requests")
+    if every is None:  # an answer computed before requests below the client level
+        every = [] if info["removal_request"] is None else [
+            {**info["removal_request"], "served_by": info["models_after_removal"],
+             "purge": info["purge"]}]
+    if not every:
         lines.append(f"client {c} has not asked to be removed")
-    else:
+    for req in every:
         lines.append(f"removal requested: request {req['request']} at {req['time']} "
-                     f"(clients {req['clients']})")
+                     f"({_what(req)})")
         lines += [f"  served by {m.get('method')}: model {m['model_hash'][:12]} at {m['time']}"
                   f" ({'exact' if m.get('exact') else 'approximate'} removal)"
                   f"{_DISCARDED if m.get('discarded') else ''}"
-                  for m in info["models_after_removal"]]
-    purge = info["purge"]
-    if purge is not None:
-        lines.append(f"stored updates purged at {purge['time']}: {purge['files_removed']} files, "
-                     f"{purge['bytes_freed']} bytes freed")
+                  for m in req.get("served_by") or []]
+        purge = req.get("purge")
+        if purge is not None:
+            lines.append(f"  stored updates purged at {purge['time']}: "
+                         f"{purge['files_removed']} files, {purge['bytes_freed']} bytes freed")
     return "\n".join(lines)
+
+
+def _what(req: dict[str, Any]) -> str:
+    """``clients [3]``; ``samples of client 3: 2 samples, sha256 1f0c...``; ``class 5: 40
+    samples on clients [0, 2]``."""
+    granularity = req.get("granularity")
+    if granularity is None:
+        return f"clients {req['clients']}"
+    digest = f", sha256 {str(req.get('samples_sha256', ''))[:12]}"
+    if granularity == "class":
+        return (f"class {req.get('label')}: {req.get('samples')} samples on clients "
+                f"{req['clients']}{digest}")
+    return f"samples of client {req['clients'][0]}: {req.get('samples')} samples{digest}"

@@ -209,3 +209,31 @@ def test_pga_serves_a_client_request_after_a_purged_sample_request(level, tmp_pa
     pga = [r for r in results["unlearning"] if r["method"] == "pga"]
     assert len(pga) == 2
     assert pga[1]["details"]["reference"].startswith("the model the request starts from")
+
+
+def test_the_lineage_answers_for_a_client_at_every_request_that_took_its_data(
+        tmp_path, monkeypatch) -> None:
+    """``fedunlearn lineage --client``: each sample or class request that removed some of the
+    client's data, with what served it and its purge, by count and hash, never positions."""
+    from crash_harness import in_process_engine
+
+    from fedunlearn.history.lineage import LineageLog, client_lineage, format_client_lineage
+    from fedunlearn.run import pipeline
+
+    monkeypatch.setattr(pipeline, "run_engine", in_process_engine)
+    cfg = small_config(*BD, "unlearning.requests=[{client = 1, samples = [3, 5, 8]},"
+                       " {client = 1, fraction = 0.2}, {label = 2}]",
+                       'unlearning.methods=["retrain"]', "verification.mia_shadows=0",
+                       "verification.noise_floor=false", 'history.purge="updates"')
+    pipeline.run_experiment(cfg, tmp_path / "run", quiet=True)
+    events = LineageLog(tmp_path / "run").read()
+    info = client_lineage(events, 1)
+    assert [r["request"] for r in info["requests"]] == [0, 1, 2]
+    assert [r["granularity"] for r in info["requests"]] == ["samples", "samples", "class"]
+    assert info["requests"][0]["samples"] == 3
+    assert all(r["served_by"] and r["purge"] is not None for r in info["requests"])
+    text = format_client_lineage(info)
+    assert "request 0" in text and "samples of client 1: 3 samples" in text
+    assert "class 2:" in text
+    raw = (tmp_path / "run" / "lineage.jsonl").read_text()
+    assert "[3, 5, 8]" not in raw and "3, 5, 8" not in raw
