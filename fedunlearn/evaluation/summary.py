@@ -123,8 +123,10 @@ def summarize(rows: Sequence[Mapping[str, Any]], *, alpha: float = ALPHA,
             floor = role_rows.get((request, setting, Role.NOISE_FLOOR), {})
             original = role_rows.get((request, setting, Role.ORIGINAL), {})
             mine = _by_seed(members)
-            entry["verdicts"] = {c.name: judge(c, mine, ref, floor, alpha=alpha / looks,
-                                               original=original) for c in CRITERIA}
+            judged = {c: judge(c, mine, ref, floor, alpha=alpha / looks, original=original)
+                      for c in CRITERIA}
+            entry["verdicts"] = {c.name: v for c, v in judged.items()
+                                 if not (c.granular and v.get("reason") == "not measured")}
             for v in entry["verdicts"].values():
                 v.update(alpha=alpha, looks=looks)
             untaken = [v["note"] for v in entry["verdicts"].values() if v.get("note")]

@@ -81,6 +81,9 @@ class Criterion:
     needs_backdoor : bool
         Judged only where the original model carries the backdoor (its ASR above retraining's
         by more than the margin); otherwise ``–`` with a note.
+    granular : bool
+        Measured only below the client level (a class or sample request): where the metric is
+        absent the summary records no verdict for it at all.
     """
 
     name: str
@@ -89,6 +92,7 @@ class Criterion:
     direction: str
     vs_noise_floor: bool = False
     needs_backdoor: bool = False
+    granular: bool = False
 
 
 CRITERIA: tuple[Criterion, ...] = (
@@ -100,6 +104,11 @@ CRITERIA: tuple[Criterion, ...] = (
     Criterion("mia", ("mia_lira_auc_clean", "mia_loss_auc_clean", "mia_lira_auc",
                       "mia_loss_auc"), 0.02, TARGET),
     Criterion("kl", ("kl_forget",), 0.01, TARGET, vs_noise_floor=True),
+    # below the client level: the removed class (target: retraining's, near 0), the other
+    # classes and what a sample request's client keeps (accuracies)
+    Criterion("class", ("removed_class_accuracy",), 0.01, TARGET, granular=True),
+    Criterion("others", ("other_classes_accuracy",), 0.01, ACCURACY, granular=True),
+    Criterion("kept", ("kept_accuracy",), 0.01, ACCURACY, granular=True),
 )
 """The criteria every method row is judged on, in column order."""
 

@@ -103,7 +103,7 @@ def _md_verdicts(rows: list[dict[str, Any]]) -> str:
     judged = [r for r in rows if r.get("verdicts")]
     if not judged:
         return ""
-    parts = ["### Verdicts against retraining", _md_table(_verdict_columns(False), judged),
+    parts = ["### Verdicts against retraining", _md_table(_verdict_columns(False, judged), judged),
              rule_of(judged) + " (docs/algorithms.md, \"Verdicts against "
              "retraining\")."]
     notes = [f"- **{r['method']}**: {n}" for r in judged for n in r.get("notes") or []]

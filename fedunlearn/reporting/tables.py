@@ -20,6 +20,7 @@ from fedunlearn.evaluation.schema import (
     Role,
     request_key,
 )
+from fedunlearn.evaluation.verdicts import CRITERIA
 from fedunlearn.reporting.files import _write_text
 
 # --- the removal comparison: rows ------------------------------------------------------------
@@ -381,7 +382,8 @@ def granular(rows: Iterable[Mapping[str, Any]]) -> bool:
 VERDICT_HEADERS: tuple[tuple[str, str, str], ...] = (
     ("test", "test acc", ".3f"), ("retain", "retain acc", ".3f"),
     ("forget", "forgotten acc", ".3f"), ("asr", "ASR", ".3f"), ("mia", "MIA AUC", ".3f"),
-    ("kl", "KL-forget − floor", ".3g"))
+    ("kl", "KL-forget − floor", ".3g"), ("class", "removed class acc", ".3f"),
+    ("others", "other classes acc", ".3f"), ("kept", "kept acc", ".3f"))
 """(criterion, column header, number format) of the verdict table, in column order."""
 
 
@@ -425,12 +427,18 @@ def verdict_cell(v: Mapping[str, Any] | None, spec: str) -> str:
     return text
 
 
-def _verdict_columns(show_request: bool = True) -> list[_Column]:
+def _verdict_columns(show_request: bool = True,
+                     rows: Sequence[Mapping[str, Any]] = ()) -> list[_Column]:
+    """The verdict table's columns; the criteria measured only below the client level
+    (``class``, ``others``, ``kept``) appear when some row of ``rows`` has them."""
     lead = [_Column("request", row_label, False)] if show_request else []
     lead += [_Column("setting", lambda r: r["setting"], False),
              _Column("method", lambda r: r["method"], False)]
+    granular = {c.name for c in CRITERIA if c.granular}
+    present = {k for r in rows for k in (r.get("verdicts") or {})}
     return lead + [_Column(h, lambda r, c=c, spec=spec: verdict_cell(
-        (r.get("verdicts") or {}).get(c), spec), False) for c, h, spec in VERDICT_HEADERS]
+        (r.get("verdicts") or {}).get(c), spec), False) for c, h, spec in VERDICT_HEADERS
+        if c not in granular or c in present]
 
 
 def verdict_rows(summary: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -443,7 +451,7 @@ def verdict_table(summary: Sequence[Mapping[str, Any]] | None) -> str:
     rows = verdict_rows(summary or [])
     if not rows:
         return "verdicts       none (no method row beside a retraining)"
-    lines = [_fixed_width(_verdict_columns(), rows), rule_of(rows)]
+    lines = [_fixed_width(_verdict_columns(rows=rows), rows), rule_of(rows)]
     several = len({row_label(r) for r in rows}) > 1  # say which one
 
     def where(r: Mapping[str, Any]) -> str:

@@ -355,3 +355,34 @@ def test_sequential_run_stops_when_decided_and_spends_alpha_over_its_looks() -> 
     assert decide(four, 0.01, direction=ACCURACY, alpha=0.05)["verdict"] == "matches"
     assert decide(four, 0.01, direction=ACCURACY, alpha=0.01)["verdict"] == "inconclusive"
     assert undecided(runs(four), cfg) == ["m: test"]
+
+
+def test_class_and_kept_verdicts_appear_only_where_measured() -> None:
+    """Below the client level the removed class, the other classes and what a client keeps
+    are judged with the same rule; a client request's entries carry no such verdict, and the
+    verdict table shows their columns only when some row has them."""
+    from fedunlearn.evaluation.summary import summarize
+    from fedunlearn.reporting.tables import verdict_table
+
+    def row(seed: int, method: str, role: str, removes: str, **metrics: float) -> dict:
+        return {"request": [], "removes": removes, "granularity": "class" if removes else
+                "client", "seed": seed, "setting": "federated", "method": method, "role": role,
+                "metrics": {"test_accuracy": 0.9, **metrics}}
+
+    rows = []
+    for seed in (0, 1, 2):
+        for removes, extra in (("class 3", {"removed_class_accuracy": 0.0,
+                                            "other_classes_accuracy": 0.95}), ("", {})):
+            rows += [row(seed, "retrain", "reference", removes, **extra),
+                     row(seed, "retrain_seed2", "noise_floor", removes, **extra),
+                     row(seed, "m", "method", removes, **{k: v + 0.3 * (k.startswith("removed"))
+                                                          for k, v in extra.items()})]
+    entries = {e["removes"] if "removes" in e else "": e for e in summarize(rows)
+               if e["method"] == "m"}
+    assert {"class", "others"} <= set(entries["class 3"]["verdicts"])
+    assert entries["class 3"]["verdicts"]["class"]["verdict"] == "differs (above)"
+    assert "kept" not in entries["class 3"]["verdicts"]
+    assert not {"class", "others", "kept"} & set(entries[""]["verdicts"])
+    assert "removed class acc" in verdict_table(summarize(rows))
+    client_only = [r for r in rows if not r["removes"]]
+    assert "removed class acc" not in verdict_table(summarize(client_only))
