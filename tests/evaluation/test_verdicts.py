@@ -377,7 +377,7 @@ def test_class_and_kept_verdicts_appear_only_where_measured() -> None:
                      row(seed, "retrain_seed2", "noise_floor", removes, **extra),
                      row(seed, "m", "method", removes, **{k: v + 0.3 * (k.startswith("removed"))
                                                           for k, v in extra.items()})]
-    entries = {e["removes"] if "removes" in e else "": e for e in summarize(rows)
+    entries = {e.get("removes", ""): e for e in summarize(rows)
                if e["method"] == "m"}
     assert {"class", "others"} <= set(entries["class 3"]["verdicts"])
     assert entries["class 3"]["verdicts"]["class"]["verdict"] == "differs (above)"
