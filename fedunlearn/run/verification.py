@@ -124,9 +124,10 @@ class Verification(ServingListener):
         event.rows = _with_distances(self.answers, verifier)
         step = self.step
         if step is not None and step.request.granularity != "client":
+            label = labels(self.cfg.requests)[event.request]
             for row in event.rows:  # what the request removes (its clients vary with the
                 row.granularity = step.request.granularity  # seed for a class)
-                row.removes = labels(self.cfg.requests)[event.request]
+                row.removes = label
                 row.request = list(step.request.clients)
         if verifier.shadow_phi is not None:
             self.shadow_cache[event.request] = verifier.shadow_phi

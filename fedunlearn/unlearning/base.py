@@ -86,6 +86,12 @@ class UnlearningContext:
         return self.request + 1 if self.removal is not None and self.removal.partial else 0
 
     @property
+    def kept(self) -> dict[str, int]:
+        """``{"removed_through": N}`` to pass to the federation's calls when clients must work
+        on what they keep, else ``{}`` (a client request's federation need not know samples)."""
+        return {"removed_through": self.removed_through} if self.removed_through else {}
+
+    @property
     def granularity(self) -> Granularity:
         """The request's granularity (``"client"`` when the context has no resolved request)."""
         return self.removal.request.granularity if self.removal is not None else "client"

@@ -164,9 +164,7 @@ def remaining_rounds(ctx: UnlearningContext, model: Params, rounds: int, *, epoc
     """
     t = ctx.cfg.training
     tag = derive_seed(ctx.seed, purpose) + 1
-    # below the client level the clients train and evaluate on what they keep (the argument
-    # only when needed: a client request's federation need not know samples)
-    kept = {"removed_through": ctx.removed_through} if ctx.removed_through else {}
+    kept = ctx.kept  # below the client level clients train and evaluate on what they keep
     out = {k: v.copy() for k, v in model.items()}
     repair = Repair(model=out, cost=Cost())
     watch: list[int] = []

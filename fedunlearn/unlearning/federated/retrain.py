@@ -66,10 +66,8 @@ class Retrain(FederatedUnlearner):
             model = ctx.build_model()
             reinitialise(model, run_seed(ctx.cfg.seed, self.variant))
             initial = get_params(model)
-        through = ctx.removed_through  # (passed only when needed: a client request's
-        run = ctx.federation.fedavg(  # federation need not know samples)
-            initial, exclude=ctx.removed, variant=self.variant, stream=self.stream,
-            **({"removed_through": through} if through else {}))
+        run = ctx.federation.fedavg(initial, exclude=ctx.removed, variant=self.variant,
+                                    stream=self.stream, **ctx.kept)
         rounds = sum(1 for r in run.rounds if r.participants)
         return UnlearningResult(
             model=run.final,
